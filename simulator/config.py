@@ -1,0 +1,107 @@
+"""Simulator configuration: server settings and fault rules (pydantic, JSON- and CLI-loadable)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BatchFault = Literal["fail_validation", "expire", "lose_lines", "error_lines"]
+
+
+class FaultRule(BaseModel):
+    """One fault: *when* it applies (targeting) and *what* it does (effects).
+
+    Targeting (all given conditions must hold):
+    - ``match``: the last user message contains this substring (for batch rules: a line's
+      last user message; a batch-wide rule applies when any line matches).
+    - ``model``: the request's model equals this.
+    - ``first``: only the first K requests that pass the other conditions (batches for batch rules).
+    - ``probability``: share of those requests, drawn from a PRNG seeded per rule (deterministic
+      for a given arrival order). For ``lose_lines``/``error_lines`` it is the share of lines.
+
+    Chat effects: ``ttft_ms``, ``chunk_delay_ms``, ``status`` (429/500/503/400/...; 429 gets a
+    ``Retry-After: retry_after_s`` header), ``cut_after`` (stream drops the connection after N
+    content chunks, no ``[DONE]``), ``stall_after`` + ``stall_s`` (stream sends nothing for S
+    seconds after N content chunks, then carries on).
+
+    Batch effects: ``batch`` = ``fail_validation`` | ``expire`` (after ``after_lines`` lines,
+    default half) | ``lose_lines`` (those custom_ids get no line anywhere) | ``error_lines``
+    (those lines go to the error file with a 400 response body).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    match: str | None = None
+    model: str | None = None
+    first: int | None = Field(default=None, ge=0)
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    ttft_ms: float | None = Field(default=None, ge=0)
+    chunk_delay_ms: float | None = Field(default=None, ge=0)
+    status: int | None = Field(default=None, ge=400, le=599)
+    retry_after_s: float = Field(default=1.0, ge=0)
+    message: str | None = None
+    cut_after: int | None = Field(default=None, ge=0)
+    stall_after: int | None = Field(default=None, ge=0)
+    stall_s: float = Field(default=5.0, ge=0)
+
+    batch: BatchFault | None = None
+    after_lines: int | None = Field(default=None, ge=0)
+
+    @property
+    def is_batch(self) -> bool:
+        """True for a rule that acts on batches rather than chat completions."""
+        return self.batch is not None
+
+
+class SimulatorConfig(BaseModel):
+    """Everything the simulator is started with. Runtime changes go through ``PUT /_sim/config``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = None
+    ttft_ms: float = Field(default=0.0, ge=0)
+    chunk_delay_ms: float = Field(default=0.0, ge=0)
+    time_scale: float = Field(default=1.0, gt=0)
+    no_batch_api: bool = False
+    reject_stream_options: bool = False
+    answer_tokens: tuple[int, int] = (20, 60)
+    data_dir: str | None = None
+    faults: list[FaultRule] = Field(default_factory=list)
+
+    # Batch timing in provider seconds, divided by time_scale.
+    batch_validate_s: float = Field(default=10.0, ge=0)
+    batch_seconds_per_line: float = Field(default=0.2, ge=0)
+    batch_finalize_s: float = Field(default=5.0, ge=0)
+    batch_window_s: float = Field(default=24 * 3600.0, gt=0)
+
+    # Limits of the real Batch API.
+    batch_max_lines: int = Field(default=50_000, gt=0)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> SimulatorConfig:
+        low, high = self.answer_tokens
+        if low < 1 or high < low:
+            raise ValueError("answer_tokens must be (low, high) with 1 <= low <= high")
+        return self
+
+    def scaled(self, provider_seconds: float) -> float:
+        """Real seconds for a span of provider time."""
+        return provider_seconds / self.time_scale
+
+    def resolved_data_dir(self) -> Path:
+        """The data directory, created when missing (a fresh temp dir when unset)."""
+        if self.data_dir is None:
+            self.data_dir = tempfile.mkdtemp(prefix="sheepdog-sim-")
+        path = Path(self.data_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SimulatorConfig:
+        """Load a configuration from a JSON file."""
+        return cls.model_validate_json(Path(path).read_text())

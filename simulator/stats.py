@@ -1,0 +1,32 @@
+"""Counters and the arrival log served by ``GET /_sim/stats``."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+
+LOG_LIMIT = 200_000
+
+
+class Stats:
+    """What the simulator has seen since start or the last reset."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+        self.chat_log: deque[tuple[float, str, bool]] = deque(maxlen=LOG_LIMIT)
+        self.started_at = time.time()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+
+    def log_chat(self, model: str, stream: bool) -> None:
+        """Record the arrival of a chat-completion request (for rate measurements)."""
+        self.chat_log.append((time.time(), model, stream))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "counters": dict(self.counters),
+            "chat_requests": [{"t": t, "model": m, "stream": s} for t, m, s in self.chat_log],
+        }
