@@ -1,0 +1,44 @@
+# Sheepdog: `make demo` runs the main job, `make test` runs the tests. Both create .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+VENV := .venv
+UV := $(VENV)/bin/uv
+PY := $(VENV)/bin/python
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: venv test lint fmt typecheck demo bench compose-check clean
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+# Install exactly what uv.lock pins (fails if pyproject.toml and the lock disagree).
+venv: $(UV)
+	$(UV) sync --frozen --quiet
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: venv
+	$(VENV)/bin/mypy sheepdog models costs workers tasks scheduler streaming
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: venv
+	$(VENV)/bin/sheepdog demo
+
+bench: venv
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+compose-check:
+	docker-compose -f docker-compose.yml config --quiet
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

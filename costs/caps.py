@@ -1,0 +1,43 @@
+"""Cost caps: a request's `max_cost_usd` becomes a `max_tokens` through the price table."""
+
+from __future__ import annotations
+
+from decimal import ROUND_FLOOR, Decimal
+
+from costs.prices import MILLION, ModelPrice, Route
+from sheepdog.errors import InvalidRequest
+
+
+def max_tokens_for_cap(
+    price: ModelPrice, model: str, prompt_tokens: int, cap_usd: Decimal, route: Route
+) -> int:
+    """The most output tokens that keep prompt + output within `cap_usd` on `route`.
+
+    Raises InvalidRequest when the cap does not even cover the prompt and one output token."""
+    rate_in, rate_out = price.rates(route)
+    prompt_cost = rate_in * prompt_tokens / MILLION
+    left = cap_usd - prompt_cost
+    if rate_out == 0:
+        return price.max_output_tokens
+    tokens = int((left * MILLION / rate_out).to_integral_value(rounding=ROUND_FLOOR))
+    if tokens < 1:
+        raise InvalidRequest(
+            f"invalid request: max_cost_usd: ${cap_usd} does not cover the prompt (~{prompt_tokens}"
+            f" tokens, ${prompt_cost:.6f} on {model} via {route}) plus one output token"
+        )
+    return min(tokens, price.max_output_tokens)
+
+
+def effective_max_tokens(
+    price: ModelPrice,
+    model: str,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    cap_usd: Decimal | None,
+    route: Route,
+) -> int | None:
+    """The tighter of the caller's max_tokens and the cost cap's (None: no limit asked)."""
+    if cap_usd is None:
+        return max_tokens
+    capped = max_tokens_for_cap(price, model, prompt_tokens, cap_usd, route)
+    return capped if max_tokens is None else min(max_tokens, capped)

@@ -1,0 +1,194 @@
+"""SQLAlchemy tables (2.0 style). Schema changes go through Alembic (models/migrations)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+USD = Numeric(20, 10)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), Decimal: USD, dict[str, Any]: JSON}
+
+
+class BatchJob(Base):
+    """One provider batch (one JSONL input file, one model). Status is the provider's own,
+    plus `preparing` before the provider batch exists."""
+
+    __tablename__ = "batch_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(100))
+    provider: Mapped[str] = mapped_column(String(100), default="default")
+    mode: Mapped[str] = mapped_column(String(16), default="native")
+    status: Mapped[str] = mapped_column(String(16), default="preparing", index=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(100))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(100))
+    error_file_id: Mapped[str | None] = mapped_column(String(100))
+    request_count: Mapped[int] = mapped_column(Integer, default=0)
+    completed_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    input_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ingested_count: Mapped[int] = mapped_column(Integer, default=0)
+    malformed_lines: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    ingested_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Document(Base):
+    """A source document of the nightly job; each version (content hash) is sent once."""
+
+    __tablename__ = "documents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(1000), unique=True)
+    title: Mapped[str] = mapped_column(String(500), default="")
+    content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="new", index=True)
+    parts: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+    scanned_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Request(Base):
+    """One chat-completion request from intake to its end (succeeded, failed or cancelled).
+
+    Only sheepdog.lifecycle writes `status`."""
+
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_claim", "status", "route", "model", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    tenant: Mapped[str] = mapped_column(String(100), default="default", index=True)
+    priority: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(8))
+    model: Mapped[str] = mapped_column(String(100))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    max_cost_usd: Mapped[Decimal | None]
+    deadline: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    escalated: Mapped[bool] = mapped_column(Boolean, default=False)
+    text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    cost_usd: Mapped[Decimal | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    batch_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batch_jobs.id", ondelete="SET NULL"), index=True
+    )
+    document_id: Mapped[int | None] = mapped_column(
+        ForeignKey("documents.id", ondelete="SET NULL"), index=True
+    )
+    document_part: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    first_token_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class CostEntry(Base):
+    """The ledger: one row per finished request that cost money, written exactly once."""
+
+    __tablename__ = "cost_ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), unique=True
+    )
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    model: Mapped[str] = mapped_column(String(100))
+    route: Mapped[str] = mapped_column(String(8))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal]
+    standard_cost_usd: Mapped[Decimal]
+    estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Budget(Base):
+    """A tenant's spending limits (USD); a missing row or a null limit means unlimited."""
+
+    __tablename__ = "budgets"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    daily_usd: Mapped[Decimal | None]
+    monthly_usd: Mapped[Decimal | None]
+    allow_downgrade: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Reservation(Base):
+    """A request's worst-case cost held against its tenant's budget until it finishes."""
+
+    __tablename__ = "budget_reservations"
+
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    amount_usd: Mapped[Decimal]
+    settled_usd: Mapped[Decimal | None]
+    state: Mapped[str] = mapped_column(String(12), default="held", index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    settled_at: Mapped[datetime | None]

@@ -1,0 +1,23 @@
+"""Registers every command module on the `sheepdog` app."""
+
+from __future__ import annotations
+
+import importlib
+
+from sheepdog.cli import app
+
+# Each module defines register(app). Later features add their module here.
+MODULES = [
+    "sheepdog.cli.services",
+    "sheepdog.cli.requests",
+    "sheepdog.cli.simulator",
+]
+
+for name in MODULES:
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:  # a feature not installed in this tree
+        if err.name != name:
+            raise
+        continue
+    module.register(app)

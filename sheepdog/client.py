@@ -1,0 +1,260 @@
+"""The producer client: what a backend service imports to send work to Sheepdog.
+
+from sheepdog.client import Client
+client = Client()
+rid = client.submit({"model": "gpt-4.1", "messages": [...], "priority": "high"})
+for text in client.stream(rid): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError as SQLOperationalError
+
+from costs.caps import effective_max_tokens
+from costs.prices import PriceTable, price_table
+from models.intake import IntakeItem
+from models.request import ChatRequest, new_request_id, parse_request
+from models.tables import Request
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.errors import (
+    DATABASE_HINT,
+    REDIS_HINT,
+    InvalidRequest,
+    ServiceUnavailable,
+    redact_url,
+)
+from sheepdog.redis_conn import get_redis
+from sheepdog.routing import choose_route
+from sheepdog.settings import Settings, get_settings
+from sheepdog.tokens import count_message_tokens
+from sheepdog.views import RequestView
+
+INTAKE_BULK = 500  # low-priority requests per intake message
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+
+RequestLike = ChatRequest | dict[str, Any]
+
+
+class Client:
+    """Submit requests, read them back, follow streams and cancel them."""
+
+    def __init__(self, settings: Settings | None = None, prices: PriceTable | None = None):
+        self.settings = settings or get_settings()
+        self._prices = prices
+        self._app: Any = None
+
+    @property
+    def celery(self) -> Any:
+        """The Celery app used to send (built from this client's settings)."""
+        if self._app is None:
+            from workers.app import app, create_app
+
+            same = self.settings.redis_url == app.conf.broker_url
+            self._app = app if same else create_app(self.settings)
+        return self._app
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._prices or price_table()
+
+    # -- submit -----------------------------------------------------------------------------
+
+    def prepare(self, request: RequestLike) -> IntakeItem:
+        """Validate one request and build its intake message (no I/O)."""
+        req = parse_request(request, context={"price_table": self.prices})
+        route, escalated = choose_route(req, self.settings)
+        price = self.prices.get(req.model)
+        body = req.provider_body()
+        prompt_tokens = count_message_tokens(body["messages"])
+        max_tokens = effective_max_tokens(
+            price,
+            req.model,
+            prompt_tokens,
+            req.max_tokens,
+            req.max_cost_usd,
+            "batch" if route == "batch" else "stream",
+        )
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return IntakeItem(
+            id=new_request_id(),
+            route=route,  # type: ignore[arg-type]
+            escalated=escalated,
+            request=req.model_dump(mode="json", exclude_none=True),
+            body=body,
+            submitted_at=datetime.now(UTC),
+        )
+
+    def submit(self, request: RequestLike) -> str:
+        """Validate and enqueue one request; returns its id. A resubmit with the same
+        idempotency key returns the first request's id and enqueues nothing."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Iterable[RequestLike]) -> list[str]:
+        """Validate every request first (all or nothing), then enqueue them in bulk.
+
+        Low-priority requests travel INTAKE_BULK to a message; streaming ones one each."""
+        items: list[IntakeItem] = []
+        for index, request in enumerate(requests):
+            try:
+                items.append(self.prepare(request))
+            except InvalidRequest as err:
+                raise InvalidRequest(f"request {index}: {err}") if index else err from None
+        ids = [item.id for item in items]
+        fresh = self._claim_idempotency_keys(items, ids)
+        try:
+            self._send(fresh)
+        except (KombuOperationalError, redis.ConnectionError, OSError) as err:
+            self._release_idempotency_keys(fresh)
+            raise self._redis_down() from err
+        return ids
+
+    def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:
+        keyed = [(i, item) for i, item in enumerate(items) if item.request.get("idempotency_key")]
+        if not keyed:
+            return items
+        try:
+            with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
+                for _, item in keyed:
+                    pipe.set(
+                        keys.idempotency(item.request["idempotency_key"]),
+                        item.id,
+                        nx=True,
+                        ex=IDEMPOTENCY_TTL_S,
+                        get=True,
+                    )
+                previous = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise self._redis_down() from err
+        skip: set[int] = set()
+        seen: dict[str, str] = {}
+        for (index, item), prior in zip(keyed, previous, strict=True):
+            key = item.request["idempotency_key"]
+            if prior is not None:
+                ids[index] = prior.decode()
+                skip.add(index)
+            elif key in seen:  # the same key twice in one call
+                ids[index] = seen[key]
+                skip.add(index)
+            else:
+                seen[key] = item.id
+        return [item for i, item in enumerate(items) if i not in skip]
+
+    def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
+        names = [
+            keys.idempotency(item.request["idempotency_key"])
+            for item in items
+            if item.request.get("idempotency_key")
+        ]
+        if names:
+            with contextlib.suppress(redis.RedisError):
+                get_redis(self.settings.redis_url).delete(*names)
+
+    def _send(self, items: Sequence[IntakeItem]) -> None:
+        app = self.celery
+        low = [item for item in items if item.route == "batch"]
+        streams = [item for item in items if item.route == "stream"]
+        with app.producer_or_acquire() as producer:
+            for start in range(0, len(low), INTAKE_BULK):
+                chunk = low[start : start + INTAKE_BULK]
+                app.send_task(
+                    "sheepdog.intake",
+                    args=[[item.model_dump(mode="json") for item in chunk]],
+                    argsrepr=f"[{len(chunk)} requests: {chunk[0].id}..{chunk[-1].id}]",
+                    producer=producer,
+                )
+            for item in streams:
+                app.send_task(
+                    "sheepdog.stream",
+                    kwargs={"request_id": item.id, "item": item.model_dump(mode="json")},
+                    argsrepr=item.argsrepr(),
+                    kwargsrepr="{}",
+                    priority=0 if item.request.get("priority") == "high" else 5,
+                    producer=producer,
+                )
+
+    def _redis_down(self) -> ServiceUnavailable:
+        return ServiceUnavailable("Redis", redact_url(self.settings.redis_url), REDIS_HINT)
+
+    # -- read back --------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> RequestView | None:
+        """The request as stored, or None when no worker has recorded it yet."""
+        try:
+            with session_scope(self.settings.database_url) as session:
+                row = session.scalar(select(Request).where(Request.id == request_id))
+                return RequestView.from_row(row) if row is not None else None
+        except SQLOperationalError as err:
+            raise ServiceUnavailable(
+                "the database", redact_url(self.settings.database_url), DATABASE_HINT
+            ) from err
+
+    def result(self, request_id: str, wait: float = 0.0, poll_s: float = 0.25) -> RequestView:
+        """The request once it has ended (succeeded, failed or cancelled), waiting up to `wait`
+        seconds; raises TimeoutError when it has not ended by then."""
+        deadline = time.monotonic() + wait
+        delay = min(poll_s, 0.05)
+        while True:
+            view = self.get(request_id)
+            if view is not None and view.is_final:
+                return view
+            if time.monotonic() >= deadline:
+                state = view.status if view else "not yet recorded"
+                raise TimeoutError(f"request {request_id} has not ended after {wait}s ({state})")
+            time.sleep(delay)
+            delay = min(delay * 2, poll_s)
+
+    # -- streaming (see streaming/subscriber.py) --------------------------------------------
+
+    def stream(self, request_id: str, timeout: float = 300.0) -> Iterator[str]:
+        """Yield the answer's text as it arrives (replay log first, then live)."""
+        from streaming.subscriber import stream_text
+
+        return stream_text(request_id, timeout=timeout, settings=self.settings)
+
+    def astream(self, request_id: str, timeout: float = 300.0) -> AsyncIterator[str]:
+        """The asyncio twin of stream()."""
+        from streaming.subscriber import astream_text
+
+        return astream_text(request_id, timeout=timeout, settings=self.settings)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request: a queued one never starts, an in-flight stream stops."""
+        from streaming.cancel import cancel_request
+
+        return cancel_request(request_id, settings=self.settings)
+
+
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def submit(request: RequestLike) -> str:
+    """Submit with the default client."""
+    return default_client().submit(request)
+
+
+def submit_many(requests: Iterable[RequestLike]) -> list[str]:
+    """Submit many with the default client."""
+    return default_client().submit_many(requests)
+
+
+def get(request_id: str) -> RequestView | None:
+    """Read back with the default client."""
+    return default_client().get(request_id)

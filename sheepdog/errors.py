@@ -1,0 +1,48 @@
+"""Errors Sheepdog raises at its edges, each with a one-line message fit for a terminal."""
+
+from __future__ import annotations
+
+
+class SheepdogError(Exception):
+    """Base class: str(err) is one clear line."""
+
+
+class InvalidRequest(SheepdogError, ValueError):
+    """A request failed validation; nothing was enqueued or written."""
+
+
+class ServiceUnavailable(SheepdogError):
+    """Redis or the database cannot be reached."""
+
+    def __init__(self, service: str, url: str, hint: str) -> None:
+        self.service, self.url, self.hint = service, url, hint
+        super().__init__(f"cannot reach {service} at {url}: {hint}")
+
+
+class BudgetExceeded(SheepdogError):
+    """A submit would take a tenant past its budget."""
+
+
+REDIS_HINT = (
+    'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""'
+    " (or set SHEEPDOG_REDIS_URL)"
+)
+DATABASE_HINT = (
+    "start PostgreSQL (pg_ctlcluster <version> main start) or set SHEEPDOG_DATABASE_URL"
+    " (default sqlite:///sheepdog.db); then run: sheepdog db upgrade"
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL (e.g. redis://): hide anything between : and @
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url

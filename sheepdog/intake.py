@@ -1,0 +1,76 @@
+"""Intake on the worker side: turn intake messages into `requests` rows, idempotently."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from models.intake import IntakeItem
+from models.tables import Request, utcnow
+from sheepdog.lifecycle import Status
+
+log = logging.getLogger("sheepdog.intake")
+
+
+def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, Any]:
+    """Column values of a new `requests` row for an intake item."""
+    request = item.request  # validated by the producer; JSON mode (strings for Decimal, dates)
+    metadata = request.get("metadata") or {}
+    cap = request.get("max_cost_usd")
+    deadline = request.get("deadline")
+    return {
+        "id": item.id,
+        "idempotency_key": request.get("idempotency_key"),
+        "tenant": metadata.get("tenant", "default"),
+        "priority": str(request.get("priority", "normal")),
+        "route": item.route,
+        "escalated": item.escalated,
+        "model": item.body["model"],
+        "body": item.body,
+        "metadata_": metadata or None,
+        "max_cost_usd": Decimal(str(cap)) if cap is not None else None,
+        "deadline": datetime.fromisoformat(deadline) if isinstance(deadline, str) else deadline,
+        "status": status.value,
+        "attempts": 0,
+        "created_at": item.submitted_at,
+        "updated_at": utcnow(),
+    }
+
+
+def _insert_ignoring_duplicates(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(Request).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(Request).on_conflict_do_nothing()
+    return insert(Request)
+
+
+def parse_items(raw: Iterable[object]) -> tuple[list[IntakeItem], list[tuple[object, str]]]:
+    """Split raw task payloads into valid items and (payload, reason) rejects."""
+    items: list[IntakeItem] = []
+    rejects: list[tuple[object, str]] = []
+    for entry in raw:
+        try:
+            items.append(IntakeItem.model_validate(entry))
+        except ValidationError as err:
+            rejects.append((entry, f"malformed intake message: {err.error_count()} errors"))
+    return items, rejects
+
+
+def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
+    """Insert rows for `items` (status queued); rows that already exist are left alone, so a
+    re-delivered message changes nothing. Returns the number of new rows."""
+    if not items:
+        return 0
+    rows = [row_values(item) for item in items]
+    result = session.connection().execute(_insert_ignoring_duplicates(session), rows)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

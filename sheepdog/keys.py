@@ -1,0 +1,34 @@
+"""Every Redis key and channel name Sheepdog uses, built in one place."""
+
+from __future__ import annotations
+
+PREFIX = "sheepdog"
+
+
+def stream_channel(request_id: str) -> str:
+    """Pub/sub channel carrying a streaming request's messages."""
+    return f"{PREFIX}:stream:{request_id}"
+
+
+def replay_log(request_id: str) -> str:
+    """Redis stream holding the same messages, for late subscribers (expires after replay_ttl_s)."""
+    return f"{PREFIX}:replay:{request_id}"
+
+
+def idempotency(key: str) -> str:
+    """Maps a caller's idempotency key to the first request id submitted with it."""
+    return f"{PREFIX}:idem:{key}"
+
+
+def cancel_flag(request_id: str) -> str:
+    """Set when a caller cancels a request; workers check it before and while streaming."""
+    return f"{PREFIX}:cancel:{request_id}"
+
+
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+"""Pub/sub channel announcing cancellations to every stream worker (payload: request id)."""
+
+FLUSH_LOCK = f"{PREFIX}:lock:flush"
+POLL_LOCK = f"{PREFIX}:lock:poll"
+JANITOR_LOCK = f"{PREFIX}:lock:janitor"
+QUEUED_LOW_COUNT = f"{PREFIX}:queued:low"

@@ -1,0 +1,133 @@
+"""The request status machine: the only code that writes `requests.status`.
+
+Every move is a conditional UPDATE (`WHERE status IN <legal sources>`), so two workers racing
+on one request cannot both move it, and a move that is no longer legal changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import bindparam, literal_column, update
+from sqlalchemy.orm import Session
+
+from models.tables import Request, utcnow
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    STREAMING = "streaming"
+    BATCHED = "batched"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+# to-status -> the statuses it may be reached from
+SOURCES: Mapping[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.STREAMING, Status.BATCHED}),  # retry / requeue
+    Status.STREAMING: frozenset({Status.QUEUED, Status.STREAMING}),  # start / heartbeat owner
+    Status.BATCHED: frozenset({Status.QUEUED}),
+    Status.SUCCEEDED: frozenset({Status.STREAMING, Status.BATCHED}),
+    Status.FAILED: frozenset({Status.QUEUED, Status.STREAMING, Status.BATCHED}),
+    Status.CANCELLED: frozenset({Status.QUEUED, Status.STREAMING, Status.BATCHED}),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def _sources(to: Status, from_: Iterable[Status] | None) -> list[str]:
+    legal = SOURCES[to]
+    if from_ is None:
+        return [s.value for s in legal]
+    wanted = frozenset(from_)
+    if not wanted <= legal:
+        raise IllegalTransition(f"{sorted(wanted - legal)} -> {to} is not a legal move")
+    return [s.value for s in wanted]
+
+
+def _final_fields(to: Status, values: dict[str, Any]) -> dict[str, Any]:
+    if to in FINAL:
+        values.setdefault("finished_at", utcnow())
+    return values
+
+
+def move(
+    session: Session,
+    request_id: str,
+    to: Status,
+    *,
+    from_: Iterable[Status] | None = None,
+    **values: Any,
+) -> bool:
+    """Move one request to `to` if its status is a legal source; True when it moved."""
+    stmt = (
+        update(Request)
+        .where(Request.id == request_id, Request.status.in_(_sources(to, from_)))
+        .values(status=to.value, **_final_fields(to, values))
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def move_many(
+    session: Session,
+    request_ids: Sequence[str],
+    to: Status,
+    *,
+    from_: Iterable[Status] | None = None,
+    **values: Any,
+) -> int:
+    """Move many requests with the same values; returns how many moved."""
+    if not request_ids:
+        return 0
+    moved = 0
+    sources = _sources(to, from_)
+    fields = _final_fields(to, values)
+    for start in range(0, len(request_ids), 5000):  # keep IN lists under driver limits
+        chunk = list(request_ids[start : start + 5000])
+        stmt = (
+            update(Request)
+            .where(Request.id.in_(chunk), Request.status.in_(sources))
+            .values(status=to.value, **fields)
+            .execution_options(synchronize_session=False)
+        )
+        moved += session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    return moved
+
+
+def move_each(
+    session: Session,
+    rows: Sequence[Mapping[str, Any]],
+    to: Status,
+    *,
+    from_: Iterable[Status] | None = None,
+) -> int:
+    """Move many requests, each with its own values, in one executemany.
+
+    Every row is a mapping with `id` and the same other keys (e.g. text, usage, cost)."""
+    if not rows:
+        return 0
+    keys = [k for k in rows[0] if k != "id"]
+    # Status names are our own constants; literal columns keep the statement executemany-able.
+    sources = [literal_column(f"'{s}'") for s in _sources(to, from_)]
+    extra = {"finished_at": utcnow()} if to in FINAL and "finished_at" not in keys else {}
+    stmt = (
+        update(Request)
+        .where(Request.id == bindparam("_id"), Request.status.in_(sources))
+        .values(status=to.value, **{k: bindparam(k) for k in keys}, **extra)
+        .execution_options(synchronize_session=False)
+    )
+    params = [{"_id": r["id"], **{k: r[k] for k in keys}} for r in rows]
+    result = session.connection().execute(stmt, params)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def is_final(status: str) -> bool:
+    return status in FINAL

@@ -1,0 +1,52 @@
+"""Redis clients: one blocking pool per process, sized for a threads pool of streams."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+import redis.asyncio as aioredis
+
+from sheepdog.errors import REDIS_HINT, ServiceUnavailable, redact_url
+
+POOL_SIZE = 400
+
+
+def _url(url: str | None) -> str:
+    if url is None:
+        from sheepdog.settings import get_settings
+
+        url = get_settings().redis_url
+    return url
+
+
+@lru_cache(maxsize=8)
+def get_redis(url: str | None = None) -> redis.Redis:
+    """A client on a BlockingConnectionPool (waits for a free connection rather than failing
+    with MaxConnectionsError when hundreds of threads share it)."""
+    pool = redis.BlockingConnectionPool.from_url(
+        _url(url),
+        max_connections=POOL_SIZE,
+        timeout=30,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def new_async_redis(url: str | None = None) -> aioredis.Redis:
+    """An asyncio client; one per event loop (asyncio clients cannot cross loops)."""
+    return aioredis.Redis.from_url(
+        _url(url), max_connections=POOL_SIZE, socket_connect_timeout=5, health_check_interval=30
+    )
+
+
+def check_redis(url: str | None = None) -> None:
+    """Raise ServiceUnavailable (one line) when Redis does not answer a PING."""
+    url = _url(url)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        raise ServiceUnavailable("Redis", redact_url(url), REDIS_HINT) from None

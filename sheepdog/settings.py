@@ -1,0 +1,74 @@
+"""Every setting Sheepdog reads, in one place (pydantic-settings, prefix SHEEPDOG_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Sheepdog's settings. Each field is read from SHEEPDOG_<NAME> (or .env)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHEEPDOG_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Services
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite:///sheepdog.db"
+
+    # Provider (any OpenAI-compatible endpoint)
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SHEEPDOG_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    provider_timeout_s: float = 60.0
+    price_table_file: str | None = None
+
+    # Operations
+    flower_basic_auth: SecretStr | None = None
+    metrics_port: int = 9808
+
+    # Streaming path
+    stream_idle_timeout_s: float = 30.0
+    stream_max_attempts: int = 5
+    stream_backoff_base_s: float = 0.5
+    stream_backoff_max_s: float = 30.0
+    replay_ttl_s: int = 3600
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+
+    # Batch path
+    batch_flush_interval_s: float = 60.0
+    batch_flush_threshold: int = 10_000
+    batch_poll_interval_s: float = 30.0
+    batch_max_lines: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_max_attempts: int = 3
+    batch_max_wait_s: float = 26 * 3600
+    batch_window_s: float = 24 * 3600
+    batch_workdir: str = "/tmp/sheepdog-batches"
+
+    # Nightly documents
+    documents_glob: str = "docs/**/*.md|docs/**/*.txt"
+    documents_cron: str = "0 2 * * *"
+    documents_model: str = "sheepdog-mini"
+    documents_prompt: str = (
+        "Summarise the following document in a few sentences for an internal index.\n\n"
+        "Title: {title}\n\n{text}"
+    )
+
+    # Janitor
+    janitor_interval_s: float = 15.0
+
+    def api_key(self) -> str:
+        """The provider key, or a placeholder the SDK accepts when none is set."""
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else "sk-unset"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,24 @@
+"""Intake task (queue `default`): low-priority requests become `queued` rows for the batch path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sheepdog.db import session_scope
+from sheepdog.intake import parse_items, record_requests
+from workers.app import app
+
+log = logging.getLogger("sheepdog.tasks.intake")
+
+
+@app.task(name="sheepdog.intake", acks_late=True)
+def intake(items: list[dict[str, Any]]) -> int:
+    """Record a bulk of validated requests; idempotent (re-delivery inserts nothing twice)."""
+    valid, rejects = parse_items(items)
+    for _, reason in rejects:
+        log.error("dropped intake entry: %s", reason)
+    with session_scope() as session:
+        created = record_requests(session, valid)
+    log.info("intake: %d items, %d new rows, %d rejected", len(items), created, len(rejects))
+    return created

@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/, one module per service."""
+
+pytest_plugins = [
+    "tests.fixtures.services",
+    "tests.fixtures.simulator",
+    "tests.fixtures.workers",
+]

@@ -1,0 +1,24 @@
+"""The Celery app every worker, beat and producer shares."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from sheepdog.settings import Settings, get_settings
+from workers.config import celery_config
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from `settings` (default: the process's), beat schedule included."""
+    settings = settings or get_settings()
+    celery = Celery("sheepdog")
+    celery.config_from_object(celery_config(settings))
+    from scheduler.beat import beat_schedule
+
+    celery.conf.beat_schedule = beat_schedule(settings)
+    return celery
+
+
+app = create_app()
+
+import workers.signals  # noqa: E402,F401  (connects worker signal handlers)

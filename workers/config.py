@@ -1,0 +1,71 @@
+"""Celery configuration: JSON only, explicit queues and routes, late acks, events on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from sheepdog.settings import Settings
+
+QUEUES = ("stream", "default", "batch")
+
+# Every module that defines tasks; the worker imports them at start.
+TASK_MODULES = [
+    "tasks.intake",
+    "tasks.stream",
+]
+
+
+def route_task(name: str, *_: Any, **__: Any) -> dict[str, str]:
+    """stream tasks to `stream`, batch tasks to `batch`, the rest (intake, bookkeeping) to
+    `default`."""
+    if name == "sheepdog.stream" or name.startswith("sheepdog.stream."):
+        return {"queue": "stream"}
+    if name.startswith("sheepdog.batch."):
+        return {"queue": "batch"}
+    return {"queue": "default"}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings for `settings`."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            # Long enough that a running stream is never re-delivered; dead workers are found
+            # by the heartbeat janitor instead (see tasks/janitor.py).
+            "visibility_timeout": 6 * 3600,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "retry_on_timeout": True,
+            "health_check_interval": 25,
+        },
+        "broker_pool_limit": 50,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
+        "task_default_queue": "default",
+        "task_routes": (route_task,),
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_hijack_root_logger": False,
+        "imports": TASK_MODULES,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
