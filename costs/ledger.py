@@ -1,0 +1,73 @@
+"""The cost ledger: each finished request's actual cost, written exactly once.
+
+Both paths call `record()` in the same transaction that ends the request, so a retried ingest or
+a re-delivered task cannot count a request twice (the ledger's request_id is unique and the
+insert ignores duplicates)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from costs.prices import PriceTable, Route, price_table
+from models.tables import CostEntry, utcnow
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one finished request consumed, and on which path."""
+
+    request_id: str
+    tenant: str
+    model: str
+    route: Route
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+
+def cost_of(usage: Usage, prices: PriceTable | None = None) -> tuple[Decimal, Decimal]:
+    """(actual cost on the usage's route, what it would have cost at the standard rate)."""
+    table = prices or price_table()
+    price = table.get(usage.model)
+    actual = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.route)
+    standard = price.cost(usage.prompt_tokens, usage.completion_tokens, "stream")
+    return actual, standard
+
+
+def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None = None) -> int:
+    """Write ledger rows for `usages`; rows already written are left alone. Returns new rows."""
+    if not usages:
+        return 0
+    now = utcnow()
+    rows = []
+    for usage in usages:
+        actual, standard = cost_of(usage, prices)
+        rows.append(
+            {
+                "request_id": usage.request_id,
+                "tenant": usage.tenant,
+                "model": usage.model,
+                "route": usage.route,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_usd": actual,
+                "standard_cost_usd": standard,
+                "estimated": usage.estimated,
+                "created_at": now,
+            }
+        )
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(CostEntry).on_conflict_do_nothing(index_elements=["request_id"])
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(CostEntry).on_conflict_do_nothing(index_elements=["request_id"])
+    else:
+        stmt = insert(CostEntry)
+    result = session.connection().execute(stmt, rows)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
