@@ -1,4 +1,4 @@
-"""Fault injection on chat completions: configured rules, runtime changes, the per-request header."""
+"""Fault injection on chat completions: configured rules, runtime changes, a request header."""
 
 from __future__ import annotations
 
