@@ -13,7 +13,7 @@ from starlette.responses import Response
 from simulator.config import FaultRule
 from simulator.errors import ApiError, bad_request, json_response, not_found
 from simulator.faults import FAULT_HEADER, parse_fault_header
-from simulator.files import _limit, page
+from simulator.files import page, parse_limit
 from simulator.ids import new_id, now
 from simulator.state import SimState, api, sim
 
@@ -162,7 +162,7 @@ async def list_batches(request: Request) -> Response:
     """``GET /v1/batches``: newest first, ``limit`` (1..100) and ``after`` cursor."""
     items = [job.obj for job in reversed(store(request).jobs.values())]
     query = request.query_params
-    return json_response(page(items, query.get("after"), _limit(query.get("limit"), 100)))
+    return json_response(page(items, query.get("after"), parse_limit(query.get("limit"), 100)))
 
 
 @api(batch_api=True)

@@ -182,6 +182,9 @@ class ChatStream:
             await send(_body(piece_head + orjson.dumps(piece) + piece_tail))
             sent += 1
         self.stats.count("chat.completion_tokens", sent)
+        if faults.stall_after is not None and faults.stall_after >= len(answer.pieces):
+            self.stats.count("faults.stall")
+            await _wait(gone, faults.stall_s)
         if faults.cut_after is not None and faults.cut_after <= len(answer.pieces):
             self.stats.count("faults.cut")
             return

@@ -174,7 +174,9 @@ async def list_files(request: Request) -> Response:
         items = [f for f in items if f["purpose"] == purpose]
     if query.get("order", "desc") == "desc":
         items.reverse()
-    return json_response(page(items, query.get("after"), _limit(query.get("limit"), 10_000)))
+    return json_response(
+        page(items, query.get("after"), parse_limit(query.get("limit"), 10_000, 10_000))
+    )
 
 
 @api(batch_api=True)
@@ -200,9 +202,9 @@ async def delete_file(request: Request) -> Response:
     return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
-def _limit(raw: str | None, maximum: int) -> int:
+def parse_limit(raw: str | None, maximum: int, default: int = 20) -> int:
     try:
-        value = int(raw) if raw is not None else 20
+        value = int(raw) if raw is not None else default
     except ValueError:
         raise bad_request("limit must be an integer", param="limit") from None
     if not 1 <= value <= maximum:
