@@ -69,5 +69,5 @@ def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None 
         stmt = sqlite.insert(CostEntry).on_conflict_do_nothing(index_elements=["request_id"])
     else:
         stmt = insert(CostEntry)
-    result = session.connection().execute(stmt, rows)
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
+    return len(session.connection().execute(stmt.returning(CostEntry.id), rows).all())

@@ -24,6 +24,8 @@ def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, An
     """Column values of a new `requests` row for an intake item."""
     request = item.request  # validated by the producer; JSON mode (strings for Decimal, dates)
     metadata = request.get("metadata") or {}
+    if item.downgraded:  # the row says why a normal-priority request took the batch path
+        metadata = {**metadata, "sheepdog.downgraded": "budget"}
     cap = request.get("max_cost_usd")
     deadline = request.get("deadline")
     return {
@@ -42,7 +44,26 @@ def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, An
         "attempts": 0,
         "created_at": item.submitted_at,
         "updated_at": utcnow(),
+        # The nightly documents job links its requests to their document (a foreign key, so
+        # only that job's own tenant may set it).
+        **_document_link(metadata),
     }
+
+
+def _document_link(metadata: dict[str, Any]) -> dict[str, int | None]:
+    if metadata.get("tenant") != "documents":
+        return {"document_id": None, "document_part": None}
+    return {
+        "document_id": _int_or_none(metadata.get("document_id")),
+        "document_part": _int_or_none(metadata.get("document_part")),
+    }
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(str(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _insert_ignoring_duplicates(session: Session) -> Any:
@@ -72,5 +93,6 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     if not items:
         return 0
     rows = [row_values(item) for item in items]
-    result = session.connection().execute(_insert_ignoring_duplicates(session), rows)
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    stmt = _insert_ignoring_duplicates(session).returning(Request.id)
+    # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
+    return len(session.connection().execute(stmt, rows).all())

@@ -1,0 +1,102 @@
+"""The CLI at its edges: one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sheepdog(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "sheepdog", *args],
+        cwd=ROOT,
+        env=full,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_unreachable_redis_names_the_url_and_how_to_start_it() -> None:
+    result = sheepdog(
+        "submit",
+        "--model",
+        "sheepdog-mini",
+        "--prompt",
+        "hi",
+        env={"SHEEPDOG_REDIS_URL": "redis://127.0.0.1:6399/0"},
+    )
+    line = one_line_error(result)
+    assert "cannot reach Redis at redis://127.0.0.1:6399/0" in line
+    assert "redis-server" in line
+
+
+def test_worker_refuses_to_start_without_redis() -> None:
+    line = one_line_error(
+        sheepdog("worker", env={"SHEEPDOG_REDIS_URL": "redis://127.0.0.1:6399/0"})
+    )
+    assert "cannot reach Redis" in line
+
+
+def test_unreachable_database(tmp_path: Path) -> None:
+    url = "postgresql://nobody:secret@127.0.0.1:5999/none"
+    line = one_line_error(sheepdog("db", "upgrade", env={"SHEEPDOG_DATABASE_URL": url}))
+    assert "cannot reach the database at postgresql+psycopg://nobody:***@127.0.0.1:5999" in line
+    assert "secret" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope", "--prompt", "hi"], "model: unknown model 'nope'"),
+        (["--model", "sheepdog-mini", "--prompt", "hi", "--priority", "asap"], "unknown priority"),
+        (["--model", "sheepdog-mini", "--prompt", ""], "content is empty"),
+        (["--model", "sheepdog-mini", "--prompt", "x", "--max-tokens", "0"], "must be positive"),
+        (["--model", "sheepdog-mini", "--prompt", "x", "--max-cost-usd", "-1"], "not be negative"),
+        (["--prompt", "x"], "--model and --prompt are required"),
+    ],
+)
+def test_submit_bad_flags(args: list[str], message: str, redis_url: str) -> None:
+    line = one_line_error(sheepdog("submit", *args, env={"SHEEPDOG_REDIS_URL": redis_url}))
+    assert message in line
+
+
+def test_submit_file_with_a_bad_line_enqueues_nothing(tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    path = tmp_path / "reqs.jsonl"
+    good = '{"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    path.write_text(f"{good}\n{good}\n{{not json\n")
+    r = redis.Redis.from_url(redis_url)
+    before = r.dbsize(), r.llen("stream"), r.llen("default")
+    line = one_line_error(
+        sheepdog("submit", "--file", str(path), env={"SHEEPDOG_REDIS_URL": redis_url})
+    )
+    assert f"{path}:3: not valid JSON" in line
+    path.write_text(f'{good}\n{{"model": "sheepdog-mini", "messages": []}}\n')
+    line = one_line_error(
+        sheepdog("submit", "--file", str(path), env={"SHEEPDOG_REDIS_URL": redis_url})
+    )
+    assert "request 1: invalid request: messages: messages is empty" in line
+    assert (r.dbsize(), r.llen("stream"), r.llen("default")) == before
+
+
+def test_status_of_an_unknown_request(sqlite_url: str) -> None:
+    result = sheepdog("status", "req_nope", "--json", env={"SHEEPDOG_DATABASE_URL": sqlite_url})
+    assert "no request req_nope" in one_line_error(result)

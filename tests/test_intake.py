@@ -1,0 +1,101 @@
+"""Intake through a real worker: low priority lands as a queued row; idempotent resubmits."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from models.tables import Request
+from sheepdog.db import session_scope
+
+
+def low(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "sheepdog-mini",
+        "messages": [{"role": "user", "content": prompt}],
+        "priority": "low",
+        **extra,
+    }
+
+
+def wait_rows(db_url: str, ids: list[str], timeout: float = 30) -> list[Request]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(db_url) as session:
+            rows = list(session.scalars(select(Request).where(Request.id.in_(ids))))
+        if len(rows) == len(set(ids)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def intake_worker(stack):  # type: ignore[no-untyped-def]
+    """A worker on the default queue only, so no batch flush touches the rows under test."""
+    proc = stack.start_worker(queues="default", concurrency=4, name="intake")
+    yield proc
+    proc.stop()
+
+
+def test_low_priority_submit_becomes_a_queued_row(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
+    tag = uuid.uuid4().hex
+    rid = stack_client.submit(low(f"summarise {tag}", metadata={"tenant": "acme"}))
+    assert rid.startswith("req_") and len(rid) == 36
+    [row] = wait_rows(stack.env["SHEEPDOG_DATABASE_URL"], [rid])
+    assert (row.status, row.route, row.priority, row.tenant) == ("queued", "batch", "low", "acme")
+    assert row.body["messages"][0]["content"] == f"summarise {tag}"
+    view = stack_client.get(rid)
+    assert view is not None and view.status == "queued" and view.usage is None
+
+
+def test_idempotent_resubmit_returns_the_first_id(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
+    key = f"idem-{uuid.uuid4().hex}"
+    first = stack_client.submit(low("one", idempotency_key=key))
+    again = stack_client.submit(low("two, different body", idempotency_key=key))
+    in_bulk = stack_client.submit_many([low("three", idempotency_key=key), low("four")])
+    assert again == first == in_bulk[0]
+    rows = wait_rows(stack.env["SHEEPDOG_DATABASE_URL"], [first, in_bulk[1]])
+    assert len(rows) == 2
+    with session_scope(stack.env["SHEEPDOG_DATABASE_URL"]) as session:
+        n = session.scalar(select(func.count()).where(Request.idempotency_key == key))
+    assert n == 1
+
+
+def test_submit_many_in_bulk(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
+    tag = uuid.uuid4().hex
+    ids = stack_client.submit_many([low(f"{tag} {i}") for i in range(1200)])
+    assert len(set(ids)) == 1200
+    rows = wait_rows(stack.env["SHEEPDOG_DATABASE_URL"], ids)
+    assert len(rows) == 1200
+    assert {r.status for r in rows} == {"queued"}
+
+
+def test_intake_on_sqlite(stack, sqlite_url) -> None:  # type: ignore[no-untyped-def]
+    from sheepdog.client import Client
+    from sheepdog.settings import Settings
+
+    # A Redis DB of its own, so the PostgreSQL workers of other tests cannot take the message.
+    redis_url = stack.env["SHEEPDOG_REDIS_URL"].rsplit("/", 1)[0] + "/10"
+    env = {"SHEEPDOG_DATABASE_URL": sqlite_url, "SHEEPDOG_REDIS_URL": redis_url}
+    proc = stack.start_worker(queues="default", concurrency=2, name="intake-sqlite", env=env)
+    try:
+        client = Client(Settings(redis_url=redis_url, database_url=sqlite_url))
+        rid = client.submit(low("on sqlite"))
+        [row] = wait_rows(sqlite_url, [rid])
+        assert row.status == "queued"
+    finally:
+        proc.stop()
+
+
+def test_redelivered_intake_inserts_nothing_twice(db_url: str) -> None:
+    from sheepdog.client import Client
+    from sheepdog.intake import record_requests
+
+    item = Client().prepare(low("again"))
+    with session_scope(db_url) as session:
+        assert record_requests(session, [item]) == 1
+    with session_scope(db_url) as session:
+        assert record_requests(session, [item]) == 0

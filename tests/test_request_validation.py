@@ -1,0 +1,118 @@
+"""Every bad input is refused at the edge with its own message, and nothing is enqueued."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import redis
+
+from models.request import MAX_CONTENT_CHARS, ChatRequest, Priority, parse_request
+from sheepdog.errors import InvalidRequest
+
+GOOD = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def bad(**changes: object) -> dict[str, object]:
+    return {**GOOD, **changes}
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (
+            bad(priority="urgent"),
+            "priority: unknown priority 'urgent' (expected high, normal or low)",
+        ),
+        (bad(model="gpt-9"), "model: unknown model 'gpt-9' (known: "),
+        (bad(messages=[]), "messages: messages is empty"),
+        (
+            bad(messages=[{"role": "robot", "content": "x"}]),
+            "messages.0.role: unknown role 'robot'",
+        ),
+        (
+            bad(messages=[{"role": "user", "content": "   "}]),
+            "messages.0.content: content is empty",
+        ),
+        (
+            bad(messages=[{"role": "user", "content": "x" * (MAX_CONTENT_CHARS + 1)}]),
+            "messages.0.content: content is 2,000,001 characters, over the limit",
+        ),
+        (bad(max_tokens=0), "max_tokens: max_tokens must be positive, got 0"),
+        (bad(max_tokens=-5), "max_tokens: max_tokens must be positive, got -5"),
+        (bad(max_cost_usd="-0.01"), "max_cost_usd: max_cost_usd must not be negative"),
+        (
+            bad(deadline=(datetime.now(UTC) - timedelta(minutes=1)).isoformat()),
+            "deadline: deadline ",
+        ),
+        (bad(max_tokens=10**6), "exceeds sheepdog-mini's output limit of 2048"),
+        (bad(temperature=3), "temperature: Input should be less than or equal to 2"),
+        (bad(colour="blue"), "colour: Extra inputs are not permitted"),
+        ("not an object", "expected an object, got str"),
+    ],
+)
+def test_bad_input_is_refused_with_its_reason(payload: object, message: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(payload)
+    text = str(err.value)
+    assert text.startswith("invalid request: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_past_deadline_names_the_time() -> None:
+    when = datetime(2020, 1, 1, tzinfo=UTC)
+    with pytest.raises(InvalidRequest, match=r"deadline 2020-01-01T00:00:00\+00:00 is in the past"):
+        parse_request(bad(deadline=when.isoformat()))
+
+
+def test_prompt_too_long_for_the_context_window() -> None:
+    words = " ".join(["word"] * 9000)  # sheepdog-mini has an 8,192-token window
+    with pytest.raises(InvalidRequest, match="too long for sheepdog-mini's context window"):
+        parse_request(bad(messages=[{"role": "user", "content": words}]))
+
+
+def test_good_request_and_defaults() -> None:
+    req = parse_request(bad(max_cost_usd="0.5", metadata={"tenant": "acme"}))
+    assert isinstance(req, ChatRequest)
+    assert req.priority is Priority.NORMAL
+    assert req.max_cost_usd == Decimal("0.5")
+    assert req.tenant == "acme"
+    assert req.provider_body() == {"model": "sheepdog-mini", "messages": GOOD["messages"]}
+
+
+def test_cost_cap_becomes_max_tokens(settings_env: None) -> None:
+    from sheepdog.client import Client
+
+    # sheepdog-mini: $0.10 in / $0.40 out per 1M. A $0.0004 cap on the stream route buys
+    # (0.0004 - prompt cost) / 0.4e-6 output tokens.
+    item = Client().prepare(bad(max_cost_usd="0.0004", priority="high"))
+    prompt = 3 + 4 + 1  # priming + message overhead + one word
+    expected = int((Decimal("0.0004") - Decimal("0.10") * prompt / 10**6) / Decimal("0.40") * 10**6)
+    assert item.body["max_tokens"] == expected
+    low = Client().prepare(bad(max_cost_usd="0.0004", priority="low"))
+    # The batch rate is half: the same cap buys about twice the tokens.
+    batch_expected = int(
+        (Decimal("0.0004") - Decimal("0.05") * prompt / 10**6) / Decimal("0.20") * 10**6
+    )
+    assert low.body["max_tokens"] == batch_expected == 1998
+
+
+def test_cap_too_small_for_the_prompt(settings_env: None) -> None:
+    from sheepdog.client import Client
+
+    with pytest.raises(InvalidRequest, match="does not cover the prompt"):
+        Client().prepare(bad(max_cost_usd="0.0000001"))
+
+
+def test_client_refuses_bad_batch_and_enqueues_nothing(settings_env: None, redis_url: str) -> None:
+    from sheepdog.client import Client
+
+    r = redis.Redis.from_url(redis_url)
+    before = {q: r.llen(q) for q in ("default", "stream", "batch")}
+    keys_before = r.dbsize()
+    with pytest.raises(InvalidRequest, match=r"request 2: invalid request: messages: messages is"):
+        Client().submit_many([GOOD, bad(priority="low"), bad(messages=[])])
+    assert {q: r.llen(q) for q in ("default", "stream", "batch")} == before
+    assert r.dbsize() == keys_before
