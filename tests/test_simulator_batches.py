@@ -304,3 +304,27 @@ def test_async_client_batch(simulator, tmp_path: Path) -> None:  # type: ignore[
             return (await client.files.content(batch.output_file_id)).text
 
     assert len(asyncio.run(main()).splitlines()) == 5
+
+
+def test_header_faults_on_one_batch(openai_client: OpenAI, tmp_path: Path) -> None:
+    rows = [line(f"r{i}", "LOSE" if i % 2 else "keep") for i in range(6)]
+    path = write(tmp_path / "in.jsonl", rows)
+    header = {"X-Sim-Faults": json.dumps({"batch": "lose_lines", "match": "LOSE"})}
+    batch = wait(openai_client, submit(openai_client, path, extra_headers=header).id)
+    assert sorted(r["custom_id"] for r in results(openai_client, batch.output_file_id)) == [
+        "r0",
+        "r2",
+        "r4",
+    ]
+    assert batch.request_counts.completed == 6  # type: ignore[union-attr]  # lost, yet counted
+    plain = wait(openai_client, submit(openai_client, path).id)
+    assert len(results(openai_client, plain.output_file_id)) == 6
+
+
+def test_cancel_while_validating(openai_client: OpenAI, simulator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    simulator.configure(batch_validate_s=300)  # 0.3 s at scale 1000
+    batch = submit(openai_client, write(tmp_path / "in.jsonl", [line("a", "x"), line("b", "y")]))
+    assert openai_client.batches.cancel(batch.id).status == "cancelling"
+    batch = wait(openai_client, batch.id)
+    assert batch.status == "cancelled" and batch.output_file_id is None
+    assert len(results(openai_client, batch.error_file_id)) == 2
