@@ -190,12 +190,19 @@ def _price_table(info: ValidationInfo) -> Any:
     return context.get("price_table") or price_table()
 
 
+def _loc_part(part: object) -> str:
+    text = str(part)
+    if isinstance(part, int) or (text.isidentifier() and len(text) <= 40):
+        return text
+    return repr(text[:40])  # a caller's odd key: quoted, escaped, never a line break
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line naming each bad field and why, e.g. `priority: unknown priority 'x' (...)`."""
     parts = []
     for e in err.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "request"
-        msg = str(e["msg"]).removeprefix("Value error, ")
+        where = ".".join(_loc_part(p) for p in e["loc"]) or "request"
+        msg = " ".join(str(e["msg"]).removeprefix("Value error, ").split())
         parts.append(f"{where}: {msg}")
     return "invalid request: " + "; ".join(parts)
 
