@@ -7,7 +7,25 @@ from typing import Any
 from sheepdog.settings import Settings
 
 
+def cron_schedule(expr: str) -> Any:
+    """A Celery crontab from a five-field cron expression (minute hour day month weekday)."""
+    from celery.schedules import crontab
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expr!r} needs 5 fields: minute hour day month weekday")
+    minute, hour, day, month, weekday = fields
+    return crontab(
+        minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday
+    )
+
+
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Entries for Celery beat. Each task is safe to run twice (beat may double-fire)."""
     schedule: dict[str, dict[str, Any]] = {}
+    schedule["documents-scan"] = {
+        "task": "sheepdog.documents.scan",
+        "schedule": cron_schedule(settings.documents_cron),
+        "options": {"queue": "default", "expires": 3600},
+    }
     return schedule

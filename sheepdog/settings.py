@@ -29,7 +29,9 @@ class Settings(BaseSettings):
 
     # Operations
     flower_basic_auth: SecretStr | None = None
-    metrics_port: int = 9808
+    metrics_port: int = 9808  # 0: workers expose no metrics
+    metrics_cache_s: float = 5.0  # DB-derived metrics are recomputed at most this often
+    metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
     # Streaming path
     stream_idle_timeout_s: float = 30.0
@@ -59,6 +61,8 @@ class Settings(BaseSettings):
         "Summarise the following document in a few sentences for an internal index.\n\n"
         "Title: {title}\n\n{text}"
     )
+    documents_max_parts: int = 8  # a longer document is refused, not sent
+    documents_max_tokens: int = 300  # answer length per part
 
     # Janitor
     janitor_interval_s: float = 15.0

@@ -1,0 +1,73 @@
+"""Finding and reading the documents the nightly job summarises."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_TITLE_CHARS = 200
+
+
+@dataclass(frozen=True)
+class SourceDocument:
+    """One file as read from disk."""
+
+    path: str  # absolute, resolved: the documents table's unique key
+    title: str
+    text: str | None  # None when the file is not UTF-8 text
+    content_hash: str  # sha256 of the bytes
+    size_bytes: int
+
+
+def find_files(patterns: str, root: Path | None = None) -> list[Path]:
+    """Files matching `patterns` (`|`-separated globs, `**` recursive; relative ones are taken
+    from `root`, default the working directory), resolved, sorted, each once."""
+    base = root or Path.cwd()
+    found: set[Path] = set()
+    for pattern in (p.strip() for p in patterns.split("|")):
+        if not pattern:
+            continue
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        for name in glob.glob(os.path.expanduser(full), recursive=True):
+            path = Path(name)
+            if path.is_file():
+                found.add(path.resolve())
+    return sorted(found)
+
+
+def title_of(text: str, fallback: str) -> str:
+    """The first Markdown heading, else the first non-empty line, else `fallback`."""
+    first_line = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            return stripped.lstrip("#").strip()[:MAX_TITLE_CHARS] or fallback
+        if not first_line:
+            first_line = stripped
+    return first_line[:MAX_TITLE_CHARS] or fallback
+
+
+def read_document(path: Path) -> SourceDocument:
+    """Read one file; its hash is over the raw bytes, so any change is a new version."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    fallback = path.stem.replace("-", " ").replace("_", " ")
+    try:
+        text: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    title = title_of(text, fallback) if text is not None else fallback
+    return SourceDocument(str(path.resolve()), title, text, digest, len(data))
+
+
+def display_path(path: str, root: Path | None = None) -> str:
+    """`path` relative to `root` (default cwd) when it lies below it, else as stored."""
+    try:
+        return str(Path(path).relative_to(root or Path.cwd()))
+    except ValueError:
+        return path

@@ -1,0 +1,284 @@
+"""The nightly scan: each new or changed document becomes low-priority requests (one per part).
+
+Safe to run twice at once (beat may double-fire): a document version's requests carry
+idempotency keys made from the document id, its hash and the part, so a second scan enqueues
+nothing new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+
+from costs.prices import PriceTable
+from documents.files import SourceDocument, find_files, read_document
+from documents.split import part_budget, split_text
+from models.tables import Document, Request, utcnow
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.errors import InvalidRequest
+from sheepdog.settings import Settings, get_settings
+from sheepdog.tokens import count_tokens
+
+log = logging.getLogger("sheepdog.documents")
+
+TENANT = "documents"
+LOCK_TTL_S = 600
+HASH_TAG = 16  # hex digits of the content hash carried in request metadata and keys
+
+
+@dataclass
+class Planned:
+    """A document version to send: its parts, ready once the row has an id."""
+
+    source: SourceDocument
+    parts: list[str]
+    row_id: int | None = None
+    retry: int = 0
+
+
+@dataclass
+class ScanReport:
+    """What one scan did, per document and in total."""
+
+    found: int = 0
+    new: int = 0
+    changed: int = 0
+    retried: int = 0
+    unchanged: int = 0
+    refused: int = 0
+    requests: int = 0
+    error: str | None = None
+    skipped: bool = False
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "items"} | {"items": self.items}
+
+
+def document_request(
+    settings: Settings,
+    prices: PriceTable,
+    title: str,
+    text: str,
+    row_id: int,
+    content_hash: str,
+    part: int,
+    parts: int,
+    retry: int = 0,
+) -> dict[str, Any]:
+    """The producer request for one part of one document version."""
+    label = title if parts == 1 else f"{title} (part {part} of {parts})"
+    price = prices.get(settings.documents_model)
+    tag = content_hash[:HASH_TAG]
+    key = f"document:{row_id}:{tag}:{part}" + (f":r{retry}" if retry else "")
+    return {
+        "model": settings.documents_model,
+        "messages": [
+            {"role": "user", "content": settings.documents_prompt.format(title=label, text=text)}
+        ],
+        "priority": "low",
+        "max_tokens": min(settings.documents_max_tokens, price.max_output_tokens),
+        "metadata": {
+            "tenant": TENANT,
+            "document_id": str(row_id),
+            "document_part": str(part),
+            "document_hash": tag,
+        },
+        "idempotency_key": key,
+    }
+
+
+def plan_parts(source: SourceDocument, settings: Settings, prices: PriceTable) -> list[str]:
+    """The document's text cut to fit the model; InvalidRequest with the reason to refuse it."""
+    if source.text is None:
+        raise InvalidRequest("not UTF-8 text")
+    if not source.text.strip():
+        raise InvalidRequest("empty document")
+    price = prices.get(settings.documents_model)
+    answer = min(settings.documents_max_tokens, price.max_output_tokens)
+    budget = part_budget(price.context_window, answer, settings.documents_prompt, source.title)
+    if budget < 50:
+        raise InvalidRequest(
+            f"{settings.documents_model}'s context window of {price.context_window} tokens leaves"
+            " no room for document text"
+        )
+    tokens = count_tokens(source.text)
+    limit = settings.documents_max_parts
+    if math.ceil(tokens / budget) > limit:
+        raise InvalidRequest(_too_long(tokens, math.ceil(tokens / budget), limit, settings))
+    parts = split_text(source.text, budget)
+    if len(parts) > limit:
+        raise InvalidRequest(_too_long(tokens, len(parts), limit, settings))
+    return parts
+
+
+def _too_long(tokens: int, parts: int, limit: int, settings: Settings) -> str:
+    return (
+        f"about {tokens:,} tokens: needs {parts} parts for {settings.documents_model}, over the"
+        f" limit of {limit} (SHEEPDOG_DOCUMENTS_MAX_PARTS)"
+    )
+
+
+def scan_documents(
+    settings: Settings | None = None,
+    *,
+    patterns: str | None = None,
+    root: Path | None = None,
+    client: Any = None,
+) -> ScanReport:
+    """Scan the documents glob and enqueue one low-priority request per part of each new or
+    changed document (and of each whose previous version failed). Returns what it did.
+
+    One scan runs at a time (a Redis lock); a second one returns at once with `skipped`."""
+    from sheepdog.redis_conn import get_redis
+
+    settings = settings or get_settings()
+    lock = get_redis(settings.redis_url).lock(keys.DOCUMENTS_LOCK, timeout=LOCK_TTL_S)
+    if not lock.acquire(blocking=False):
+        return ScanReport(skipped=True, error="another documents scan is running")
+    try:
+        return _scan(settings, patterns, root, client)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            lock.release()
+
+
+def _scan(settings: Settings, patterns: str | None, root: Path | None, client: Any) -> ScanReport:
+    from documents.status import refresh
+    from sheepdog.client import Client
+
+    client = client or Client(settings)
+    prices: PriceTable = client.prices
+    prices.get(settings.documents_model)  # unknown model: fail the scan with the reason
+    report = ScanReport()
+    paths = find_files(patterns or settings.documents_glob, root)
+    report.found = len(paths)
+    url = settings.database_url
+
+    with session_scope(url) as session:
+        refresh(session)  # so a document whose requests all failed is seen as failed
+        known = {d.path: d for d in session.scalars(select(Document))}
+        planned: list[Planned] = []
+        for path in paths:
+            try:
+                source = read_document(path)
+            except OSError as err:
+                report.items.append({"path": str(path), "action": "error", "reason": str(err)})
+                continue
+            row = known.get(source.path)
+            action = "new" if row is None else "changed"
+            retry = 0
+            if row is not None and row.content_hash == source.content_hash:
+                if row.status != "failed":
+                    report.unchanged += 1
+                    report.items.append({"path": source.path, "action": "unchanged"})
+                    continue
+                action, retry = "retried", _sent_versions(session, row)
+            try:
+                parts = plan_parts(source, settings, prices)
+                for i, text in enumerate(parts, start=1):
+                    client.prepare(
+                        document_request(
+                            settings,
+                            prices,
+                            source.title,
+                            text,
+                            0,
+                            source.content_hash,
+                            i,
+                            len(parts),
+                        )
+                    )
+            except InvalidRequest as err:
+                _store(session, row, source, status="refused", parts=0, error=str(err))
+                report.refused += 1
+                report.items.append({"path": source.path, "action": "refused", "reason": str(err)})
+                continue
+            setattr(report, action, getattr(report, action) + 1)
+            report.items.append({"path": source.path, "action": action, "parts": len(parts)})
+            stored = _store(session, row, source, status="pending", parts=len(parts), error=None)
+            planned.append(Planned(source, parts, row_id=stored.id, retry=retry))
+
+    # The rows are committed before their requests exist, so the intake (another process)
+    # can link each request to its document row.
+    requests = [
+        document_request(
+            settings,
+            prices,
+            p.source.title,
+            text,
+            p.row_id or 0,
+            p.source.content_hash,
+            i,
+            len(p.parts),
+            p.retry,
+        )
+        for p in planned
+        for i, text in enumerate(p.parts, start=1)
+    ]
+    if requests:
+        try:
+            client.submit_many(requests)
+        except Exception as err:
+            _mark_unsent([p.row_id for p in planned if p.row_id], str(err), url)
+            report.error = f"could not enqueue the documents' requests: {err}"
+            log.error("documents scan: %s", report.error)
+            return report
+    report.requests = len(requests)
+    log.info(
+        "documents scan: %d found, %d new, %d changed, %d unchanged, %d refused, %d requests",
+        report.found,
+        report.new,
+        report.changed,
+        report.unchanged,
+        report.refused,
+        len(requests),
+    )
+    return report
+
+
+def _store(
+    session: Any,
+    row: Document | None,
+    source: SourceDocument,
+    *,
+    status: str,
+    parts: int,
+    error: str | None,
+) -> Document:
+    if row is None:
+        row = Document(path=source.path)
+        session.add(row)
+    row.title = source.title
+    row.content_hash = source.content_hash
+    row.size_bytes = source.size_bytes
+    row.status = status
+    row.parts = parts
+    row.error = error
+    row.summary = None
+    row.scanned_at = utcnow()
+    session.flush()  # assigns a new row's id
+    return row
+
+
+def _sent_versions(session: Any, row: Document) -> int:
+    """How many times this version was sent before (gives a retry a fresh idempotency key)."""
+    count = session.scalar(select(func.count()).where(Request.document_id == row.id)) or 0
+    return max(1, int(count) // max(1, row.parts))
+
+
+def _mark_unsent(ids: list[int], reason: str, url: str) -> None:
+    # Clearing the hash makes the next scan send the document again.
+    with session_scope(url) as session:
+        for row in session.scalars(select(Document).where(Document.id.in_(ids))):
+            row.status = "error"
+            row.error = reason[:2000]
+            row.content_hash = ""

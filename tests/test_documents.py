@@ -1,0 +1,130 @@
+"""The documents scan on a temp folder: new, changed, unchanged, split and refused documents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from documents.scan import scan_documents
+from documents.split import split_text
+from documents.status import export, refresh
+from models.tables import Document
+from sheepdog.client import Client
+from sheepdog.db import session_scope
+from sheepdog.settings import Settings
+from sheepdog.tokens import count_tokens
+
+SCAN_REDIS = "redis://127.0.0.1:6379/10"  # its intake messages must not reach the test workers
+
+
+@pytest.fixture
+def scan_settings(sqlite_url: str, tmp_path: Path) -> Iterator[Settings]:
+    r = redis.Redis.from_url(SCAN_REDIS)
+    r.flushdb()
+    yield Settings(
+        redis_url=SCAN_REDIS,
+        database_url=sqlite_url,
+        documents_glob=f"{tmp_path}/**/*.md|notes/*.txt",
+        documents_model="sheepdog-mini",
+        documents_max_parts=2,
+    )
+    r.flushdb()
+
+
+def _queued_intake(settings: Settings) -> list[dict]:
+    """The intake items waiting in the broker (no worker consumes this Redis DB)."""
+    import base64
+    import json
+
+    r = redis.Redis.from_url(settings.redis_url)
+    items: list[dict] = []
+    for raw in r.lrange("default", 0, -1):
+        msg = json.loads(raw)
+        args, _, _ = json.loads(base64.b64decode(msg["body"]))
+        items.extend(args[0])
+    return items
+
+
+def _rows(settings: Settings, tmp_path: Path) -> dict[str, Document]:
+    with session_scope(settings.database_url) as session:
+        docs = session.scalars(select(Document).where(Document.path.like(f"{tmp_path}%")))
+        return {Path(d.path).name: d for d in docs}
+
+
+def test_split_text_respects_budget_and_keeps_every_word() -> None:
+    text = "\n\n".join(" ".join(f"w{p}_{i}" for i in range(70)) for p in range(10))
+    parts = split_text(text, 150)
+    assert all(count_tokens(p) <= 150 for p in parts)
+    assert " ".join(parts).split() == text.split()
+    one_line = " ".join(f"x{i}" for i in range(500))
+    assert all(count_tokens(p) <= 100 for p in split_text(one_line, 100))
+
+
+def test_scan_new_changed_unchanged_split_refused(scan_settings: Settings, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (tmp_path / "a.md").write_text("# Alpha runbook\n\nRestart the thing, then check the gauge.\n")
+    (notes / "b.txt").write_text("Beta meeting notes\n\nWe agreed to ship on Friday.\n")
+    words = lambda n: "\n\n".join(  # noqa: E731
+        " ".join(f"word{p}x{i}" for i in range(100)) for p in range(n // 100)
+    )
+    (tmp_path / "long.md").write_text("# Long\n\n" + words(9000))  # two parts of sheepdog-mini
+    (tmp_path / "huge.md").write_text("# Huge\n\n" + words(20000))  # over max_parts=2
+    (tmp_path / "empty.md").write_text("   \n")
+    (tmp_path / "skip.txt").write_text("not matched by the globs")
+
+    client = Client(scan_settings)
+    report = scan_documents(scan_settings, root=tmp_path, client=client)
+    assert report.error is None
+    assert (report.found, report.new, report.refused) == (5, 3, 2)
+    assert report.requests == 4  # a, b, long x2
+    rows = _rows(scan_settings, tmp_path)
+    assert rows["long.md"].parts == 2 and rows["long.md"].status == "pending"
+    assert rows["huge.md"].status == "refused" and "over the limit of 2" in rows["huge.md"].error
+    assert rows["empty.md"].status == "refused" and rows["empty.md"].error == "empty document"
+    assert rows["a.md"].title == "Alpha runbook" and len(rows["a.md"].content_hash) == 64
+
+    items = _queued_intake(scan_settings)
+    assert len(items) == 4
+    for item in items:
+        meta = item["request"]["metadata"]
+        assert meta["tenant"] == "documents" and item["route"] == "batch"
+        assert item["request"]["priority"] == "low"
+        assert int(meta["document_id"]) in {r.id for r in rows.values()}
+    long_parts = sorted(
+        i["request"]["metadata"]["document_part"]
+        for i in items
+        if i["request"]["metadata"]["document_id"] == str(rows["long.md"].id)
+    )
+    assert long_parts == ["1", "2"]
+    assert any("(part 2 of 2)" in i["body"]["messages"][0]["content"] for i in items)
+
+    # Unchanged: nothing sent again. Changed: one new request for that document only.
+    (notes / "b.txt").write_text("Beta meeting notes\n\nWe agreed to ship on Monday instead.\n")
+    again = scan_documents(scan_settings, root=tmp_path, client=client)
+    assert (again.changed, again.unchanged, again.new, again.requests) == (1, 4, 0, 1)
+    assert len(_queued_intake(scan_settings)) == 5
+    assert _rows(scan_settings, tmp_path)["b.txt"].content_hash != rows["b.txt"].content_hash
+
+    # Refused documents keep their hash: unchanged, not re-examined each night.
+    third = scan_documents(scan_settings, root=tmp_path, client=client)
+    assert third.requests == 0 and third.unchanged == 5
+
+    with session_scope(scan_settings.database_url) as session:
+        views = [v for v in refresh(session) if v.path.startswith(str(tmp_path))]
+    csv_text = export(views, "csv")
+    assert csv_text.splitlines()[0] == "path,title,hash,status,parts,error,summary"
+    assert "pending" in csv_text and "refused" in csv_text
+
+
+def test_a_second_scan_while_one_runs_is_skipped(scan_settings: Settings) -> None:
+    from sheepdog import keys
+
+    r = redis.Redis.from_url(scan_settings.redis_url)
+    r.set(keys.DOCUMENTS_LOCK, "someone", ex=30)
+    report = scan_documents(scan_settings)
+    assert report.skipped and report.requests == 0
