@@ -1,0 +1,121 @@
+"""A provider's request and token limits, shared by every worker through Redis.
+
+The limiter is GCRA (the generic cell rate algorithm, as in leaky-bucket-as-meter) with no burst:
+each request moves the provider's "theoretical arrival time" forward by 60/rpm seconds and each
+token by 60/tpm, in one atomic Lua script on Redis' own clock. A caller may go when the arrival
+time is not in the future, so in any window of a minute at most rpm + 1 requests start and the
+long-run rate is exactly the configured one. A 429 pushes the arrival time past its Retry-After for
+every worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+
+from sheepdog import keys
+
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local req_us = tonumber(ARGV[1])
+local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
+local function tat(key)
+  local v = tonumber(redis.call('GET', key))
+  if v == nil or v < now then return now end
+  return v
+end
+local tat_r = tat(KEYS[1])
+local tat_t = tat(KEYS[2])
+local wait = 0
+if req_us > 0 and tat_r > now then wait = tat_r - now end
+if tok_us > 0 and tat_t > now and tat_t - now > wait then wait = tat_t - now end
+if wait > 0 then return wait end
+local function store(key, value)
+  -- %d keeps every microsecond (a plain number would be written as 1.7e+15)
+  local ttl = math.floor((value - now) / 1000) + 60000
+  redis.call('SET', key, string.format('%d', value), 'PX', ttl)
+end
+if req_us > 0 then store(KEYS[1], tat_r + req_us) end
+if tok_us > 0 then store(KEYS[2], tat_t + tok_us) end
+return 0
+"""
+
+_PENALIZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_us = now + tonumber(ARGV[1])
+local v = tonumber(redis.call('GET', KEYS[1]))
+if v == nil or v < until_us then
+  local ttl = math.floor(tonumber(ARGV[1]) / 1000) + 60000
+  redis.call('SET', KEYS[1], string.format('%d', until_us), 'PX', ttl)
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+
+    def intervals_us(self) -> tuple[float, float]:
+        per_req = 60e6 / self.requests_per_minute if self.requests_per_minute else 0.0
+        per_tok = 60e6 / self.tokens_per_minute if self.tokens_per_minute else 0.0
+        return per_req, per_tok
+
+
+class RateLimiter:
+    """Blocking limiter for one provider (thread-safe; shares state through Redis)."""
+
+    def __init__(self, client: redis.Redis, provider: str, limits: Limits) -> None:
+        self.provider = provider
+        self.limits = limits
+        self._keys = [keys.rate_limit(provider, "requests"), keys.rate_limit(provider, "tokens")]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._penalize = client.register_script(_PENALIZE)
+
+    def try_acquire(self, tokens: int) -> float:
+        """Take one request and `tokens` tokens if allowed now: 0.0; else seconds to wait."""
+        per_req, per_tok = self.limits.intervals_us()
+        wait_us = self._acquire(keys=self._keys, args=[per_req, per_tok, max(tokens, 0)])
+        return int(wait_us) / 1e6
+
+    def acquire(self, tokens: int, timeout: float | None = None) -> None:
+        """Wait until one request with `tokens` tokens may start; TimeoutError past `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (wait := self.try_acquire(tokens)) > 0:
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise TimeoutError(f"rate limit of {self.provider}: no slot within {timeout}s")
+            time.sleep(wait)
+
+    def penalize(self, seconds: float) -> None:
+        """Hold every worker's next request to this provider for `seconds` (a 429's
+        Retry-After)."""
+        self._penalize(keys=[self._keys[0]], args=[int(seconds * 1e6)])
+
+
+class AsyncRateLimiter:
+    """The asyncio twin of RateLimiter (same keys, same script)."""
+
+    def __init__(self, client: aioredis.Redis, provider: str, limits: Limits) -> None:
+        self.provider = provider
+        self.limits = limits
+        self._keys = [keys.rate_limit(provider, "requests"), keys.rate_limit(provider, "tokens")]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._penalize = client.register_script(_PENALIZE)
+
+    async def acquire(self, tokens: int) -> None:
+        per_req, per_tok = self.limits.intervals_us()
+        while True:
+            wait_us = await self._acquire(keys=self._keys, args=[per_req, per_tok, max(tokens, 0)])
+            if int(wait_us) <= 0:
+                return
+            await asyncio.sleep(int(wait_us) / 1e6)
+
+    async def penalize(self, seconds: float) -> None:
+        await self._penalize(keys=[self._keys[0]], args=[int(seconds * 1e6)])
