@@ -25,6 +25,11 @@ def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
 
 
+def janitor_resent(request_id: str) -> str:
+    """Set when the janitor resends a stuck queued stream request (once per timeout)."""
+    return f"{PREFIX}:resent:{request_id}"
+
+
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel announcing cancellations to every stream worker (payload: request id)."""
 
@@ -34,3 +39,18 @@ JANITOR_LOCK = f"{PREFIX}:lock:janitor"
 DOCUMENTS_LOCK = f"{PREFIX}:lock:documents"
 METRICS_STREAM_MARK = f"{PREFIX}:metrics:stream-mark"
 QUEUED_LOW_COUNT = f"{PREFIX}:queued:low"
+
+
+def batch_job_lock(job_id: str) -> str:
+    """Held while one process submits or ingests a batch job (so no one does it twice)."""
+    return f"{PREFIX}:lock:batch:{job_id}"
+
+
+def provider_batch_mode(provider: str) -> str:
+    """What `auto` found out about a provider's Batch API: native or emulated."""
+    return f"{PREFIX}:provider:{provider}:batch_mode"
+
+
+def rate_limit(provider: str, kind: str) -> str:
+    """GCRA state (theoretical arrival time) of a provider's requests or tokens limit."""
+    return f"{PREFIX}:ratelimit:{provider}:{kind}"

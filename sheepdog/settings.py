@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -25,11 +26,14 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("SHEEPDOG_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
     provider_timeout_s: float = 60.0
+    providers_file: str | None = None  # TOML of named providers; see sheepdog/providers.py
+    default_batch_mode: str = "auto"  # native | emulated | auto, for the implicit provider
     price_table_file: str | None = None
 
     # Operations
     flower_basic_auth: SecretStr | None = None
     metrics_port: int = 9808  # 0: workers expose no metrics
+    metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from another host
     metrics_cache_s: float = 5.0  # DB-derived metrics are recomputed at most this often
     metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
@@ -41,6 +45,7 @@ class Settings(BaseSettings):
     replay_ttl_s: int = 3600
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
+    stream_queued_timeout_s: float = 300.0  # janitor resends stream rows queued this long
 
     # Batch path
     batch_flush_interval_s: float = 60.0
@@ -52,6 +57,9 @@ class Settings(BaseSettings):
     batch_max_wait_s: float = 26 * 3600
     batch_window_s: float = 24 * 3600
     batch_workdir: str = "/tmp/sheepdog-batches"
+    batch_claim_limit: int = 500_000  # rows one flush claims at most
+    batch_ingest_chunk: int = 5_000  # result lines written per transaction
+    batch_lock_ttl_s: float = 900.0  # a dead submitter's or ingester's job lock expires after
 
     # Nightly documents
     documents_glob: str = "docs/**/*.md|docs/**/*.txt"
@@ -66,6 +74,12 @@ class Settings(BaseSettings):
 
     # Janitor
     janitor_interval_s: float = 15.0
+
+    # Budgets (costs/budgets.py): the default applies to tenants without their own limit
+    default_daily_budget_usd: Decimal | None = None
+    default_monthly_budget_usd: Decimal | None = None
+    default_budget_allow_downgrade: bool = False
+    budget_cache_ttl_s: float = 5.0  # how long a producer trusts "this tenant has no budget"
 
     def api_key(self) -> str:
         """The provider key, or a placeholder the SDK accepts when none is set."""
