@@ -167,7 +167,7 @@ def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = Non
     r = get_redis(settings.redis_url)
     known = r.get(keys.provider_batch_mode(provider.name))
     if known:
-        return known.decode()
+        return known.decode() if isinstance(known, bytes) else str(known)
     try:
         client_for(provider).batches.list(limit=1)
         mode = "native"
