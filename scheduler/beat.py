@@ -23,6 +23,17 @@ def cron_schedule(expr: str) -> Any:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Entries for Celery beat. Each task is safe to run twice (beat may double-fire)."""
     schedule: dict[str, dict[str, Any]] = {}
+    # Batch path: a late tick expires instead of piling up behind a stopped worker.
+    schedule["batch-flush"] = {
+        "task": "sheepdog.batch.flush",
+        "schedule": settings.batch_flush_interval_s,
+        "options": {"expires": max(settings.batch_flush_interval_s, 1.0)},
+    }
+    schedule["batch-poll"] = {
+        "task": "sheepdog.batch.poll",
+        "schedule": settings.batch_poll_interval_s,
+        "options": {"expires": max(settings.batch_poll_interval_s, 1.0)},
+    }
     schedule["documents-scan"] = {
         "task": "sheepdog.documents.scan",
         "schedule": cron_schedule(settings.documents_cron),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from scheduler.flush import count_up
 from sheepdog.db import session_scope
 from sheepdog.intake import parse_items, record_requests
+from sheepdog.settings import get_settings
 from workers.app import app
 
 log = logging.getLogger("sheepdog.tasks.intake")
@@ -20,5 +22,6 @@ def intake(items: list[dict[str, Any]]) -> int:
         log.error("dropped intake entry: %s", reason)
     with session_scope() as session:
         created = record_requests(session, valid)
+    count_up(get_settings(), created)  # sends a flush when the queue passes the threshold
     log.info("intake: %d items, %d new rows, %d rejected", len(items), created, len(rejects))
     return created

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.simulator",
     "tests.fixtures.workers",
+    "tests.fixtures.batch",
 ]

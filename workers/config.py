@@ -14,6 +14,7 @@ QUEUES = ("stream", "default", "batch")
 TASK_MODULES = [
     "tasks.intake",
     "tasks.stream",
+    "tasks.batch",
     "tasks.documents",
 ]
 

@@ -11,6 +11,7 @@ MODULES = [
     "sheepdog.cli.services",
     "sheepdog.cli.requests",
     "sheepdog.cli.simulator",
+    "sheepdog.cli.batches",
     "sheepdog.cli.ops",
 ]
 

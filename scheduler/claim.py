@@ -1,0 +1,194 @@
+"""Claiming queued batch-route requests into batch jobs, atomically.
+
+One transaction selects the queued rows (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so two flushes
+take disjoint rows; SQLite: `BEGIN IMMEDIATE`, its single writer), groups them by model, splits
+the groups at the line and byte limits, inserts one `preparing` batch job per group and moves
+the rows to `batched` with that job's id. Either all of it commits or none of it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import LargeBinary, Text, cast, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from models.batch_lines import CHAT_URL
+from models.tables import BatchJob, Request, utcnow
+from sheepdog.lifecycle import Status, move_many
+from sheepdog.settings import Settings
+
+log = logging.getLogger("sheepdog.batch.claim")
+
+# Bytes a line adds around its body: {"custom_id":"…","method":"POST","url":"…","body":…}\n
+LINE_OVERHEAD = len('{"custom_id":"","method":"POST","url":"","body":}\n') + len(CHAT_URL)
+
+
+def new_job_id() -> str:
+    return "bj_" + secrets.token_hex(12)
+
+
+def begin_write(session: Session) -> None:
+    """Start the session's transaction as a writer. On SQLite this takes the single write lock
+    now (BEGIN IMMEDIATE), so a read-then-write cannot interleave with another writer; on
+    PostgreSQL row locks (FOR UPDATE) do that job. Call first thing in a fresh session."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def lock_rows(stmt: Any, session: Session) -> Any:
+    """`stmt` with FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite has no row locks)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return stmt.with_for_update(skip_locked=True)
+    return stmt
+
+
+def _body_bytes(session: Session) -> Any:
+    # The stored JSON text is json.dumps with spaces and ASCII escapes, never shorter than the
+    # compact UTF-8 line we write: an upper bound, so a file split on it never exceeds the limit.
+    if session.get_bind().dialect.name == "postgresql":
+        return func.octet_length(cast(Request.body, Text))
+    return func.length(cast(Request.body, LargeBinary))
+
+
+@dataclass
+class Group:
+    """One future batch job: a model and the requests that go in its file."""
+
+    job_id: str
+    model: str
+    ids: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+
+@dataclass
+class Claim:
+    """What one claim did."""
+
+    groups: list[Group] = field(default_factory=list)
+    too_large: list[str] = field(default_factory=list)
+    escalated: list[str] = field(default_factory=list)
+
+    @property
+    def claimed(self) -> int:
+        return sum(len(g.ids) for g in self.groups)
+
+
+def split(
+    rows: Iterable[tuple[str, str, int]], max_lines: int, max_bytes: int
+) -> tuple[list[Group], list[str]]:
+    """Group (id, model, body bytes) rows by model, in order, and cut each group at `max_lines`
+    lines and `max_bytes` bytes. Returns the groups and the ids too large for any file."""
+    open_groups: dict[str, Group] = {}
+    groups: list[Group] = []
+    too_large: list[str] = []
+    for request_id, model, body_bytes in rows:
+        size = int(body_bytes or 0) + len(request_id) + LINE_OVERHEAD
+        if size > max_bytes:
+            too_large.append(request_id)
+            continue
+        group = open_groups.get(model)
+        if group is None or len(group.ids) >= max_lines or group.bytes + size > max_bytes:
+            group = Group(new_job_id(), model)
+            open_groups[model] = group
+            groups.append(group)
+        group.ids.append(request_id)
+        group.bytes += size
+    return groups, too_large
+
+
+def deadline_horizon(settings: Settings, now: datetime | None = None) -> datetime:
+    """A queued request due before this instant cannot wait for a batch submitted now."""
+    return (now or datetime.now(UTC)) + timedelta(seconds=settings.batch_window_s)
+
+
+def claim(
+    session: Session,
+    settings: Settings,
+    *,
+    on_groups: Callable[[list[Group]], None] | None = None,
+) -> Claim:
+    """Claim queued batch rows into new `preparing` jobs (the caller commits).
+
+    Rows whose deadline falls before a batch submitted now could end are not claimed but moved
+    to the stream route (escalated); the caller sends their stream tasks after commit.
+    `on_groups` runs before the rows move (e.g. to take each job's lock before anyone can see
+    the job)."""
+    begin_write(session)
+    result = Claim()
+    base = (Request.status == Status.QUEUED.value) & (Request.route == "batch")
+    due = session.scalars(
+        lock_rows(
+            select(Request.id).where(
+                base, Request.deadline.is_not(None), Request.deadline < deadline_horizon(settings)
+            ),
+            session,
+        )
+    ).all()
+    if due:
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(due), base)
+            .values(route="stream", escalated=True, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        result.escalated = list(due)
+    rows = session.execute(
+        lock_rows(
+            select(Request.id, Request.model, _body_bytes(session))
+            .where(base)
+            .order_by(Request.created_at, Request.id)
+            .limit(settings.batch_claim_limit),
+            session,
+        )
+    ).all()
+    groups, too_large = split(
+        ((r[0], r[1], r[2]) for r in rows), settings.batch_max_lines, settings.batch_max_bytes
+    )
+    if too_large:
+        move_many(
+            session,
+            too_large,
+            Status.FAILED,
+            from_=[Status.QUEUED],
+            error=f"request too large for a batch file (limit {settings.batch_max_bytes} bytes)",
+        )
+        result.too_large = too_large
+    if not groups:
+        return result
+    if on_groups is not None:
+        on_groups(groups)
+    now = utcnow()
+    session.execute(
+        insert(BatchJob),
+        [
+            {
+                "id": g.job_id,
+                "model": g.model,
+                "status": "preparing",
+                "request_count": len(g.ids),
+                "input_bytes": g.bytes,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for g in groups
+        ],
+    )
+    for g in groups:
+        moved = move_many(
+            session,
+            g.ids,
+            Status.BATCHED,
+            from_=[Status.QUEUED],
+            batch_job_id=g.job_id,
+            attempts=Request.attempts + 1,
+        )
+        if moved != len(g.ids):  # cannot happen under the row locks; say so if it does
+            log.warning("job %s: %d of %d rows moved", g.job_id, moved, len(g.ids))
+    result.groups = groups
+    return result

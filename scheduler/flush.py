@@ -1,0 +1,316 @@
+"""The flush: claim queued batch requests, write one JSONL file per job, upload it and create
+the provider batch, so that a crash at any point is repaired by the next flush or poll.
+
+Order of durable steps for a job (each committed before the next provider call):
+1. claim: job row `preparing` + its requests `batched` (one transaction);
+2. upload the file, record `input_file_id`;
+3. create the batch with metadata `{"sheepdog_job_id": job id}`, record `provider_batch_id`.
+A `preparing` job found later is first looked up at the provider by that metadata: if the
+batch exists it is adopted, otherwise the file is (re)uploaded and the batch created. The job
+lock (Redis, with a TTL) keeps a live submitter and a repairer from both creating it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+from sqlalchemy import select
+
+from models.tables import BatchJob, utcnow
+from scheduler.claim import Group, claim
+from scheduler.jobs import (
+    PREPARING,
+    celery_for,
+    crash_point,
+    holding,
+    job_lock,
+    release,
+    update_job,
+)
+from scheduler.jsonl import write_job_file
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.lifecycle import Status, move_each
+from sheepdog.provider import openai_client
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings, get_settings
+
+log = logging.getLogger("sheepdog.batch.flush")
+
+METADATA_KEY = "sheepdog_job_id"
+LIST_SLACK_S = 600  # provider/our clock skew tolerated when paging batches.list
+
+
+@dataclass
+class JobReport:
+    job_id: str
+    model: str
+    lines: int
+    bytes: int
+    provider_batch_id: str | None
+    adopted: bool = False
+
+
+@dataclass
+class FlushReport:
+    """What one flush did (the CLI prints it)."""
+
+    jobs: list[JobReport] = field(default_factory=list)
+    claimed: int = 0
+    escalated: int = 0
+    failed: int = 0
+    repaired: int = 0
+
+    def summary(self) -> str:
+        parts = [f"claimed {self.claimed} requests into {len(self.jobs)} batch job(s)"]
+        if self.repaired:
+            parts.append(f"repaired {self.repaired} unfinished job(s)")
+        if self.escalated:
+            parts.append(f"escalated {self.escalated} to the stream path (deadline)")
+        if self.failed:
+            parts.append(f"failed {self.failed} unwritable request(s)")
+        return "; ".join(parts)
+
+
+def flush(settings: Settings | None = None, *, crash_after: str | None = None) -> FlushReport:
+    """Repair unfinished jobs, then claim what is queued and submit it.
+
+    `crash_after` (tests only): raise SimulatedCrash right after "claim", "write", "upload" or
+    "create", leaving state exactly as a process dying there would (minus the lock's TTL)."""
+    settings = settings or get_settings()
+    report = FlushReport()
+    repair_preparing(settings, report, crash_after=crash_after)
+    locks: dict[str, Any] = {}
+
+    def take_locks(groups: list[Group]) -> None:
+        # Locked before the claim commits, so no repairer can see the jobs unlocked.
+        for g in groups:
+            lock = job_lock(settings, g.job_id)
+            lock.acquire()
+            locks[g.job_id] = lock
+
+    try:
+        with session_scope(settings.database_url) as session:
+            result = claim(session, settings, on_groups=take_locks)
+        report.claimed = result.claimed
+        report.failed += len(result.too_large)
+        report.escalated = len(result.escalated)
+        _escalate(settings, result.escalated)
+        _count_down(settings, result.claimed + len(result.escalated) + len(result.too_large))
+        crash_point(crash_after, "claim")
+        for g in result.groups:
+            try:
+                job = submit_job(settings, g.job_id, crash_after=crash_after, fresh=True)
+            except (openai.APIError, OSError) as err:
+                # The job stays `preparing`; the next flush or poll finishes it.
+                log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
+                continue
+            finally:
+                release(locks.pop(g.job_id))
+            if job is not None:
+                report.failed += job[1]
+                report.jobs.append(job[0])
+    finally:
+        for lock in locks.values():
+            release(lock)
+    if report.claimed or report.jobs or report.escalated:
+        log.info("flush: %s", report.summary())
+    return report
+
+
+def repair_preparing(
+    settings: Settings, report: FlushReport | None = None, *, crash_after: str | None = None
+) -> int:
+    """Finish every `preparing` job no live process holds: adopt or (re)submit it."""
+    with session_scope(settings.database_url) as session:
+        ids = session.scalars(
+            select(BatchJob.id).where(BatchJob.status == PREPARING).order_by(BatchJob.created_at)
+        ).all()
+    repaired = 0
+    for job_id in ids:
+        with holding(settings, job_id) as taken:
+            if not taken:
+                continue  # its submitter is alive (or died less than a lock TTL ago)
+            try:
+                done = submit_job(settings, job_id, crash_after=crash_after, fresh=False)
+            except (openai.APIError, OSError) as err:
+                log.warning("job %s: repair failed, will retry: %s", job_id, err)
+                continue
+        if done is not None:
+            repaired += 1
+            if report is not None:
+                report.repaired += 1
+                report.failed += done[1]
+                report.jobs.append(done[0])
+    return repaired
+
+
+def submit_job(
+    settings: Settings, job_id: str, *, crash_after: str | None = None, fresh: bool
+) -> tuple[JobReport, int] | None:
+    """Bring one `preparing` job (whose lock the caller holds) to a created provider batch.
+    Returns (report, requests failed as unwritable), or None when the job is not preparing."""
+    with session_scope(settings.database_url) as session:
+        job = session.get(BatchJob, job_id)
+        if job is None or job.status != PREPARING:
+            return None
+        model, input_file_id, created_at = job.model, job.input_file_id, job.created_at
+    client = openai_client(settings)
+    if not fresh:
+        found = find_provider_batch(client, job_id, created_at)
+        if found is not None:
+            _record_batch(settings, job_id, found)
+            log.info("job %s: adopted provider batch %s", job_id, found.id)
+            counts = found.request_counts.total if found.request_counts else 0
+            return JobReport(job_id, model, counts, 0, found.id, adopted=True), 0
+    failed = 0
+    lines = size = 0
+    if input_file_id is None:
+        input_file_id, lines, size, failed = _write_and_upload(
+            settings, client, job_id, model, crash_after
+        )
+        if input_file_id is None:
+            return JobReport(job_id, model, 0, 0, None), failed
+    try:
+        batch = _create(client, job_id, input_file_id)
+    except openai.NotFoundError:
+        # The uploaded file is gone at the provider (deleted, expired): upload it again.
+        update_job(settings, job_id, input_file_id=None)
+        input_file_id, lines, size, more = _write_and_upload(
+            settings, client, job_id, model, crash_after
+        )
+        failed += more
+        if input_file_id is None:
+            return JobReport(job_id, model, 0, 0, None), failed
+        batch = _create(client, job_id, input_file_id)
+    crash_point(crash_after, "create")
+    _record_batch(settings, job_id, batch)
+    log.info("job %s: %d lines of %s submitted as %s", job_id, lines, model, batch.id)
+    return JobReport(job_id, model, lines, size, batch.id), failed
+
+
+def _write_and_upload(
+    settings: Settings, client: openai.OpenAI, job_id: str, model: str, crash_after: str | None
+) -> tuple[str | None, int, int, int]:
+    """(input file id or None when no line could be written, lines, bytes, failed)."""
+    with session_scope(settings.database_url) as session:
+        written = write_job_file(
+            session, job_id, model, settings.batch_workdir, settings.batch_max_bytes
+        )
+    if written.rejected:
+        with session_scope(settings.database_url) as session:
+            move_each(
+                session,
+                [{"id": rid, "error": reason} for rid, reason in written.rejected],
+                Status.FAILED,
+                from_=[Status.BATCHED],
+            )
+        log.warning("job %s: %d request(s) could not be written", job_id, len(written.rejected))
+    if written.lines == 0:
+        now = utcnow()
+        update_job(
+            settings,
+            job_id,
+            status="failed",
+            request_count=0,
+            errors={"data": [{"code": "empty", "message": "no request could be written"}]},
+            finished_at=now,
+            ingested_at=now,
+        )
+        written.path.unlink(missing_ok=True)
+        return None, 0, 0, len(written.rejected)
+    crash_point(crash_after, "write")
+    with written.path.open("rb") as handle:
+        uploaded = client.files.create(file=(written.path.name, handle), purpose="batch")
+    crash_point(crash_after, "upload")
+    update_job(
+        settings,
+        job_id,
+        input_file_id=uploaded.id,
+        request_count=written.lines,
+        input_bytes=written.bytes,
+    )
+    return uploaded.id, written.lines, written.bytes, len(written.rejected)
+
+
+def _create(client: openai.OpenAI, job_id: str, input_file_id: str) -> Any:
+    return client.batches.create(
+        input_file_id=input_file_id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={METADATA_KEY: job_id},
+    )
+
+
+def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
+    counts = batch.request_counts
+    update_job(
+        settings,
+        job_id,
+        provider_batch_id=batch.id,
+        input_file_id=batch.input_file_id,
+        status=batch.status,
+        submitted_at=datetime.fromtimestamp(batch.created_at, UTC),
+        completed_count=counts.completed if counts else 0,
+        failed_count=counts.failed if counts else 0,
+    )
+
+
+def find_provider_batch(client: openai.OpenAI, job_id: str, created_at: datetime) -> Any | None:
+    """The provider batch whose metadata names `job_id`, paging batches.list (newest first)
+    back to shortly before the job row was written."""
+    oldest = created_at.timestamp() - LIST_SLACK_S
+    for batch in client.batches.list(limit=100):
+        if (batch.metadata or {}).get(METADATA_KEY) == job_id:
+            return batch
+        if batch.created_at < oldest:
+            return None
+    return None
+
+
+def _escalate(settings: Settings, request_ids: list[str]) -> None:
+    """Send escalated requests to the stream queue (their rows already say route stream)."""
+    if not request_ids:
+        return
+    app = celery_for(settings)
+    with app.producer_or_acquire() as producer:
+        for rid in request_ids:
+            app.send_task(
+                "sheepdog.stream",
+                kwargs={"request_id": rid},
+                kwargsrepr=f"{{request_id: {rid}, escalated}}",
+                priority=5,
+                producer=producer,
+            )
+    log.info(
+        "escalated %d request(s) to the stream path: deadline before the batch window",
+        len(request_ids),
+    )
+
+
+def _count_down(settings: Settings, n: int) -> None:
+    """Lower the queued-low counter the intake threshold trigger reads (never below 0)."""
+    if n <= 0:
+        return
+    r = get_redis(settings.redis_url)
+    if int(r.decrby(keys.QUEUED_LOW_COUNT, n)) < 0:
+        r.set(keys.QUEUED_LOW_COUNT, 0)
+
+
+def count_up(settings: Settings, n: int) -> bool:
+    """Add `n` newly queued low-priority requests to the counter; True (and a flush sent to the
+    batch queue) each time the count passes another multiple of batch_flush_threshold. One
+    Redis INCRBY: cheap enough for every intake message."""
+    if n <= 0 or settings.batch_flush_threshold <= 0:
+        return False
+    total = int(get_redis(settings.redis_url).incrby(keys.QUEUED_LOW_COUNT, n))
+    step = settings.batch_flush_threshold
+    if total // step <= (total - n) // step:
+        return False
+    celery_for(settings).send_task("sheepdog.batch.flush", kwargs={"reason": "threshold"})
+    log.info("queued low-priority requests passed %d: flush sent", total // step * step)
+    return True

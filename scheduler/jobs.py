@@ -1,0 +1,79 @@
+"""Shared pieces of the batch path: job statuses, the per-job lock, updates to a job row, and
+the Celery app used to send follow-up tasks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import redis
+from sqlalchemy import update
+
+from models.tables import BatchJob, utcnow
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings
+
+PREPARING = "preparing"
+OPEN = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by a `crash_after` hook: the tests' stand-in for a process dying there."""
+
+
+def crash_point(crash_after: str | None, point: str) -> None:
+    if crash_after == point:
+        raise SimulatedCrash(f"simulated crash after {point}")
+
+
+def job_lock(settings: Settings, job_id: str) -> Any:
+    """The job's lock (not yet acquired). It expires after batch_lock_ttl_s, so a job whose
+    owner died is picked up by the next flush, poll or ingest."""
+    return get_redis(settings.redis_url).lock(
+        keys.batch_job_lock(job_id), timeout=settings.batch_lock_ttl_s, blocking=False
+    )
+
+
+def release(lock: Any) -> None:
+    with contextlib.suppress(redis.exceptions.LockError, redis.RedisError):
+        lock.release()
+
+
+@contextlib.contextmanager
+def holding(settings: Settings, job_id: str) -> Iterator[bool]:
+    """Try the job's lock; yields whether it was taken (and releases it after)."""
+    lock = job_lock(settings, job_id)
+    taken = bool(lock.acquire())
+    try:
+        yield taken
+    finally:
+        if taken:
+            release(lock)
+
+
+def update_job(settings: Settings, job_id: str, **values: Any) -> None:
+    """Write fields of one job row in a transaction of its own."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(BatchJob).where(BatchJob.id == job_id).values(updated_at=utcnow(), **values)
+        )
+
+
+@lru_cache(maxsize=4)
+def _celery(redis_url: str) -> Any:
+    from sheepdog.settings import get_settings
+    from workers.app import app, create_app
+
+    if app.conf.broker_url == redis_url:
+        return app
+    return create_app(get_settings().model_copy(update={"redis_url": redis_url}))
+
+
+def celery_for(settings: Settings) -> Any:
+    """The Celery app publishing to `settings.redis_url`."""
+    return _celery(settings.redis_url)

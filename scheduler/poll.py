@@ -1,0 +1,99 @@
+"""The poll: refresh every open batch job from the provider, cancel jobs open too long, and
+name the jobs whose results are ready to ingest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import openai
+from sqlalchemy import select
+
+from models.tables import BatchJob, utcnow
+from scheduler.flush import repair_preparing
+from scheduler.jobs import FINAL, OPEN, update_job
+from sheepdog.db import session_scope
+from sheepdog.provider import openai_client
+from sheepdog.settings import Settings, get_settings
+
+log = logging.getLogger("sheepdog.batch.poll")
+
+
+@dataclass
+class PollReport:
+    checked: int = 0
+    changed: int = 0
+    cancelled: list[str] = field(default_factory=list)
+    repaired: int = 0
+    to_ingest: list[str] = field(default_factory=list)
+
+
+def batch_values(batch: Any) -> dict[str, Any]:
+    """batch_jobs columns from a provider Batch object."""
+    counts = batch.request_counts
+    values: dict[str, Any] = {
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "completed_count": counts.completed if counts else 0,
+        "failed_count": counts.failed if counts else 0,
+    }
+    if counts and counts.total:
+        values["request_count"] = counts.total
+    if batch.errors is not None:
+        values["errors"] = batch.errors.model_dump(mode="json")
+    if batch.status in FINAL:
+        values["finished_at"] = utcnow()
+    return values
+
+
+def poll(settings: Settings | None = None) -> PollReport:
+    """Check every open job once; returns the ids of final, not yet ingested jobs."""
+    settings = settings or get_settings()
+    report = PollReport(repaired=repair_preparing(settings))
+    with session_scope(settings.database_url) as session:
+        jobs = session.execute(
+            select(BatchJob.id, BatchJob.provider_batch_id, BatchJob.status, BatchJob.submitted_at)
+            .where(BatchJob.status.in_(OPEN), BatchJob.provider_batch_id.is_not(None))
+            .order_by(BatchJob.created_at)
+        ).all()
+    client = openai_client(settings)
+    max_wait = timedelta(seconds=settings.batch_max_wait_s)
+    now = datetime.now(UTC)
+    for job_id, batch_id, old_status, submitted_at in jobs:
+        report.checked += 1
+        try:
+            batch = client.batches.retrieve(batch_id)
+            if (
+                batch.status in OPEN
+                and batch.status != "cancelling"
+                and submitted_at is not None
+                and now - submitted_at > max_wait
+            ):
+                log.warning(
+                    "job %s: open longer than %s, cancelling %s", job_id, max_wait, batch_id
+                )
+                batch = client.batches.cancel(batch_id)
+                report.cancelled.append(job_id)
+        except openai.APIError as err:
+            log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
+            continue
+        update_job(settings, job_id, **batch_values(batch))
+        if batch.status != old_status:
+            report.changed += 1
+            log.info("job %s: %s -> %s", job_id, old_status, batch.status)
+    with session_scope(settings.database_url) as session:
+        report.to_ingest = list(
+            session.scalars(
+                select(BatchJob.id)
+                .where(
+                    BatchJob.status.in_(FINAL),
+                    BatchJob.ingested_at.is_(None),
+                    BatchJob.provider_batch_id.is_not(None),
+                )
+                .order_by(BatchJob.created_at)
+            ).all()
+        )
+    return report

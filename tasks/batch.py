@@ -1,0 +1,48 @@
+"""Batch-path tasks (queue `batch`), thin: each calls a plain function in scheduler/.
+
+All three are safe to run twice at once (beat may double-fire, a message may be re-delivered):
+the claim is atomic, submits and ingests hold a per-job lock, and every write is conditional.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from scheduler.flush import flush as run_flush
+from scheduler.ingest import ingest as run_ingest
+from scheduler.poll import poll as run_poll
+from workers.app import app
+
+log = logging.getLogger("sheepdog.tasks.batch")
+
+
+@app.task(name="sheepdog.batch.flush", acks_late=True)
+def flush(reason: str = "beat") -> dict[str, Any]:
+    """Claim queued low-priority requests and submit them as provider batches."""
+    report = run_flush()
+    return {"reason": reason, "claimed": report.claimed, "jobs": [j.job_id for j in report.jobs]}
+
+
+@app.task(name="sheepdog.batch.poll", acks_late=True)
+def poll() -> dict[str, Any]:
+    """Refresh open jobs; send an ingest for each job whose results are ready."""
+    report = run_poll()
+    for job_id in report.to_ingest:
+        ingest.apply_async(args=[job_id])
+    return {"checked": report.checked, "ingest": report.to_ingest}
+
+
+@app.task(name="sheepdog.batch.ingest", acks_late=True)
+def ingest(job_id: str) -> dict[str, Any]:
+    """Write a final job's results into its requests (re-runnable after a crash)."""
+    report = run_ingest(job_id)
+    if report.skipped:
+        log.info("ingest %s skipped: %s", job_id, report.skipped)
+    return {
+        "job_id": job_id,
+        "succeeded": report.succeeded,
+        "failed": report.failed,
+        "requeued": report.requeued,
+        "skipped": report.skipped,
+    }
