@@ -78,7 +78,7 @@ def test_split_at_small_limits(settings: Any) -> None:
     assert {r.status for r in rows(settings, ids).values()} == {"succeeded"}
 
 
-def test_validation_failure_fails_named_line_and_retries_rest(settings: Any, simulator: Any) -> None:
+def test_validation_failure_fails_named_line_retries_rest(settings: Any, simulator: Any) -> None:
     simulator.set_faults([{"batch": "fail_validation", "match": "valfail", "first": 1}])
     ids = add_requests(settings, [(MINI, f"valfail q{i}") for i in range(10)])
     flush(settings)

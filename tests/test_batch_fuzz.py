@@ -1,0 +1,136 @@
+"""Fuzzed output files never crash the ingest and never mark a request succeeded without an
+answer (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from scheduler.claim import claim
+from scheduler.ingest import ingest, parse_line
+from scheduler.jobs import update_job
+from scheduler.jsonl import split_lines
+from sheepdog.db import session_scope
+from tests.fixtures.batch import add_requests, make_settings, rows, wipe
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def ok_line(cid: str, content: Any = "an answer", usage: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    if usage is not False:
+        body["usage"] = usage or {"prompt_tokens": 5, "completion_tokens": 7}
+    return {
+        "id": "br",
+        "custom_id": cid,
+        "response": {"status_code": 200, "body": body},
+        "error": None,
+    }
+
+
+def line_for(cid: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
+    valid = st.builds(ok_line, cid, st.text(max_size=30) | st.none())
+    no_usage = st.builds(lambda c: ok_line(c, "text", False), cid)
+    bad_usage = st.builds(lambda c, u: ok_line(c, "x", u), cid, JSON)
+    error = st.builds(
+        lambda c, code: {"custom_id": c, "response": None, "error": {"code": code, "message": "m"}},
+        cid,
+        st.sampled_from(["batch_expired", "batch_cancelled", "x", None]),
+    )
+    status = st.builds(
+        lambda c, s, b: {"custom_id": c, "response": {"status_code": s, "body": b}},
+        cid,
+        st.integers(100, 600),
+        JSON,
+    )
+    structured = st.one_of(valid, no_usage, bad_usage, error, status).map(
+        lambda o: json.dumps(o).encode()
+    )
+    junk = st.binary(max_size=60) | JSON.map(lambda v: json.dumps(v).encode())
+    truncated = st.tuples(valid, st.integers(0, 40)).map(
+        lambda t: json.dumps(t[0]).encode()[: t[1]]
+    )
+    return st.one_of(structured, structured, junk, truncated)
+
+
+@given(st.lists(line_for(st.sampled_from(["req_a", "req_b", "zzz"])), max_size=20))
+@hsettings(max_examples=300, deadline=None)
+def test_parse_line_never_raises_nor_invents_answers(lines: list[bytes]) -> None:
+    for raw in lines:
+        parsed = parse_line(raw)
+        if parsed is not None and parsed[1].kind == "ok":
+            obj = json.loads(raw)
+            assert parsed[1].text == obj["response"]["body"]["choices"][0]["message"]["content"]
+            assert parsed[1].text is not None
+
+
+@given(st.lists(st.binary(max_size=30), max_size=10), st.integers(1, 7))
+def test_split_lines_matches_splitlines(parts: list[bytes], size: int) -> None:
+    data = b"".join(parts)
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    expected = [x for x in data.split(b"\n") if x.strip()]
+    assert list(split_lines(chunks)) == expected
+
+
+@pytest.fixture(scope="module")
+def fuzz_settings(
+    batch_sqlite_url: str, redis_url: str, simulator: Any, tmp_path_factory: Any
+) -> Any:
+    return make_settings(batch_sqlite_url, redis_url, simulator, tmp_path_factory.mktemp("fz"))
+
+
+@given(data=st.data())
+@hsettings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_fuzzed_output_files_never_crash_ingest(fuzz_settings: Any, data: st.DataObject) -> None:
+    settings = fuzz_settings
+    wipe(settings.database_url)
+    ids = add_requests(settings, [("sheepdog-mini", f"fuzz {i}") for i in range(4)])
+    with session_scope(settings.database_url) as session:
+        (group,) = claim(session, settings).groups
+    update_job(
+        settings,
+        group.job_id,
+        status=data.draw(st.sampled_from(["completed", "expired"])),
+        provider_batch_id=f"batch_fz_{group.job_id}",
+    )
+    cid = st.sampled_from([*ids, "req_unknown"])
+    lines = data.draw(st.lists(line_for(cid), max_size=25))
+    blob = data.draw(st.sampled_from([b"\n", b"\r\n", b"\n\n"])).join(lines)
+    size = data.draw(st.integers(1, 64))
+    chunks = [blob[i : i + size] for i in range(0, len(blob), size)]
+    report = ingest(group.job_id, settings, lines=split_lines(chunks))
+    assert report.skipped is None
+    got = rows(settings, ids)
+    answers: dict[str, set[str]] = {}
+    for raw in lines:
+        parsed = parse_line(raw.strip())
+        if parsed is not None and parsed[1].kind == "ok":
+            answers.setdefault(parsed[0], set()).add(parsed[1].text or "")
+    for rid, row in got.items():
+        assert row.status in {"succeeded", "failed", "queued"}
+        if row.status == "succeeded":
+            assert row.text is not None and row.text in answers.get(rid, set())
+            assert row.cost_usd is not None
+        if row.status == "queued":
+            assert row.batch_job_id is None
