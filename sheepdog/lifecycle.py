@@ -52,6 +52,14 @@ def _sources(to: Status, from_: Iterable[Status] | None) -> list[str]:
     return [s.value for s in wanted]
 
 
+def _release_budgets(session: Session, to: Status, request_ids: Sequence[str]) -> None:
+    # A failed or cancelled request spends nothing more: free what its budget reservation holds.
+    if to in (Status.FAILED, Status.CANCELLED) and request_ids:
+        from costs.budgets import release
+
+        release(session, request_ids)
+
+
 def _final_fields(to: Status, values: dict[str, Any]) -> dict[str, Any]:
     if to in FINAL:
         values.setdefault("finished_at", utcnow())
@@ -73,7 +81,10 @@ def move(
         .values(status=to.value, **_final_fields(to, values))
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    moved = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    if moved:
+        _release_budgets(session, to, [request_id])
+    return bool(moved)
 
 
 def move_many(
@@ -99,6 +110,7 @@ def move_many(
             .execution_options(synchronize_session=False)
         )
         moved += session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    _release_budgets(session, to, request_ids)
     return moved
 
 
@@ -126,6 +138,7 @@ def move_each(
     )
     params = [{"_id": r["id"], **{k: r[k] for k in keys}} for r in rows]
     result = session.connection().execute(stmt, params)
+    _release_budgets(session, to, [r["id"] for r in rows])
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 

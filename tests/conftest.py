@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.simulator",
     "tests.fixtures.workers",
     "tests.fixtures.batch",
+    "tests.fixtures.costs",
 ]

@@ -12,6 +12,7 @@ MODULES = [
     "sheepdog.cli.requests",
     "sheepdog.cli.simulator",
     "sheepdog.cli.batches",
+    "sheepdog.cli.costs",
     "sheepdog.cli.ops",
 ]
 
