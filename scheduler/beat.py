@@ -23,6 +23,11 @@ def cron_schedule(expr: str) -> Any:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Entries for Celery beat. Each task is safe to run twice (beat may double-fire)."""
     schedule: dict[str, dict[str, Any]] = {}
+    schedule["janitor"] = {
+        "task": "sheepdog.janitor",
+        "schedule": settings.janitor_interval_s,
+        "options": {"queue": "default", "expires": settings.janitor_interval_s},
+    }
     # Batch path: a late tick expires instead of piling up behind a stopped worker.
     schedule["batch-flush"] = {
         "task": "sheepdog.batch.flush",

@@ -1,19 +1,18 @@
-"""Streaming task (queue `stream`). Placeholder until the streaming path lands: records the row."""
+"""Streaming task (queue `stream`): one high/normal-priority request, streamed to its channel."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sheepdog.db import session_scope
-from sheepdog.intake import parse_items, record_requests
+from streaming.runner import run_stream
 from workers.app import app
 
 
-@app.task(name="sheepdog.stream", acks_late=True)
-def stream(request_id: str, item: dict[str, Any] | None = None) -> None:
-    """Record the request; the streaming itself is built by the streaming path."""
-    if item is None:
-        return
-    valid, _ = parse_items([item])
-    with session_scope() as session:
-        record_requests(session, valid)
+@app.task(name="sheepdog.stream", acks_late=True, bind=True)
+def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> str:
+    """Stream `request_id` (recording it first when `item`, its intake message, is given).
+
+    Idempotent: the row's queued -> streaming move is the claim, so a redelivered or resent
+    message for a request that has ended or is owned by a live worker does nothing."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    return run_stream(request_id, item, overlap=not redelivered)

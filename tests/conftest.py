@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.workers",
     "tests.fixtures.batch",
     "tests.fixtures.costs",
+    "tests.fixtures.streaming",
 ]

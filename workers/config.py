@@ -16,6 +16,7 @@ TASK_MODULES = [
     "tasks.stream",
     "tasks.batch",
     "tasks.documents",
+    "tasks.janitor",
 ]
 
 

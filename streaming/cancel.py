@@ -1,0 +1,42 @@
+"""Cancelling a request: a queued one never starts, an in-flight stream stops within a second."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from models.tables import Request
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.lifecycle import Status, is_final, move
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings, get_settings
+
+CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # longer than any queue wait; the flag is checked at start
+
+
+def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
+    """Cancel `request_id`; False when it had already ended.
+
+    Sets the cancel flag (checked by a stream task before it starts) and announces the id on
+    the cancel channel (every stream worker process stops the stream if it holds it). A row
+    still `queued` is moved to `cancelled` here, whichever path it is on."""
+    settings = settings or get_settings()
+    redis = get_redis(settings.redis_url)
+    redis.set(keys.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
+    redis.publish(keys.CANCEL_CHANNEL, request_id)
+    with session_scope(settings.database_url) as session:
+        row = session.execute(
+            select(Request.status, Request.route).where(Request.id == request_id)
+        ).one_or_none()
+        if row is None:
+            return True  # still in the queue: the task sees the flag and never starts
+        if is_final(row.status):
+            return False
+        moved = move(
+            session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
+        )
+    if moved and row.route == "stream":
+        from streaming.runner import publish_error
+
+        publish_error(settings, request_id, "cancelled")
+    return True

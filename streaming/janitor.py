@@ -1,0 +1,152 @@
+"""The janitor: finds streams whose worker died and gives them to another, or fails them.
+
+A streaming row whose heartbeat is older than heartbeat_timeout_s lost its worker (crash, kill,
+lost host): it goes back to `queued` with attempts+1 (the fencing token the old worker's writes
+are checked against), subscribers get `reset`, and `sheepdog.stream` is sent again with the id
+only. Past stream_max_attempts it fails. Stream-route rows still `queued` long after their last
+change lost their message (e.g. a Redis restart) and are sent again, once per timeout.
+
+Safe to run twice and under two beats: a Redis lock serialises runs, and every move is the
+lifecycle's conditional UPDATE, so a row can only be taken back once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from models.tables import Request, utcnow
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.lifecycle import Status, move
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings, get_settings
+from streaming.runner import publish_error
+
+log = logging.getLogger("sheepdog.janitor")
+
+SWEEP_LIMIT = 1000
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+
+
+@dataclass
+class SweepReport:
+    requeued: int = 0
+    failed: int = 0
+    resent: int = 0
+    skipped: bool = False
+
+
+def sweep(settings: Settings | None = None, app: Any = None) -> SweepReport:
+    """One janitor pass (returns what it did; skipped when another pass holds the lock)."""
+    settings = settings or get_settings()
+    redis = get_redis(settings.redis_url)
+    token = secrets.token_hex(8)
+    ttl_ms = int(max(settings.janitor_interval_s * 4, 30) * 1000)
+    if not redis.set(keys.JANITOR_LOCK, token, nx=True, px=ttl_ms):
+        return SweepReport(skipped=True)
+    try:
+        return _sweep(settings, app)
+    finally:
+        redis.eval(_RELEASE, 1, keys.JANITOR_LOCK, token)
+
+
+def _send(app: Any, request_id: str) -> None:
+    if app is None:
+        from workers.app import app as default_app
+
+        app = default_app
+    app.send_task("sheepdog.stream", kwargs={"request_id": request_id}, queue="stream")
+
+
+def _sweep(settings: Settings, app: Any) -> SweepReport:
+    report = SweepReport()
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    with session_scope(settings.database_url) as session:
+        stale = session.execute(
+            select(Request.id, Request.attempts)
+            .where(
+                Request.status == Status.STREAMING.value,
+                Request.route == "stream",
+                or_(Request.heartbeat_at < stale_before, Request.heartbeat_at.is_(None)),
+            )
+            .limit(SWEEP_LIMIT)
+        ).all()
+    for rid, attempts in stale:
+        if attempts + 1 >= settings.stream_max_attempts:
+            silence = f"{settings.heartbeat_timeout_s:g}s"
+            reason = f"worker lost {attempts + 1} times (no heartbeat for {silence})"
+            with session_scope(settings.database_url) as session:
+                moved = move(
+                    session,
+                    rid,
+                    Status.FAILED,
+                    from_=[Status.STREAMING],
+                    attempts=attempts + 1,
+                    error=reason,
+                )
+            if moved:
+                publish_error(settings, rid, reason)
+                report.failed += 1
+            continue
+        with session_scope(settings.database_url) as session:
+            moved = move(
+                session,
+                rid,
+                Status.QUEUED,
+                from_=[Status.STREAMING],
+                attempts=Request.attempts + 1,
+                heartbeat_at=None,
+                updated_at=now,
+            )
+        if moved:
+            publish_error(settings, rid, "", type_="reset")
+            _send(app, rid)
+            report.requeued += 1
+            log.warning(
+                "%s: no heartbeat since before %s; requeued (attempt %d)",
+                rid,
+                stale_before,
+                attempts + 2,
+            )
+    report.resent = _resend_lost(settings, app, now)
+    return report
+
+
+def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
+    """Send `sheepdog.stream` again for stream rows queued too long (their message was lost)."""
+    before = now - timedelta(seconds=settings.stream_queued_timeout_s)
+    with session_scope(settings.database_url) as session:
+        ids = session.scalars(
+            select(Request.id)
+            .where(
+                Request.status == Status.QUEUED.value,
+                Request.route == "stream",
+                Request.updated_at < before,
+            )
+            .limit(SWEEP_LIMIT)
+        ).all()
+    if not ids:
+        return 0
+    redis = get_redis(settings.redis_url)
+    resent = 0
+    for rid in ids:
+        # Once per timeout: a long backlog must not turn into a storm of duplicates.
+        if redis.set(
+            keys.janitor_resent(rid), b"1", nx=True, ex=int(settings.stream_queued_timeout_s)
+        ):
+            _send(app, rid)
+            resent += 1
+    if resent:
+        log.warning(
+            "resent %d stream request(s) queued for over %gs",
+            resent,
+            settings.stream_queued_timeout_s,
+        )
+    return resent

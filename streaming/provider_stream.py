@@ -1,0 +1,162 @@
+"""One streamed call to the provider through the official SDK, parsed cheaply.
+
+`with_streaming_response` gives the SDK's raw response (auth, base URL, error mapping stay the
+SDK's); the SSE lines are split from the bytes and decoded with orjson, which costs a few
+microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
+`Retryable` (the caller backs off and tries again) and `Fatal` (the request fails at once).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class Retryable(Exception):
+    """Worth another attempt: connection trouble, 429, 5xx, a cut or stalled stream."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Fatal(Exception):
+    """The provider refused the request for good (400, 401, 403, 404, content filter)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RejectsStreamOptions(Fatal):
+    """A 400 naming stream_options: the provider does not take `include_usage`."""
+
+
+@dataclass(slots=True)
+class AttemptEnd:
+    """How an attempt ended without error."""
+
+    finish_reason: str
+    usage: dict[str, Any] | None
+
+
+OnText = Callable[[str], Awaitable[bool]]
+"""Called with each piece of text; returns False to stop the stream (cost cap)."""
+
+
+def retry_after_s(headers: httpx2.Headers) -> float | None:
+    """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+
+
+def _status_error(err: openai.APIStatusError) -> Exception:
+    status = err.status_code
+    body = err.body
+    detail = body.get("message") if isinstance(body, dict) else None
+    message = str(detail or err.message)
+    if status == 400 and "stream_options" in message:
+        return RejectsStreamOptions(f"provider rejected stream_options: {message}")
+    if status in RETRYABLE_STATUS or status >= 500:
+        return Retryable(f"provider answered {status}", retry_after_s(err.response.headers))
+    return Fatal(f"provider rejected the request ({status}): {message}")
+
+
+def _stream_error(obj: dict[str, Any]) -> Exception:
+    error = obj.get("error")
+    detail = error if isinstance(error, dict) else {"message": str(error)}
+    message = str(detail.get("message") or "error event in the stream")
+    kind = str(detail.get("type") or detail.get("code") or "")
+    if "server" in kind or "rate" in kind or "overloaded" in kind:
+        return Retryable(f"provider error mid-stream: {message}")
+    return Fatal(f"provider error mid-stream: {message}")
+
+
+async def stream_once(
+    client: openai.AsyncOpenAI,
+    body: dict[str, Any],
+    *,
+    include_usage: bool,
+    timeout: httpx2.Timeout,
+    idle_timeout_s: float,
+    on_text: OnText,
+) -> AttemptEnd:
+    """Stream one answer; raise Retryable or Fatal on failure.
+
+    The read timeout of `timeout` is the idle limit: httpx raises when no byte arrives for that
+    long, so a stall costs nothing to watch."""
+    kwargs: dict[str, Any] = {**body, "stream": True}
+    if include_usage:
+        kwargs["stream_options"] = {"include_usage": True}
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.chat.completions.with_streaming_response.create(
+            **kwargs, timeout=timeout
+        ) as response:
+            rest = b""
+            async for data in response.iter_bytes():
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return _end(finish, usage)
+                    obj = orjson.loads(payload)
+                    if obj.get("error") is not None:
+                        raise _stream_error(obj)
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    for choice in obj.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text and not await on_text(text):
+                            return AttemptEnd("length", None)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+    except openai.APIStatusError as err:
+        raise _status_error(err) from None
+    except openai.APITimeoutError:
+        raise Retryable("provider timed out before answering") from None
+    except openai.APIConnectionError as err:
+        raise Retryable(f"cannot reach the provider: {err.__cause__ or err}") from None
+    except httpx2.ReadTimeout:
+        raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
+    except (httpx2.TransportError, httpx2.StreamError) as err:
+        raise Retryable(f"stream cut: {type(err).__name__}") from None
+    except orjson.JSONDecodeError:
+        raise Retryable("malformed chunk from the provider") from None
+    return _end(finish, usage)
+
+
+def _end(finish: str | None, usage: dict[str, Any] | None) -> AttemptEnd:
+    if finish is None:
+        raise Retryable("stream ended before its end (no finish_reason)")
+    if finish == "content_filter":
+        raise Fatal("the provider's content filter stopped the answer")
+    return AttemptEnd(finish, usage)

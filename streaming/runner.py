@@ -1,0 +1,178 @@
+"""`run_stream`: what the `sheepdog.stream` task does, as a plain function.
+
+Order of work, chosen for time to first token: check the cancel flag (one Redis GET), start the
+provider call on the loop, and meanwhile record + claim the row in the database; the first
+token is published as soon as both are done. The row's end is written before the last message
+is published, so a subscriber that sees `done` can read the finished row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.intake import IntakeItem
+from models.stream_message import encode
+from sheepdog import keys
+from sheepdog.lifecycle import Status
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings, get_settings
+from streaming import store
+from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
+from streaming.publisher import last_message, next_seq, publish_now
+from streaming.runtime import Runtime, get_runtime
+
+log = logging.getLogger("sheepdog.streaming")
+
+
+def run_stream(
+    request_id: str,
+    item: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+    *,
+    overlap: bool = True,
+) -> str:
+    """Stream one request end to end; returns how it ended (for logs and tests).
+
+    With `overlap` the provider call starts while the row is recorded and claimed; without it
+    (a redelivered message) the row is checked first."""
+    settings = settings or get_settings()
+    intake: IntakeItem | None = None
+    if item is not None:
+        try:
+            intake = IntakeItem.model_validate(item)
+        except ValidationError as err:
+            log.error(
+                "%s: malformed stream message dropped (%d errors)", request_id, err.error_count()
+            )
+            return "malformed"
+    redis = get_redis(settings.redis_url)
+    if redis.exists(keys.cancel_flag(request_id)):
+        return _cancel_before_start(settings, request_id, intake)
+    if intake is not None:
+        body = intake.body
+    else:
+        row = store.load(settings.database_url, request_id)
+        if row is None:
+            log.error("%s: no such request", request_id)
+            return "missing"
+        if row.status != Status.QUEUED.value:
+            return f"skipped ({row.status})"
+        body = row.body
+    runtime = get_runtime(settings)
+    if not overlap:
+        # A redelivered message most likely names a request that already ran: claim first
+        # rather than pay for a provider call that would be thrown away.
+        state = store.load(settings.database_url, request_id)
+        if state is not None and state.status != Status.QUEUED.value:
+            return f"skipped ({state.status})"
+    job, future = runtime.start(request_id, body)
+    try:
+        claim = _claim(runtime, job, settings, request_id, intake)
+        if claim is None:
+            runtime.stop_job(job, LOST)
+            return "skipped (not queued)"
+        try:
+            outcome: Outcome = future.result()
+        except Exception as err:  # a bug must not leave the row streaming until the janitor
+            log.exception("%s: stream crashed", request_id)
+            outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
+        return _finish(runtime, job, settings, claim, outcome)
+    finally:
+        runtime.forget(job)
+
+
+def _claim(
+    runtime: Runtime,
+    job: StreamJob,
+    settings: Settings,
+    request_id: str,
+    intake: IntakeItem | None,
+) -> store.Claim | None:
+    grant: Grant | None = None
+    try:
+        claim = store.claim(settings.database_url, request_id, intake)
+        if claim is None:
+            return None
+        redis = get_redis(settings.redis_url)
+        # Checked again after the job is registered: a cancel published before registration
+        # was missed by the listener, but its flag was set before it was published.
+        if redis.exists(keys.cancel_flag(request_id)):
+            runtime.stop_job(job, CANCELLED)
+        last = last_message(redis, request_id)
+        grant = Grant(claim.attempts, next_seq(last), last is not None and last.type == "token")
+        return claim
+    finally:
+        runtime.resolve(job, grant)
+
+
+def _finish(
+    runtime: Runtime, job: StreamJob, settings: Settings, claim: store.Claim, outcome: Outcome
+) -> str:
+    if outcome.kind == LOST:
+        log.warning("%s: lost the row to another worker; left to it", job.request_id)
+        return LOST
+    if outcome.kind == "succeeded":
+        end = store.End(
+            Status.SUCCEEDED,
+            outcome.text,
+            finish_reason=outcome.finish_reason,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            usage_estimated=outcome.usage_estimated,
+            first_token_at=outcome.first_token_at,
+        )
+    else:
+        reason = "cancelled" if outcome.kind == CANCELLED else (outcome.error or "failed")
+        end = store.End(
+            Status.CANCELLED if outcome.kind == CANCELLED else Status.FAILED,
+            outcome.text,
+            error=reason,
+            first_token_at=outcome.first_token_at,
+        )
+    try:
+        cost = store.finish(settings.database_url, job.request_id, claim, end)
+    except store.Fenced:
+        log.warning(
+            "%s: row taken back before the end was written; left to its owner", job.request_id
+        )
+        return LOST
+    if end.status is Status.SUCCEEDED:
+        usage = {
+            "prompt_tokens": end.prompt_tokens,
+            "completion_tokens": end.completion_tokens,
+            "estimated": end.usage_estimated,
+        }
+        runtime.call(
+            job.final(
+                "done",
+                usage=usage,
+                cost_usd=str(cost) if cost is not None else None,
+                finish_reason=end.finish_reason,
+            )
+        )
+    else:
+        runtime.call(job.final("error", error=end.error))
+    log.info(
+        "%s: %s after %d provider call(s)", job.request_id, end.status.value, outcome.provider_calls
+    )
+    return end.status.value
+
+
+def _cancel_before_start(settings: Settings, request_id: str, intake: IntakeItem | None) -> str:
+    """A cancelled request never starts: record it (if new) and end it `cancelled`."""
+    if not store.cancel_queued(settings.database_url, request_id, intake):
+        row = store.load(settings.database_url, request_id)
+        return f"skipped ({row.status if row else 'missing'})"
+    publish_error(settings, request_id, "cancelled")
+    return Status.CANCELLED.value
+
+
+def publish_error(settings: Settings, request_id: str, reason: str, type_: str = "error") -> None:
+    """Publish one message outside a worker loop, continuing the request's seq."""
+    redis = get_redis(settings.redis_url)
+    seq = next_seq(last_message(redis, request_id))
+    payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
+    publish_now(redis, request_id, [payload], settings.replay_ttl_s)

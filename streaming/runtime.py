@@ -1,0 +1,171 @@
+"""The per-process streaming runtime: ONE asyncio loop in a background thread.
+
+Celery's threads pool gives each stream a thin thread that only claims the row, hands the
+stream to this loop and waits. The loop holds every provider connection (AsyncOpenAI), the
+batching publisher, the cancel listener and the batched heartbeat, so a thousand streams cost a
+thousand sockets and coroutines rather than a thousand threads contending for the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import httpx2
+import openai
+import redis
+
+from sheepdog import keys
+from sheepdog.redis_conn import new_async_redis
+from sheepdog.settings import Settings
+from streaming.job import LOST, StreamJob
+from streaming.publisher import Publisher
+from streaming.store import touch_heartbeats
+
+log = logging.getLogger("sheepdog.streaming.runtime")
+
+T = TypeVar("T")
+MAX_CONNECTIONS = 4000
+
+
+class Runtime:
+    """The loop thread and what lives on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.jobs: dict[str, StreamJob] = {}
+        self.loop = _new_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="sheepdog-stream-loop", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the streaming event loop did not start")
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._setup())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _setup(self) -> None:
+        s = self.settings
+        self.redis = new_async_redis(s.redis_url)
+        limits = httpx2.Limits(
+            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+        )
+        self.openai = openai.AsyncOpenAI(
+            api_key=s.api_key(),
+            base_url=s.openai_base_url,
+            timeout=s.provider_timeout_s,
+            max_retries=0,  # this path owns its retries (streaming/job.py)
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=s.provider_timeout_s),
+        )
+        self.publisher = Publisher(self.redis, s.replay_ttl_s)
+        self._tasks = [
+            asyncio.create_task(self.publisher.run(), name="publisher"),
+            asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+
+    # -- called from task threads --------------------------------------------------------------
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(
+        self, request_id: str, body: dict[str, Any]
+    ) -> tuple[StreamJob, concurrent.futures.Future[Any]]:
+        """Begin streaming now; the job waits for its grant before publishing anything."""
+        job = StreamJob(self, request_id, body, asyncio.Future(loop=self.loop))
+        self.jobs[request_id] = job  # before any cancel check, so a cancel cannot slip between
+        return job, asyncio.run_coroutine_threadsafe(job.run(), self.loop)
+
+    def resolve(self, job: StreamJob, grant: Any) -> None:
+        """Hand the job its grant (or None: it does not own the row and must stop quietly)."""
+
+        def _set() -> None:
+            if not job.grant_future.done():
+                job.grant_future.set_result(grant)
+
+        self.loop.call_soon_threadsafe(_set)
+
+    def stop_job(self, job: StreamJob, reason: str) -> None:
+        self.loop.call_soon_threadsafe(job.stop, reason)
+
+    def forget(self, job: StreamJob) -> None:
+        if self.jobs.get(job.request_id) is job:
+            del self.jobs[job.request_id]
+
+    # -- loop services -------------------------------------------------------------------------
+
+    async def _cancel_listener(self) -> None:
+        """Stop in-flight streams named on the cancel channel (reconnects on Redis errors)."""
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    rid = data.decode() if isinstance(data, bytes) else str(data)
+                    job = self.jobs.get(rid)
+                    if job is not None:
+                        log.info("%s: cancel requested; stopping the stream", rid)
+                        job.stop("cancelled")
+            except asyncio.CancelledError:
+                raise
+            except (redis.RedisError, OSError) as err:
+                log.warning("cancel listener lost Redis (%s); reconnecting", err)
+                await asyncio.sleep(0.5)
+
+    async def _heartbeat(self) -> None:
+        """One UPDATE per interval for every stream this process owns; a stream whose row was
+        taken back (janitor) is stopped without writing anything."""
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            owned = {
+                rid: job.grant.attempts
+                for rid, job in list(self.jobs.items())
+                if job.grant is not None
+            }
+            if not owned:
+                continue
+            try:
+                alive = await asyncio.to_thread(touch_heartbeats, self.settings.database_url, owned)
+            except Exception:  # the database may be away for a while; try again next round
+                log.exception("heartbeat update failed")
+                continue
+            for rid in set(owned) - alive:
+                job = self.jobs.get(rid)
+                if job is not None and job.task is not None and not job.task.done():
+                    log.warning("%s: row taken back by another worker; stopping", rid)
+                    job.stop(LOST)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings) -> Runtime:
+    """The process's runtime, started on first use (after a fork: a fresh one)."""
+    global _runtime
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = Runtime(settings)
+        return _runtime

@@ -1,0 +1,265 @@
+"""Following a streaming request: text as it arrives, from the start, whenever you subscribe.
+
+The reader blocks on the request's replay log (XREAD BLOCK) rather than on the pub/sub
+channel: the log holds every message in order, so reading it from the start and then waiting on
+it gives no gap and no duplicate whether you come before, during or after the stream, with one
+connection and no subscribe/replay handover. Redis wakes a blocked XREAD on the same XADD that
+accompanies the PUBLISH, so it is as live as pub/sub. Messages are still deduplicated by seq.
+
+`stream_text()` yields str pieces; when the worker restarts the answer (a retry after some text
+was shown) it yields the `RESET` marker (an empty `Reset` string): drop what you showed.
+It ends after `done` (the result is the StopIteration value and `.result`) or raises
+StreamFailed on `error`, StreamTimeout when nothing ends it in time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+
+import redis.asyncio as aioredis
+from sqlalchemy import select
+
+from models.stream_message import StreamMessage, StreamUsage
+from models.tables import Request
+from sheepdog import keys
+from sheepdog.errors import SheepdogError
+from sheepdog.redis_conn import get_redis, new_async_redis
+from sheepdog.settings import Settings, get_settings
+from streaming.publisher import FIELD
+
+POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
+BATCH = 1000
+
+
+class StreamFailed(SheepdogError):
+    """The request ended failed or cancelled; `reason` says why."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        self.request_id, self.reason = request_id, reason
+        super().__init__(f"request {request_id} failed: {reason}")
+
+
+class StreamTimeout(SheepdogError, TimeoutError):
+    """The stream did not end within the timeout."""
+
+
+class Reset(str):
+    """Marker yielded when the answer restarts from scratch."""
+
+
+RESET = Reset("")
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """The finished answer."""
+
+    request_id: str
+    text: str
+    usage: StreamUsage | None
+    cost_usd: Decimal | None
+    finish_reason: str | None
+
+
+class _Reader:
+    """State shared by the sync and async readers: position, dedupe, the text so far."""
+
+    def __init__(self, request_id: str, timeout: float, settings: Settings | None) -> None:
+        self.request_id = request_id
+        self.settings = settings or get_settings()
+        self.key = keys.replay_log(request_id)
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.last_id: bytes | str = "0-0"
+        self.expected = 0
+        self.parts: list[str] = []
+        self.pending: list[StreamMessage] = []
+        self.checked_db = False
+        self.finished = False
+        self.result: StreamResult | None = None
+        self.resets = 0
+
+    def block_ms(self) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise StreamTimeout(f"request {self.request_id}: no end after {self.timeout:g}s")
+        return max(1, int(min(remaining, POLL_S) * 1000))
+
+    def take(self, response: list | None) -> None:  # type: ignore[type-arg]
+        for _, entries in response or ():
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                msg = StreamMessage.parse(fields[FIELD])
+                if msg.seq < self.expected:
+                    continue  # seen already
+                self.expected = msg.seq + 1
+                self.pending.append(msg)
+
+    def from_row(self, row: Request | None) -> None:
+        """A finished request whose replay log has expired: its stored answer."""
+        if row is None or row.status not in ("succeeded", "failed", "cancelled"):
+            return
+        rid = self.request_id
+        if row.status == "succeeded":
+            if row.text:
+                self.pending.append(
+                    StreamMessage(request_id=rid, seq=0, type="token", text=row.text)
+                )
+            usage = (
+                StreamUsage(
+                    prompt_tokens=row.prompt_tokens,
+                    completion_tokens=row.completion_tokens or 0,
+                    estimated=row.usage_estimated,
+                )
+                if row.prompt_tokens is not None
+                else None
+            )
+            self.pending.append(
+                StreamMessage(
+                    request_id=rid,
+                    seq=1,
+                    type="done",
+                    usage=usage,
+                    cost_usd=str(row.cost_usd) if row.cost_usd is not None else None,
+                    finish_reason=row.finish_reason,
+                )
+            )
+        else:
+            self.pending.append(
+                StreamMessage(request_id=rid, seq=0, type="error", error=row.error or row.status)
+            )
+
+    def load_row(self) -> Request | None:
+        from sheepdog.db import session_scope
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                return session.scalar(select(Request).where(Request.id == self.request_id))
+        except Exception:  # the database is optional here: keep waiting on Redis
+            return None
+
+    def step(self) -> str | None:
+        """Consume one pending message: the text to yield, RESET, or None (nothing to yield)."""
+        msg = self.pending.pop(0)
+        if msg.type == "token":
+            self.parts.append(msg.text or "")
+            return msg.text or None
+        if msg.type == "reset":
+            self.parts.clear()
+            self.resets += 1
+            return RESET
+        self.finished = True
+        if msg.type == "error":
+            raise StreamFailed(self.request_id, msg.error or "failed")
+        self.result = StreamResult(
+            self.request_id,
+            "".join(self.parts),
+            msg.usage,
+            Decimal(msg.cost_usd) if msg.cost_usd is not None else None,
+            msg.finish_reason,
+        )
+        return None
+
+    @property
+    def text(self) -> str:
+        """The answer so far (after any reset)."""
+        return "".join(self.parts)
+
+
+class TextStream(_Reader, Iterator[str]):
+    """Iterator of text pieces (see the module docstring); `.result` once done."""
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        while not self.finished:
+            if not self.pending:
+                self._read()
+                continue
+            piece = self.step()
+            if piece is not None:
+                return piece
+        raise StopIteration(self.result)
+
+    def _read(self) -> None:
+        block = self.block_ms()
+        client = get_redis(self.settings.redis_url)
+        response = client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        self.take(response)  # type: ignore[arg-type]
+        if not self.pending and not self.checked_db and self.last_id == "0-0":
+            self.checked_db = True
+            self.from_row(self.load_row())
+
+
+class AsyncTextStream(_Reader, AsyncIterator[str]):
+    """The asyncio twin of TextStream (one Redis connection per stream, closed at the end)."""
+
+    _client: aioredis.Redis | None = None
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            while not self.finished:
+                if not self.pending:
+                    await self._read()
+                    continue
+                piece = self.step()
+                if piece is not None:
+                    return piece
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def _read(self) -> None:
+        import asyncio
+
+        block = self.block_ms()
+        if self._client is None:
+            self._client = new_async_redis(self.settings.redis_url)
+        response = await self._client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        self.take(response)  # type: ignore[arg-type]
+        if not self.pending and not self.checked_db and self.last_id == "0-0":
+            self.checked_db = True
+            self.from_row(await asyncio.to_thread(self.load_row))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+def stream_text(
+    request_id: str, timeout: float = 300.0, settings: Settings | None = None
+) -> TextStream:
+    """Text of a streaming request as it arrives (replay first, then live)."""
+    return TextStream(request_id, timeout, settings)
+
+
+def astream_text(
+    request_id: str, timeout: float = 300.0, settings: Settings | None = None
+) -> AsyncTextStream:
+    """The asyncio twin of stream_text()."""
+    return AsyncTextStream(request_id, timeout, settings)
+
+
+def events(
+    request_id: str, timeout: float = 300.0, settings: Settings | None = None
+) -> Iterator[StreamMessage]:
+    """Every message of a request in seq order, ending with `done` or `error` (not raised)."""
+    reader = TextStream(request_id, timeout, settings)
+    while True:
+        if not reader.pending:
+            reader._read()
+            continue
+        msg = reader.pending.pop(0)
+        yield msg
+        if msg.is_final:
+            return

@@ -1,0 +1,250 @@
+"""The streaming path end to end: real Redis, PostgreSQL, a real stream worker, the simulator."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from models.tables import CostEntry, Request
+from sheepdog.db import session_scope
+from streaming.subscriber import RESET, Reset, StreamFailed, events, stream_text
+from tests.fixtures.streaming import StreamDeployment
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def deployment(stack: Any, stream_deployment: StreamDeployment) -> Iterator[StreamDeployment]:
+    """One stream worker (plus the default queue) on the isolated deployment."""
+    proc = stack.start_worker(
+        queues="stream,default", concurrency=300, env=stream_deployment.env, name="stream-main"
+    )
+    yield stream_deployment
+    proc.stop()
+
+
+@pytest.fixture
+def client(deployment: StreamDeployment) -> Any:
+    return deployment.client()
+
+
+def prompt(tag: str) -> str:
+    return f"{tag} {uuid.uuid4().hex}"
+
+
+def submit(client: Any, text: str, **extra: Any) -> str:
+    request = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": text}]}
+    request.update(extra)
+    request.setdefault("priority", "high")
+    return str(client.submit(request))
+
+
+def row(deployment: StreamDeployment, request_id: str) -> Request:
+    with session_scope(deployment.settings.database_url) as session:
+        found = session.scalar(select(Request).where(Request.id == request_id))
+        assert found is not None
+        return found
+
+
+def direct_answer(simulator: Any, body: dict[str, Any]) -> str:
+    """The simulator's answer to the same body through the SDK, bypassing Sheepdog."""
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=simulator.base_url, api_key=simulator.api_key, max_retries=0)
+    try:
+        return sdk.chat.completions.create(**body).choices[0].message.content or ""
+    finally:
+        sdk.close()
+
+
+def follow(deployment: StreamDeployment, request_id: str, timeout: float = 30) -> list[str]:
+    return list(stream_text(request_id, timeout=timeout, settings=deployment.settings))
+
+
+def test_messages_in_order_and_complete(deployment: StreamDeployment, client: Any, simulator: Any):
+    rid = submit(client, prompt("order"))
+    msgs = list(events(rid, timeout=30, settings=deployment.settings))
+    assert [m.seq for m in msgs] == list(range(len(msgs)))
+    assert [m.type for m in msgs[:-1]] == ["token"] * (len(msgs) - 1)
+    done = msgs[-1]
+    assert done.type == "done" and done.usage is not None and done.cost_usd is not None
+    text = "".join(m.text or "" for m in msgs[:-1])
+    stored = row(deployment, rid)
+    assert stored.status == "succeeded"
+    assert stored.text == text == direct_answer(simulator, stored.body)
+    assert stored.completion_tokens == done.usage.completion_tokens == len(msgs) - 1
+    assert not stored.usage_estimated
+    assert stored.started_at and stored.first_token_at and stored.finished_at
+    assert str(stored.cost_usd) == str(done.cost_usd) or float(stored.cost_usd) == float(
+        done.cost_usd
+    )
+    with session_scope(deployment.settings.database_url) as session:
+        entry = session.scalar(select(CostEntry).where(CostEntry.request_id == rid))
+        assert entry is not None and entry.route == "stream"
+        assert entry.completion_tokens == stored.completion_tokens
+
+
+def test_late_subscriber_gets_everything(deployment: StreamDeployment, client: Any):
+    rid = submit(client, prompt("late"))
+    view = client.result(rid, wait=30)
+    assert view.status == "succeeded"
+    stream = stream_text(rid, timeout=10, settings=deployment.settings)
+    assert "".join(stream) == view.text
+    assert stream.result is not None and stream.result.text == view.text
+
+
+def test_subscriber_joining_mid_stream(deployment: StreamDeployment, client: Any, simulator: Any):
+    tag = prompt("mid")
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 20}])
+    rid = submit(client, tag)
+    key = f"sheepdog:replay:{rid}"
+    while deployment.redis.xlen(key) < 3:
+        pass
+    pieces = follow(deployment, rid)
+    assert "".join(pieces) == row(deployment, rid).text
+
+
+def test_cut_stream_resets_and_ends_with_the_full_answer(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    tag = prompt("cut")
+    simulator.set_faults([{"match": tag, "cut_after": 5, "first": 1}])
+    rid = submit(client, tag)
+    stream = stream_text(rid, timeout=30, settings=deployment.settings)
+    pieces = list(stream)
+    assert pieces[5] is RESET and isinstance(pieces[5], Reset)
+    assert pieces.count(RESET) == 1
+    stored = row(deployment, rid)
+    assert stored.status == "succeeded"
+    assert stream.text == stored.text == direct_answer(simulator, stored.body)
+    msgs = list(events(rid, timeout=5, settings=deployment.settings))
+    assert [m.seq for m in msgs] == list(range(len(msgs)))
+
+
+def test_rate_limit_honours_retry_after(deployment: StreamDeployment, client: Any, simulator: Any):
+    tag = prompt("429")
+    simulator.reset()
+    simulator.set_faults([{"match": tag, "status": 429, "retry_after_s": 1.0, "first": 1}])
+    rid = submit(client, tag)
+    assert client.result(rid, wait=30).status == "succeeded"
+    arrivals = [r["t"] for r in simulator.stats()["chat_requests"]]
+    assert len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] >= 0.9  # waited for Retry-After, not the 0.05 s backoff
+
+
+def test_stall_past_idle_timeout_is_retried(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    tag = prompt("stall")
+    simulator.set_faults([{"match": tag, "stall_after": 3, "stall_s": 5, "first": 1}])
+    rid = submit(client, tag)
+    stream = stream_text(rid, timeout=30, settings=deployment.settings)
+    pieces = list(stream)
+    assert RESET in pieces
+    stored = row(deployment, rid)
+    assert stored.status == "succeeded"
+    assert stream.text == stored.text == direct_answer(simulator, stored.body)
+
+
+def test_server_errors_retried_then_given_up(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    tag = prompt("503")
+    simulator.set_faults([{"match": tag, "status": 503}])
+    rid = submit(client, tag)
+    with pytest.raises(StreamFailed, match="gave up after 4 attempts"):
+        follow(deployment, rid)
+    assert row(deployment, rid).status == "failed"
+
+
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_non_retryable_errors_fail_at_once(
+    deployment: StreamDeployment, client: Any, simulator: Any, status: int
+):
+    tag = prompt(f"e{status}")
+    simulator.reset()
+    simulator.set_faults([{"match": tag, "status": status, "message": "no thanks"}])
+    rid = submit(client, tag)
+    with pytest.raises(StreamFailed, match=f"rejected the request \\({status}\\): no thanks"):
+        follow(deployment, rid)
+    stored = row(deployment, rid)
+    assert stored.status == "failed" and "no thanks" in (stored.error or "")
+    assert len(simulator.stats()["chat_requests"]) == 1
+
+
+def test_cost_cap_stops_at_max_tokens(deployment: StreamDeployment, client: Any):
+    rid = submit(client, prompt("cap"), max_tokens=4)
+    pieces = follow(deployment, rid)
+    stored = row(deployment, rid)
+    assert len(pieces) == 4 and stored.completion_tokens == 4
+    assert stored.finish_reason == "length" and stored.status == "succeeded"
+
+
+def test_cancel_before_start(deployment: StreamDeployment, client: Any):
+    item = client.prepare(
+        {"model": "sheepdog-mini", "messages": [{"role": "user", "content": prompt("cq")}]}
+    )
+    assert client.cancel(item.id) is True  # not recorded yet
+    client._send([item])
+    with pytest.raises(StreamFailed, match="cancelled"):
+        follow(deployment, item.id)
+    stored = row(deployment, item.id)
+    assert stored.status == "cancelled" and stored.text is None
+    assert client.cancel(item.id) is False  # already ended
+
+
+def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: Any):
+    tag = prompt("cf")
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
+    rid = submit(client, tag)
+    stream = stream_text(rid, timeout=30, settings=deployment.settings)
+    first = next(stream)
+    assert first
+    assert client.cancel(rid) is True
+    with pytest.raises(StreamFailed, match="cancelled"):
+        list(stream)
+    stored = row(deployment, rid)
+    assert stored.status == "cancelled" and stored.error == "cancelled"
+    assert stored.text and len(stored.text) < len(direct_answer(simulator, stored.body))
+
+
+def test_redelivered_message_does_not_run_twice(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    item = client.prepare(
+        {"model": "sheepdog-mini", "messages": [{"role": "user", "content": prompt("dup")}]}
+    )
+    client._send([item])
+    assert client.result(item.id, wait=30).status == "succeeded"
+    simulator.reset()
+    before = deployment.redis.xlen(f"sheepdog:replay:{item.id}")
+    client._send([item])  # the intake message again: the claim refuses it
+    app = client.celery
+    app.send_task("sheepdog.stream", kwargs={"request_id": item.id}, queue="stream")
+    probe = submit(client, prompt("probe"))  # FIFO queue: done once the duplicates are handled
+    client.result(probe, wait=30)
+    assert deployment.redis.xlen(f"sheepdog:replay:{item.id}") == before
+    assert row(deployment, item.id).attempts == 0
+    # the id-only message never calls the provider; the intake one may start before its claim
+    assert len(simulator.stats()["chat_requests"]) <= 2
+
+
+def test_two_hundred_concurrent_streams(deployment: StreamDeployment, client: Any, simulator: Any):
+    tag = prompt("many")
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 20}])
+    ids = client.submit_many(
+        [
+            {"model": "sheepdog-mini", "messages": [{"role": "user", "content": f"{tag} {i}"}]}
+            for i in range(200)
+        ]
+    )
+    for rid in ids:
+        assert client.result(rid, wait=60).status == "succeeded"
+    for rid in ids[:: len(ids) // 10]:
+        msgs = list(events(rid, timeout=5, settings=deployment.settings))
+        assert [m.seq for m in msgs] == list(range(len(msgs)))
+        assert "".join(m.text or "" for m in msgs) == row(deployment, rid).text
