@@ -16,6 +16,7 @@ class IntakeItem(BaseModel):
     id: str
     route: Literal["stream", "batch"]
     escalated: bool = False
+    downgraded: bool = False  # a budget moved this normal-priority request to the batch path
     request: dict[str, Any]  # ChatRequest in JSON mode
     body: dict[str, Any]  # the provider body, max_tokens already derived from the cost cap
     submitted_at: datetime

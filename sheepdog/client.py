@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError as SQLOperationalError
 
+from costs.budgets import release_items, reserve
 from costs.caps import effective_max_tokens
 from costs.prices import PriceTable, price_table
 from models.intake import IntakeItem
@@ -112,10 +113,16 @@ class Client:
                 raise InvalidRequest(f"request {index}: {err}") if index else err from None
         ids = [item.id for item in items]
         fresh = self._claim_idempotency_keys(items, ids)
+        try:  # budgets (costs/budgets.py): hold each worst case; may refuse or downgrade
+            fresh = reserve(fresh, self.settings, self.prices)
+        except BaseException:
+            self._release_idempotency_keys(fresh)
+            raise
         try:
             self._send(fresh)
         except (KombuOperationalError, redis.ConnectionError, OSError) as err:
             self._release_idempotency_keys(fresh)
+            release_items(fresh, self.settings)
             raise self._redis_down() from err
         return ids
 
