@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from models.tables import Request, utcnow
 from sheepdog.db import session_scope
-from sheepdog.intake import record_requests, row_values
+from sheepdog.intake import record_requests
 from sheepdog.lifecycle import Status
 from simulator.server import free_port
 
