@@ -34,7 +34,6 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     metrics_port: int = 9808  # 0: workers expose no metrics
     metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from another host
-    metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from another host
     metrics_cache_s: float = 5.0  # DB-derived metrics are recomputed at most this often
     metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
