@@ -248,3 +248,43 @@ def test_two_hundred_concurrent_streams(deployment: StreamDeployment, client: An
         msgs = list(events(rid, timeout=5, settings=deployment.settings))
         assert [m.seq for m in msgs] == list(range(len(msgs)))
         assert "".join(m.text or "" for m in msgs) == row(deployment, rid).text
+
+
+def test_cli_submit_follow_and_follow_after_a_restart(deployment: StreamDeployment, simulator: Any):
+    import subprocess
+    import sys
+
+    tag = prompt("cli")
+    simulator.set_faults([{"match": tag, "cut_after": 3, "first": 1}])
+    cmd = [sys.executable, "-m", "sheepdog"]
+    out = subprocess.run(
+        [
+            *cmd,
+            "submit",
+            "--model",
+            "sheepdog-mini",
+            "--prompt",
+            tag,
+            "--priority",
+            "high",
+            "--follow",
+        ],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    rid, rest = out.stdout.split("\n", 1)
+    final = row(deployment, rid).text
+    assert rest.count("\n[restarting]\n") == 1 and rest.endswith(f"\n[restarting]\n{final}\n")
+    again = subprocess.run(
+        [*cmd, "follow", rid],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 0 and again.stdout.endswith(f"\n[restarting]\n{final}\n")

@@ -92,10 +92,16 @@ def submit(
 
 
 def _follow(client: Any, request_id: str, timeout: float = 600.0) -> None:
+    from streaming.subscriber import Reset, StreamFailed
+
     with edge():
-        for text in client.stream(request_id, timeout=timeout):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        try:
+            for text in client.stream(request_id, timeout=timeout):
+                # A retry restarts the answer: say so rather than leave the old text dangling.
+                sys.stdout.write("\n[restarting]\n" if isinstance(text, Reset) else text)
+                sys.stdout.flush()
+        except StreamFailed:
+            pass  # the row below says how it ended
         sys.stdout.write("\n")
         view = client.get(request_id)
     if view is not None and view.status != "succeeded":

@@ -1,0 +1,167 @@
+"""The janitor: dead stream workers are found by heartbeat and their requests finished."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from models.tables import Request, utcnow
+from sheepdog.db import session_scope
+from sheepdog.intake import record_requests
+from sheepdog.lifecycle import Status, move
+from streaming.janitor import sweep
+from streaming.subscriber import RESET, StreamFailed, events, stream_text
+from tests.fixtures.streaming import StreamDeployment
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def deployment(stream_deployment: StreamDeployment) -> StreamDeployment:
+    return stream_deployment
+
+
+@pytest.fixture
+def client(deployment: StreamDeployment) -> Any:
+    return deployment.client()
+
+
+def body(tag: str) -> dict[str, Any]:
+    return {"model": "sheepdog-mini", "messages": [{"role": "user", "content": tag}]}
+
+
+def read(deployment: StreamDeployment, request_id: str) -> Request:
+    with session_scope(deployment.settings.database_url) as session:
+        row = session.scalar(select(Request).where(Request.id == request_id))
+        assert row is not None
+        return row
+
+
+def stale_row(deployment: StreamDeployment, client: Any, attempts: int = 0) -> str:
+    """A stream request left `streaming` by a worker that died 10 s ago."""
+    item = client.prepare(body(f"stale {uuid.uuid4().hex}"))
+    long_ago = utcnow() - timedelta(seconds=10)
+    with session_scope(deployment.settings.database_url) as session:
+        record_requests(session, [item])
+        assert move(session, item.id, Status.STREAMING, heartbeat_at=long_ago, attempts=attempts)
+    return str(item.id)
+
+
+def direct_answer(simulator: Any, request_body: dict[str, Any]) -> str:
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=simulator.base_url, api_key=simulator.api_key, max_retries=0)
+    try:
+        return sdk.chat.completions.create(**request_body).choices[0].message.content or ""
+    finally:
+        sdk.close()
+
+
+def test_killed_worker_is_replaced_and_the_stream_completes(
+    deployment: StreamDeployment, client: Any, simulator: Any, stack: Any
+):
+    tag = f"kill {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 100}])
+    doomed = stack.start_worker(queues="stream", concurrency=20, env=deployment.env, name="doomed")
+    rid = client.submit({**body(tag), "priority": "high"})
+    stream = stream_text(rid, timeout=60, settings=deployment.settings)
+    seen = [next(stream) for _ in range(3)]
+    assert all(seen)
+    doomed.kill()  # SIGKILL mid-stream: no chance to clean up
+    assert read(deployment, rid).status == "streaming"
+    heir = stack.start_worker(
+        queues="stream,default", concurrency=20, env=deployment.env, name="heir"
+    )
+    beat = stack.start_beat(env=deployment.env, name="janitor-beat")
+    try:
+        rest = list(stream)  # the janitor notices the silence, resets, and the heir finishes
+    finally:
+        beat.stop()
+        heir.stop()
+    assert RESET in rest
+    row = read(deployment, rid)
+    assert row.status == "succeeded" and row.attempts == 1
+    assert stream.text == row.text == direct_answer(simulator, row.body)
+    msgs = list(events(rid, timeout=5, settings=deployment.settings))
+    assert [m.seq for m in msgs] == list(range(len(msgs)))
+
+
+@pytest.fixture
+def worker(deployment: StreamDeployment, stack: Any) -> Iterator[Any]:
+    proc = stack.start_worker(queues="stream", concurrency=20, env=deployment.env, name="sweeper")
+    yield proc
+    proc.stop()
+
+
+def test_two_janitors_at_once_requeue_once(
+    deployment: StreamDeployment, client: Any, worker: Any, simulator: Any
+):
+    rid = stale_row(deployment, client)
+    reports = []
+    runs = [
+        threading.Thread(target=lambda: reports.append(sweep(deployment.settings, client.celery)))
+        for _ in range(2)
+    ]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    again = sweep(deployment.settings, client.celery)  # and once more, later
+    assert sum(r.requeued for r in [*reports, again]) == 1
+    view = client.result(rid, wait=30)
+    assert view.status == "succeeded" and view.attempts == 1
+    msgs = list(events(rid, timeout=5, settings=deployment.settings))
+    assert [m.type for m in msgs].count("reset") == 1
+    assert view.text == direct_answer(simulator, read(deployment, rid).body)
+
+
+def test_past_max_attempts_fails_with_reason(deployment: StreamDeployment, client: Any):
+    rid = stale_row(deployment, client, attempts=deployment.settings.stream_max_attempts - 1)
+    assert sweep(deployment.settings, client.celery).failed >= 1
+    row = read(deployment, rid)
+    assert row.status == "failed" and "worker lost" in (row.error or "")
+    with pytest.raises(StreamFailed, match="worker lost"):
+        list(stream_text(rid, timeout=5, settings=deployment.settings))
+
+
+def test_fresh_heartbeat_is_left_alone(deployment: StreamDeployment, client: Any):
+    rid = stale_row(deployment, client)
+    with session_scope(deployment.settings.database_url) as session:
+        session.execute(update(Request).where(Request.id == rid).values(heartbeat_at=utcnow()))
+    sweep(deployment.settings, client.celery)
+    assert read(deployment, rid).status == "streaming"
+    with session_scope(deployment.settings.database_url) as session:  # tidy: end it
+        move(session, rid, Status.FAILED, error="test over")
+
+
+def test_lost_queued_message_is_resent_once(deployment: StreamDeployment, client: Any, worker: Any):
+    item = client.prepare(body(f"lost {uuid.uuid4().hex}"))
+    with session_scope(deployment.settings.database_url) as session:
+        record_requests(session, [item])  # recorded, but its message never reached a worker
+        session.execute(
+            update(Request)
+            .where(Request.id == item.id)
+            .values(updated_at=utcnow() - timedelta(seconds=10))
+        )
+    first = sweep(deployment.settings, client.celery)
+    second = sweep(deployment.settings, client.celery)
+    assert first.resent >= 1 and second.resent == 0
+    assert client.result(item.id, wait=30).status == "succeeded"
+
+
+def test_cancel_of_a_queued_batch_row_is_immediate(deployment: StreamDeployment, client: Any):
+    item = client.prepare({**body(f"low {uuid.uuid4().hex}"), "priority": "low"})
+    assert item.route == "batch"
+    with session_scope(deployment.settings.database_url) as session:
+        record_requests(session, [item])
+    started = time.monotonic()
+    assert client.cancel(item.id) is True
+    assert read(deployment, item.id).status == "cancelled"
+    assert time.monotonic() - started < 30
