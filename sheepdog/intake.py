@@ -93,6 +93,8 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     if not items:
         return 0
     rows = [row_values(item) for item in items]
+    for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
+        row["metadata"] = row.pop("metadata_")
     stmt = _insert_ignoring_duplicates(session).returning(Request.id)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
     return len(session.connection().execute(stmt, rows).all())

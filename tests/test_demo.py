@@ -1,0 +1,58 @@
+"""`sheepdog demo` end to end as a subprocess: simulator, workers and beat started and stopped,
+every request succeeded, nothing left running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_REDIS_DB = "12"  # the demo flushes its Redis DB: one no other test uses
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHEEPDOG_", "OPENAI_"))}
+    env["SHEEPDOG_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sheepdog",
+            "demo",
+            "--db",
+            str(tmp_path / "demo.db"),
+            "--redis-db",
+            DEMO_REDIS_DB,
+            "--timeout",
+            "80",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    assert "all requests succeeded" in text
+    assert "high priority: streamed live" in text and "saved" in text
+    assert "succeeded" in text and "Runbook: Redis memory alert" in text
+    assert "all demo processes stopped" in text
+    assert not _processes_mentioning(str(tmp_path)), "demo left processes running"
+    assert not _processes_mentioning("demo-stream@"), "demo left a worker running"
