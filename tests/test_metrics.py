@@ -74,15 +74,15 @@ def test_worker_serves_task_and_database_metrics(stack, stack_client, pool: str)
         )
         samples = wait_for(
             port,
-            lambda s: value(s, "sheepdog_tasks_total", task="sheepdog.intake", state="SUCCESS")
-            >= 1,
+            lambda s: (
+                value(s, "sheepdog_tasks_total", task="sheepdog.intake", state="SUCCESS") >= 1
+            ),
         )
         assert value(samples, "sheepdog_task_duration_seconds_count", task="sheepdog.intake") >= 1
         assert value(samples, "sheepdog_metrics_db_up") == 1
         assert value(samples, "sheepdog_requests", route="batch", model="sheepdog-mini") >= 3
         assert ("sheepdog_requests_queued", ()) in samples
         assert ("sheepdog_batch_jobs_open", (("status", "in_progress"),)) in samples
-        assert "sheepdog_tokens_total" in {n for n, _ in samples} or True  # empty ledger is fine
     finally:
         proc.stop()
     assert "Traceback" not in proc.log_text()
