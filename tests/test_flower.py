@@ -90,8 +90,16 @@ def test_flower_shows_workers_and_tasks_without_prompts(flower, stack_client) ->
         assert get(base + path)[0] == 401
         assert get(base + path, "ops:wrong")[0] == 401
 
-    status, body = get(base + "/api/workers", AUTH)
-    assert status == 200 and json.loads(body)  # at least the shared worker
+    # Flower learns of workers from their events and its inspect broadcasts; on a busy machine
+    # the first answer may come back empty, so ask again for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = get(base + "/api/workers?refresh=1", AUTH)
+        assert status == 200
+        if json.loads(body):  # at least the shared worker
+            break
+        assert time.monotonic() < deadline, "flower never listed a worker"
+        time.sleep(0.5)
 
     deadline = time.monotonic() + 30
     while True:
