@@ -68,6 +68,7 @@ class Runtime:
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=s.provider_timeout_s),
         )
         self.publisher = Publisher(self.redis, s.replay_ttl_s)
+        await self.publisher.warm_up()  # connection open and script cached before any stream
         self._tasks = [
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),

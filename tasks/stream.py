@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.signals import worker_ready
+
+from sheepdog.settings import get_settings
 from streaming.runner import run_stream
+from streaming.runtime import get_runtime
 from workers.app import app
 
 
@@ -16,3 +20,16 @@ def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> st
     message for a request that has ended or is owned by a live worker does nothing."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     return run_stream(request_id, item, overlap=not redelivered)
+
+
+@worker_ready.connect
+def _start_runtime(sender: Any = None, **_: Any) -> None:
+    # Warm the loop, provider client and cancel listener before the first request pays for
+    # them (threads/solo pools share the process; prefork children start theirs on first use).
+    try:
+        queues = {q.name for q in sender.task_consumer.queues}
+        pool = type(sender.pool).__module__
+    except AttributeError:
+        return
+    if "stream" in queues and "prefork" not in pool:
+        get_runtime(get_settings())

@@ -1,0 +1,288 @@
+"""Benchmark of the streaming path: what Sheepdog adds to a direct SDK stream, and how many
+streams one worker holds.
+
+Run: ``.venv/bin/python bench/bench_stream.py [--requests 200] [--streams 1000] [--db pg|sqlite]``.
+Starts its own simulator, uses Redis DB 15 (flushed) and a throwaway PostgreSQL database (or a
+SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI default).
+
+1. latency: the same requests (a) straight through the SDK, (b) through Sheepdog, timed from
+   submit to the first token seen by a pub/sub subscriber that subscribed before submitting.
+   Added TTFT = Sheepdog TTFT - direct TTFT (p50, p99); added per-chunk delay = each chunk's
+   offset from the first token through Sheepdog minus the same chunk's offset direct.
+2. concurrency: N streams at once, each 50 chunks 100 ms apart (the simulator needs ~5 s for
+   each): wall time from the first submit to the last `done`, completed, lost (a request not
+   ended `succeeded` with a gap-free replay log of 50 tokens + done), worker CPU per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from openai import OpenAI  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from models.tables import Request  # noqa: E402
+from sheepdog import keys  # noqa: E402
+from sheepdog.client import Client  # noqa: E402
+from sheepdog.db import get_engine, session_scope  # noqa: E402
+from sheepdog.migrate import upgrade  # noqa: E402
+from sheepdog.settings import Settings  # noqa: E402
+from simulator.config import SimulatorConfig  # noqa: E402
+from simulator.server import SimulatorProcess  # noqa: E402
+
+ADMIN = os.environ.get("SHEEPDOG_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("SHEEPDOG_BENCH_STREAM_REDIS_URL", "redis://127.0.0.1:6379/15")
+MODEL = "sheepdog-mini"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def new_pg() -> str:
+    name = f"sheepdog_bstream_{secrets.token_hex(4)}"
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
+    upgrade(url)
+    return url
+
+
+def drop_pg(url: str) -> None:
+    get_engine(url).dispose()
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def start_worker(env: dict[str, str], logdir: Path) -> subprocess.Popen[bytes]:
+    log = (logdir / "worker.log").open("wb")
+    cmd = [
+        sys.executable,
+        "-m",
+        "sheepdog",
+        "worker",
+        "--queues",
+        "stream",
+        "--loglevel",
+        "WARNING",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = Client(
+            Settings(redis_url=env["SHEEPDOG_REDIS_URL"], database_url=env["SHEEPDOG_DATABASE_URL"])
+        )
+        rid = client.submit({**body(0, "warm-up"), "priority": "high"})
+        client.result(rid, wait=60)  # consuming, loop started, connections warm
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def body(i: int, tag: str) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"bench {tag} {i}"}]}
+
+
+def direct(sim: SimulatorProcess, n: int, tag: str) -> list[list[float]]:
+    """Chunk arrival offsets (s) from request start, straight through the SDK."""
+    sdk = OpenAI(base_url=sim.base_url, api_key=sim.api_key, max_retries=0)
+    runs = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        times = []
+        with sdk.chat.completions.with_streaming_response.create(
+            **body(i, tag), stream=True, stream_options={"include_usage": True}
+        ) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    obj = orjson.loads(line[6:])
+                    if obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                        times.append(time.perf_counter() - t0)
+        runs.append(times)
+    sdk.close()
+    return runs
+
+
+def through_sheepdog(client: Client, r: redis.Redis, n: int, tag: str) -> list[list[float]]:
+    """Token arrival offsets (s) from submit, seen by a pub/sub subscriber."""
+    runs = []
+    for i in range(n):
+        item = client.prepare({**body(i, tag), "priority": "high"})
+        pubsub = r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.stream_channel(item.id))
+        pubsub.get_message(timeout=1)  # the subscribe confirmation
+        t0 = time.perf_counter()
+        client._send([item])
+        times = []
+        while True:
+            msg = pubsub.get_message(timeout=10)
+            if msg is None:
+                continue
+            data = orjson.loads(msg["data"])
+            if data["type"] == "token":
+                times.append(time.perf_counter() - t0)
+            elif data["type"] in ("done", "error"):
+                break
+        pubsub.close()
+        runs.append(times)
+    return runs
+
+
+def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> list[tuple[str, str]]:
+    tag = secrets.token_hex(3)
+    direct(sim, 5, "warm" + tag)
+    through_sheepdog(client, r, 5, "warm" + tag)
+    a = direct(sim, n, tag)
+    b = through_sheepdog(client, r, n, tag)
+    ttft_a = [run[0] for run in a]
+    ttft_b = [run[0] for run in b]
+    med_a = statistics.median(ttft_a)
+    added = [t - med_a for t in ttft_b]
+    chunk_delays = []
+    for ra, rb in zip(a, b, strict=True):
+        for k in range(1, min(len(ra), len(rb))):
+            chunk_delays.append((rb[k] - rb[0]) - (ra[k] - ra[0]))
+    ms = 1000
+    return [
+        ("direct TTFT p50 / p99", f"{pct(ttft_a, 0.5) * ms:.2f} / {pct(ttft_a, 0.99) * ms:.2f} ms"),
+        (
+            "Sheepdog TTFT p50 / p99",
+            f"{pct(ttft_b, 0.5) * ms:.2f} / {pct(ttft_b, 0.99) * ms:.2f} ms",
+        ),
+        ("added TTFT p50 / p99", f"{pct(added, 0.5) * ms:.2f} / {pct(added, 0.99) * ms:.2f} ms"),
+        (
+            "added per-chunk delay p50 / p99",
+            f"{pct(chunk_delays, 0.5) * ms:.3f} / {pct(chunk_delays, 0.99) * ms:.3f} ms"
+            f" ({len(chunk_delays)} chunks)",
+        ),
+    ]
+
+
+def concurrency(
+    sim: SimulatorProcess, client: Client, r: redis.Redis, worker: int, n: int, db_url: str
+) -> list[tuple[str, str]]:
+    sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
+    tag = secrets.token_hex(3)
+    requests = [{**body(i, tag), "priority": "normal"} for i in range(n)]
+    cpu0 = cpu_s(worker)
+    t0 = time.time()
+    ids = client.submit_many(requests)
+    t_sent = time.time()
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            done = session.scalar(
+                select(func.count()).where(Request.id.in_(ids), Request.finished_at.is_not(None))
+            )
+        if done >= n:
+            break
+        time.sleep(0.2)
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Request.id, Request.status, Request.finished_at).where(Request.id.in_(ids))
+        ).all()
+    cpu = cpu_s(worker) - cpu0
+    finished = [row.finished_at.timestamp() for row in rows if row.finished_at is not None]
+    wall = max(finished) - t0 if finished else float("nan")
+    succeeded = {row.id for row in rows if row.status == "succeeded"}
+    lost = 0
+    chunks = 0
+    with r.pipeline(transaction=False) as pipe:
+        for rid in ids:
+            pipe.xrange(keys.replay_log(rid))
+        logs = pipe.execute()
+    for rid, entries in zip(ids, logs, strict=True):
+        msgs = [orjson.loads(fields[b"m"]) for _, fields in entries]
+        tokens = sum(1 for m in msgs if m["type"] == "token")
+        chunks += tokens
+        ok = (
+            rid in succeeded
+            and [m["seq"] for m in msgs] == list(range(len(msgs)))
+            and tokens == 50
+            and msgs[-1]["type"] == "done"
+        )
+        lost += not ok
+    return [
+        (f"{n} streams x 50 chunks, 100 ms apart", "simulator alone: 4.90 s"),
+        ("submit_many", f"{t_sent - t0:.2f} s"),
+        ("wall time, first submit to last done", f"{wall:.2f} s ({(wall / 4.9 - 1) * 100:+.1f} %)"),
+        ("completed / lost", f"{len(succeeded)} / {lost}"),
+        ("worker CPU", f"{cpu:.2f} s = {cpu / max(chunks, 1) * 1e6:.0f} us per chunk"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--db", choices=["pg", "sqlite"], default="pg")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-stream-"))
+    db_url = new_pg() if args.db == "pg" else f"sqlite:///{workdir / 'bench.db'}"
+    if args.db == "sqlite":
+        upgrade(db_url)
+    r = redis.Redis.from_url(REDIS)
+    r.flushdb()
+    config = SimulatorConfig(
+        api_key="sk-bench",
+        ttft_ms=20,
+        chunk_delay_ms=5,
+        answer_tokens=(20, 20),
+        data_dir=str(workdir / "sim"),
+    )
+    rows: list[tuple[str, str]] = []
+    with SimulatorProcess(config) as sim:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+        env.update(
+            SHEEPDOG_REDIS_URL=REDIS,
+            SHEEPDOG_DATABASE_URL=db_url,
+            SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
+            SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+        )
+        settings = Settings(
+            redis_url=REDIS,
+            database_url=db_url,
+            openai_base_url=sim.base_url,
+            openai_api_key=sim.api_key,
+        )
+        client = Client(settings)
+        worker = start_worker(env, workdir)
+        try:
+            rows += latency(sim, client, r, args.requests)
+            rows += concurrency(sim, client, r, worker.pid, args.streams, db_url)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    if args.db == "pg":
+        drop_pg(db_url)
+    width = max(len(k) for k, _ in rows)
+    print(f"\nstreaming path ({args.db}, {os.cpu_count()} cores)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
