@@ -69,6 +69,7 @@ LEFTOVER_REASON = {
 }
 MALFORMED_LOGGED = 5
 WRITERS = 2  # chunks written at once on PostgreSQL
+CHUNK_BYTES = 4 << 20  # answer text per chunk: bounds memory whatever the answers' length
 
 
 @dataclass(slots=True)
@@ -155,6 +156,7 @@ class Sink:
         self.prices = prices
         self.lock = lock
         self.pending: dict[str, Outcome] = {}
+        self.pending_bytes = 0
         self.report = IngestReport(job_id)
         self.postgres = is_postgres(get_engine(settings.database_url))
         self.pool = ThreadPoolExecutor(WRITERS) if self.postgres else None
@@ -162,14 +164,19 @@ class Sink:
         self.tally = Lock()
 
     def add(self, custom_id: str, outcome: Outcome) -> None:
-        self.pending.setdefault(custom_id, outcome)
-        if len(self.pending) >= self.settings.batch_ingest_chunk:
+        if self.pending.setdefault(custom_id, outcome) is outcome:
+            self.pending_bytes += len(outcome.text or "") + len(outcome.reason or "")
+        if (
+            len(self.pending) >= self.settings.batch_ingest_chunk
+            or self.pending_bytes >= CHUNK_BYTES
+        ):
             self._submit()
 
     def _submit(self) -> None:
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
+        self.pending_bytes = 0
         if self.pool is None:
             self._transaction(pending)
         else:

@@ -95,6 +95,48 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     rows = [row_values(item) for item in items]
     for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
         row["metadata"] = row.pop("metadata_")
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_rows(session, rows)
     stmt = _insert_ignoring_duplicates(session).returning(Request.id)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
     return len(session.connection().execute(stmt, rows).all())
+
+
+JSON_COLUMNS = frozenset({"body", "metadata"})
+
+
+def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
+    """PostgreSQL bulk insert: COPY into a temporary table, then one INSERT ... SELECT ... ON
+    CONFLICT DO NOTHING. A multi-row VALUES insert of 500 rows has ~9,000 parameters that the
+    driver rewrites in Python on every message; COPY streams them instead (several times
+    faster, and the intake worker is the producer's bottleneck)."""
+    from psycopg.types.json import Json
+
+    # Python-side column defaults (a Core insert would apply them; COPY does not).
+    defaults = {
+        c.name: c.default.arg
+        for c in Request.__table__.columns
+        if c.name not in rows[0] and c.default is not None and c.default.is_scalar
+    }
+    columns = [*rows[0], *defaults]
+    names = ", ".join(f'"{c}"' for c in columns)
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS intake_rows "
+            "(LIKE requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with cur.copy(f"COPY intake_rows ({names}) FROM STDIN") as copy:
+            for row in rows:
+                values = {**defaults, **row}
+                for c in JSON_COLUMNS:
+                    if values[c] is not None:
+                        values[c] = Json(values[c])
+                copy.write_row([values[c] for c in columns])
+        cur.execute(
+            f"INSERT INTO requests ({names}) SELECT {names} FROM intake_rows "
+            "ON CONFLICT DO NOTHING RETURNING id"
+        )
+        inserted = len(cur.fetchall())
+        cur.execute("TRUNCATE intake_rows")
+    return inserted
