@@ -186,6 +186,27 @@ def concurrency(
     sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
     tag = secrets.token_hex(3)
     requests = [{**body(i, tag), "priority": "normal"} for i in range(n)]
+    spy = None
+    if os.environ.get("BENCH_PYSPY"):  # profile the worker during this phase (py-spy installed)
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "-p",
+                str(worker),
+                "-d",
+                "12",
+                "-r",
+                "40",
+                "-f",
+                "raw",
+                "-o",
+                os.environ["BENCH_PYSPY"],
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     cpu0 = cpu_s(worker)
     t0 = time.time()
     ids = client.submit_many(requests)
@@ -205,6 +226,8 @@ def concurrency(
             select(Request.id, Request.status, Request.finished_at).where(Request.id.in_(ids))
         ).all()
     cpu = cpu_s(worker) - cpu0
+    if spy is not None:
+        spy.wait()
     finished = [row.finished_at.timestamp() for row in rows if row.finished_at is not None]
     wall = max(finished) - t0 if finished else float("nan")
     succeeded = {row.id for row in rows if row.status == "succeeded"}

@@ -8,13 +8,16 @@ cannot write the row's end or its heartbeat any more.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from costs import ledger
 from costs.prices import price_table
@@ -23,6 +26,18 @@ from models.tables import Request, utcnow
 from sheepdog.db import session_scope
 from sheepdog.intake import record_requests
 from sheepdog.lifecycle import Status, move
+
+# A thousand stream threads must not open a thousand connections: past the engine's pool size
+# every extra session would open (and on return close) a fresh connection, which costs far more
+# than waiting a moment for a pooled one.
+DB_SLOTS = 16
+_slots = threading.BoundedSemaphore(DB_SLOTS)
+
+
+@contextmanager
+def _session(db_url: str) -> Iterator[Session]:
+    with _slots, session_scope(db_url) as session:
+        yield session
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +61,7 @@ class Fenced(Exception):
 
 
 def load(db_url: str, request_id: str) -> RowState | None:
-    with session_scope(db_url) as session:
+    with _session(db_url) as session:
         row = session.execute(
             select(Request.status, Request.body, Request.heartbeat_at).where(
                 Request.id == request_id
@@ -59,7 +74,7 @@ def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None
     """Record the row when `item` is given (idempotent) and move it queued -> streaming, in one
     transaction. None when it is not queued (final, cancelled or owned by another worker)."""
     now = utcnow()
-    with session_scope(db_url) as session:
+    with _session(db_url) as session:
         if item is not None:
             record_requests(session, [item])
         moved = move(
@@ -81,7 +96,7 @@ def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None
 
 def cancel_queued(db_url: str, request_id: str, item: IntakeItem | None) -> bool:
     """Record the row if needed and move it queued -> cancelled; True when it moved."""
-    with session_scope(db_url) as session:
+    with _session(db_url) as session:
         if item is not None:
             record_requests(session, [item])
         return move(session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled")
@@ -93,7 +108,7 @@ def touch_heartbeats(db_url: str, owned: Mapping[str, int]) -> set[str]:
     if not owned:
         return set()
     now = utcnow()
-    with session_scope(db_url) as session:
+    with _session(db_url) as session:
         rows = session.execute(
             update(Request)
             .where(Request.id.in_(list(owned)), Request.status == Status.STREAMING.value)
@@ -132,7 +147,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
     cost = None
     if end.prompt_tokens is not None and end.completion_tokens is not None:
         cost = cost_usd(claim.model, end.prompt_tokens, end.completion_tokens)
-    with session_scope(db_url) as session:
+    with _session(db_url) as session:
         moved = move(
             session,
             request_id,

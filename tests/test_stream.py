@@ -246,7 +246,8 @@ def test_two_hundred_concurrent_streams(deployment: StreamDeployment, client: An
         assert client.result(rid, wait=60).status == "succeeded"
     for rid in ids[:: len(ids) // 10]:
         msgs = list(events(rid, timeout=5, settings=deployment.settings))
-        assert [m.seq for m in msgs] == list(range(len(msgs)))
+        head = deployment.redis.xrange(f"sheepdog:replay:{rid}", count=2)
+        assert [m.seq for m in msgs] == list(range(len(msgs))), (rid, head)
         assert "".join(m.text or "" for m in msgs) == row(deployment, rid).text
 
 
