@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import Any
 
 import redis
@@ -64,16 +63,8 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
         )
 
 
-@lru_cache(maxsize=4)
-def _celery(redis_url: str) -> Any:
-    from sheepdog.settings import get_settings
-    from workers.app import app, create_app
-
-    if app.conf.broker_url == redis_url:
-        return app
-    return create_app(get_settings().model_copy(update={"redis_url": redis_url}))
-
-
 def celery_for(settings: Settings) -> Any:
-    """The Celery app publishing to `settings.redis_url`."""
-    return _celery(settings.redis_url)
+    """The Celery app publishing to `settings`' broker (URL and key prefix)."""
+    from workers.app import app_for
+
+    return app_for(settings)

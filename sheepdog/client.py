@@ -58,10 +58,9 @@ class Client:
     def celery(self) -> Any:
         """The Celery app used to send (built from this client's settings)."""
         if self._app is None:
-            from workers.app import app, create_app
+            from workers.app import app_for
 
-            same = self.settings.redis_url == app.conf.broker_url
-            self._app = app if same else create_app(self.settings)
+            self._app = app_for(self.settings)
         return self._app
 
     @property

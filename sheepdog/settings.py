@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     # Services
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Celery key in Redis (queues, events, control): several deployments can
+    # share one Redis database without taking each other's tasks.
+    broker_prefix: str = ""
     database_url: str = "sqlite:///sheepdog.db"
 
     # Provider (any OpenAI-compatible endpoint)

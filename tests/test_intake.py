@@ -77,13 +77,15 @@ def test_intake_on_sqlite(stack, sqlite_url) -> None:  # type: ignore[no-untyped
     from sheepdog.client import Client
     from sheepdog.settings import Settings
 
-    # A Redis DB of its own, so the PostgreSQL workers of other tests cannot take the message.
-    redis_url = stack.env["SHEEPDOG_REDIS_URL"].rsplit("/", 1)[0] + "/10"
-    env = {"SHEEPDOG_DATABASE_URL": sqlite_url, "SHEEPDOG_REDIS_URL": redis_url}
+    # Queues of its own (a key prefix), so the PostgreSQL workers cannot take the message.
+    prefix = stack.env["SHEEPDOG_BROKER_PREFIX"] + "sqlite:"
+    env = {"SHEEPDOG_DATABASE_URL": sqlite_url, "SHEEPDOG_BROKER_PREFIX": prefix}
     proc = stack.start_worker(queues="default", concurrency=2, name="intake-sqlite", env=env)
     try:
-        client = Client(Settings(redis_url=redis_url, database_url=sqlite_url))
-        rid = client.submit(low("on sqlite"))
+        settings = Settings(
+            redis_url=stack.env["SHEEPDOG_REDIS_URL"], broker_prefix=prefix, database_url=sqlite_url
+        )
+        rid = Client(settings).submit(low("on sqlite"))
         [row] = wait_rows(sqlite_url, [rid])
         assert row.status == "queued"
     finally:

@@ -19,7 +19,10 @@ def lone_worker(stack):  # type: ignore[no-untyped-def]
     """A worker on a Redis DB of its own, so its log shows what it did with our message."""
     redis_url = stack.env["SHEEPDOG_REDIS_URL"].rsplit("/", 1)[0] + "/12"
     proc = stack.start_worker(
-        queues="default", concurrency=2, name="lone", env={"SHEEPDOG_REDIS_URL": redis_url}
+        queues="default",
+        concurrency=2,
+        name="lone",
+        env={"SHEEPDOG_REDIS_URL": redis_url, "SHEEPDOG_BROKER_PREFIX": ""},
     )
     yield proc, redis_url
     proc.stop()

@@ -21,4 +21,19 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 app = create_app()
 
+_others: dict[tuple[str, str], Celery] = {}
+
+
+def app_for(settings: Settings) -> Celery:
+    """The Celery app that sends to `settings`' broker: the process's own when it matches,
+    else one built (once) for that broker and key prefix."""
+    key = (settings.redis_url, settings.broker_prefix)
+    own = (app.conf.broker_url, app.conf.broker_transport_options.get("global_keyprefix", ""))
+    if key == own:
+        return app
+    if key not in _others:
+        _others[key] = create_app(settings)
+    return _others[key]
+
+
 import workers.signals  # noqa: E402,F401  (connects worker signal handlers)

@@ -44,6 +44,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 30,
             "retry_on_timeout": True,
             "health_check_interval": 25,
+            **({"global_keyprefix": settings.broker_prefix} if settings.broker_prefix else {}),
         },
         "broker_pool_limit": 50,
         "task_serializer": "json",
