@@ -128,7 +128,7 @@ def move_each(
         return 0
     keys = [k for k in rows[0] if k != "id"]
     # Status names are our own constants; literal columns keep the statement executemany-able.
-    sources = [literal_column(f"'{s}'") for s in _sources(to, from_)]
+    sources: list[Any] = [literal_column(f"'{s}'") for s in _sources(to, from_)]
     extra = {"finished_at": utcnow()} if to in FINAL and "finished_at" not in keys else {}
     stmt = (
         update(Request)
