@@ -408,6 +408,22 @@ def settle(session: Session, actual: Sequence[tuple[str, Decimal]]) -> int:
     """Settle held reservations to their request's actual cost (ledger.record calls this)."""
     if not actual:
         return 0
+    # Most traffic has no budget: find the few held reservations first (one indexed SELECT per
+    # chunk) instead of an UPDATE per request, which dominated bulk ingests.
+    ids = [rid for rid, _ in actual]
+    held: set[str] = set()
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = ids[start : start + IN_CHUNK]
+        held.update(
+            session.scalars(
+                select(Reservation.request_id).where(
+                    Reservation.request_id.in_(chunk), Reservation.state == HELD
+                )
+            )
+        )
+    actual = [(rid, cost) for rid, cost in actual if rid in held]
+    if not actual:
+        return 0
     stmt = (
         update(Reservation)
         .where(Reservation.request_id == bindparam("rid"), Reservation.state == HELD)

@@ -44,4 +44,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "schedule": cron_schedule(settings.documents_cron),
         "options": {"queue": "default", "expires": 3600},
     }
+    schedule["costs-release-stale"] = {
+        "task": "sheepdog.costs.release_stale",
+        "schedule": 900.0,
+        "options": {"queue": "default", "expires": 900},
+    }
     return schedule

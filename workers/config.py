@@ -13,6 +13,7 @@ QUEUES = ("stream", "default", "batch")
 # Every module that defines tasks; the worker imports them at start.
 TASK_MODULES = [
     "tasks.intake",
+    "tasks.costs",
     "tasks.stream",
     "tasks.batch",
     "tasks.documents",

@@ -1,0 +1,22 @@
+"""Cost bookkeeping task (queue `default`): free reservations nobody will settle."""
+
+from __future__ import annotations
+
+import logging
+
+from costs.budgets import release_stale
+from sheepdog.db import session_scope
+from workers.app import app
+
+log = logging.getLogger("sheepdog.tasks.costs")
+
+
+@app.task(name="sheepdog.costs.release_stale", acks_late=True)
+def release_stale_reservations() -> int:
+    """Release reservations held over an hour whose request never arrived or already ended.
+    Idempotent: a released reservation is not held any more."""
+    with session_scope() as session:
+        released = release_stale(session)
+    if released:
+        log.info("released %d stale budget reservations", released)
+    return released
