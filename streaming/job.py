@@ -1,8 +1,8 @@
 """One streaming request inside a worker's event loop: attempts, retries, resets, cost cap.
 
-The job starts calling the provider at once; its first token waits for the *grant* (the task
-thread's claim of the row plus the replay log's next seq), so the database work overlaps the
-provider's time to first token instead of adding to it.
+The job starts calling the provider at once; its first token waits for the *grant* (the claim
+of the row by the process's writer plus the replay log's next seq), so the database work
+overlaps the provider's time to first token instead of adding to it.
 """
 
 from __future__ import annotations
@@ -87,6 +87,11 @@ class StreamJob:
             self.stop_reason = reason
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def resolve(self, grant: Grant | None) -> None:
+        """Hand the job its grant (or None: it does not own the row and must stop quietly)."""
+        if not self.grant_future.done():
+            self.grant_future.set_result(grant)
 
     # -- publishing --------------------------------------------------------------------------
 

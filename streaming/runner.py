@@ -1,27 +1,30 @@
 """`run_stream`: what the `sheepdog.stream` task does, as a plain function.
 
-Order of work, chosen for time to first token: check the cancel flag (one Redis GET), start the
-provider call on the loop, and meanwhile record + claim the row in the database; the first
-token is published as soon as both are done. The row's end is written before the last message
-is published, so a subscriber that sees `done` can read the finished row.
+Order of work, chosen for time to first token: check the cancel flag (one Redis EXISTS), start
+the provider call on the loop, and meanwhile record + claim the row through the process's
+batching database writer (streaming/writer.py); the first token is published as soon as both
+are done. The task thread only waits. The row's end goes through the writer too, and is written
+before the last message is published, so a subscriber that sees `done` can read the finished
+row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from pydantic import ValidationError
 
 from models.intake import IntakeItem
-from models.stream_message import encode
+from models.stream_message import StreamMessage, encode
 from sheepdog import keys
 from sheepdog.lifecycle import Status
 from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings, get_settings
 from streaming import store
 from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
-from streaming.publisher import last_message, next_seq, publish_now
+from streaming.publisher import FIELD, last_message, next_seq, publish_now
 from streaming.runtime import Runtime, get_runtime
 
 log = logging.getLogger("sheepdog.streaming")
@@ -62,55 +65,66 @@ def run_stream(
             return f"skipped ({row.status})"
         body = row.body
     runtime = get_runtime(settings)
-    if not overlap:
+    if not overlap and intake is not None:
         # A redelivered message most likely names a request that already ran: claim first
         # rather than pay for a provider call that would be thrown away.
         state = store.load(settings.database_url, request_id)
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
-    job, future = runtime.start(request_id, body)
+    job = runtime.register(request_id, body)
     try:
-        claim = _claim(runtime, job, settings, request_id, intake)
-        if claim is None:
-            runtime.stop_job(job, LOST)
-            return "skipped (not queued)"
-        try:
-            outcome: Outcome = future.result()
-        except Exception as err:  # a bug must not leave the row streaming until the janitor
-            log.exception("%s: stream crashed", request_id)
-            outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
-        return _finish(runtime, job, settings, claim, outcome)
+        # This thread only waits: the claim, the stream and the end all happen on the loop.
+        return runtime.call(serve(runtime, job, settings, intake))
     finally:
         runtime.forget(job)
 
 
-def _claim(
-    runtime: Runtime,
-    job: StreamJob,
-    settings: Settings,
-    request_id: str,
-    intake: IntakeItem | None,
-) -> store.Claim | None:
+async def serve(
+    runtime: Runtime, job: StreamJob, settings: Settings, intake: IntakeItem | None
+) -> str:
+    """Claim, stream and end one request (loop thread); returns how it ended."""
+    claimed = runtime.writer.claim(job.request_id, intake)
+    streaming = asyncio.ensure_future(job.run())  # the provider call overlaps the claim
+    try:
+        claim = await claimed
+    except BaseException:
+        job.resolve(None)
+        await asyncio.wait([streaming])
+        raise
+    if claim is None:
+        job.stop(LOST)
+        job.resolve(None)
+        await asyncio.wait([streaming])
+        return "skipped (not queued)"
+    await _grant(runtime, job, claim)
+    try:
+        outcome: Outcome = await streaming
+    except Exception as err:  # a bug must not leave the row streaming until the janitor
+        log.exception("%s: stream crashed", job.request_id)
+        outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
+    return await _finish(runtime, job, claim, outcome)
+
+
+async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
     grant: Grant | None = None
     try:
-        claim = store.claim(settings.database_url, request_id, intake)
-        if claim is None:
-            return None
-        redis = get_redis(settings.redis_url)
-        # Checked again after the job is registered: a cancel published before registration
+        # Checked again now the job is registered: a cancel published before registration
         # was missed by the listener, but its flag was set before it was published.
-        if redis.exists(keys.cancel_flag(request_id)):
-            runtime.stop_job(job, CANCELLED)
-        last = last_message(redis, request_id)
+        async with runtime.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.cancel_flag(job.request_id))
+            if not claim.fresh:  # a row made by this claim has no replay log yet
+                pipe.xrevrange(keys.replay_log(job.request_id), count=1)
+            replies = await pipe.execute()
+        if replies[0]:
+            job.stop(CANCELLED)
+        logged = replies[1] if len(replies) > 1 else None
+        last = StreamMessage.parse(logged[0][1][FIELD]) if logged else None
         grant = Grant(claim.attempts, next_seq(last), last is not None and last.type == "token")
-        return claim
     finally:
-        runtime.resolve(job, grant)
+        job.resolve(grant)
 
 
-def _finish(
-    runtime: Runtime, job: StreamJob, settings: Settings, claim: store.Claim, outcome: Outcome
-) -> str:
+async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome: Outcome) -> str:
     if outcome.kind == LOST:
         log.warning("%s: lost the row to another worker; left to it", job.request_id)
         return LOST
@@ -133,28 +147,27 @@ def _finish(
             first_token_at=outcome.first_token_at,
         )
     try:
-        cost = store.finish(settings.database_url, job.request_id, claim, end)
+        cost = await runtime.writer.finish(job.request_id, claim, end)
     except store.Fenced:
         log.warning(
             "%s: row taken back before the end was written; left to its owner", job.request_id
         )
         return LOST
+    # The row's end is written first, so a subscriber that sees `done` can read the finished row.
     if end.status is Status.SUCCEEDED:
         usage = {
             "prompt_tokens": end.prompt_tokens,
             "completion_tokens": end.completion_tokens,
             "estimated": end.usage_estimated,
         }
-        runtime.call(
-            job.final(
-                "done",
-                usage=usage,
-                cost_usd=str(cost) if cost is not None else None,
-                finish_reason=end.finish_reason,
-            )
+        await job.final(
+            "done",
+            usage=usage,
+            cost_usd=str(cost) if cost is not None else None,
+            finish_reason=end.finish_reason,
         )
     else:
-        runtime.call(job.final("error", error=end.error))
+        await job.final("error", error=end.error)
     log.info(
         "%s: %s after %d provider call(s)", job.request_id, end.status.value, outcome.provider_calls
     )

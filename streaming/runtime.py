@@ -1,15 +1,15 @@
 """The per-process streaming runtime: ONE asyncio loop in a background thread.
 
-Celery's threads pool gives each stream a thin thread that only claims the row, hands the
-stream to this loop and waits. The loop holds every provider connection (AsyncOpenAI), the
-batching publisher, the cancel listener and the batched heartbeat, so a thousand streams cost a
-thousand sockets and coroutines rather than a thousand threads contending for the GIL.
+Celery's threads pool gives each stream a thin thread that only hands the request to this loop
+and waits. The loop holds every provider connection (AsyncOpenAI), the batching publisher, the
+batching database writer (claims and ends), the cancel listener and the batched heartbeat, so a
+thousand streams cost a thousand sockets and coroutines rather than a thousand threads
+contending for the GIL and the connection pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -27,6 +27,7 @@ from sheepdog.settings import Settings
 from streaming.job import LOST, StreamJob
 from streaming.publisher import Publisher
 from streaming.store import touch_heartbeats
+from streaming.writer import Writer
 
 log = logging.getLogger("sheepdog.streaming.runtime")
 
@@ -69,8 +70,11 @@ class Runtime:
         )
         self.publisher = Publisher(self.redis, s.replay_ttl_s)
         await self.publisher.warm_up()  # connection open and script cached before any stream
+        self.writer = Writer(s.database_url)
         self._tasks = [
             asyncio.create_task(self.publisher.run(), name="publisher"),
+            asyncio.create_task(self.writer.run_claims(), name="claims"),
+            asyncio.create_task(self.writer.run_ends(), name="ends"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
@@ -81,25 +85,11 @@ class Runtime:
         """Run a coroutine on the loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(
-        self, request_id: str, body: dict[str, Any]
-    ) -> tuple[StreamJob, concurrent.futures.Future[Any]]:
-        """Begin streaming now; the job waits for its grant before publishing anything."""
+    def register(self, request_id: str, body: dict[str, Any]) -> StreamJob:
+        """A job for `request_id`, known to the cancel listener from now on (task thread)."""
         job = StreamJob(self, request_id, body, asyncio.Future(loop=self.loop))
         self.jobs[request_id] = job  # before any cancel check, so a cancel cannot slip between
-        return job, asyncio.run_coroutine_threadsafe(job.run(), self.loop)
-
-    def resolve(self, job: StreamJob, grant: Any) -> None:
-        """Hand the job its grant (or None: it does not own the row and must stop quietly)."""
-
-        def _set() -> None:
-            if not job.grant_future.done():
-                job.grant_future.set_result(grant)
-
-        self.loop.call_soon_threadsafe(_set)
-
-    def stop_job(self, job: StreamJob, reason: str) -> None:
-        self.loop.call_soon_threadsafe(job.stop, reason)
+        return job
 
     def forget(self, job: StreamJob) -> None:
         if self.jobs.get(job.request_id) is job:
@@ -140,7 +130,9 @@ class Runtime:
             if not owned:
                 continue
             try:
-                alive = await asyncio.to_thread(touch_heartbeats, self.settings.database_url, owned)
+                alive = await self.writer.on_end_thread(
+                    touch_heartbeats, self.settings.database_url, owned
+                )
             except Exception:  # the database may be away for a while; try again next round
                 log.exception("heartbeat update failed")
                 continue

@@ -17,15 +17,16 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from costs import ledger
 from costs.prices import price_table
 from models.intake import IntakeItem
 from models.tables import Request, utcnow
-from sheepdog.db import session_scope
-from sheepdog.intake import record_requests
-from sheepdog.lifecycle import Status, move
+from sheepdog.db import is_postgres, session_scope
+from sheepdog.intake import record_requests, row_values
+from sheepdog.lifecycle import Status, move, move_each
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
 # every extra session would open (and on return close) a fresh connection, which costs far more
@@ -47,6 +48,7 @@ class Claim:
     attempts: int
     tenant: str
     model: str
+    fresh: bool = False  # the row was created by this claim: no replay log can exist yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +75,61 @@ def load(db_url: str, request_id: str) -> RowState | None:
 def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None:
     """Record the row when `item` is given (idempotent) and move it queued -> streaming, in one
     transaction. None when it is not queued (final, cancelled or owned by another worker)."""
-    now = utcnow()
     with _session(db_url) as session:
-        if item is not None:
-            record_requests(session, [item])
-        moved = move(
-            session,
-            request_id,
-            Status.STREAMING,
-            from_=[Status.QUEUED],
-            started_at=func.coalesce(Request.started_at, now),
-            heartbeat_at=now,
-            updated_at=now,
-        )
-        if not moved:
-            return None
-        row = session.execute(
-            select(Request.attempts, Request.tenant, Request.model).where(Request.id == request_id)
-        ).one()
+        return _claim_in(session, request_id, item)
+
+
+def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str, Claim]:
+    """`claim` for many requests in one transaction; returns the ones this worker now owns.
+
+    On PostgreSQL a request whose intake message is given is inserted `streaming` straight away
+    (INSERT ... ON CONFLICT DO NOTHING RETURNING: one statement for the whole batch); the rest
+    (id-only messages, or a row that already exists) take the conditional queued -> streaming
+    move one by one. Elsewhere every request takes `claim`'s way."""
+    now = utcnow()
+    claims: dict[str, Claim] = {}
+    with _session(db_url) as session:
+        if not is_postgres(session):
+            return {rid: c for rid, item in wanted.items() if (c := _claim_in(session, rid, item))}
+        rows = []
+        for item in wanted.values():
+            if item is not None:
+                values = row_values(item, Status.STREAMING)
+                values["metadata"] = values.pop("metadata_")  # Core insert: column names
+                values.update(started_at=now, heartbeat_at=now, updated_at=now)
+                rows.append(values)
+        if rows:
+            stmt = (
+                postgresql.insert(Request)
+                .on_conflict_do_nothing()
+                .returning(Request.id, Request.attempts, Request.tenant, Request.model)
+            )
+            for row in session.connection().execute(stmt, rows):
+                claims[row.id] = Claim(row.attempts, row.tenant, row.model, fresh=True)
+        for rid in wanted:
+            if rid not in claims and (claim := _claim_in(session, rid, None)) is not None:
+                claims[rid] = claim
+    return claims
+
+
+def _claim_in(session: Session, request_id: str, item: IntakeItem | None) -> Claim | None:
+    now = utcnow()
+    if item is not None:
+        record_requests(session, [item])
+    moved = move(
+        session,
+        request_id,
+        Status.STREAMING,
+        from_=[Status.QUEUED],
+        started_at=func.coalesce(Request.started_at, now),
+        heartbeat_at=now,
+        updated_at=now,
+    )
+    if not moved:
+        return None
+    row = session.execute(
+        select(Request.attempts, Request.tenant, Request.model).where(Request.id == request_id)
+    ).one()
     return Claim(row.attempts, row.tenant, row.model)
 
 
@@ -183,3 +222,84 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
                 ],
             )
     return cost
+
+
+def finish_many(
+    db_url: str, ends: Mapping[str, tuple[Claim, End]]
+) -> dict[str, Decimal | Fenced | None]:
+    """`finish` for many streams in one transaction: each id maps to its cost, or to Fenced
+    when its row is no longer this worker's.
+
+    On PostgreSQL the rows are locked first (SELECT ... FOR UPDATE) and compared with each
+    claim's attempts, so the janitor cannot take one back between the check and the write;
+    then one executemany per final status and one ledger insert for all that succeeded.
+    Elsewhere (SQLite, one writer at a time anyway) each end is its own `finish`."""
+    if not ends:
+        return {}
+    with _session(db_url) as session:
+        postgres = is_postgres(session)
+    if not postgres:
+        out: dict[str, Decimal | Fenced | None] = {}
+        for rid, (claim, end) in ends.items():
+            try:
+                out[rid] = finish(db_url, rid, claim, end)
+            except Fenced as err:
+                out[rid] = err
+        return out
+    ids = sorted(ends)  # one lock order for every writer
+    now = utcnow()
+    result: dict[str, Decimal | Fenced | None] = {}
+    with _session(db_url) as session:
+        current = dict(
+            session.execute(
+                select(Request.id, Request.attempts)
+                .where(Request.id.in_(ids), Request.status == Status.STREAMING.value)
+                .order_by(Request.id)
+                .with_for_update()
+            ).all()
+        )
+        by_status: dict[Status, list[dict[str, Any]]] = {}
+        usages: list[ledger.Usage] = []
+        for rid in ids:
+            claim, end = ends[rid]
+            if current.get(rid) != claim.attempts:
+                result[rid] = Fenced(rid)
+                continue
+            cost = None
+            if end.prompt_tokens is not None and end.completion_tokens is not None:
+                cost = cost_usd(claim.model, end.prompt_tokens, end.completion_tokens)
+            result[rid] = cost
+            by_status.setdefault(end.status, []).append(
+                {
+                    "id": rid,
+                    "text": end.text,
+                    "finish_reason": end.finish_reason,
+                    "prompt_tokens": end.prompt_tokens,
+                    "completion_tokens": end.completion_tokens,
+                    "usage_estimated": end.usage_estimated,
+                    "cost_usd": cost,
+                    "error": end.error,
+                    "first_token_at": end.first_token_at,
+                    "updated_at": now,
+                    "finished_at": now,
+                }
+            )
+            if end.status is Status.SUCCEEDED and cost is not None:
+                assert end.prompt_tokens is not None and end.completion_tokens is not None
+                usages.append(
+                    ledger.Usage(
+                        request_id=rid,
+                        tenant=claim.tenant,
+                        model=claim.model,
+                        route="stream",
+                        prompt_tokens=end.prompt_tokens,
+                        completion_tokens=end.completion_tokens,
+                        estimated=end.usage_estimated,
+                    )
+                )
+        for status, rows in by_status.items():
+            moved = move_each(session, rows, status, from_=[Status.STREAMING])
+            if moved != len(rows):  # cannot happen under the row locks; never write half
+                raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
+        ledger.record(session, usages)
+    return result
