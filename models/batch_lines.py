@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CHAT_URL = "/v1/chat/completions"
+CHAT_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
 class InputMessage(BaseModel):

@@ -121,6 +121,7 @@ def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     columns = [*rows[0], *defaults]
     names = ", ".join(f'"{c}"' for c in columns)
     raw = session.connection().connection.driver_connection
+    assert raw is not None  # a live psycopg connection inside the session's transaction
     with raw.cursor() as cur:
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS intake_rows "
