@@ -23,6 +23,7 @@ from sqlalchemy import select
 from models.tables import BatchJob, utcnow
 from scheduler.claim import Group, claim
 from scheduler.jobs import (
+    FINAL,
     PREPARING,
     celery_for,
     crash_point,
@@ -248,6 +249,17 @@ def _create(client: openai.OpenAI, job_id: str, input_file_id: str) -> Any:
 
 def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
     counts = batch.request_counts
+    # An adopted batch may have ended already (its submitter died long enough ago): poll never
+    # refreshes a final job, so its result files must be recorded here or the ingest finds none
+    # and sends every request to the provider a second time.
+    ended: dict[str, Any] = {}
+    if batch.status in FINAL:
+        ended = {
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "errors": batch.errors.model_dump(mode="json") if batch.errors else None,
+            "finished_at": utcnow(),
+        }
     update_job(
         settings,
         job_id,
@@ -257,6 +269,7 @@ def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
         submitted_at=datetime.fromtimestamp(batch.created_at, UTC),
         completed_count=counts.completed if counts else 0,
         failed_count=counts.failed if counts else 0,
+        **ended,
     )
 
 

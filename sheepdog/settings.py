@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     batch_claim_limit: int = 500_000  # rows one flush claims at most
     batch_ingest_chunk: int = 5_000  # result lines written per transaction
     batch_lock_ttl_s: float = 900.0  # a dead submitter's or ingester's job lock expires after
+    batch_orphan_timeout_s: float = 3600.0  # janitor takes back `batched` rows no job will end
 
     # Nightly documents
     documents_glob: str = "docs/**/*.md|docs/**/*.txt"

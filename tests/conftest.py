@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.batch",
     "tests.fixtures.costs",
     "tests.fixtures.streaming",
+    "tests.fixtures.faults",
 ]

@@ -1,0 +1,153 @@
+"""Fault suite, streaming path: a stream worker SIGKILLed with 100 streams in flight, and the
+provider's faults (429 storms, 5xx, 400, cut, stalled and slow streams). Real worker and beat
+processes, a redis-server and a PostgreSQL database of this module's own, the simulator."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from sheepdog import keys
+from streaming.subscriber import events
+from tests.fixtures.faults import Deployment, Figures, tally, wait_final, wait_for
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+
+MODEL = "sheepdog-mini"
+
+
+def request(text: str, priority: str = "high") -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "priority": priority}
+
+
+def direct_answer(simulator: Any, body: dict[str, Any]) -> str:
+    """The simulator's answer to the same body, bypassing Sheepdog (answers are deterministic)."""
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=simulator.base_url, api_key=simulator.api_key, max_retries=0)
+    try:
+        return sdk.chat.completions.create(**body).choices[0].message.content or ""
+    finally:
+        sdk.close()
+
+
+def log_types(dep: Deployment, rid: str) -> list[Any]:
+    """Every message of the request's replay log, checked to be in seq order without gaps."""
+    msgs = list(events(rid, timeout=10, settings=dep.settings))
+    assert [m.seq for m in msgs] == list(range(len(msgs))), rid
+    return msgs
+
+
+def test_sigkill_stream_worker_with_100_streams_in_flight(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    dep = fault_deployment
+    settings = dep.settings
+    tag = f"kill100 {uuid.uuid4().hex}"
+    # Slow tokens (20-60 of them, 100 ms apart): every stream is still running at the kill.
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 100}])
+    doomed = dep.stream_worker("doomed", concurrency=120)
+    client = dep.client()
+    ids = client.submit_many(
+        [request(f"{tag} #{i}", "high" if i % 5 == 0 else "normal") for i in range(100)]
+    )
+    r = redis.Redis.from_url(settings.redis_url)
+
+    def shown() -> list[int]:
+        with r.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.xlen(keys.replay_log(rid))
+            return list(pipe.execute())
+
+    wait_for(lambda: all(shown()), 60, "100 streams showing text")
+    doomed.kill()  # SIGKILL: no cleanup, rows left `streaming`, replay logs half written
+    before = dict(zip(ids, shown(), strict=True))
+    heir = dep.stream_worker("heir", concurrency=150)
+    beat = dep.stack.start_beat(name="janitor-beat")
+    try:
+        rows = wait_final(settings, ids, 120)
+    finally:
+        beat.stop()
+        heir.stop()
+    t = tally(settings, ids)
+    fault_figures.record(
+        "stream worker SIGKILLed mid-stream (janitor requeues)", t, "100 streams, all showing text"
+    )
+    assert t.lost == 0 and t.succeeded == 100, t
+    assert all(row.attempts == 1 for row in rows.values())  # taken back once each
+    for rid in ids:
+        msgs = log_types(dep, rid)
+        types = [m.type for m in msgs]
+        # Everything shown before the kill was taken back: a reset follows it, then the answer
+        # is written again from its start.
+        assert "reset" in types[before[rid] :], (rid, types)
+        last_reset = max(i for i, t in enumerate(types) if t == "reset")
+        again = "".join(m.text or "" for m in msgs[last_reset + 1 :] if m.type == "token")
+        assert types[-1] == "done" and again == rows[rid].text
+    simulator.set_faults([])
+    for rid in ids[:3]:
+        assert rows[rid].text == direct_answer(simulator, rows[rid].body)
+
+
+# Each provider fault: (name, rule fields, requests, what the policy makes of it).
+PROVIDER_FAULTS: list[tuple[str, dict[str, Any], int, str]] = [
+    ("429 storm with Retry-After", {"status": 429, "retry_after_s": 0.3, "first": 15}, 10, "ok"),
+    ("503 then recovery", {"status": 503, "first": 10}, 10, "ok"),
+    ("500 on every attempt", {"status": 500}, 5, "provider answered 500 (gave up after 4"),
+    ("400 bad request", {"status": 400}, 5, "provider rejected the request (400)"),
+    ("stream cut after 3 chunks", {"cut_after": 3, "first": 10}, 10, "ok"),
+    ("stream cut on every attempt", {"cut_after": 2}, 5, "gave up after 4 attempts"),
+    (
+        "stream stalled 3 s (idle limit 1 s)",
+        {"stall_after": 2, "stall_s": 3, "first": 10},
+        10,
+        "ok",
+    ),
+    ("slow tokens (40 ms each)", {"chunk_delay_ms": 40}, 10, "ok"),
+]
+
+
+def test_provider_faults_end_as_the_policy_says(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    dep = fault_deployment
+    settings = dep.settings
+    run = uuid.uuid4().hex[:8]
+    tags = {name: f"pf{i} {run}" for i, (name, *_) in enumerate(PROVIDER_FAULTS)}
+    simulator.set_faults([{"match": tags[name], **rule} for name, rule, _, _ in PROVIDER_FAULTS])
+    worker = dep.stream_worker("provider-faults", concurrency=100)
+    client = dep.client()
+    try:
+        groups = {
+            name: client.submit_many([request(f"{tags[name]} q{i}") for i in range(n)])
+            for name, _, n, _ in PROVIDER_FAULTS
+        }
+        rows = wait_final(settings, [rid for ids in groups.values() for rid in ids], 90)
+    finally:
+        worker.stop()
+    simulator.set_faults([])
+    for name, rule, _, expected in PROVIDER_FAULTS:
+        ids = groups[name]
+        t = tally(settings, ids)
+        fault_figures.record(
+            f"provider: {name}",
+            t,
+            "stream; " + ("retried, then answered" if expected == "ok" else f"fails: {expected}"),
+        )
+        assert t.lost == 0, (name, t)
+        if expected == "ok":
+            assert t.succeeded == len(ids), (name, t.reasons)
+            sample = rows[ids[0]]
+            assert sample.text == direct_answer(simulator, sample.body), name
+            if "cut_after" in rule or "stall_after" in rule:
+                # Text was shown before the cut/stall: subscribers were told to drop it.
+                assert all("reset" in [m.type for m in log_types(dep, rid)] for rid in ids), name
+        else:
+            assert t.failed == len(ids), (name, t)
+            assert all(expected in (rows[rid].error or "") for rid in ids), (
+                name,
+                {rows[rid].error for rid in ids},
+            )
