@@ -9,14 +9,20 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
    submit to the first token seen by a pub/sub subscriber that subscribed before submitting.
    Added TTFT = Sheepdog TTFT - direct TTFT (p50, p99); added per-chunk delay = each chunk's
    offset from the first token through Sheepdog minus the same chunk's offset direct.
-2. concurrency: N streams at once, each 50 chunks 100 ms apart (the simulator needs ~5 s for
-   each): wall time from the first submit to the last `done`, completed, lost (a request not
-   ended `succeeded` with a gap-free replay log of 50 tokens + done), worker CPU per chunk.
+2. concurrency: N streams at once, each 50 chunks 100 ms apart. Baseline: the same N streams
+   read straight from the simulator through the async SDK, in the same run (its own ~5 s).
+   Through Sheepdog: wall time from the first submit to the last `done`, each stream's time
+   from its own message being sent to its row ending (the producer needs a while to send N
+   messages), completed, lost (a request not ended `succeeded` with a gap-free replay log of
+   50 tokens + done), worker CPU per chunk (utime + stime of the worker process).
+
+Each phase runs --runs times; the table shows medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import statistics
@@ -33,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
-from openai import OpenAI  # noqa: E402
+from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from models.tables import Request  # noqa: E402
@@ -150,7 +156,9 @@ def through_sheepdog(client: Client, r: redis.Redis, n: int, tag: str) -> list[l
     return runs
 
 
-def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> list[tuple[str, str]]:
+def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> dict[str, float]:
+    """TTFT and per-chunk delay, direct and through Sheepdog (ms)."""
+    sim.configure(ttft_ms=20, chunk_delay_ms=5, answer_tokens=[20, 20])
     tag = secrets.token_hex(3)
     direct(sim, 5, "warm" + tag)
     through_sheepdog(client, r, 5, "warm" + tag)
@@ -160,32 +168,60 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> li
     ttft_b = [run[0] for run in b]
     med_a = statistics.median(ttft_a)
     added = [t - med_a for t in ttft_b]
-    chunk_delays = []
+    delays = []
     for ra, rb in zip(a, b, strict=True):
         for k in range(1, min(len(ra), len(rb))):
-            chunk_delays.append((rb[k] - rb[0]) - (ra[k] - ra[0]))
+            delays.append((rb[k] - rb[0]) - (ra[k] - ra[0]))
     ms = 1000
-    return [
-        ("direct TTFT p50 / p99", f"{pct(ttft_a, 0.5) * ms:.2f} / {pct(ttft_a, 0.99) * ms:.2f} ms"),
-        (
-            "Sheepdog TTFT p50 / p99",
-            f"{pct(ttft_b, 0.5) * ms:.2f} / {pct(ttft_b, 0.99) * ms:.2f} ms",
-        ),
-        ("added TTFT p50 / p99", f"{pct(added, 0.5) * ms:.2f} / {pct(added, 0.99) * ms:.2f} ms"),
-        (
-            "added per-chunk delay p50 / p99",
-            f"{pct(chunk_delays, 0.5) * ms:.3f} / {pct(chunk_delays, 0.99) * ms:.3f} ms"
-            f" ({len(chunk_delays)} chunks)",
-        ),
-    ]
+    return {
+        "direct_ttft_p50": pct(ttft_a, 0.5) * ms,
+        "direct_ttft_p99": pct(ttft_a, 0.99) * ms,
+        "sheepdog_ttft_p50": pct(ttft_b, 0.5) * ms,
+        "sheepdog_ttft_p99": pct(ttft_b, 0.99) * ms,
+        "added_ttft_p50": pct(added, 0.5) * ms,
+        "added_ttft_p99": pct(added, 0.99) * ms,
+        "added_chunk_p50": pct(delays, 0.5) * ms,
+        "added_chunk_p99": pct(delays, 0.99) * ms,
+    }
+
+
+def simulator_alone(sim: SimulatorProcess, n: int, tag: str) -> dict[str, float]:
+    """The simulator's own time for n concurrent streams, read straight through the SDK."""
+
+    async def one(sdk: AsyncOpenAI, i: int) -> tuple[float, float, int]:
+        t0 = time.time()
+        chunks = 0
+        async with sdk.chat.completions.with_streaming_response.create(
+            **body(i, tag), stream=True
+        ) as resp:
+            async for data in resp.iter_bytes():
+                chunks += data.count(b'"content":"')
+        return t0, time.time(), chunks
+
+    async def run() -> list[tuple[float, float, int]]:
+        http = DefaultAioHttpClient(timeout=120)
+        async with AsyncOpenAI(
+            base_url=sim.base_url, api_key=sim.api_key, max_retries=0, http_client=http
+        ) as sdk:
+            return await asyncio.gather(*(one(sdk, i) for i in range(n)))
+
+    runs = asyncio.run(run())
+    return {
+        "wall": max(e for _, e, _ in runs) - min(s for s, _, _ in runs),
+        "each_p50": pct([e - s for s, e, _ in runs], 0.5),
+        "each_max": max(e - s for s, e, _ in runs),
+    }
 
 
 def concurrency(
     sim: SimulatorProcess, client: Client, r: redis.Redis, worker: int, n: int, db_url: str
-) -> list[tuple[str, str]]:
+) -> dict[str, float]:
+    """n streams at once through one worker, against the simulator's own time for them."""
     sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
     tag = secrets.token_hex(3)
-    requests = [{**body(i, tag), "priority": "normal"} for i in range(n)]
+    alone = simulator_alone(sim, n, "alone" + tag)
+    items = [client.prepare({**body(i, tag), "priority": "normal"}) for i in range(n)]
+    ids = [item.id for item in items]
     spy = None
     if os.environ.get("BENCH_PYSPY"):  # profile the worker during this phase (py-spy installed)
         spy = subprocess.Popen(
@@ -197,22 +233,25 @@ def concurrency(
                 "-d",
                 "12",
                 "-r",
-                "40",
+                os.environ.get("BENCH_PYSPY_RATE", "40"),
                 "-f",
                 "raw",
                 "-o",
                 os.environ["BENCH_PYSPY"],
                 "--nonblocking",
+                *os.environ.get("BENCH_PYSPY_ARGS", "").split(),  # e.g. --gil
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
     cpu0 = cpu_s(worker)
+    sent: dict[str, float] = {}
     t0 = time.time()
-    ids = client.submit_many(requests)
+    for item in items:  # one message each, as submit_many sends them; each send time kept
+        client._send([item])
+        sent[item.id] = time.time()
     t_sent = time.time()
     deadline = time.monotonic() + 120
-    done = 0
     while time.monotonic() < deadline:
         with session_scope(db_url) as session:
             done = session.scalar(
@@ -228,8 +267,8 @@ def concurrency(
     cpu = cpu_s(worker) - cpu0
     if spy is not None:
         spy.wait()
-    finished = [row.finished_at.timestamp() for row in rows if row.finished_at is not None]
-    wall = max(finished) - t0 if finished else float("nan")
+    finished = {row.id: row.finished_at.timestamp() for row in rows if row.finished_at}
+    each = [finished[rid] - sent[rid] for rid in finished]
     succeeded = {row.id for row in rows if row.status == "succeeded"}
     lost = 0
     chunks = 0
@@ -248,13 +287,67 @@ def concurrency(
             and msgs[-1]["type"] == "done"
         )
         lost += not ok
-    return [
-        (f"{n} streams x 50 chunks, 100 ms apart", "simulator alone: 4.90 s"),
-        ("submit_many", f"{t_sent - t0:.2f} s"),
-        ("wall time, first submit to last done", f"{wall:.2f} s ({(wall / 4.9 - 1) * 100:+.1f} %)"),
-        ("completed / lost", f"{len(succeeded)} / {lost}"),
-        ("worker CPU", f"{cpu:.2f} s = {cpu / max(chunks, 1) * 1e6:.0f} us per chunk"),
-    ]
+    return {
+        "sim_wall": alone["wall"],
+        "sim_each_p50": alone["each_p50"],
+        "sim_each_max": alone["each_max"],
+        "send": t_sent - t0,
+        "wall": (max(finished.values()) - t0) if finished else float("nan"),
+        "after_send": (max(finished.values()) - t_sent) if finished else float("nan"),
+        "each_p50": pct(each, 0.5),
+        "each_max": max(each) if each else float("nan"),
+        "completed": float(len(succeeded)),
+        "lost": float(lost),
+        "cpu_s": cpu,
+        "cpu_us_chunk": cpu / max(chunks, 1) * 1e6,
+    }
+
+
+def med(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> list[list[str]]:
+    """The README's table: medians over the runs, Sheepdog against the baseline of each run."""
+    rows = [["", "direct (baseline)", "through Sheepdog", "added / ratio"]]
+    if lat:
+        for name, key in (("TTFT p50", "ttft_p50"), ("TTFT p99", "ttft_p99")):
+            d, t, a = (
+                med(lat, f"direct_{key}"),
+                med(lat, f"sheepdog_{key}"),
+                med(lat, f"added_{key}"),
+            )
+            rows.append([name, f"{d:.2f} ms", f"{t:.2f} ms", f"+{a:.2f} ms"])
+        for name, key in (
+            ("per-chunk p50", "added_chunk_p50"),
+            ("per-chunk p99", "added_chunk_p99"),
+        ):
+            rows.append([name + " (added)", "5 ms apart", "", f"+{med(lat, key):.3f} ms"])
+    if conc:
+        sim_wall, wall = med(conc, "sim_wall"), med(conc, "wall")
+        rows += [
+            [f"{n} streams: wall", f"{sim_wall:.2f} s", f"{wall:.2f} s", f"x{wall / sim_wall:.2f}"],
+            [
+                f"{n} streams: each, submit to done p50 / max",
+                f"{med(conc, 'sim_each_p50'):.2f} / {med(conc, 'sim_each_max'):.2f} s",
+                f"{med(conc, 'each_p50'):.2f} / {med(conc, 'each_max'):.2f} s",
+                f"x{med(conc, 'each_max') / med(conc, 'sim_each_max'):.2f} (max)",
+            ],
+            [f"{n} streams: sending the messages", "", f"{med(conc, 'send'):.2f} s", ""],
+            [
+                f"{n} streams: completed / lost",
+                "",
+                f"{med(conc, 'completed'):.0f} / {max(run['lost'] for run in conc):.0f}",
+                "",
+            ],
+            [
+                "worker CPU per chunk",
+                "",
+                f"{med(conc, 'cpu_us_chunk'):.0f} us ({med(conc, 'cpu_s'):.2f} s)",
+                "",
+            ],
+        ]
+    return rows
 
 
 def main() -> None:
@@ -262,6 +355,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--db", choices=["pg", "sqlite"], default="pg")
+    parser.add_argument("--runs", type=int, default=3, help="repeat each phase; medians shown")
+    parser.add_argument("--skip", choices=["latency", "concurrency"], default=None)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-stream-"))
     db_url = new_pg() if args.db == "pg" else f"sqlite:///{workdir / 'bench.db'}"
@@ -276,7 +371,8 @@ def main() -> None:
         answer_tokens=(20, 20),
         data_dir=str(workdir / "sim"),
     )
-    rows: list[tuple[str, str]] = []
+    lat: list[dict[str, float]] = []
+    conc: list[dict[str, float]] = []
     with SimulatorProcess(config) as sim:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
         env.update(
@@ -294,17 +390,27 @@ def main() -> None:
         client = Client(settings)
         worker = start_worker(env, workdir)
         try:
-            rows += latency(sim, client, r, args.requests)
-            rows += concurrency(sim, client, r, worker.pid, args.streams, db_url)
+            for run in range(args.runs):
+                if args.skip != "latency":
+                    lat.append(latency(sim, client, r, args.requests))
+                    print(f"run {run + 1} latency: {fmt(lat[-1])}", flush=True)
+                if args.skip != "concurrency":
+                    conc.append(concurrency(sim, client, r, worker.pid, args.streams, db_url))
+                    print(f"run {run + 1} concurrency: {fmt(conc[-1])}", flush=True)
         finally:
             worker.terminate()
             worker.wait(30)
     if args.db == "pg":
         drop_pg(db_url)
-    width = max(len(k) for k, _ in rows)
-    print(f"\nstreaming path ({args.db}, {os.cpu_count()} cores)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    rows = table(lat, conc, args.streams)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"\nstreaming path ({args.db}, {os.cpu_count()} cores, medians of {args.runs} runs)")
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in values.items())
 
 
 if __name__ == "__main__":
