@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from costs.budgets import settle
-from costs.prices import PriceTable, Route, price_table
+from costs.prices import ModelPrice, PriceTable, Route, price_table
 from models.tables import CostEntry, utcnow
 from sheepdog.tokens import count_message_tokens, count_tokens
 
@@ -33,6 +33,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+    # The provider's own batch discount when it is not the price table's (an emulated batch
+    # runs at the standard rate: 0). None: the price table's.
+    batch_discount: Decimal | None = None
 
 
 def estimated_usage(
@@ -58,10 +61,17 @@ def estimated_usage(
 def cost_of(usage: Usage, prices: PriceTable | None = None) -> tuple[Decimal, Decimal]:
     """(actual cost on the usage's route, what it would have cost at the standard rate)."""
     table = prices or price_table()
-    price = table.get(usage.model)
+    price = with_discount(table.get(usage.model), usage.batch_discount)
     actual = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.route)
     standard = price.cost(usage.prompt_tokens, usage.completion_tokens, "stream")
     return actual, standard
+
+
+def with_discount(price: ModelPrice, batch_discount: Decimal | None) -> ModelPrice:
+    """`price` with another batch discount (None: unchanged)."""
+    if batch_discount is None or batch_discount == price.batch_discount:
+        return price
+    return price.model_copy(update={"batch_discount": batch_discount})
 
 
 def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None = None) -> int:

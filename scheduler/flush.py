@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from models.tables import BatchJob, utcnow
 from scheduler.claim import Group, claim
+from scheduler.emulated import EMULATED, submit_emulated
 from scheduler.jobs import (
     FINAL,
     PREPARING,
@@ -29,6 +30,7 @@ from scheduler.jobs import (
     crash_point,
     holding,
     job_lock,
+    provider_of,
     release,
     update_job,
 )
@@ -36,7 +38,7 @@ from scheduler.jsonl import write_job_file
 from sheepdog import keys
 from sheepdog.db import session_scope
 from sheepdog.lifecycle import Status, move_each
-from sheepdog.provider import openai_client
+from sheepdog.providers import client_for, load_providers, resolve_batch_mode
 from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings, get_settings
 
@@ -106,7 +108,7 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
         for g in result.groups:
             try:
                 job = submit_job(settings, g.job_id, crash_after=crash_after, fresh=True)
-            except (openai.APIError, OSError) as err:
+            except (openai.APIError, OSError, KeyError) as err:
                 # The job stays `preparing`; the next flush or poll finishes it.
                 log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
                 continue
@@ -138,7 +140,7 @@ def repair_preparing(
                 continue  # its submitter is alive (or died less than a lock TTL ago)
             try:
                 done = submit_job(settings, job_id, crash_after=crash_after, fresh=False)
-            except (openai.APIError, OSError) as err:
+            except (openai.APIError, OSError, KeyError) as err:
                 log.warning("job %s: repair failed, will retry: %s", job_id, err)
                 continue
         if done is not None:
@@ -160,7 +162,19 @@ def submit_job(
         if job is None or job.status != PREPARING:
             return None
         model, input_file_id, created_at = job.model, job.input_file_id, job.created_at
-    client = openai_client(settings)
+        recorded_provider, recorded_mode = job.provider, job.mode
+    if input_file_id is None:
+        # Nothing sent to a provider yet: the model's provider and its mode decide the route.
+        provider = load_providers(settings).for_model(model)
+        mode = resolve_batch_mode(provider, settings)
+        if (provider.name, mode) != (recorded_provider, recorded_mode):
+            update_job(settings, job_id, provider=provider.name, mode=mode)
+    else:
+        provider, mode = provider_of(settings, recorded_provider, model), recorded_mode
+    if mode == EMULATED:
+        sent = submit_emulated(settings, job_id, model)
+        return JobReport(job_id, model, sent.lines, sent.bytes, None), sent.failed
+    client = client_for(provider)
     if not fresh:
         found = find_provider_batch(client, job_id, created_at)
         if found is not None:

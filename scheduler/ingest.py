@@ -5,6 +5,8 @@ Re-runnable by design: every move is conditional (`batched` rows of this job onl
 ledger ignores duplicates, so ingesting the same file twice, or resuming after a killed worker,
 changes nothing already written. Requests that got no usable line go back to `queued` (up to
 batch_max_attempts) or end `failed`; the job's cost is summed once, when it is marked ingested.
+An emulated job (provider without a Batch API) has no files: its lines, in the same shapes, come
+from the Redis list its executor wrote (scheduler/emulated.py).
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ from pydantic import ValidationError
 from sqlalchemy import String, any_, cast, func, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from costs.ledger import Usage, record
+from costs.ledger import Usage, record, with_discount
 from costs.prices import PriceTable, load_price_table
 from models.batch_lines import BatchErrorItem, CompletionBody, ErrorObject, OutputLine
 from models.tables import BatchJob, Request, utcnow
+from scheduler import emulated
 from scheduler.claim import begin_write
-from scheduler.jobs import FINAL, job_lock, release
+from scheduler.emulated import EMULATED
+from scheduler.jobs import FINAL, discount_for, job_lock, provider_of, release
 from scheduler.jsonl import READ_CHUNK, file_lines, job_path, split_lines
 from sheepdog.db import get_engine, is_postgres, session_scope
 from sheepdog.lifecycle import Status, move_each, move_many
-from sheepdog.provider import openai_client
+from sheepdog.providers import ProviderConfig, client_for
 from sheepdog.settings import Settings, get_settings
 from sheepdog.tokens import count_message_tokens, count_tokens
 
@@ -60,7 +64,9 @@ UPDATE requests AS r SET text = t.text, finish_reason = t.finish_reason,
 FROM batch_results AS t
 WHERE r.id = t.id AND r.status = 'batched' AND r.batch_job_id = %(job)s"""
 
-REQUEUE_CODES = frozenset({"batch_expired", "batch_cancelled"})
+# A line the emulated executor gave up on (provider down or throttling) is retried like an
+# expired one, in a later batch.
+REQUEUE_CODES = frozenset({"batch_expired", "batch_cancelled", "emulated_retries_exhausted"})
 LEFTOVER_REASON = {
     "completed": "the batch returned no result line for this request",
     "expired": "the batch expired before this request ran",
@@ -150,10 +156,18 @@ class Sink:
     Python parses the next lines); rows are locked in id order, so overlapping chunks (a
     custom_id in both files) wait for each other instead of deadlocking."""
 
-    def __init__(self, settings: Settings, job_id: str, prices: PriceTable, lock: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        prices: PriceTable,
+        lock: Any,
+        discount: Decimal | None = None,
+    ) -> None:
         self.settings = settings
         self.job_id = job_id
         self.prices = prices
+        self.discount = discount  # the provider's batch discount when not the price table's
         self.lock = lock
         self.pending: dict[str, Outcome] = {}
         self.pending_bytes = 0
@@ -242,7 +256,9 @@ class Sink:
             if out.kind == "ok":
                 estimated = request_id in estimates
                 p, c = estimates.get(request_id, (out.prompt_tokens, out.completion_tokens))
-                price = rates.get(model) or rates.setdefault(model, self.prices.get(model))
+                price = rates.get(model) or rates.setdefault(
+                    model, with_discount(self.prices.get(model), self.discount)
+                )
                 cost = price.cost(p or 0, c or 0, "batch")
                 ok.append(
                     {
@@ -256,7 +272,18 @@ class Sink:
                         "error": None,
                     }
                 )
-                usages.append(Usage(request_id, tenant, model, "batch", p or 0, c or 0, estimated))
+                usages.append(
+                    Usage(
+                        request_id,
+                        tenant,
+                        model,
+                        "batch",
+                        p or 0,
+                        c or 0,
+                        estimated,
+                        batch_discount=self.discount,
+                    )
+                )
             elif out.kind == "fail":
                 fail.append({"id": request_id, "error": out.reason})
             else:
@@ -354,21 +381,32 @@ def ingest(
         status, errors = job.status, job.errors
         files = [job.output_file_id, job.error_file_id]
         input_file_id = job.input_file_id
+        mode, provider_name, model = job.mode, job.provider, job.model
         if job.ingested_at is not None:
             return IngestReport(job_id, status, skipped="already ingested")
     if status not in FINAL:
         return IngestReport(job_id, status, skipped=f"not final ({status})")
+    try:
+        provider: ProviderConfig | None = provider_of(settings, provider_name, model)
+    except KeyError:
+        provider = None  # no longer configured: price table rates, files unreachable
+    discount = discount_for(provider, mode) if provider is not None else None
     lock = job_lock(settings, job_id)
     if not lock.acquire():
         return IngestReport(job_id, status, skipped="another ingest holds the job")
-    sink = Sink(settings, job_id, prices, lock)
+    sink = Sink(settings, job_id, prices, lock, discount)
     try:
-        client = openai_client(settings)
         malformed = 0
-        if lines is None and status == "failed":
-            lines = _validation_failures(settings, client, job_id, input_file_id, errors)
+        if lines is None and mode == EMULATED:
+            lines = emulated.result_lines(settings, job_id)
         elif lines is None:
-            lines = _result_lines(client, files)
+            if provider is None:
+                raise KeyError(f"job {job_id}: provider {provider_name!r} is not configured")
+            client = client_for(provider)
+            if status == "failed":
+                lines = _validation_failures(settings, client, job_id, input_file_id, errors)
+            else:
+                lines = _result_lines(client, files)
         for raw in lines:
             parsed = parse_line(raw)
             if parsed is None:
@@ -382,6 +420,8 @@ def ingest(
         report.status, report.malformed = status, malformed
         _leftovers(settings, job_id, _leftover_reason(status, errors), report)
         report.cost_usd = _finish(settings, job_id, malformed)
+        if mode == EMULATED:
+            emulated.forget(settings, job_id)
     except LostLock as err:
         log.warning("%s; stopping this ingest", err)
         return IngestReport(job_id, status, skipped=str(err))

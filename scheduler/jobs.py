@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -13,6 +14,7 @@ from sqlalchemy import update
 from models.tables import BatchJob, utcnow
 from sheepdog import keys
 from sheepdog.db import session_scope
+from sheepdog.providers import ProviderConfig, load_providers
 from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings
 
@@ -68,3 +70,23 @@ def celery_for(settings: Settings) -> Any:
     from workers.app import app_for
 
     return app_for(settings)
+
+
+def provider_of(settings: Settings, name: str | None, model: str) -> ProviderConfig:
+    """The provider a job was recorded with; the model's provider when that name is no
+    longer configured (KeyError when no provider serves the model)."""
+    providers = load_providers(settings)
+    if name:
+        try:
+            return providers.get(name)
+        except KeyError:
+            pass
+    return providers.for_model(model)
+
+
+def discount_for(provider: ProviderConfig, mode: str) -> Decimal | None:
+    """A job's batch discount: the provider's own when configured; an emulated job's lines are
+    plain calls billed at the standard rate (0); else the price table's (None)."""
+    if provider.batch_discount is not None:
+        return provider.batch_discount
+    return Decimal(0) if mode == "emulated" else None

@@ -1,5 +1,6 @@
-"""The poll: refresh every open batch job from the provider, cancel jobs open too long, and
-name the jobs whose results are ready to ingest."""
+"""The poll: refresh every open batch job from its provider, cancel jobs open too long, send
+again the executor of an emulated job whose heartbeat lapsed, and name the jobs whose results are
+ready to ingest."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import openai
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from models.tables import BatchJob, utcnow
+from scheduler import emulated
+from scheduler.emulated import EMULATED
 from scheduler.flush import repair_preparing
-from scheduler.jobs import FINAL, OPEN, update_job
+from scheduler.jobs import FINAL, OPEN, provider_of, update_job
 from sheepdog.db import session_scope
-from sheepdog.provider import openai_client
+from sheepdog.providers import client_for
 from sheepdog.settings import Settings, get_settings
 
 log = logging.getLogger("sheepdog.batch.poll")
@@ -27,6 +30,7 @@ class PollReport:
     changed: int = 0
     cancelled: list[str] = field(default_factory=list)
     repaired: int = 0
+    resent: int = 0  # emulated jobs whose executor was sent again (heartbeat lapsed)
     to_ingest: list[str] = field(default_factory=list)
 
 
@@ -55,16 +59,30 @@ def poll(settings: Settings | None = None) -> PollReport:
     report = PollReport(repaired=repair_preparing(settings))
     with session_scope(settings.database_url) as session:
         jobs = session.execute(
-            select(BatchJob.id, BatchJob.provider_batch_id, BatchJob.status, BatchJob.submitted_at)
-            .where(BatchJob.status.in_(OPEN), BatchJob.provider_batch_id.is_not(None))
+            select(
+                BatchJob.id,
+                BatchJob.provider_batch_id,
+                BatchJob.status,
+                BatchJob.submitted_at,
+                BatchJob.provider,
+                BatchJob.model,
+            )
+            .where(
+                BatchJob.status.in_(OPEN),
+                BatchJob.provider_batch_id.is_not(None),
+                BatchJob.mode != EMULATED,
+            )
             .order_by(BatchJob.created_at)
         ).all()
-    client = openai_client(settings)
     max_wait = timedelta(seconds=settings.batch_max_wait_s)
     now = datetime.now(UTC)
-    for job_id, batch_id, old_status, submitted_at in jobs:
+    resent, cancelled = emulated.watch(settings, max_wait, now)
+    report.resent += resent
+    report.cancelled.extend(cancelled)
+    for job_id, batch_id, old_status, submitted_at, provider, model in jobs:
         report.checked += 1
         try:
+            client = client_for(provider_of(settings, provider, model))
             batch = client.batches.retrieve(batch_id)
             if (
                 batch.status in OPEN
@@ -77,7 +95,7 @@ def poll(settings: Settings | None = None) -> PollReport:
                 )
                 batch = client.batches.cancel(batch_id)
                 report.cancelled.append(job_id)
-        except openai.APIError as err:
+        except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
             continue
         update_job(settings, job_id, **batch_values(batch))
@@ -91,7 +109,7 @@ def poll(settings: Settings | None = None) -> PollReport:
                 .where(
                     BatchJob.status.in_(FINAL),
                     BatchJob.ingested_at.is_(None),
-                    BatchJob.provider_batch_id.is_not(None),
+                    or_(BatchJob.provider_batch_id.is_not(None), BatchJob.mode == EMULATED),
                 )
                 .order_by(BatchJob.created_at)
             ).all()

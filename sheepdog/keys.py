@@ -54,3 +54,9 @@ def provider_batch_mode(provider: str) -> str:
 def rate_limit(provider: str, kind: str) -> str:
     """GCRA state (theoretical arrival time) of a provider's requests or tokens limit."""
     return f"{PREFIX}:ratelimit:{provider}:{kind}"
+
+
+def emulated(job_id: str, part: str) -> str:
+    """State of an emulated batch job: `lines` (the output "file", a list), `done` (custom_ids
+    with a line), `counts`, `heartbeat` (owner token with a TTL), `kick` (poll's resend mark)."""
+    return f"{PREFIX}:emulated:{job_id}:{part}"

@@ -58,6 +58,31 @@ return 0
 """
 
 
+# Reserve the next free slot instead of asking "may I go now?": the slot is the later of the two
+# arrival times (never before now), both move on from it, and the caller sleeps until it. A
+# caller that wakes late loses nothing, so a saturated pacer runs at the configured rate rather
+# than rate / (1 + wake-up delay / interval). Starts stay at least one interval apart.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local req_us = tonumber(ARGV[1])
+local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
+local function tat(key)
+  local v = tonumber(redis.call('GET', key))
+  if v == nil or v < now then return now end
+  return v
+end
+local slot = math.max(tat(KEYS[1]), tat(KEYS[2]))
+local function store(key, value)
+  local ttl = math.floor((value - now) / 1000) + 60000
+  redis.call('SET', key, string.format('%d', value), 'PX', ttl)
+end
+if req_us > 0 then store(KEYS[1], slot + req_us) end
+if tok_us > 0 then store(KEYS[2], slot + tok_us) end
+return slot - now
+"""
+
+
 @dataclass(frozen=True)
 class Limits:
     requests_per_minute: int | None
@@ -107,6 +132,7 @@ class AsyncRateLimiter:
         self.limits = limits
         self._keys = [keys.rate_limit(provider, "requests"), keys.rate_limit(provider, "tokens")]
         self._acquire = client.register_script(_ACQUIRE)
+        self._reserve = client.register_script(_RESERVE)
         self._penalize = client.register_script(_PENALIZE)
 
     async def acquire(self, tokens: int) -> None:
@@ -115,6 +141,14 @@ class AsyncRateLimiter:
             wait_us = await self._acquire(keys=self._keys, args=[per_req, per_tok, max(tokens, 0)])
             if int(wait_us) <= 0:
                 return
+            await asyncio.sleep(int(wait_us) / 1e6)
+
+    async def reserve(self, tokens: int) -> None:
+        """Take the next free slot for one request with `tokens` tokens and sleep until it
+        (for a pacer that starts calls one after another: no slot is lost to wake-up delay)."""
+        per_req, per_tok = self.limits.intervals_us()
+        wait_us = await self._reserve(keys=self._keys, args=[per_req, per_tok, max(tokens, 0)])
+        if int(wait_us) > 0:
             await asyncio.sleep(int(wait_us) / 1e6)
 
     async def penalize(self, seconds: float) -> None:

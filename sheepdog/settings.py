@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     batch_claim_limit: int = 500_000  # rows one flush claims at most
     batch_ingest_chunk: int = 5_000  # result lines written per transaction
     batch_lock_ttl_s: float = 900.0  # a dead submitter's or ingester's job lock expires after
+    # Emulated batch (providers without a Batch API): plain calls under the provider's limits
+    emulated_concurrency: int = 64  # calls in flight per job
+    emulated_max_attempts: int = 8  # per line, for 429 / 5xx / connection errors
+    emulated_backoff_base_s: float = 0.5  # doubled per attempt (full jitter), at most 30 s
+    emulated_heartbeat_ttl_s: float = 10.0  # poll re-sends the job when this lapses
+    emulated_progress_interval_s: float = 1.0  # request_counts written this often
+    emulated_default_max_tokens: int = 1024  # rate-limit estimate for lines without one
     batch_orphan_timeout_s: float = 3600.0  # janitor takes back `batched` rows no job will end
 
     # Nightly documents

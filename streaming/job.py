@@ -20,6 +20,7 @@ from models.stream_message import encode
 from models.tables import utcnow
 from sheepdog.settings import Settings
 from sheepdog.tokens import count_message_tokens, count_tokens
+from streaming import providers
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
 
 if TYPE_CHECKING:
@@ -169,8 +170,9 @@ class StreamJob:
             attempt += 1
             self.calls += 1
             try:
+                client = await providers.before_call(self.runtime, self.body)  # rate limit
                 end = await stream_once(
-                    self.runtime.openai,
+                    client,
                     self.body,
                     include_usage=include_usage,
                     timeout=timeout,
@@ -190,6 +192,7 @@ class StreamJob:
             except Fatal as err:
                 return self._failed(err.reason)
             except Retryable as err:
+                await providers.after_retryable(self.runtime, self.body, err)
                 if attempt >= settings.stream_max_attempts:
                     return self._failed(f"{err.reason} (gave up after {attempt} attempts)")
                 delay = (

@@ -1,6 +1,6 @@
 """Batch-path tasks (queue `batch`), thin: each calls a plain function in scheduler/.
 
-All three are safe to run twice at once (beat may double-fire, a message may be re-delivered):
+All four are safe to run twice at once (beat may double-fire, a message may be re-delivered):
 the claim is atomic, submits and ingests hold a per-job lock, and every write is conditional.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from scheduler.emulator import emulate as run_emulate
 from scheduler.flush import flush as run_flush
 from scheduler.ingest import ingest as run_ingest
 from scheduler.poll import poll as run_poll
@@ -45,4 +46,19 @@ def ingest(job_id: str) -> dict[str, Any]:
         "failed": report.failed,
         "requeued": report.requeued,
         "skipped": report.skipped,
+    }
+
+
+@app.task(name="sheepdog.batch.emulate", acks_late=True)
+def emulate(job_id: str) -> dict[str, Any]:
+    """Run an emulated job's lines (provider without a Batch API); ingest it when it ends.
+    A second message for a job a live executor holds returns at once (`busy`)."""
+    report = run_emulate(job_id)
+    if report.outcome in ("completed", "cancelled"):
+        ingest.apply_async(args=[job_id])
+    return {
+        "job_id": job_id,
+        "outcome": report.outcome,
+        "calls": report.calls,
+        "written": report.written,
     }

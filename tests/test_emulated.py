@@ -1,0 +1,176 @@
+"""Emulated batch through its plain functions (flush, emulate, poll, ingest) against a simulator
+without Batch API endpoints, on SQLite and PostgreSQL: same results as the native path, the
+standard rate in the ledger, retries and faults, cancellation past the maximum wait."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from costs.ledger import with_discount
+from costs.prices import price_table
+from models.tables import CostEntry
+from scheduler.emulated import state_keys
+from scheduler.emulator import emulate
+from scheduler.flush import flush
+from scheduler.ingest import ingest
+from scheduler.poll import poll
+from sheepdog import keys
+from sheepdog.db import session_scope
+from tests.fixtures.batch import add_requests, drive, jobs, rows
+from tests.fixtures.emulated import provider, settings_for, unique, write_providers
+from tests.fixtures.simulator import start_simulator
+
+MINI = "sheepdog-mini"
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[Any]:
+    """A provider without /v1/files and /v1/batches."""
+    with start_simulator(no_batch_api=True, api_key="sk-relay") as sim:
+        yield sim
+
+
+@pytest.fixture
+def make(batch_db: str, redis_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Settings on one provider entry (its own broker prefix, removed after the test)."""
+    prefix = f"t-emulated-{uuid.uuid4().hex[:6]}:"
+
+    def build(name: str, entry: dict[str, Any], **extra: Any) -> Any:
+        path = write_providers(tmp_path / f"{name}.toml", {name: entry})
+        return settings_for(
+            batch_db, redis_url, path, tmp_path / "work", broker_prefix=prefix, **extra
+        )
+
+    yield build
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(f"{prefix}*"):
+        r.delete(key)
+
+
+def run_job(settings: Any) -> str:
+    """Flush what is queued into one emulated job, run it and ingest it; the job id."""
+    report = flush(settings)
+    assert len(report.jobs) == 1, report.summary()
+    job_id = report.jobs[0].job_id
+    assert emulate(job_id, settings).outcome == "completed"
+    assert job_id in poll(settings).to_ingest
+    ingest(job_id, settings)
+    return job_id
+
+
+def test_same_results_as_native_at_the_standard_rate(
+    make: Any, relay: Any, simulator: Any, redis_url: str
+) -> None:
+    prompts = [(MINI, f"native-vs-emulated {i}") for i in range(200)]
+    native = make(unique("nat"), provider(simulator, batch_mode="native"))
+    native_ids = add_requests(native, prompts)
+    drive(native, native_ids)
+    relay_name = unique("relay")
+    emulated = make(relay_name, provider(relay, batch_mode="auto", requests_per_minute=60_000))
+    ids = add_requests(emulated, prompts)
+    job_id = run_job(emulated)
+
+    job = next(j for j in jobs(emulated) if j.id == job_id)
+    assert (job.mode, job.provider, job.status) == ("emulated", relay_name, "completed")
+    assert (job.request_count, job.completed_count, job.failed_count) == (200, 200, 0)
+    assert job.provider_batch_id is None and job.ingested_at is not None
+    before, after = rows(native, native_ids), rows(emulated, ids)
+    prices = price_table()
+    for nid, eid in zip(native_ids, ids, strict=True):
+        n, e = before[nid], after[eid]
+        assert e.status == "succeeded" and e.route == "batch", (e.status, e.error)
+        assert (e.text, e.prompt_tokens, e.completion_tokens) == (
+            n.text,
+            n.prompt_tokens,
+            n.completion_tokens,
+        )
+        assert e.cost_usd == prices.cost(MINI, e.prompt_tokens, e.completion_tokens, "stream")
+        assert n.cost_usd == prices.cost(MINI, n.prompt_tokens, n.completion_tokens, "batch")
+    with session_scope(emulated.database_url) as session:
+        ledger = session.scalars(select(CostEntry).where(CostEntry.request_id.in_(ids))).all()
+    assert len(ledger) == 200
+    assert all(c.route == "batch" and c.cost_usd == c.standard_cost_usd for c in ledger)
+    assert not redis.Redis.from_url(redis_url).exists(*state_keys(job_id))  # forgotten
+    assert relay.stats()["counters"].get("chat.requests", 0) >= 200
+
+
+def test_provider_batch_discount_is_used(make: Any, relay: Any) -> None:
+    settings = make(unique("relay"), provider(relay, batch_mode="emulated", batch_discount=0.25))
+    ids = add_requests(settings, [(MINI, f"discounted {i}") for i in range(5)])
+    run_job(settings)
+    price = with_discount(price_table().get(MINI), Decimal("0.25"))
+    for row in rows(settings, ids).values():
+        assert row.cost_usd == price.cost(row.prompt_tokens, row.completion_tokens, "batch")
+
+
+def test_retries_429_and_5xx_fails_4xx_requeues_exhausted(make: Any, relay: Any) -> None:
+    tag = uuid.uuid4().hex[:6]
+    relay.reset()  # counters of this test only
+    relay.set_faults(
+        [
+            {"match": f"{tag}-t429", "status": 429, "retry_after_s": 0.2, "first": 3},
+            {"match": f"{tag}-t500", "status": 500, "first": 3},
+            {"match": f"{tag}-bad400", "status": 400, "message": "no such parameter"},
+            {"match": f"{tag}-down503", "status": 503},
+        ]
+    )
+    settings = make(
+        unique("relay"),
+        provider(relay, batch_mode="emulated"),
+        emulated_max_attempts=4,
+        emulated_backoff_base_s=0.02,
+    )
+    kinds = ["ok"] * 10 + ["t429"] * 3 + ["t500"] * 3 + ["bad400", "down503"]
+    ids = add_requests(settings, [(MINI, f"{tag}-{k} question {i}") for i, k in enumerate(kinds)])
+    job_id = run_job(settings)
+    job = next(j for j in jobs(settings) if j.id == job_id)
+    assert (job.completed_count, job.failed_count) == (16, 2)
+    got = rows(settings, ids)
+    for rid, kind in zip(ids, kinds, strict=True):
+        row = got[rid]
+        if kind == "bad400":
+            assert row.status == "failed" and "no such parameter" in (row.error or "")
+        elif kind == "down503":
+            # Its retries ran out: requeued for the next batch, like an expired line.
+            assert row.status == "queued" and "emulated_retries_exhausted" in (row.error or "")
+        else:
+            assert row.status == "succeeded" and row.text, (kind, row.status, row.error)
+    counters = relay.stats()["counters"]
+    assert counters.get("faults.status.429") == 3 and counters.get("faults.status.503") == 4
+    relay.reset()
+
+
+def test_overdue_job_is_cancelled_and_requeued(make: Any, relay: Any) -> None:
+    settings = make(unique("relay"), provider(relay, batch_mode="emulated"), batch_max_wait_s=0)
+    ids = add_requests(settings, [(MINI, f"overdue {i}") for i in range(4)])
+    job_id = flush(settings).jobs[0].job_id
+    report = poll(settings)  # no executor ran: no heartbeat, so cancelled at once
+    assert job_id in report.cancelled and job_id in report.to_ingest
+    assert emulate(job_id, settings).outcome == "idle"
+    ingest(job_id, settings)
+    assert {r.status for r in rows(settings, ids).values()} == {"queued"}
+
+
+def test_second_executor_is_busy_and_lapsed_one_is_resent(
+    make: Any, relay: Any, redis_url: str
+) -> None:
+    settings = make(
+        unique("relay"), provider(relay, batch_mode="emulated"), emulated_heartbeat_ttl_s=30
+    )
+    add_requests(settings, [(MINI, f"busy {i}") for i in range(3)])
+    job_id = flush(settings).jobs[0].job_id
+    r = redis.Redis.from_url(redis_url)
+    r.set(keys.emulated(job_id, "heartbeat"), "someone-else", px=30_000)
+    assert emulate(job_id, settings).outcome == "busy"
+    assert poll(settings).resent == 0  # alive: nothing sent
+    r.delete(keys.emulated(job_id, "heartbeat"))
+    assert poll(settings).resent == 1 and poll(settings).resent == 0  # once per TTL
+    assert emulate(job_id, settings).outcome == "completed"
