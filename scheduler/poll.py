@@ -80,6 +80,7 @@ def poll(settings: Settings | None = None) -> PollReport:
     report.resent += resent
     report.cancelled.extend(cancelled)
     for job_id, batch_id, old_status, submitted_at, provider, model in jobs:
+        assert batch_id is not None  # selected with provider_batch_id IS NOT NULL
         report.checked += 1
         try:
             client = client_for(provider_of(settings, provider, model))

@@ -45,6 +45,8 @@ def job_rows(limit: int, open_only: bool = False) -> list[dict[str, Any]]:
             {
                 "id": j.id,
                 "model": j.model,
+                "provider": j.provider,
+                "mode": j.mode,
                 "status": j.status,
                 "provider_batch_id": j.provider_batch_id,
                 "request_count": j.request_count,
@@ -82,6 +84,7 @@ def batches(
     for name, justify in [
         ("id", "left"),
         ("model", "left"),
+        ("provider/mode", "left"),
         ("status", "left"),
         ("done/failed/total", "right"),
         ("ingested", "right"),
@@ -93,6 +96,7 @@ def batches(
         table.add_row(
             r["id"],
             r["model"],
+            f"{r['provider']}/{r['mode']}",
             r["status"],
             f"{r['completed_count']}/{r['failed_count']}/{r['request_count']}",
             "yes" if r["ingested_at"] else "-",
