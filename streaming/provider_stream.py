@@ -1,8 +1,11 @@
 """One streamed call to the provider through the official SDK, parsed cheaply.
 
-`with_streaming_response` gives the SDK's raw response (auth, base URL, error mapping stay the
-SDK's); the SSE lines are split from the bytes and decoded with orjson, which costs a few
-microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
+The request goes through the SDK client's own `post` (auth, base URL, headers, error mapping stay
+the SDK's) with the body already serialized by orjson and `cast_to=httpx2.Response`, so the
+SDK hands back the unread HTTP response: this skips the typed-params transform and the
+streaming-response wrapper of `chat.completions.create`, about a third of the SDK's ~0.9 ms of
+CPU per request. The SSE lines are split from the bytes and decoded with orjson, which costs a
+few microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
 `Retryable` (the caller backs off and tries again) and `Fatal` (the request fails at once).
 """
 
@@ -19,6 +22,8 @@ import openai
 import orjson
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+CHAT_PATH = "/chat/completions"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class Retryable(Exception):
@@ -115,11 +120,16 @@ async def stream_once(
     finish: str | None = None
     usage: dict[str, Any] | None = None
     try:
-        async with client.chat.completions.with_streaming_response.create(
-            **kwargs, timeout=timeout
-        ) as response:
+        response = await client.post(
+            CHAT_PATH,
+            cast_to=httpx2.Response,
+            content=orjson.dumps(kwargs),
+            options={"headers": JSON_HEADERS, "timeout": timeout},
+            stream=True,
+        )
+        try:
             rest = b""
-            async for data in response.iter_bytes():
+            async for data in response.aiter_bytes():
                 lines = (rest + data).split(b"\n")
                 rest = lines.pop()
                 for line in lines:
@@ -139,6 +149,8 @@ async def stream_once(
                             return AttemptEnd("length", None)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
+        finally:
+            await response.aclose()
     except openai.APIStatusError as err:
         raise _status_error(err) from None
     except openai.APITimeoutError:
