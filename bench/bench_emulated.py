@@ -25,34 +25,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 
-from sheepdog.db import get_engine, session_scope  # noqa: E402
-from sheepdog.migrate import upgrade  # noqa: E402
+from sheepdog.db import session_scope  # noqa: E402
 from sheepdog.settings import Settings  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
+from tests.fixtures.pg import create_database  # noqa: E402
+from tests.fixtures.pg import drop_database as drop_db  # noqa: E402
 
-ADMIN = os.environ.get("SHEEPDOG_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 MODEL = "sheepdog-mini"
 
 
 def new_db() -> str:
-    name = f"sheepdog_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
-    upgrade(url)
-    return url
-
-
-def drop_db(url: str) -> None:
-    get_engine(url).dispose()
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return create_database("sheepdog_bench")
 
 
 def providers_file(sim: SimulatorProcess, name: str, rpm: int) -> str:

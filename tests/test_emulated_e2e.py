@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import psycopg
 import pytest
 import redis
 from pydantic import SecretStr
@@ -25,11 +24,10 @@ from sqlalchemy import func, select
 from costs.prices import price_table
 from models.tables import BatchJob, CostEntry, Request
 from sheepdog import keys
-from sheepdog.db import get_engine, session_scope
-from sheepdog.migrate import upgrade
+from sheepdog.db import session_scope
 from sheepdog.settings import Settings
 from tests.fixtures.emulated import max_in_window, provider, unique, write_providers
-from tests.fixtures.services import _pg_admin
+from tests.fixtures.pg import create_database, drop_database
 from tests.fixtures.simulator import start_simulator
 
 RPM = 24_000  # 400 a second: 5,000 lines in about 13 s
@@ -46,12 +44,7 @@ def relay() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def deployment(stack: Any, simulator: Any, relay: Any, redis_url: str, tmp_path_factory: Any):  # type: ignore[no-untyped-def]
     """(env, settings, names): a database and a Redis DB of its own, three providers."""
-    admin = _pg_admin()
-    name = f"sheepdog_e_{secrets.token_hex(4)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db = f"{admin.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    upgrade(db)
+    db = create_database("sheepdog_e")
     own_redis = redis_url.rsplit("/", 1)[0] + "/12"
     names = {"native": unique("nat"), "relay": unique("relay"), "slow": unique("slow")}
     path = write_providers(
@@ -87,9 +80,7 @@ def deployment(stack: Any, simulator: Any, relay: Any, redis_url: str, tmp_path_
     yield env, settings, names, procs
     for proc in procs:
         proc.stop()
-    get_engine(db).dispose()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(db)
 
 
 def statuses(settings: Settings, ids: list[str]) -> dict[str, int]:

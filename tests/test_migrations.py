@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -15,7 +13,7 @@ from sqlalchemy import inspect
 from models.tables import Base
 from sheepdog.db import get_engine
 from sheepdog.migrate import upgrade
-from tests.fixtures.services import _pg_admin
+from tests.fixtures.pg import throwaway_database
 
 TABLES = {"requests", "batch_jobs", "documents", "cost_ledger", "budgets", "budget_reservations"}
 
@@ -25,15 +23,8 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    admin = _pg_admin()
-    name = f"sheepdog_m_{secrets.token_hex(4)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    yield url
-    get_engine(url).dispose()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database("sheepdog_m", migrate=False) as url:
+        yield url
 
 
 def test_upgrade_from_empty_creates_every_table_and_matches_the_models(empty_db: str) -> None:
