@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from scheduler.flush import count_up
 from sheepdog.db import session_scope
 from sheepdog.intake import parse_items, record_requests
@@ -14,7 +16,16 @@ from workers.app import app
 log = logging.getLogger("sheepdog.tasks.intake")
 
 
-@app.task(name="sheepdog.intake", acks_late=True)
+# A database that is away must not cost the requests this message carries (a failed task is
+# acknowledged): the message is sent again, with backoff, until the database is back.
+@app.task(
+    name="sheepdog.intake",
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=None,
+)
 def intake(items: list[dict[str, Any]]) -> int:
     """Record a bulk of validated requests; idempotent (re-delivery inserts nothing twice)."""
     valid, rejects = parse_items(items)

@@ -6,6 +6,7 @@ import gc
 from typing import Any
 
 from celery.signals import worker_ready
+from sqlalchemy.exc import OperationalError
 
 from sheepdog.settings import get_settings
 from streaming.runner import run_stream
@@ -13,7 +14,17 @@ from streaming.runtime import get_runtime
 from workers.app import app
 
 
-@app.task(name="sheepdog.stream", acks_late=True, bind=True)
+# The message is the only copy of a new request until its row is claimed: a database that is
+# away must not lose it (a failed task is acknowledged), so it is sent again until it is back.
+@app.task(
+    name="sheepdog.stream",
+    acks_late=True,
+    bind=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=None,
+)
 def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> str:
     """Stream `request_id` (recording it first when `item`, its intake message, is given).
 

@@ -36,4 +36,5 @@ def app_for(settings: Settings) -> Celery:
     return _others[key]
 
 
+import workers.broker_fix  # noqa: E402  (a worker survives a lost broker)
 import workers.signals  # noqa: E402,F401  (connects worker signal handlers)

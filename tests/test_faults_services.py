@@ -1,0 +1,162 @@
+"""Fault suite, services: Redis SIGKILLed and started again mid-run (a redis-server of this
+module's own, without persistence, never the machine's 6379), and PostgreSQL stopped
+(immediate: every connection cut) and started again mid-run (a throwaway cluster of this
+module's own, never the machine's main one). Workers and beat keep running throughout."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.errors import ServiceUnavailable
+from sheepdog.intake import record_requests
+from tests.fixtures.faults import (
+    Deployment,
+    Figures,
+    PgCluster,
+    RedisServer,
+    drop_database,
+    load_rows,
+    make_deployment,
+    new_database,
+    tally,
+    wait_final,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+
+
+def request(text: str, priority: str) -> dict[str, Any]:
+    return {
+        "model": "sheepdog-mini",
+        "messages": [{"role": "user", "content": text}],
+        "priority": priority,
+        "max_tokens": 30,
+    }
+
+
+def mixed(tag: str, streams: int, low: int) -> list[dict[str, Any]]:
+    return [request(f"{tag} s{i}", "high" if i % 2 else "normal") for i in range(streams)] + [
+        request(f"{tag} b{i}", "low") for i in range(low)
+    ]
+
+
+def start_processes(dep: Deployment) -> list[Any]:
+    return [
+        dep.stream_worker("stream", concurrency=100),
+        dep.batch_worker("batch"),
+        dep.stack.start_beat(name="beat"),
+    ]
+
+
+def streams_showing(dep: Deployment, ids: list[str]) -> int:
+    r = redis.Redis.from_url(dep.settings.redis_url)
+    with r.pipeline(transaction=False) as pipe:
+        for rid in ids:
+            pipe.exists(keys.replay_log(rid))
+        return sum(pipe.execute())
+
+
+def test_redis_killed_and_restarted_mid_run(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    dep = fault_deployment
+    settings = dep.settings
+    tag = f"redis {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 60}])  # streams in flight at the kill
+    procs = start_processes(dep)
+    client = dep.client()
+    try:
+        ids = client.submit_many(mixed(tag, 30, 200))
+        streams = ids[:30]
+        # Wait until every request is in the database (intake done, streams claimed) and the
+        # streams are showing text: then the kill takes queues, unacked messages, locks and
+        # replay logs, and leaves the database.
+        wait_for(lambda: len(load_rows(settings, ids)) == len(ids), 30, "all rows recorded")
+        wait_for(lambda: streams_showing(dep, streams) >= 20, 30, "streams in flight")
+        # Stream rows queued whose only message is in Redis (as after a janitor requeue).
+        orphans = [client.prepare(request(f"{tag} lost{i}", "high")) for i in range(10)]
+        with session_scope(settings.database_url) as session:
+            record_requests(session, orphans)
+        dep.redis_server.kill()
+        with pytest.raises(ServiceUnavailable):  # refused, not accepted and dropped
+            client.submit(request(f"{tag} during", "high"))
+        time.sleep(1)
+        dep.redis_server.start()  # same port, empty
+        after = client.submit_many(mixed(f"{tag} after", 10, 20))  # and work goes on
+        everything = ids + [o.id for o in orphans] + after
+        wait_final(settings, everything, 90)
+        assert all(p.alive() for p in procs)
+    finally:
+        for p in procs:
+            p.stop()
+    t = tally(settings, everything)
+    fault_figures.record(
+        "Redis SIGKILLed and restarted empty",
+        t,
+        "30 streams + 200 batch in flight, 10 queued"
+        " stream rows resent by the janitor, 30 submitted after",
+    )
+    assert t.succeeded == len(everything) and t.lost == 0, t
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_deployment(
+    pg_cluster: PgCluster, fault_redis: RedisServer, simulator: Any, tmp_path: Any
+) -> Iterator[Deployment]:
+    db = new_database(pg_cluster.admin_url)
+    # Redis DB 1: the janitor's and the flush's locks are not shared with the Redis test's.
+    dep = make_deployment(tmp_path, fault_redis, db, simulator)
+    dep.env["SHEEPDOG_REDIS_URL"] = fault_redis.url(1)
+    yield dep
+    dep.stack.stop_all()
+    drop_database(pg_cluster.admin_url, db)
+
+
+def test_postgres_stopped_and_started_mid_run(
+    pg_cluster: PgCluster, pg_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    dep = pg_deployment
+    settings = dep.settings
+    tag = f"pg {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 60}])
+    procs = start_processes(dep)
+    client = dep.client()
+    try:
+        ids = client.submit_many(mixed(tag, 30, 200))
+        wait_for(lambda: len(load_rows(settings, ids)) == len(ids), 30, "all rows recorded")
+        wait_for(lambda: streams_showing(dep, ids[:30]) >= 20, 30, "streams in flight")
+        pg_cluster.stop("immediate")  # every connection cut, as in a crash
+        # Accepted while the database is down: the messages wait in Redis for it.
+        during = client.submit_many(mixed(f"{tag} during", 10, 20))
+        time.sleep(3)
+        pg_cluster.start()
+        everything = ids + during
+        wait_final(settings, everything, 90)
+        assert all(p.alive() for p in procs)
+    finally:
+        for p in procs:
+            p.stop()
+    t = tally(settings, everything)
+    fault_figures.record(
+        "PostgreSQL stopped (immediate) and restarted",
+        t,
+        "30 streams + 200 batch in flight, 30 submitted while it was down",
+    )
+    assert t.succeeded == len(everything) and t.lost == 0, t
