@@ -16,7 +16,14 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
    messages), completed, lost (a request not ended `succeeded` with a gap-free replay log of
    50 tokens + done), worker CPU per chunk (utime + stime of the worker process).
 
-Each phase runs --runs times; the table shows medians.
+   Also: each stream's start delay (its message sent -> its first token, from the row), the
+   share of the box's two cores that was busy, and the simulator's own CPU in that window.
+3. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
+   times in Redis; medians of message sent -> task thread -> loop -> claim done / provider's
+   first text -> first token queued -> seen by the subscriber.
+
+Each phase runs --runs times; the table shows medians. --workers N runs N stream worker
+processes on the host (the deployment recommendation is measured, not assumed).
 """
 
 from __future__ import annotations
@@ -82,8 +89,15 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def start_worker(env: dict[str, str], logdir: Path) -> subprocess.Popen[bytes]:
-    log = (logdir / "worker.log").open("wb")
+def box_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
+def start_worker(env: dict[str, str], logdir: Path, index: int = 0) -> subprocess.Popen[bytes]:
+    log = (logdir / f"worker{index}.log").open("wb")
     cmd = [
         sys.executable,
         "-m",
@@ -93,6 +107,8 @@ def start_worker(env: dict[str, str], logdir: Path) -> subprocess.Popen[bytes]:
         "stream",
         "--loglevel",
         "WARNING",
+        "--hostname",
+        f"bench{index}@%h",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -131,28 +147,57 @@ def direct(sim: SimulatorProcess, n: int, tag: str) -> list[list[float]]:
     return runs
 
 
-def through_sheepdog(client: Client, r: redis.Redis, n: int, tag: str) -> list[list[float]]:
-    """Token arrival offsets (s) from submit, seen by a pub/sub subscriber."""
+STAGES = ("task", "loop", "claimed", "text", "put")
+
+
+def through_sheepdog(
+    client: Client,
+    r: redis.Redis,
+    n: int,
+    tag: str,
+    stages: list[dict[str, float]] | None = None,
+    relay: list[float] | None = None,
+) -> list[list[float]]:
+    """Token arrival offsets (s) from submit, seen by a pub/sub subscriber (and, into `stages`,
+    each request's stage times relative to its message being sent)."""
     runs = []
     for i in range(n):
         item = client.prepare({**body(i, tag), "priority": "high"})
         pubsub = r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(keys.stream_channel(item.id))
         pubsub.get_message(timeout=1)  # the subscribe confirmation
+        wall0 = time.time()
         t0 = time.perf_counter()
         client._send([item])
-        times = []
+        times: list[float] = []
+        seen: list[float] = []
+        first_seen = 0.0
         while True:
             msg = pubsub.get_message(timeout=10)
             if msg is None:
                 continue
             data = orjson.loads(msg["data"])
             if data["type"] == "token":
+                now = time.time()
+                if not times:
+                    first_seen = now
+                seen.append(now)
                 times.append(time.perf_counter() - t0)
             elif data["type"] in ("done", "error"):
                 break
         pubsub.close()
         runs.append(times)
+        if stages is not None:
+            trace = r.hgetall(keys.stream_trace(item.id))
+            arrivals = orjson.loads(trace.pop(b"arrivals", b"[]"))
+            marks = {k.decode(): float(v) for k, v in trace.items()}
+            if relay is not None and len(arrivals) == len(seen):
+                relay.extend(s - a for s, a in zip(seen, arrivals, strict=True))
+            if all(k in marks for k in STAGES):
+                stages.append(
+                    {k: (marks[k] - wall0) * 1000 for k in STAGES}
+                    | {"seen": (first_seen - wall0) * 1000}
+                )
     return runs
 
 
@@ -163,17 +208,33 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
     direct(sim, 5, "warm" + tag)
     through_sheepdog(client, r, 5, "warm" + tag)
     a = direct(sim, n, tag)
-    b = through_sheepdog(client, r, n, tag)
+    stages: list[dict[str, float]] = []
+    relay: list[float] = []
+    b = through_sheepdog(client, r, n, tag, stages, relay)
+    noise = direct(sim, n, tag)  # the same chunks direct again: the metric's own noise floor
     ttft_a = [run[0] for run in a]
     ttft_b = [run[0] for run in b]
     med_a = statistics.median(ttft_a)
     added = [t - med_a for t in ttft_b]
     delays = []
-    for ra, rb in zip(a, b, strict=True):
+    floor = []
+    for ra, rb, rc in zip(a, b, noise, strict=True):
         for k in range(1, min(len(ra), len(rb))):
             delays.append((rb[k] - rb[0]) - (ra[k] - ra[0]))
+        for k in range(1, min(len(ra), len(rc))):
+            floor.append((rc[k] - rc[0]) - (ra[k] - ra[0]))
     ms = 1000
+
+    def stage(key: str) -> float:
+        return statistics.median(s[key] for s in stages) if stages else float("nan")
+
     return {
+        "at_task": stage("task"),
+        "at_loop": stage("loop"),
+        "at_claimed": stage("claimed"),
+        "at_text": stage("text"),
+        "at_put": stage("put"),
+        "at_seen": stage("seen"),
         "direct_ttft_p50": pct(ttft_a, 0.5) * ms,
         "direct_ttft_p99": pct(ttft_a, 0.99) * ms,
         "sheepdog_ttft_p50": pct(ttft_b, 0.5) * ms,
@@ -182,6 +243,9 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
         "added_ttft_p99": pct(added, 0.99) * ms,
         "added_chunk_p50": pct(delays, 0.5) * ms,
         "added_chunk_p99": pct(delays, 0.99) * ms,
+        "noise_chunk_p99": pct(floor, 0.99) * ms,
+        "relay_p50": pct(relay, 0.5) * ms,
+        "relay_p99": pct(relay, 0.99) * ms,
     }
 
 
@@ -214,7 +278,7 @@ def simulator_alone(sim: SimulatorProcess, n: int, tag: str) -> dict[str, float]
 
 
 def concurrency(
-    sim: SimulatorProcess, client: Client, r: redis.Redis, worker: int, n: int, db_url: str
+    sim: SimulatorProcess, client: Client, r: redis.Redis, workers: list[int], n: int, db_url: str
 ) -> dict[str, float]:
     """n streams at once through one worker, against the simulator's own time for them."""
     sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
@@ -229,7 +293,7 @@ def concurrency(
                 "py-spy",
                 "record",
                 "-p",
-                str(worker),
+                str(workers[0]),
                 "-d",
                 "12",
                 "-r",
@@ -244,7 +308,11 @@ def concurrency(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    cpu0 = cpu_s(worker)
+    assert sim.process is not None
+    sim_pid = sim.process.pid
+    cpu0 = sum(cpu_s(w) for w in workers)
+    sim0 = cpu_s(sim_pid)
+    box0 = box_busy()
     sent: dict[str, float] = {}
     t0 = time.time()
     for item in items:  # one message each, as submit_many sends them; each send time kept
@@ -262,13 +330,19 @@ def concurrency(
         time.sleep(0.2)
     with session_scope(db_url) as session:
         rows = session.execute(
-            select(Request.id, Request.status, Request.finished_at).where(Request.id.in_(ids))
+            select(Request.id, Request.status, Request.first_token_at, Request.finished_at).where(
+                Request.id.in_(ids)
+            )
         ).all()
-    cpu = cpu_s(worker) - cpu0
+    cpu = sum(cpu_s(w) for w in workers) - cpu0
+    sim_cpu = cpu_s(sim_pid) - sim0
+    box1 = box_busy()
+    busy = (box1[0] - box0[0]) / max(box1[1] - box0[1], 1.0)
     if spy is not None:
         spy.wait()
     finished = {row.id: row.finished_at.timestamp() for row in rows if row.finished_at}
     each = [finished[rid] - sent[rid] for rid in finished]
+    start = [row.first_token_at.timestamp() - sent[row.id] for row in rows if row.first_token_at]
     succeeded = {row.id for row in rows if row.status == "succeeded"}
     lost = 0
     chunks = 0
@@ -296,6 +370,10 @@ def concurrency(
         "after_send": (max(finished.values()) - t_sent) if finished else float("nan"),
         "each_p50": pct(each, 0.5),
         "each_max": max(each) if each else float("nan"),
+        "start_p50": pct(start, 0.5),
+        "start_max": max(start) if start else float("nan"),
+        "box_busy": busy,
+        "sim_cpu_s": sim_cpu,
         "completed": float(len(succeeded)),
         "lost": float(lost),
         "cpu_s": cpu,
@@ -323,6 +401,32 @@ def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> 
             ("per-chunk p99", "added_chunk_p99"),
         ):
             rows.append([name + " (added)", "5 ms apart", "", f"+{med(lat, key):.3f} ms"])
+        rows.append(
+            [
+                "per-chunk p99, direct vs direct again",
+                f"+{med(lat, 'noise_chunk_p99'):.3f} ms",
+                "",
+                "(the metric's noise floor)",
+            ]
+        )
+        rows.append(
+            [
+                "per-chunk relay p50 / p99",
+                "",
+                f"{med(lat, 'relay_p50'):.3f} / {med(lat, 'relay_p99'):.3f} ms",
+                "provider chunk in -> subscriber",
+            ]
+        )
+        stages = [
+            ("task thread starts", "at_task"),
+            ("on the loop", "at_loop"),
+            ("claim done", "at_claimed"),
+            ("provider's first text", "at_text"),
+            ("first token queued", "at_put"),
+            ("seen by the subscriber", "at_seen"),
+        ]
+        for name, key in stages:
+            rows.append([f"  TTFT breakdown: {name}", "", f"{med(lat, key):.2f} ms after send", ""])
     if conc:
         sim_wall, wall = med(conc, "sim_wall"), med(conc, "wall")
         rows += [
@@ -334,6 +438,18 @@ def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> 
                 f"x{med(conc, 'each_max') / med(conc, 'sim_each_max'):.2f} (max)",
             ],
             [f"{n} streams: sending the messages", "", f"{med(conc, 'send'):.2f} s", ""],
+            [
+                f"{n} streams: start delay (sent to first token) p50 / max",
+                "",
+                f"{med(conc, 'start_p50'):.2f} / {med(conc, 'start_max'):.2f} s",
+                "",
+            ],
+            [
+                f"{n} streams: box CPU busy (2 cores) / simulator CPU",
+                "",
+                f"{med(conc, 'box_busy') * 100:.0f} % / {med(conc, 'sim_cpu_s'):.2f} s",
+                "",
+            ],
             [
                 f"{n} streams: completed / lost",
                 "",
@@ -357,6 +473,7 @@ def main() -> None:
     parser.add_argument("--db", choices=["pg", "sqlite"], default="pg")
     parser.add_argument("--runs", type=int, default=3, help="repeat each phase; medians shown")
     parser.add_argument("--skip", choices=["latency", "concurrency"], default=None)
+    parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-stream-"))
     db_url = new_pg() if args.db == "pg" else f"sqlite:///{workdir / 'bench.db'}"
@@ -380,6 +497,7 @@ def main() -> None:
             SHEEPDOG_DATABASE_URL=db_url,
             SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
             SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+            SHEEPDOG_STREAM_TRACE="1",
         )
         settings = Settings(
             redis_url=REDIS,
@@ -388,23 +506,29 @@ def main() -> None:
             openai_api_key=sim.api_key,
         )
         client = Client(settings)
-        worker = start_worker(env, workdir)
+        procs = [start_worker(env, workdir, i) for i in range(args.workers)]
         try:
             for run in range(args.runs):
                 if args.skip != "latency":
                     lat.append(latency(sim, client, r, args.requests))
                     print(f"run {run + 1} latency: {fmt(lat[-1])}", flush=True)
                 if args.skip != "concurrency":
-                    conc.append(concurrency(sim, client, r, worker.pid, args.streams, db_url))
+                    pids = [p.pid for p in procs]
+                    conc.append(concurrency(sim, client, r, pids, args.streams, db_url))
                     print(f"run {run + 1} concurrency: {fmt(conc[-1])}", flush=True)
         finally:
-            worker.terminate()
-            worker.wait(30)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
     if args.db == "pg":
         drop_pg(db_url)
     rows = table(lat, conc, args.streams)
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    print(f"\nstreaming path ({args.db}, {os.cpu_count()} cores, medians of {args.runs} runs)")
+    print(
+        f"\nstreaming path ({args.db}, {os.cpu_count()} cores, {args.workers} worker process(es),"
+        f" medians of {args.runs} runs)"
+    )
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 

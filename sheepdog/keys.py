@@ -15,6 +15,11 @@ def replay_log(request_id: str) -> str:
     return f"{PREFIX}:replay:{request_id}"
 
 
+def stream_trace(request_id: str) -> str:
+    """A stream's stage times, written only when SHEEPDOG_STREAM_TRACE is set (benchmarks)."""
+    return f"{PREFIX}:trace:{request_id}"
+
+
 def idempotency(key: str) -> str:
     """Maps a caller's idempotency key to the first request id submitted with it."""
     return f"{PREFIX}:idem:{key}"

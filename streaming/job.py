@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,8 @@ class StreamJob:
     tokens: int = 0
     first_token_at: datetime | None = None
     calls: int = 0
+    marks: dict[str, float] | None = None  # wall-clock stage times (SHEEPDOG_STREAM_TRACE)
+    arrivals: list[float] | None = None  # and each token's arrival from the provider
 
     # -- control (loop thread) -----------------------------------------------------------
 
@@ -129,9 +132,15 @@ class StreamJob:
 
     async def _on_text(self, text: str) -> bool:
         if self.grant is None:
+            if self.marks is not None:
+                self.marks.setdefault("text", time.time())
             await self._wait_grant()
         if self.first_token_at is None:
             self.first_token_at = utcnow()
+            if self.marks is not None:
+                self.marks["put"] = time.time()
+        if self.arrivals is not None:
+            self.arrivals.append(time.time())
         self.parts.append(text)
         self.tokens += 1
         self.shown += 1

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from models.intake import IntakeItem
@@ -29,6 +31,8 @@ from streaming.runtime import Runtime, get_runtime
 
 log = logging.getLogger("sheepdog.streaming")
 
+CANCELLED_FIRST = "cancelled before the start"
+
 
 def run_stream(
     request_id: str,
@@ -41,6 +45,7 @@ def run_stream(
 
     With `overlap` the provider call starts while the row is recorded and claimed; without it
     (a redelivered message) the row is checked first."""
+    started = time.time()
     settings = settings or get_settings()
     intake: IntakeItem | None = None
     if item is not None:
@@ -51,9 +56,6 @@ def run_stream(
                 "%s: malformed stream message dropped (%d errors)", request_id, err.error_count()
             )
             return "malformed"
-    redis = get_redis(settings.redis_url)
-    if redis.exists(keys.cancel_flag(request_id)):
-        return _cancel_before_start(settings, request_id, intake)
     if intake is not None:
         body = intake.body
     else:
@@ -72,21 +74,36 @@ def run_stream(
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
     job = runtime.register(request_id, body)
+    if runtime.trace:
+        job.marks = {"task": started}
+        job.arrivals = []
     try:
-        # This thread only waits: the claim, the stream and the end all happen on the loop.
-        return runtime.call(serve(runtime, job, settings, intake))
+        # This thread only waits: the cancel check, the claim, the stream and the end all happen
+        # on the loop (each blocking call made here would cost this thread a wait for the GIL,
+        # and a thousand such threads queue the loop behind them).
+        ended = runtime.call(serve(runtime, job, settings, intake))
     finally:
         runtime.forget(job)
+    if ended is CANCELLED_FIRST:
+        return _cancel_before_start(settings, request_id, intake)
+    return ended
 
 
 async def serve(
     runtime: Runtime, job: StreamJob, settings: Settings, intake: IntakeItem | None
 ) -> str:
-    """Claim, stream and end one request (loop thread); returns how it ended."""
+    """Claim, stream and end one request (loop thread); returns how it ended, or
+    CANCELLED_FIRST for a request cancelled before it started (left to the caller)."""
+    if job.marks is not None:
+        job.marks["loop"] = time.time()
+    if await runtime.redis.exists(keys.cancel_flag(job.request_id)):
+        return CANCELLED_FIRST
     claimed = runtime.writer.claim(job.request_id, intake)
     streaming = asyncio.ensure_future(job.run())  # the provider call overlaps the claim
     try:
         claim = await claimed
+        if job.marks is not None:
+            job.marks["claimed"] = time.time()
     except BaseException:
         job.resolve(None)
         await asyncio.wait([streaming])
@@ -171,6 +188,13 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
     log.info(
         "%s: %s after %d provider call(s)", job.request_id, end.status.value, outcome.provider_calls
     )
+    if job.marks is not None:  # a diagnostic for bench/bench_stream.py; never on by default
+        key = keys.stream_trace(job.request_id)
+        trace = {**job.marks, "arrivals": orjson.dumps(job.arrivals)}
+        async with runtime.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=trace)  # type: ignore[arg-type]
+            pipe.expire(key, 3600)
+            await pipe.execute()
     return end.status.value
 
 
