@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import openai
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from models.tables import BatchJob, utcnow
+from models.tables import BatchJob, Request, utcnow
 from scheduler.claim import Group, claim
 from scheduler.emulated import EMULATED, submit_emulated
 from scheduler.jobs import (
@@ -37,7 +37,8 @@ from scheduler.jobs import (
 from scheduler.jsonl import write_job_file
 from sheepdog import keys
 from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status, move_each
+from sheepdog.errors import scrub_secrets
+from sheepdog.lifecycle import Status, move_each, move_many
 from sheepdog.providers import client_for, load_providers, resolve_batch_mode
 from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings, get_settings
@@ -45,7 +46,16 @@ from sheepdog.settings import Settings, get_settings
 log = logging.getLogger("sheepdog.batch.flush")
 
 METADATA_KEY = "sheepdog_job_id"
-LIST_SLACK_S = 600  # provider/our clock skew tolerated when paging batches.list
+LIST_SLACK_S = 600
+# Refusals no retry can fix (a wrong key, a forbidden model, an endpoint the provider lacks):
+# the job's requests fail with the provider's reason instead of the job waiting forever.
+REFUSED = (
+    openai.AuthenticationError,
+    openai.PermissionDeniedError,
+    openai.BadRequestError,
+    openai.NotFoundError,
+    openai.UnprocessableEntityError,
+)  # provider/our clock skew tolerated when paging batches.list
 
 
 @dataclass
@@ -108,6 +118,9 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
         for g in result.groups:
             try:
                 job = submit_job(settings, g.job_id, crash_after=crash_after, fresh=True)
+            except REFUSED as err:
+                report.failed += give_up_job(settings, g.job_id, err)
+                continue
             except (openai.APIError, OSError, KeyError) as err:
                 # The job stays `preparing`; the next flush or poll finishes it.
                 log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
@@ -140,6 +153,11 @@ def repair_preparing(
                 continue  # its submitter is alive (or died less than a lock TTL ago)
             try:
                 done = submit_job(settings, job_id, crash_after=crash_after, fresh=False)
+            except REFUSED as err:
+                failed = give_up_job(settings, job_id, err)
+                if report is not None:
+                    report.failed += failed
+                continue
             except (openai.APIError, OSError, KeyError) as err:
                 log.warning("job %s: repair failed, will retry: %s", job_id, err)
                 continue
@@ -150,6 +168,36 @@ def repair_preparing(
                 report.failed += done[1]
                 report.jobs.append(done[0])
     return repaired
+
+
+def give_up_job(settings: Settings, job_id: str, err: openai.APIStatusError) -> int:
+    """End a job the provider refused: it becomes `failed` (and counts as ingested, nothing
+    will come back) and its requests fail with the provider's reason. Returns how many."""
+    reason = scrub_secrets(
+        f"the provider refused the batch ({err.status_code}): {err.message}",
+        settings.api_key(),
+    )
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        ids = session.scalars(
+            select(Request.id).where(
+                Request.batch_job_id == job_id, Request.status == Status.BATCHED.value
+            )
+        ).all()
+        failed = move_many(session, ids, Status.FAILED, from_=[Status.BATCHED], error=reason)
+        session.execute(
+            update(BatchJob)
+            .where(BatchJob.id == job_id)
+            .values(
+                status="failed",
+                errors={"object": "list", "data": [{"code": "submit_refused", "message": reason}]},
+                finished_at=now,
+                ingested_at=now,
+                updated_at=now,
+            )
+        )
+    log.error("job %s: %s; %d requests failed", job_id, reason, failed)
+    return failed
 
 
 def submit_job(

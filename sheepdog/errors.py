@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SheepdogError(Exception):
     """Base class: str(err) is one clear line."""
@@ -46,3 +48,15 @@ def redact_url(url: str) -> str:
             user = creds.split(":", 1)[0]
             return f"{scheme}://{user}:***@{host}"
         return url
+
+
+_KEYLIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_*\-]{4,}")
+
+
+def scrub_secrets(text: str, *secrets: str | None) -> str:
+    """`text` without API keys: the given secrets and anything shaped like a key (`sk-…`;
+    providers echo a masked key in 401 messages)."""
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    return _KEYLIKE.sub(r"\1-***", text)

@@ -21,6 +21,8 @@ import httpx2
 import openai
 import orjson
 
+from sheepdog.errors import scrub_secrets
+
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 CHAT_PATH = "/chat/completions"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -83,7 +85,7 @@ def _status_error(err: openai.APIStatusError) -> Exception:
     status = err.status_code
     body = err.body
     detail = body.get("message") if isinstance(body, dict) else None
-    message = str(detail or err.message)
+    message = scrub_secrets(str(detail or err.message))
     if status == 400 and "stream_options" in message:
         return RejectsStreamOptions(f"provider rejected stream_options: {message}")
     if status in RETRYABLE_STATUS or status >= 500:
@@ -94,7 +96,7 @@ def _status_error(err: openai.APIStatusError) -> Exception:
 def _stream_error(obj: dict[str, Any]) -> Exception:
     error = obj.get("error")
     detail = error if isinstance(error, dict) else {"message": str(error)}
-    message = str(detail.get("message") or "error event in the stream")
+    message = scrub_secrets(str(detail.get("message") or "error event in the stream"))
     kind = str(detail.get("type") or detail.get("code") or "")
     if "server" in kind or "rate" in kind or "overloaded" in kind:
         return Retryable(f"provider error mid-stream: {message}")
