@@ -133,7 +133,9 @@ class Client:
             with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
                 for _, item in keyed:
                     pipe.set(
-                        keys.idempotency(item.request["idempotency_key"]),
+                        keys.idempotency(
+                            item.request["idempotency_key"], self.settings.broker_prefix
+                        ),
                         item.id,
                         nx=True,
                         ex=IDEMPOTENCY_TTL_S,
@@ -158,7 +160,7 @@ class Client:
 
     def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
         names = [
-            keys.idempotency(item.request["idempotency_key"])
+            keys.idempotency(item.request["idempotency_key"], self.settings.broker_prefix)
             for item in items
             if item.request.get("idempotency_key")
         ]

@@ -20,9 +20,10 @@ def stream_trace(request_id: str) -> str:
     return f"{PREFIX}:trace:{request_id}"
 
 
-def idempotency(key: str) -> str:
-    """Maps a caller's idempotency key to the first request id submitted with it."""
-    return f"{PREFIX}:idem:{key}"
+def idempotency(key: str, deployment: str = "") -> str:
+    """Maps a caller's idempotency key to the first request id submitted with it. `deployment`
+    (the broker prefix) keeps deployments that share one Redis database apart."""
+    return f"{deployment}{PREFIX}:idem:{key}"
 
 
 def cancel_flag(request_id: str) -> str:
