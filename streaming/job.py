@@ -82,6 +82,18 @@ class StreamJob:
     calls: int = 0
     marks: dict[str, float] | None = None  # wall-clock stage times (SHEEPDOG_STREAM_TRACE)
     arrivals: list[float] | None = None  # and each token's arrival from the provider
+    # Liveness for the heartbeat (monotonic clock): the row is refreshed only while the job
+    # makes progress. Set at state changes (grant, each attempt, backoff, the end) and pushed
+    # on by the heartbeat itself when `seq` moved since its last round, so a chunk costs nothing.
+    live_until: float = 0.0
+    beat_seq: int = -1
+    stalled: bool = False  # logged once when the heartbeat stops refreshing the row
+    previous: StreamJob | None = None  # a job for the same id this one replaced in the runtime
+    finished: bool = False
+
+    def live_for(self, seconds: float) -> None:
+        """Count the job as making progress for `seconds` from now (a state change)."""
+        self.live_until = time.monotonic() + seconds
 
     # -- control (loop thread) -----------------------------------------------------------
 
@@ -175,11 +187,16 @@ class StreamJob:
         timeout = httpx2.Timeout(settings.provider_timeout_s, read=settings.stream_idle_timeout_s)
         include_usage = True
         attempt = 0
+        # An attempt in flight counts as progress within its own timeouts (connect and first
+        # byte, then the idle limit between chunks; the heartbeat sees the chunks themselves).
+        in_flight_s = settings.provider_timeout_s + settings.stream_idle_timeout_s
         while True:
             attempt += 1
             self.calls += 1
+            self.live_for(in_flight_s)
             try:
                 client = await providers.before_call(self.runtime, self.body)  # rate limit
+                self.live_for(in_flight_s)
                 end = await stream_once(
                     client,
                     self.body,
@@ -215,6 +232,7 @@ class StreamJob:
                     delay,
                 )
                 self._grant_then_reset()
+                self.live_for(delay + in_flight_s)
                 await asyncio.sleep(delay)
                 continue
             return self._succeeded(end.finish_reason, end.usage)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -32,6 +32,9 @@ from streaming.runtime import Runtime, get_runtime
 log = logging.getLogger("sheepdog.streaming")
 
 CANCELLED_FIRST = "cancelled before the start"
+UNWRITTEN = "end not written"
+
+T = TypeVar("T")
 
 
 def run_stream(
@@ -101,18 +104,27 @@ async def serve(
     claimed = runtime.writer.claim(job.request_id, intake)
     streaming = asyncio.ensure_future(job.run())  # the provider call overlaps the claim
     try:
-        claim = await claimed
+        claim = await _bounded(runtime, claimed, "claim")
         if job.marks is not None:
             job.marks["claimed"] = time.time()
-    except BaseException:
+    except BaseException as err:
+        job.stop(LOST)
         job.resolve(None)
         await asyncio.wait([streaming])
+        if isinstance(err, Exception) and store.is_transient(err):
+            # The task sends itself again later (tasks/stream.py): the message may be the
+            # request's only copy. A claim that did commit unseen is the janitor's (no heartbeat).
+            raise store.Unavailable(f"claim failed: {err!r}") from err
         raise
     if claim is None:
         job.stop(LOST)
         job.resolve(None)
         await asyncio.wait([streaming])
         return "skipped (not queued)"
+    if job.previous is not None:  # an older job for this id lost its row: stop its stream
+        job.previous.stop(LOST)
+    # Owning the row is a state change (the attempt under way may count for longer already).
+    job.live_until = max(job.live_until, time.monotonic() + runtime.settings.heartbeat_timeout_s)
     await _grant(runtime, job, claim)
     try:
         outcome: Outcome = await streaming
@@ -120,6 +132,15 @@ async def serve(
         log.exception("%s: stream crashed", job.request_id)
         outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
     return await _finish(runtime, job, claim, outcome)
+
+
+async def _bounded(runtime: Runtime, pending: asyncio.Future[T], what: str) -> T:
+    """Await a writer future for at most the writer's own bound: the writer resolves every
+    future, and this keeps a task thread from waiting forever should that ever fail."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending), runtime.writer.max_wait_s)
+    except TimeoutError:
+        raise store.Unavailable(f"{what} not resolved in {runtime.writer.max_wait_s:g}s") from None
 
 
 async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
@@ -163,13 +184,20 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
             error=reason,
             first_token_at=outcome.first_token_at,
         )
+    # Waiting on the database is not progress: from here the heartbeat refreshes the row no
+    # more, so an end stuck past heartbeat_timeout_s lets the janitor take the row back.
+    job.live_until = 0.0
     try:
-        cost = await runtime.writer.finish(job.request_id, claim, end)
+        cost = await _bounded(runtime, runtime.writer.finish(job.request_id, claim, end), "end")
     except store.Fenced:
         log.warning(
             "%s: row taken back before the end was written; left to its owner", job.request_id
         )
         return LOST
+    except Exception as err:
+        # Left `streaming` without a heartbeat: the janitor takes it back and sends it again.
+        log.error("%s: end not written (%r); left to the janitor", job.request_id, err)
+        return UNWRITTEN
     # The row's end is written first, so a subscriber that sees `done` can read the finished row.
     if end.status is Status.SUCCEEDED:
         usage = {

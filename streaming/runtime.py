@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -80,7 +81,13 @@ class Runtime:
         )
         self.publisher = Publisher(self.redis, s.replay_ttl_s)
         await self.publisher.warm_up()  # connection open and script cached before any stream
-        self.writer = Writer(s.database_url)
+        self.writer = Writer(
+            s.database_url,
+            # A database call that takes this long is taken to hang; a batch is sent again for
+            # this long while the database is away (the heartbeat gives the row up earlier).
+            call_timeout_s=max(10.0, s.heartbeat_timeout_s),
+            retry_s=2 * s.heartbeat_timeout_s,
+        )
         self._tasks = [
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self.writer.run_claims(), name="claims"),
@@ -98,12 +105,22 @@ class Runtime:
     def register(self, request_id: str, body: dict[str, Any]) -> StreamJob:
         """A job for `request_id`, known to the cancel listener from now on (task thread)."""
         job = StreamJob(self, request_id, body, asyncio.Future(loop=self.loop))
+        # A job already here for the same id (its row was taken back and sent again) is kept
+        # as `previous`: stopped if this one claims the row, back in place if it does not.
+        job.previous = self.jobs.get(request_id)
         self.jobs[request_id] = job  # before any cancel check, so a cancel cannot slip between
         return job
 
     def forget(self, job: StreamJob) -> None:
+        """Drop a finished job (task thread)."""
+        job.finished = True
         if self.jobs.get(job.request_id) is job:
-            del self.jobs[job.request_id]
+            previous = job.previous
+            if previous is not None and not previous.finished:
+                self.jobs[job.request_id] = previous
+            else:
+                del self.jobs[job.request_id]
+        job.previous = None
 
     # -- loop services -------------------------------------------------------------------------
 
@@ -127,30 +144,53 @@ class Runtime:
                 await asyncio.sleep(0.5)
 
     async def _heartbeat(self) -> None:
-        """One UPDATE per interval for every stream this process owns; a stream whose row was
-        taken back (janitor) is stopped without writing anything."""
+        """One UPDATE per interval for the streams of this process that made progress; a
+        stream whose row was taken back (janitor) is stopped without writing anything.
+
+        A heartbeat says the stream moves, not that the process lives: a job counts while it
+        is within the allowance of its last state change (an attempt in flight within its
+        timeouts, a backoff) or published since the last round. A job waiting on anything else,
+        e.g. the database, stops being refreshed, so the janitor takes its row back and the
+        fencing token (attempts) keeps this one from writing it."""
         interval = self.settings.heartbeat_interval_s
+        idle = self.settings.stream_idle_timeout_s
         while True:
             await asyncio.sleep(interval)
-            owned = {
-                rid: job.grant.attempts
-                for rid, job in list(self.jobs.items())
-                if job.grant is not None
-            }
+            owned = progressing(self.jobs, time.monotonic(), idle)
             if not owned:
                 continue
             try:
                 alive = await self.writer.on_end_thread(
                     touch_heartbeats, self.settings.database_url, owned
                 )
-            except Exception:  # the database may be away for a while; try again next round
-                log.exception("heartbeat update failed")
+            except Exception as err:  # the database may be away a while; try again next round
+                log.warning("heartbeat update failed: %r", err)
                 continue
             for rid in set(owned) - alive:
-                job = self.jobs.get(rid)
-                if job is not None and job.task is not None and not job.task.done():
+                gone = self.jobs.get(rid)
+                if gone is not None and gone.task is not None and not gone.task.done():
                     log.warning("%s: row taken back by another worker; stopping", rid)
-                    job.stop(LOST)
+                    gone.stop(LOST)
+
+
+def progressing(jobs: dict[str, StreamJob], now: float, idle_s: float) -> dict[str, int]:
+    """The owned jobs (id -> attempts) that made progress: within the allowance of their last
+    state change, or published since the last round (which extends it by the idle limit, the
+    longest a live stream may go without a chunk)."""
+    owned: dict[str, int] = {}
+    for rid, job in list(jobs.items()):
+        if job.grant is None:
+            continue
+        if job.seq != job.beat_seq:  # published since the last round
+            job.beat_seq = job.seq
+            job.live_until = max(job.live_until, now + idle_s)
+        if now < job.live_until:
+            owned[rid] = job.grant.attempts
+            job.stalled = False
+        elif not job.stalled:
+            job.stalled = True
+            log.warning("%s: no progress; its heartbeat is no longer refreshed", rid)
+    return owned
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

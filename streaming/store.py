@@ -16,6 +16,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -59,6 +61,28 @@ class RowState:
 
 class Fenced(Exception):
     """The row was taken back (attempts moved on) while this worker streamed it."""
+
+
+class Unavailable(Exception):
+    """The database did not answer in time (down, restarting, or a call that hung)."""
+
+
+_TRANSIENT = (
+    Unavailable,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # no pooled connection within pool_timeout
+    psycopg.OperationalError,  # raw driver calls (_insert_fresh) are not wrapped
+    psycopg.InterfaceError,
+)
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors of the database being away (worth the same work again later), not of
+    the work itself."""
+    if isinstance(err, _TRANSIENT):
+        return True
+    return isinstance(err, sa_exc.DBAPIError) and bool(err.connection_invalidated)
 
 
 def load(db_url: str, request_id: str) -> RowState | None:

@@ -6,11 +6,12 @@ import gc
 from typing import Any
 
 from celery.signals import worker_ready
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sheepdog.settings import get_settings
 from streaming.runner import run_stream
 from streaming.runtime import get_runtime
+from streaming.store import Unavailable
 from workers.app import app
 
 
@@ -20,7 +21,7 @@ from workers.app import app
     name="sheepdog.stream",
     acks_late=True,
     bind=True,
-    autoretry_for=(OperationalError,),
+    autoretry_for=(OperationalError, InterfaceError, Unavailable),
     retry_backoff=1,
     retry_backoff_max=30,
     max_retries=None,
