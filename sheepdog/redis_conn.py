@@ -6,6 +6,8 @@ from functools import lru_cache
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from sheepdog.errors import REDIS_HINT, ServiceUnavailable, redact_url
 
@@ -37,9 +39,15 @@ def get_redis(url: str | None = None) -> redis.Redis:
 
 
 def new_async_redis(url: str | None = None) -> aioredis.Redis:
-    """An asyncio client; one per event loop (asyncio clients cannot cross loops)."""
+    """An asyncio client; one per event loop (asyncio clients cannot cross loops). A command
+    that meets a dead pooled connection (Redis restarted) reconnects and tries again."""
     return aioredis.Redis.from_url(
-        _url(url), max_connections=POOL_SIZE, socket_connect_timeout=5, health_check_interval=30
+        _url(url),
+        max_connections=POOL_SIZE,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

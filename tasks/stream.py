@@ -6,6 +6,8 @@ import gc
 from typing import Any
 
 from celery.signals import worker_ready
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sheepdog.settings import get_settings
@@ -15,13 +17,20 @@ from streaming.store import Unavailable
 from workers.app import app
 
 
-# The message is the only copy of a new request until its row is claimed: a database that is
-# away must not lose it (a failed task is acknowledged), so it is sent again until it is back.
+# The message is the only copy of a new request until its row is claimed: a database or Redis
+# that is away must not lose it (a failed task is acknowledged), so it is sent again until it
+# is back.
 @app.task(
     name="sheepdog.stream",
     acks_late=True,
     bind=True,
-    autoretry_for=(OperationalError, InterfaceError, Unavailable),
+    autoretry_for=(
+        OperationalError,
+        InterfaceError,
+        Unavailable,
+        RedisConnectionError,
+        RedisTimeoutError,
+    ),
     retry_backoff=1,
     retry_backoff_max=30,
     max_retries=None,
