@@ -143,6 +143,19 @@ async def _bounded(runtime: Runtime, pending: asyncio.Future[T], what: str) -> T
         raise store.Unavailable(f"{what} not resolved in {runtime.writer.max_wait_s:g}s") from None
 
 
+async def _written_unseen(
+    runtime: Runtime, job: StreamJob, claim: store.Claim, end: store.End
+) -> bool:
+    """A fenced end may be this end itself, committed while the database went away (the
+    batch was then sent again); checked only on that rare path."""
+    try:
+        return await runtime.writer.on_end_thread(
+            store.ended_as, runtime.settings.database_url, job.request_id, claim, end
+        )
+    except Exception:  # the janitor's view of the row wins
+        return False
+
+
 async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
     grant: Grant | None = None
     try:
@@ -190,10 +203,13 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
     try:
         cost = await _bounded(runtime, runtime.writer.finish(job.request_id, claim, end), "end")
     except store.Fenced:
-        log.warning(
-            "%s: row taken back before the end was written; left to its owner", job.request_id
-        )
-        return LOST
+        if not await _written_unseen(runtime, job, claim, end):
+            log.warning(
+                "%s: row taken back before the end was written; left to its owner",
+                job.request_id,
+            )
+            return LOST
+        cost = None  # in the row; the last message goes out without it
     except Exception as err:
         # Left `streaming` without a heartbeat: the janitor takes it back and sends it again.
         log.error("%s: end not written (%r); left to the janitor", job.request_id, err)

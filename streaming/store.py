@@ -202,6 +202,22 @@ def _claim_in(session: Session, request_id: str, item: IntakeItem | None) -> Cla
     return Claim(row.attempts, row.tenant, row.model)
 
 
+def ended_as(db_url: str, request_id: str, claim: Claim, end: End) -> bool:
+    """True when the row already holds this end under this claim: a write whose commit went
+    through while its acknowledgement was lost (the database went away meanwhile), so the
+    retry was refused as fenced."""
+    with _session(db_url) as session:
+        row = session.execute(
+            select(Request.status, Request.attempts, Request.text).where(Request.id == request_id)
+        ).one_or_none()
+    return (
+        row is not None
+        and row.status == end.status.value
+        and row.attempts == claim.attempts
+        and (row.text or "") == end.text
+    )
+
+
 def cancel_queued(db_url: str, request_id: str, item: IntakeItem | None) -> bool:
     """Record the row if needed and move it queued -> cancelled; True when it moved."""
     with _session(db_url) as session:

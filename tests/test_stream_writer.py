@@ -259,3 +259,35 @@ def test_heartbeat_refreshes_only_streams_that_progress() -> None:
         assert ungranted.grant is None
     finally:
         runtime.loop.close()
+
+
+def test_an_end_committed_but_not_acknowledged_is_recognised(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    item = intake(pg_url, 1)[0]
+    real = store.finish_many
+    calls = {"n": 0}
+
+    def ack_lost(db_url: str, ends: Any) -> Any:
+        calls["n"] += 1
+        out = real(db_url, ends)
+        if calls["n"] == 1:  # committed, then the connection went before the answer
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return out
+
+    monkeypatch.setattr(store, "finish_many", ack_lost)
+    claims: list[store.Claim] = []
+
+    async def body(writer: Writer) -> None:
+        claim = await writer.claim(item.id, item)
+        assert claim is not None
+        claims.append(claim)
+        with pytest.raises(store.Fenced):  # the retry finds the row no longer streaming
+            await writer.finish(item.id, claim, done("mine"))
+
+    run(pg_url, body, retry_s=5)
+    claim = claims[0]
+    assert store.ended_as(pg_url, item.id, claim, done("mine"))  # runner: publish, not LOST
+    assert not store.ended_as(pg_url, item.id, claim, done("another"))
+    stale = store.Claim(claim.attempts + 1, claim.tenant, claim.model)
+    assert not store.ended_as(pg_url, item.id, stale, done("mine"))
