@@ -69,6 +69,32 @@ def flower(stack, worker, tmp_path: Path) -> Iterator[tuple[str, subprocess.Pope
 
 def test_flower_shows_workers_and_tasks_without_prompts(flower, stack_client) -> None:
     base, proc = flower
+    # Wait until Flower knows the worker (its event receiver is up): tasks sent before that
+    # would show up without their names and arguments. Its first answers may be empty.
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = get(base + "/api/workers?refresh=1", AUTH)
+        assert status == 200
+        if json.loads(body):  # at least the shared worker
+            break
+        assert time.monotonic() < deadline, "flower never listed a worker"
+        time.sleep(0.5)
+    # ...and until its event receiver is live: a warm-up task shows up with its name (one sent
+    # before the receiver was up never will, so send another each round).
+    warm = {
+        "model": "sheepdog-mini",
+        "messages": [{"role": "user", "content": "warm"}],
+        "priority": "low",
+    }
+    deadline = time.monotonic() + 30
+    while True:
+        stack_client.submit(warm)
+        time.sleep(0.5)
+        shown = json.loads(get(base + "/api/tasks", AUTH)[1])
+        if any(t.get("name") == "sheepdog.intake" for t in shown.values()):
+            break
+        assert time.monotonic() < deadline, "flower's event receiver never showed a task"
+
     secret_prompt = f"confidential-prompt-{uuid.uuid4().hex}"
     rid = stack_client.submit(
         {
@@ -89,17 +115,6 @@ def test_flower_shows_workers_and_tasks_without_prompts(flower, stack_client) ->
     for path in ("/api/workers", "/api/tasks"):
         assert get(base + path)[0] == 401
         assert get(base + path, "ops:wrong")[0] == 401
-
-    # Flower learns of workers from their events and its inspect broadcasts; on a busy machine
-    # the first answer may come back empty, so ask again for a while.
-    deadline = time.monotonic() + 30
-    while True:
-        status, body = get(base + "/api/workers?refresh=1", AUTH)
-        assert status == 200
-        if json.loads(body):  # at least the shared worker
-            break
-        assert time.monotonic() < deadline, "flower never listed a worker"
-        time.sleep(0.5)
 
     deadline = time.monotonic() + 30
     while True:
