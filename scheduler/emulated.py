@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy import select, update
 
 from models.tables import BatchJob, Request, utcnow
-from scheduler.jobs import celery_for, update_job
+from scheduler.jobs import celery_for, mark_empty, update_job
 from scheduler.jsonl import encode_line
 from sheepdog import keys
 from sheepdog.db import session_scope
@@ -100,15 +100,7 @@ def submit_emulated(settings: Settings, job_id: str, model: str) -> Submitted:
         log.warning("job %s: %d request(s) could not be a batch line", job_id, len(rejected))
     now = utcnow()
     if lines == 0:
-        update_job(
-            settings,
-            job_id,
-            status="failed",
-            request_count=0,
-            errors={"data": [{"code": "empty", "message": "no request could be written"}]},
-            finished_at=now,
-            ingested_at=now,
-        )
+        mark_empty(settings, job_id)
         return Submitted(0, 0, len(rejected))
     update_job(
         settings, job_id, status=RUNNING, request_count=lines, input_bytes=size, submitted_at=now

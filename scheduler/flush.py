@@ -30,6 +30,7 @@ from scheduler.jobs import (
     crash_point,
     holding,
     job_lock,
+    mark_empty,
     provider_of,
     release,
     update_job,
@@ -274,16 +275,7 @@ def _write_and_upload(
             )
         log.warning("job %s: %d request(s) could not be written", job_id, len(written.rejected))
     if written.lines == 0:
-        now = utcnow()
-        update_job(
-            settings,
-            job_id,
-            status="failed",
-            request_count=0,
-            errors={"data": [{"code": "empty", "message": "no request could be written"}]},
-            finished_at=now,
-            ingested_at=now,
-        )
+        mark_empty(settings, job_id)
         written.path.unlink(missing_ok=True)
         return None, 0, 0, len(written.rejected)
     crash_point(crash_after, "write")

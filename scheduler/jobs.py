@@ -65,6 +65,20 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
         )
 
 
+def mark_empty(settings: Settings, job_id: str) -> None:
+    """End a job none of whose requests could become a line: failed, and nothing to ingest."""
+    now = utcnow()
+    update_job(
+        settings,
+        job_id,
+        status="failed",
+        request_count=0,
+        errors={"data": [{"code": "empty", "message": "no request could be written"}]},
+        finished_at=now,
+        ingested_at=now,
+    )
+
+
 def celery_for(settings: Settings) -> Any:
     """The Celery app publishing to `settings`' broker (URL and key prefix)."""
     from workers.app import app_for

@@ -19,41 +19,40 @@ import redis.asyncio as aioredis
 
 from sheepdog import keys
 
-_ACQUIRE = """
+# Shared by the scripts: Redis' own clock in microseconds, a key's theoretical arrival time
+# (never in the past), and storing one (%d keeps every microsecond: a plain number would be
+# written as 1.7e+15).
+_PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local req_us = tonumber(ARGV[1])
-local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
 local function tat(key)
   local v = tonumber(redis.call('GET', key))
   if v == nil or v < now then return now end
   return v
 end
+local function store(key, value)
+  local ttl = math.floor((value - now) / 1000) + 60000
+  redis.call('SET', key, string.format('%d', value), 'PX', ttl)
+end
+"""
+
+_ACQUIRE = _PRELUDE + """
+local req_us = tonumber(ARGV[1])
+local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
 local tat_r = tat(KEYS[1])
 local tat_t = tat(KEYS[2])
 local wait = 0
 if req_us > 0 and tat_r > now then wait = tat_r - now end
 if tok_us > 0 and tat_t > now and tat_t - now > wait then wait = tat_t - now end
 if wait > 0 then return wait end
-local function store(key, value)
-  -- %d keeps every microsecond (a plain number would be written as 1.7e+15)
-  local ttl = math.floor((value - now) / 1000) + 60000
-  redis.call('SET', key, string.format('%d', value), 'PX', ttl)
-end
 if req_us > 0 then store(KEYS[1], tat_r + req_us) end
 if tok_us > 0 then store(KEYS[2], tat_t + tok_us) end
 return 0
 """
 
-_PENALIZE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+_PENALIZE = _PRELUDE + """
 local until_us = now + tonumber(ARGV[1])
-local v = tonumber(redis.call('GET', KEYS[1]))
-if v == nil or v < until_us then
-  local ttl = math.floor(tonumber(ARGV[1]) / 1000) + 60000
-  redis.call('SET', KEYS[1], string.format('%d', until_us), 'PX', ttl)
-end
+if tat(KEYS[1]) < until_us then store(KEYS[1], until_us) end
 return 0
 """
 
@@ -62,21 +61,10 @@ return 0
 # arrival times (never before now), both move on from it, and the caller sleeps until it. A
 # caller that wakes late loses nothing, so a saturated pacer runs at the configured rate rather
 # than rate / (1 + wake-up delay / interval). Starts stay at least one interval apart.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+_RESERVE = _PRELUDE + """
 local req_us = tonumber(ARGV[1])
 local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
-local function tat(key)
-  local v = tonumber(redis.call('GET', key))
-  if v == nil or v < now then return now end
-  return v
-end
 local slot = math.max(tat(KEYS[1]), tat(KEYS[2]))
-local function store(key, value)
-  local ttl = math.floor((value - now) / 1000) + 60000
-  redis.call('SET', key, string.format('%d', value), 'PX', ttl)
-end
 if req_us > 0 then store(KEYS[1], slot + req_us) end
 if tok_us > 0 then store(KEYS[2], slot + tok_us) end
 return slot - now
