@@ -36,7 +36,9 @@ local function store(key, value)
 end
 """
 
-_ACQUIRE = _PRELUDE + """
+_ACQUIRE = (
+    _PRELUDE
+    + """
 local req_us = tonumber(ARGV[1])
 local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
 local tat_r = tat(KEYS[1])
@@ -49,19 +51,25 @@ if req_us > 0 then store(KEYS[1], tat_r + req_us) end
 if tok_us > 0 then store(KEYS[2], tat_t + tok_us) end
 return 0
 """
+)
 
-_PENALIZE = _PRELUDE + """
+_PENALIZE = (
+    _PRELUDE
+    + """
 local until_us = now + tonumber(ARGV[1])
 if tat(KEYS[1]) < until_us then store(KEYS[1], until_us) end
 return 0
 """
+)
 
 
 # Reserve the next free slot instead of asking "may I go now?": the slot is the later of the two
 # arrival times (never before now), both move on from it, and the caller sleeps until it. A
 # caller that wakes late loses nothing, so a saturated pacer runs at the configured rate rather
 # than rate / (1 + wake-up delay / interval). Starts stay at least one interval apart.
-_RESERVE = _PRELUDE + """
+_RESERVE = (
+    _PRELUDE
+    + """
 local req_us = tonumber(ARGV[1])
 local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
 local slot = math.max(tat(KEYS[1]), tat(KEYS[2]))
@@ -69,6 +77,7 @@ if req_us > 0 then store(KEYS[1], slot + req_us) end
 if tok_us > 0 then store(KEYS[2], slot + tok_us) end
 return slot - now
 """
+)
 
 
 @dataclass(frozen=True)
