@@ -78,23 +78,22 @@ def test_submit_bad_flags(args: list[str], message: str, redis_url: str) -> None
 
 
 def test_submit_file_with_a_bad_line_enqueues_nothing(tmp_path: Path, redis_url: str) -> None:
+    import uuid
+
     import redis
 
     path = tmp_path / "reqs.jsonl"
     good = '{"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hi"}]}'
     path.write_text(f"{good}\n{good}\n{{not json\n")
-    r = redis.Redis.from_url(redis_url)
-    before = r.dbsize(), r.llen("stream"), r.llen("default")
-    line = one_line_error(
-        sheepdog("submit", "--file", str(path), env={"SHEEPDOG_REDIS_URL": redis_url})
-    )
+    # A deployment of its own (key prefix): anything it enqueued would be under that prefix.
+    prefix = f"t-cli-{uuid.uuid4().hex[:8]}:"
+    env = {"SHEEPDOG_REDIS_URL": redis_url, "SHEEPDOG_BROKER_PREFIX": prefix}
+    line = one_line_error(sheepdog("submit", "--file", str(path), env=env))
     assert f"{path}:3: not valid JSON" in line
     path.write_text(f'{good}\n{{"model": "sheepdog-mini", "messages": []}}\n')
-    line = one_line_error(
-        sheepdog("submit", "--file", str(path), env={"SHEEPDOG_REDIS_URL": redis_url})
-    )
+    line = one_line_error(sheepdog("submit", "--file", str(path), env=env))
     assert "request 1: invalid request: messages: messages is empty" in line
-    assert (r.dbsize(), r.llen("stream"), r.llen("default")) == before
+    assert list(redis.Redis.from_url(redis_url).scan_iter(match=f"{prefix}*")) == []
 
 
 def test_status_of_an_unknown_request(sqlite_url: str) -> None:

@@ -106,13 +106,17 @@ def test_cap_too_small_for_the_prompt(settings_env: None) -> None:
         Client().prepare(bad(max_cost_usd="0.0000001"))
 
 
-def test_client_refuses_bad_batch_and_enqueues_nothing(settings_env: None, redis_url: str) -> None:
-    from sheepdog.client import Client
+def test_client_refuses_bad_batch_and_enqueues_nothing(
+    settings_env: None, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
 
-    r = redis.Redis.from_url(redis_url)
-    before = {q: r.llen(q) for q in ("default", "stream", "batch")}
-    keys_before = r.dbsize()
+    from sheepdog.client import Client
+    from sheepdog.settings import Settings
+
+    # A deployment of its own (key prefix): anything it enqueued would be under that prefix.
+    prefix = f"t-val-{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv("SHEEPDOG_BROKER_PREFIX", prefix)
     with pytest.raises(InvalidRequest, match=r"request 2: invalid request: messages: messages is"):
-        Client().submit_many([GOOD, bad(priority="low"), bad(messages=[])])
-    assert {q: r.llen(q) for q in ("default", "stream", "batch")} == before
-    assert r.dbsize() == keys_before
+        Client(Settings()).submit_many([GOOD, bad(priority="low"), bad(messages=[])])
+    assert list(redis.Redis.from_url(redis_url).scan_iter(match=f"{prefix}*")) == []
