@@ -257,6 +257,20 @@ class End:
     first_token_at: datetime | None = None
 
 
+def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
+    """The ledger entry of a stream that ended succeeded with usage."""
+    assert end.prompt_tokens is not None and end.completion_tokens is not None
+    return ledger.Usage(
+        request_id=request_id,
+        tenant=claim.tenant,
+        model=claim.model,
+        route="stream",
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        estimated=end.usage_estimated,
+    )
+
+
 def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
     """Cost at the standard (stream) rate; None for a model missing from the price table."""
     try:
@@ -291,21 +305,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
         if not moved or attempts != claim.attempts:
             raise Fenced(request_id)  # rolls the move back
         if end.status is Status.SUCCEEDED and cost is not None:
-            assert end.prompt_tokens is not None and end.completion_tokens is not None
-            ledger.record(
-                session,
-                [
-                    ledger.Usage(
-                        request_id=request_id,
-                        tenant=claim.tenant,
-                        model=claim.model,
-                        route="stream",
-                        prompt_tokens=end.prompt_tokens,
-                        completion_tokens=end.completion_tokens,
-                        estimated=end.usage_estimated,
-                    )
-                ],
-            )
+            ledger.record(session, [_usage(request_id, claim, end)])
     return cost
 
 
@@ -370,18 +370,7 @@ def finish_many(
                 }
             )
             if end.status is Status.SUCCEEDED and cost is not None:
-                assert end.prompt_tokens is not None and end.completion_tokens is not None
-                usages.append(
-                    ledger.Usage(
-                        request_id=rid,
-                        tenant=claim.tenant,
-                        model=claim.model,
-                        route="stream",
-                        prompt_tokens=end.prompt_tokens,
-                        completion_tokens=end.completion_tokens,
-                        estimated=end.usage_estimated,
-                    )
-                )
+                usages.append(_usage(rid, claim, end))
         for status, rows in by_status.items():
             moved = move_each(session, rows, status, from_=[Status.STREAMING])
             if moved != len(rows):  # cannot happen under the row locks; never write half
