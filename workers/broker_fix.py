@@ -18,6 +18,8 @@ timeout, and the task, idempotent, finds its request ended and does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -33,3 +35,25 @@ def _connparams_of_live_transport(self: Any, asynchronous: bool = False) -> Any:
 
 
 kombu_redis.Channel._connparams = _connparams_of_live_transport  # type: ignore[method-assign]
+
+
+# kombu builds a new redis-py client object for every command that is not handed one (each
+# publish, each event flush, each QoS append and ack): ~0.3 ms of Python apiece here, building
+# the client's table of ~170 response callbacks, on the producer's path to LPUSH and on the
+# consumer's path from BRPOP to the task. A client object holds no connection of its own (it
+# takes one from the channel's pool per command, thread-safely), so one per channel and pool
+# does the same work; a new pool (after a reconnect or a fork) gets a new client.
+@contextmanager
+def _conn_or_reuse(self: Any, client: Any = None) -> Iterator[Any]:
+    if client:
+        yield client
+        return
+    pool = self.pool
+    cached = self.__dict__.get("_sheepdog_sync_client")
+    if cached is None or cached.connection_pool is not pool:
+        cached = self._create_client()
+        self.__dict__["_sheepdog_sync_client"] = cached
+    yield cached
+
+
+kombu_redis.Channel.conn_or_acquire = _conn_or_reuse  # type: ignore[method-assign]
