@@ -12,6 +12,7 @@ from redis.backoff import ExponentialBackoff
 from sheepdog.errors import REDIS_HINT, ServiceUnavailable, redact_url
 
 POOL_SIZE = 400
+ASYNC_POOL_SIZE = 64
 
 
 def _url(url: str | None) -> str:
@@ -40,15 +41,23 @@ def get_redis(url: str | None = None) -> redis.Redis:
 
 def new_async_redis(url: str | None = None) -> aioredis.Redis:
     """An asyncio client; one per event loop (asyncio clients cannot cross loops). A command
-    that meets a dead pooled connection (Redis restarted) reconnects and tries again."""
-    return aioredis.Redis.from_url(
+    that meets a dead pooled connection (Redis restarted) reconnects and tries again.
+
+    Its pool waits for a free connection rather than failing: a worker's loop starting a burst
+    of streams sends hundreds of commands at once, and a pool that raised MaxConnectionsError
+    failed some of them after their row was claimed (left streaming until the janitor). One
+    loop gains nothing from more connections than this (Redis runs one command at a time), and
+    each connection it opens costs the loop a connect and a handshake."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         _url(url),
-        max_connections=POOL_SIZE,
+        max_connections=ASYNC_POOL_SIZE,
+        timeout=30,
         socket_connect_timeout=5,
         health_check_interval=30,
         retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def check_redis(url: str | None = None) -> None:
