@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import secrets
 import statistics
@@ -346,6 +347,18 @@ def concurrency(
     succeeded = {row.id for row in rows if row.status == "succeeded"}
     lost = 0
     chunks = 0
+    why: collections.Counter[str] = collections.Counter()
+    # A row ends before its last message is published (a subscriber that sees `done` can read
+    # the finished row): give the last few streams' `done` a moment before counting losses.
+    settle = time.monotonic() + 10
+    while time.monotonic() < settle:
+        with r.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.xrevrange(keys.replay_log(rid), count=1)
+            last = pipe.execute()
+        if all(e and orjson.loads(e[0][1][b"m"])["type"] in ("done", "error") for e in last):
+            break
+        time.sleep(0.2)
     with r.pipeline(transaction=False) as pipe:
         for rid in ids:
             pipe.xrange(keys.replay_log(rid))
@@ -361,6 +374,11 @@ def concurrency(
             and msgs[-1]["type"] == "done"
         )
         lost += not ok
+        if not ok:
+            status = next((row.status for row in rows if row.id == rid), "no row")
+            why[f"{status}, {tokens} tokens, last {msgs[-1]['type'] if msgs else 'none'}"] += 1
+    if why:
+        print(f"not complete: {dict(why)}", flush=True)
     return {
         "sim_wall": alone["wall"],
         "sim_each_p50": alone["each_p50"],
