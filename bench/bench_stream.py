@@ -23,7 +23,8 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
    first text -> first token queued -> seen by the subscriber.
 
 Each phase runs --runs times; the table shows medians. --workers N runs N stream worker
-processes on the host (the deployment recommendation is measured, not assumed).
+processes on the host (the deployment recommendation is measured, not assumed): `sheepdog worker
+--queues stream` starts one per core by default, i.e. --workers 2 on a 2-core host.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def start_worker(env: dict[str, str], logdir: Path, index: int = 0) -> subproces
         "WARNING",
         "--hostname",
         f"bench{index}@%h",
+        "--processes",
+        "1",  # one process each (--workers N): the CPU measured is that of these pids
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -33,6 +34,13 @@ def worker(
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Node name, e.g. stream@host.")] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="Worker processes, each with its own slots; 0: one per core for a stream-only "
+            "threads worker, else 1."
+        ),
+    ] = 0,
 ) -> None:
     """Run a Celery worker on the given queues."""
     from sheepdog.redis_conn import check_redis
@@ -47,6 +55,19 @@ def worker(
         check_redis()
     if concurrency is None:
         concurrency = 1000 if "stream" in names else 8
+    if processes <= 0:
+        processes = _cores() if names == ["stream"] and pool == "threads" else 1
+    if processes > 1:
+        from sheepdog.cli.supervise import run_processes
+
+        base = [sys.executable, "-m", "sheepdog", "worker", f"--queues={','.join(names)}"]
+        base += [f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
+        name, _, host = (hostname or "celery@%h").partition("@")
+        commands = [
+            [*base, f"--hostname={name}-{i}@{host or '%h'}", "--processes=1"]
+            for i in range(1, processes + 1)
+        ]
+        raise typer.Exit(run_processes(commands))
     from workers.app import app
 
     argv = [
@@ -60,6 +81,13 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv=argv)
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def beat(
