@@ -26,7 +26,7 @@ from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings, get_settings
 from streaming import store
 from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
-from streaming.publisher import FIELD, last_message, next_seq, publish_now
+from streaming.publisher import last_message, next_seq, publish_now
 from streaming.runtime import Runtime, get_runtime
 
 log = logging.getLogger("sheepdog.streaming")
@@ -99,7 +99,7 @@ async def serve(
     CANCELLED_FIRST for a request cancelled before it started (left to the caller)."""
     if job.marks is not None:
         job.marks["loop"] = time.time()
-    if await runtime.redis.exists(keys.cancel_flag(job.request_id)):
+    if await runtime.lookups.cancelled(job.request_id):
         return CANCELLED_FIRST
     claimed = runtime.writer.claim(job.request_id, intake)
     streaming = asyncio.ensure_future(job.run())  # the provider call overlaps the claim
@@ -160,16 +160,15 @@ async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
     grant: Grant | None = None
     try:
         # Checked again now the job is registered: a cancel published before registration
-        # was missed by the listener, but its flag was set before it was published.
-        async with runtime.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(keys.cancel_flag(job.request_id))
-            if not claim.fresh:  # a row made by this claim has no replay log yet
-                pipe.xrevrange(keys.replay_log(job.request_id), count=1)
-            replies = await pipe.execute()
-        if replies[0]:
+        # was missed by the listener, but its flag was set before it was published. A row
+        # made by this claim has no replay log yet.
+        if claim.fresh:
+            cancelled, logged = await runtime.lookups.cancelled(job.request_id), None
+        else:
+            cancelled, logged = await runtime.lookups.cancelled_and_last(job.request_id)
+        if cancelled:
             job.stop(CANCELLED)
-        logged = replies[1] if len(replies) > 1 else None
-        last = StreamMessage.parse(logged[0][1][FIELD]) if logged else None
+        last = StreamMessage.parse(logged) if logged else None
         grant = Grant(claim.attempts, next_seq(last), last is not None and last.type == "token")
     finally:
         job.resolve(grant)

@@ -27,6 +27,7 @@ from sheepdog import keys
 from sheepdog.redis_conn import new_async_redis
 from sheepdog.settings import Settings
 from streaming.job import LOST, StreamJob
+from streaming.lookups import Lookups
 from streaming.publisher import Publisher
 from streaming.store import touch_heartbeats
 from streaming.writer import Writer
@@ -80,6 +81,7 @@ class Runtime:
             http_client=openai.DefaultAioHttpClient(limits=limits, timeout=s.provider_timeout_s),
         )
         self.publisher = Publisher(self.redis, s.replay_ttl_s)
+        self.lookups = Lookups(self.redis)
         await self.publisher.warm_up()  # connection open and script cached before any stream
         self.writer = Writer(
             s.database_url,
@@ -90,6 +92,7 @@ class Runtime:
         )
         self._tasks = [
             asyncio.create_task(self.publisher.run(), name="publisher"),
+            asyncio.create_task(self.lookups.run(), name="lookups"),
             asyncio.create_task(self.writer.run_claims(), name="claims"),
             asyncio.create_task(self.writer.run_ends(), name="ends"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),

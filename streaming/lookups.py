@@ -1,0 +1,92 @@
+"""The per-stream Redis reads of a worker's loop, batched across streams.
+
+Every stream reads Redis twice before its first token: its cancel flag before the provider
+call, and once it owns the row the flag again plus (for a row taken over from an earlier
+attempt) the last message of its replay log. A thousand streams starting at once made that two
+thousand commands, each a round trip and a pooled connection on the loop; here whatever is
+pending goes out as ONE script call per round trip (as the publisher does for messages), so a
+lone stream waits one round trip as before and a burst costs a few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from sheepdog import keys
+
+log = logging.getLogger("sheepdog.streaming.lookups")
+
+# KEYS: cancel flags, then replay logs; ARGV[1]: how many flags. Returns 1/0 per flag, then per
+# log the newest entry's message (nil when the log is empty).
+LOOKUP = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+  out[i] = redis.call('EXISTS', KEYS[i])
+end
+for i = n + 1, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  if last[1] then out[i] = last[1][2][2] else out[i] = false end
+end
+return out
+"""
+
+_Pending = tuple[str, bool, "asyncio.Future[tuple[bool, bytes | None]]"]
+
+
+class Lookups:
+    """Batches the cancel-flag and last-message reads of all streams of a process."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = client.register_script(LOOKUP)
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+
+    async def cancelled(self, request_id: str) -> bool:
+        """Whether the request's cancel flag is set."""
+        flag, _ = await self._ask(request_id, False)
+        return flag
+
+    async def cancelled_and_last(self, request_id: str) -> tuple[bool, bytes | None]:
+        """The cancel flag and the newest message of the replay log (None when empty)."""
+        return await self._ask(request_id, True)
+
+    def _ask(self, request_id: str, last: bool) -> asyncio.Future[tuple[bool, bytes | None]]:
+        done: asyncio.Future[tuple[bool, bytes | None]] = asyncio.get_running_loop().create_future()
+        self._pending.append((request_id, last, done))
+        self._wake.set()
+        return done
+
+    async def run(self) -> None:
+        """The batch loop; runs for the life of the process."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._lookup(batch)
+
+    async def _lookup(self, batch: list[_Pending]) -> None:
+        flags = [keys.cancel_flag(rid) for rid, _, _ in batch]
+        logs = [keys.replay_log(rid) for rid, last, _ in batch if last]
+        try:
+            reply: list[Any] = await self._script(keys=flags + logs, args=[len(flags)])
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # each caller handles a Redis error as before (a retry)
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(err)
+            return
+        at = len(flags)
+        for i, (_, last, done) in enumerate(batch):
+            message = None
+            if last:
+                message = reply[at]
+                at += 1
+            if not done.done():
+                done.set_result((bool(reply[i]), message))
