@@ -44,6 +44,20 @@ def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> st
     return run_stream(request_id, item, overlap=not redelivered)
 
 
+def _start_threads(pool: Any) -> None:
+    """Start the threads pool's threads now: made on demand, each of the first burst's tasks
+    waited for a thread to be created and scheduled (Thread.start) on the consumer's path from
+    BRPOP to the next message, which held up the starts of a burst of 1,000 streams."""
+    executor = getattr(pool, "executor", None)
+    grow = getattr(executor, "_adjust_thread_count", None)  # ThreadPoolExecutor's own step
+    if grow is None:
+        return
+    # Each call adds one thread up to max_workers while none is idle (fresh threads do not
+    # count as idle until they have run a task).
+    for _ in range(int(getattr(executor, "_max_workers", 0))):
+        grow()
+
+
 @worker_ready.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     # Warm the loop, provider client and cancel listener before the first request pays for
@@ -55,6 +69,7 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
         return
     if "stream" in queues and "prefork" not in pool:
         get_runtime(get_settings())
+        _start_threads(sender.pool)
         # Everything imported and warmed so far lives as long as the process: out of the
         # collector's sight, a full collection no longer walks it (a pause of several ms that
         # showed as per-chunk delay).
