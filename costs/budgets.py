@@ -30,7 +30,7 @@ from costs.caps import effective_max_tokens
 from costs.prices import PriceTable, Route, price_table
 from models.intake import IntakeItem
 from models.tables import Budget, CostEntry, Request, Reservation, utcnow
-from sheepdog.db import session_scope
+from sheepdog.db import among, session_scope
 from sheepdog.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
 from sheepdog.settings import Settings
 from sheepdog.tokens import count_message_tokens
@@ -417,7 +417,7 @@ def settle(session: Session, actual: Sequence[tuple[str, Decimal]]) -> int:
         held.update(
             session.scalars(
                 select(Reservation.request_id).where(
-                    Reservation.request_id.in_(chunk), Reservation.state == HELD
+                    among(session, Reservation.request_id, chunk), Reservation.state == HELD
                 )
             )
         )

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -105,17 +106,54 @@ class Document(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+OPEN_STATUSES = text("status IN ('queued', 'streaming', 'batched')")
+BATCHED = text("status = 'batched'")
+HAS_IDEMPOTENCY_KEY = text("idempotency_key IS NOT NULL")
+HAS_DOCUMENT = text("document_id IS NOT NULL")
+
+
 class Request(Base):
     """One chat-completion request from intake to its end (succeeded, failed or cancelled).
 
     Only sheepdog.lifecycle writes `status`."""
 
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_claim", "status", "route", "model", "created_at"),)
+    # Partial indexes keep the bulk moves cheap: a row moving to an end status, or a row with
+    # no idempotency key or document, adds no entry to them (a status change is never a HOT
+    # update, so every full index pays one insert per moved row). Nothing looks requests up
+    # by tenant (budgets and reports read their own tables), so that column has no index.
+    __table_args__ = (
+        Index(
+            "ix_requests_claim",
+            "status",
+            "route",
+            "model",
+            "created_at",
+            postgresql_where=OPEN_STATUSES,  # SQLite cannot prove `status = ?` implies it
+        ),
+        Index(
+            "ix_requests_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=HAS_IDEMPOTENCY_KEY,
+            sqlite_where=HAS_IDEMPOTENCY_KEY,
+        ),
+        Index(
+            "ix_requests_batch_job_id",
+            "batch_job_id",
+            postgresql_where=BATCHED,  # every query by job looks for its batched rows
+        ),
+        Index(
+            "ix_requests_document_id",
+            "document_id",
+            postgresql_where=HAS_DOCUMENT,
+            sqlite_where=HAS_DOCUMENT,
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
-    tenant: Mapped[str] = mapped_column(String(100), default="default", index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    tenant: Mapped[str] = mapped_column(String(100), default="default")
     priority: Mapped[str] = mapped_column(String(8))
     route: Mapped[str] = mapped_column(String(8))
     model: Mapped[str] = mapped_column(String(100))
@@ -123,7 +161,7 @@ class Request(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     max_cost_usd: Mapped[Decimal | None]
     deadline: Mapped[datetime | None]
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # indexed for open rows only (above)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     escalated: Mapped[bool] = mapped_column(Boolean, default=False)
     text: Mapped[str | None] = mapped_column(Text)
@@ -134,11 +172,9 @@ class Request(Base):
     cost_usd: Mapped[Decimal | None]
     error: Mapped[str | None] = mapped_column(Text)
     batch_job_id: Mapped[str | None] = mapped_column(
-        ForeignKey("batch_jobs.id", ondelete="SET NULL"), index=True
+        ForeignKey("batch_jobs.id", ondelete="SET NULL")
     )
-    document_id: Mapped[int | None] = mapped_column(
-        ForeignKey("documents.id", ondelete="SET NULL"), index=True
-    )
+    document_id: Mapped[int | None] = mapped_column(ForeignKey("documents.id", ondelete="SET NULL"))
     document_part: Mapped[int | None] = mapped_column(Integer)
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -154,9 +190,9 @@ class CostEntry(Base):
     __tablename__ = "cost_ledger"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(
-        ForeignKey("requests.id", ondelete="CASCADE"), unique=True
-    )
+    # No foreign key: the ledger is the accounting record and outlives purged requests, and
+    # a bulk ingest skips one lookup and row lock on `requests` per entry.
+    request_id: Mapped[str] = mapped_column(String(40), unique=True)
     tenant: Mapped[str] = mapped_column(String(100), index=True)
     model: Mapped[str] = mapped_column(String(100))
     route: Mapped[str] = mapped_column(String(8))
