@@ -37,7 +37,7 @@ from scheduler.jobs import (
 )
 from scheduler.jsonl import write_job_file
 from sheepdog import keys
-from sheepdog.db import session_scope
+from sheepdog.db import analyze, session_scope
 from sheepdog.errors import scrub_secrets
 from sheepdog.lifecycle import Status, move_each, move_many
 from sheepdog.providers import client_for, load_providers, resolve_batch_mode
@@ -48,6 +48,7 @@ log = logging.getLogger("sheepdog.batch.flush")
 
 METADATA_KEY = "sheepdog_job_id"
 LIST_SLACK_S = 600
+ANALYZE_AFTER = 10_000  # claimed rows from which a flush refreshes the statistics
 # Refusals no retry can fix (a wrong key, a forbidden model, an endpoint the provider lacks):
 # the job's requests fail with the provider's reason instead of the job waiting forever.
 REFUSED = (
@@ -111,6 +112,12 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
         with session_scope(settings.database_url) as session:
             result = claim(session, settings, on_groups=take_locks)
         report.claimed = result.claimed
+        if result.claimed >= ANALYZE_AFTER:
+            # Thousands of rows just changed status: without fresh statistics the planner
+            # takes them for a handful, and the ingest's joins hash the whole batched set
+            # per chunk instead of probing by primary key (autovacuum's own analyze may be
+            # minutes away).
+            analyze(settings.database_url, "requests")
         report.failed += len(result.too_large)
         report.escalated = len(result.escalated)
         _escalate(settings, result.escalated)

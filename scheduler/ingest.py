@@ -22,6 +22,7 @@ from typing import Any
 import openai
 import orjson
 import redis
+from psycopg.errors import DeadlockDetected
 from pydantic import ValidationError
 from sqlalchemy import (
     Boolean,
@@ -32,16 +33,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    any_,
-    cast,
     func,
-    literal,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import OperationalError
 
-from costs.ledger import Usage, record, with_discount
+from costs.ledger import Usage, record, record_moved, with_discount
 from costs.prices import PriceTable, load_price_table
 from models.batch_lines import BatchErrorItem, CompletionBody, ErrorObject, OutputLine
 from models.tables import BatchJob, Request, utcnow
@@ -50,8 +48,8 @@ from scheduler.claim import begin_write
 from scheduler.emulated import EMULATED
 from scheduler.jobs import FINAL, discount_for, job_lock, provider_of, release
 from scheduler.jsonl import READ_CHUNK, file_lines, job_path, split_lines
-from sheepdog.db import get_engine, is_postgres, session_scope
-from sheepdog.lifecycle import Status, move_each, move_from
+from sheepdog.db import among, get_engine, is_postgres, session_scope
+from sheepdog.lifecycle import Status, move_each, move_from_statement
 from sheepdog.providers import ProviderConfig, client_for
 from sheepdog.settings import Settings, get_settings
 from sheepdog.tokens import count_message_tokens, count_tokens
@@ -66,11 +64,14 @@ RESULT_COLUMNS = (
     "completion_tokens",
     "usage_estimated",
     "cost_usd",
+    "standard_cost_usd",
+    "job_id",
 )
 RESULTS_TABLE = """
 CREATE TEMP TABLE batch_results (
     id varchar(40) PRIMARY KEY, text text, finish_reason varchar(32), prompt_tokens integer,
-    completion_tokens integer, usage_estimated boolean, cost_usd numeric(20, 10)
+    completion_tokens integer, usage_estimated boolean, cost_usd numeric(20, 10),
+    standard_cost_usd numeric(20, 10), job_id varchar(40)
 ) ON COMMIT DROP"""
 RESULTS = Table(
     "batch_results",
@@ -82,6 +83,8 @@ RESULTS = Table(
     Column("completion_tokens", Integer),
     Column("usage_estimated", Boolean),
     Column("cost_usd", Numeric(20, 10)),
+    Column("standard_cost_usd", Numeric(20, 10)),
+    Column("job_id", String(40)),
 )
 
 # A line the emulated executor gave up on (provider down or throttling) is retried like an
@@ -95,6 +98,7 @@ LEFTOVER_REASON = {
 }
 MALFORMED_LOGGED = 5
 WRITERS = 2  # chunks written at once on PostgreSQL
+DEADLOCK_RETRIES = 3
 CHUNK_BYTES = 4 << 20  # answer text per chunk: bounds memory whatever the answers' length
 
 
@@ -108,6 +112,26 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     reason: str | None = None
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one chunk's transaction moved."""
+
+    moved: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    cost: Decimal = Decimal(0)  # of the answers it wrote
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(
+            self.moved + other.moved,
+            self.succeeded + other.succeeded,
+            self.failed + other.failed,
+            self.requeued + other.requeued,
+            self.cost + other.cost,
+        )
 
 
 @dataclass
@@ -127,6 +151,51 @@ def parse_line(raw: bytes) -> tuple[str, Outcome] | None:
 
     A line counts as an answer only when it is a 200 response whose body has a choice with
     text; anything else is a failure with the provider's reason, or malformed."""
+    return _plain_answer(raw) or _parse_validated(raw)
+
+
+def _plain_answer(raw: bytes) -> tuple[str, Outcome] | None:
+    """The common line (one choice with text, usage or none) read with orjson and exact type
+    checks, at a fraction of the models' cost. It accepts only lines the models accept and gives
+    the same outcome; anything else (errors, odd shapes, malformed lines) returns None and goes
+    through `_parse_validated`, the reference."""
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(line) is not dict or line.get("error") is not None:
+        return None
+    custom_id, response, line_id = line.get("custom_id"), line.get("response"), line.get("id")
+    if type(custom_id) is not str or not custom_id or type(response) is not dict:
+        return None
+    if not (line_id is None or type(line_id) is str) or response.get("status_code") != 200:
+        return None
+    request_id, body = response.get("request_id"), response.get("body")
+    if type(response["status_code"]) is not int or type(body) is not dict:
+        return None
+    if not (request_id is None or type(request_id) is str):
+        return None
+    choices, usage = body.get("choices"), body.get("usage")
+    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+        return None
+    message, finish = choices[0].get("message"), choices[0].get("finish_reason")
+    if type(message) is not dict or not (finish is None or type(finish) is str):
+        return None
+    text, refusal = message.get("content"), message.get("refusal")
+    if type(text) is not str or not (refusal is None or type(refusal) is str):
+        return None
+    if usage is None:
+        return custom_id, Outcome("ok", text=text, finish_reason=finish)
+    if type(usage) is not dict:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None
+    return custom_id, Outcome("ok", text, finish, prompt, completion)
+
+
+def _parse_validated(raw: bytes) -> tuple[str, Outcome] | None:
+    """`parse_line` through the pydantic models: every shape, errors included."""
     try:
         line = OutputLine.model_validate_json(raw)
     except ValidationError:
@@ -183,11 +252,13 @@ class Sink:
         prices: PriceTable,
         lock: Any,
         discount: Decimal | None = None,
+        model: str | None = None,
     ) -> None:
         self.settings = settings
         self.job_id = job_id
         self.prices = prices
         self.discount = discount  # the provider's batch discount when not the price table's
+        self.model = model  # the job's model: one per job, so one price for all its answers
         self.lock = lock
         self.pending: dict[str, Outcome] = {}
         self.pending_bytes = 0
@@ -244,25 +315,48 @@ class Sink:
                 raise LostLock(f"job {self.job_id}: lock taken over by another ingest") from None
 
     def _transaction(self, pending: dict[str, Outcome]) -> None:
-        with session_scope(self.settings.database_url) as session:
-            begin_write(session)
-            self._write(session, pending)
+        for attempt in range(1, DEADLOCK_RETRIES + 1):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    begin_write(session)
+                    rest, bulk = pending, Tally()
+                    if self.postgres and self.model is not None:
+                        rest, bulk = self._succeed_in_bulk(session, pending)
+                    tally = bulk + self._write(session, rest)
+                    if tally.moved:
+                        session.execute(
+                            update(BatchJob)
+                            .where(BatchJob.id == self.job_id)
+                            .values(
+                                ingested_count=BatchJob.ingested_count + tally.moved,
+                                cost_usd=func.coalesce(BatchJob.cost_usd, 0) + tally.cost,
+                            )
+                        )
+                break
+            except OperationalError as err:
+                # Two chunks holding one custom_id (a provider repeating a line) lock the
+                # same row; PostgreSQL aborts one of them. Every move is conditional, so
+                # writing the chunk again is safe.
+                if not isinstance(err.orig, DeadlockDetected) or attempt == DEADLOCK_RETRIES:
+                    raise
+                log.warning("job %s: chunk deadlocked with another; writing it again", self.job_id)
+        with self.tally:  # counted once committed
+            self.report.succeeded += tally.succeeded
+            self.report.failed += tally.failed
+            self.report.requeued += tally.requeued
 
-    def _write(self, session: Any, pending: dict[str, Outcome]) -> None:
-        ids = sorted(pending)
-        stmt = select(Request.id, Request.tenant, Request.model, Request.attempts).where(
-            Request.batch_job_id == self.job_id, Request.status == Status.BATCHED.value
+    def _write(self, session: Any, pending: dict[str, Outcome]) -> Tally:
+        """Any outcome, row by row in executemany statements: SQLite's path, and on PostgreSQL
+        the failures and requeues left after the bulk answers. Rows are locked in id order."""
+        if not pending:
+            return Tally()
+        stmt = (
+            select(Request.id, Request.tenant, Request.model, Request.attempts)
+            .where(Request.batch_job_id == self.job_id, Request.status == Status.BATCHED.value)
+            .where(among(session, Request.id, sorted(pending)))
         )
         if self.postgres:
-            # One array parameter instead of thousands of placeholders (cheap to send and
-            # to convert), rows locked in id order.
-            stmt = (
-                stmt.where(Request.id == any_(cast(literal(ids), ARRAY(String))))
-                .order_by(Request.id)
-                .with_for_update()
-            )
-        else:
-            stmt = stmt.where(Request.id.in_(ids))
+            stmt = stmt.order_by(Request.id).with_for_update()
         rows = session.execute(stmt).all()
         ok: list[dict[str, Any]] = []
         usages: list[Usage] = []
@@ -275,11 +369,13 @@ class Sink:
             out = pending[request_id]
             if out.kind == "ok":
                 estimated = request_id in estimates
-                p, c = estimates.get(request_id, (out.prompt_tokens, out.completion_tokens))
+                p, c = estimates.get(request_id) or (
+                    out.prompt_tokens or 0,
+                    out.completion_tokens or 0,
+                )
                 price = rates.get(model) or rates.setdefault(
                     model, with_discount(self.prices.get(model), self.discount)
                 )
-                cost = price.cost(p or 0, c or 0, "batch")
                 ok.append(
                     {
                         "id": request_id,
@@ -288,64 +384,86 @@ class Sink:
                         "prompt_tokens": p,
                         "completion_tokens": c,
                         "usage_estimated": estimated,
-                        "cost_usd": cost,
+                        "cost_usd": price.cost(p, c, "batch"),
                         "error": None,
                     }
                 )
                 usages.append(
-                    Usage(
-                        request_id,
-                        tenant,
-                        model,
-                        "batch",
-                        p or 0,
-                        c or 0,
-                        estimated,
-                        batch_discount=self.discount,
-                    )
+                    Usage(request_id, tenant, model, "batch", p, c, estimated, self.discount)
                 )
             elif out.kind == "fail":
                 fail.append({"id": request_id, "error": out.reason})
             else:
                 retry.append((request_id, attempts, out.reason or "retry"))
-        if self.postgres and ok:
-            moved = self._succeed_in_bulk(session, ok)
-        else:
-            moved = move_each(session, ok, Status.SUCCEEDED, from_=[Status.BATCHED])
+        succeeded = move_each(session, ok, Status.SUCCEEDED, from_=[Status.BATCHED])
         record(session, usages, self.prices)
-        moved += move_each(session, fail, Status.FAILED, from_=[Status.BATCHED])
-        requeued, failed = requeue_or_fail(session, self.settings, retry)
-        moved += requeued + failed
-        session.execute(
-            update(BatchJob)
-            .where(BatchJob.id == self.job_id)
-            .values(ingested_count=BatchJob.ingested_count + moved)
+        failed = move_each(session, fail, Status.FAILED, from_=[Status.BATCHED])
+        requeued, gave_up = requeue_or_fail(session, self.settings, retry)
+        return Tally(
+            moved=succeeded + failed + requeued + gave_up,
+            succeeded=len(ok),
+            failed=len(fail) + gave_up,
+            requeued=requeued,
+            cost=sum((row["cost_usd"] for row in ok), Decimal(0)),  # all move: rows locked
         )
-        with self.tally:
-            self.report.succeeded += len(ok)
-            self.report.failed += len(fail) + failed
-            self.report.requeued += requeued
 
-    def _succeed_in_bulk(self, session: Any, ok: list[dict[str, Any]]) -> int:
-        """PostgreSQL: COPY the answers into a temporary table, then let the lifecycle move the
-        rows to succeeded with their answers in one UPDATE ... FROM (rows locked FOR UPDATE
-        above). One set-based UPDATE costs a fraction of thousands of single-row ones, and one
-        instead of two means one new row version per request."""
+    def _succeed_in_bulk(
+        self, session: Any, pending: dict[str, Outcome]
+    ) -> tuple[dict[str, Outcome], Tally]:
+        """PostgreSQL: COPY the chunk's answers into a temporary table, then one statement moves
+        this job's `batched` rows among them to succeeded (the lifecycle's UPDATE ... FROM),
+        ledgers them and settles their budgets (costs.ledger.record_moved). Set-based
+        statements cost a fraction of thousands of single-row ones. Returns the rest of the
+        chunk (failures, requeues)."""
+        answers = [rid for rid, out in pending.items() if out.kind == "ok"]
+        if not answers:
+            return pending, Tally()
+        estimates = self._estimates(session, answers, pending)
+        price = with_discount(self.prices.get(self.model or ""), self.discount)
+        costs: dict[tuple[int, int], tuple[Decimal, Decimal]] = {}  # counts repeat
         raw = session.connection().connection.driver_connection
         with raw.cursor() as cur:
+            # Probe `requests` by primary key for each of the chunk's rows: the planner's
+            # default costs (random_page_cost 4) prefer hashing every batched row of the
+            # table, or scanning it whole, once per chunk.
+            cur.execute("SET LOCAL enable_hashjoin = off")
+            cur.execute("SET LOCAL enable_mergejoin = off")
             cur.execute(RESULTS_TABLE)
             with cur.copy(f"COPY batch_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN") as copy:
-                for row in ok:
-                    copy.write_row([row[c] for c in RESULT_COLUMNS])
-        return move_from(
-            session,
+                for rid in answers:
+                    out = pending[rid]
+                    estimate = estimates.get(rid)
+                    p, c = estimate or (out.prompt_tokens or 0, out.completion_tokens or 0)
+                    if (cost := costs.get((p, c))) is None:
+                        cost = costs[p, c] = (price.cost(p, c, "batch"), price.cost(p, c, "stream"))
+                    row = (
+                        rid,
+                        out.text,
+                        out.finish_reason,
+                        p,
+                        c,
+                        bool(estimate),
+                        *cost,
+                        self.job_id,
+                    )
+                    copy.write_row(row)
+        moved = move_from_statement(
             RESULTS,
             Status.SUCCEEDED,
-            columns=RESULT_COLUMNS[1:],
+            columns=RESULT_COLUMNS[1:7],
             from_=[Status.BATCHED],
-            where=Request.batch_job_id == self.job_id,
+            where=Request.batch_job_id == RESULTS.c.job_id,
             error=None,
         )
+        count, total = record_moved(
+            session,
+            moved.returning(Request.id, Request.tenant).cte("moved"),
+            RESULTS,
+            model=self.model or "",
+            route="batch",
+        )
+        rest = {rid: out for rid, out in pending.items() if out.kind != "ok"}
+        return rest, Tally(moved=count, succeeded=count, cost=total)
 
     def _estimates(
         self, session: Any, ids: list[str], pending: dict[str, Outcome]
@@ -354,7 +472,9 @@ class Sink:
         ids = [i for i in ids if pending[i].prompt_tokens is None]
         if not ids:
             return {}
-        bodies = session.execute(select(Request.id, Request.body).where(Request.id.in_(ids)))
+        bodies = session.execute(
+            select(Request.id, Request.body).where(among(session, Request.id, ids))
+        )
         return {
             rid: (
                 count_message_tokens(body.get("messages") or []),
@@ -421,7 +541,7 @@ def ingest(
     lock = job_lock(settings, job_id)
     if not lock.acquire():
         return IngestReport(job_id, status, skipped="another ingest holds the job")
-    sink = Sink(settings, job_id, prices, lock, discount)
+    sink = Sink(settings, job_id, prices, lock, discount, model)
     try:
         malformed = 0
         if lines is None and mode == EMULATED:
@@ -550,17 +670,17 @@ def _leftovers(settings: Settings, job_id: str, reason: str, report: IngestRepor
 
 
 def _finish(settings: Settings, job_id: str, malformed: int) -> Decimal:
-    """Sum the job's cost once and mark it ingested."""
+    """Mark the job ingested; its cost was added up chunk by chunk, in the transactions that
+    wrote the answers (so it counts each answer once, whatever was resumed)."""
     with session_scope(settings.database_url) as session:
-        cost = session.scalar(
-            select(func.coalesce(func.sum(Request.cost_usd), 0)).where(
-                Request.batch_job_id == job_id, Request.status == Status.SUCCEEDED.value
-            )
-        )
-        total = Decimal(str(cost or 0))
         session.execute(
             update(BatchJob)
             .where(BatchJob.id == job_id, BatchJob.ingested_at.is_(None))
-            .values(cost_usd=total, malformed_lines=malformed, ingested_at=utcnow())
+            .values(
+                cost_usd=func.coalesce(BatchJob.cost_usd, 0),
+                malformed_lines=malformed,
+                ingested_at=utcnow(),
+            )
         )
-    return total
+        cost = session.scalar(select(BatchJob.cost_usd).where(BatchJob.id == job_id))
+    return Decimal(str(cost or 0))

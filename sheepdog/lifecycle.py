@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, bindparam, func, literal_column, update
+from sqlalchemy import ColumnElement, FromClause, Update, bindparam, func, literal_column, update
 from sqlalchemy.orm import Session
 
 from models.tables import Request, utcnow
@@ -150,12 +150,44 @@ def move_from(
     columns: Sequence[str],
     from_: Iterable[Status] | None = None,
     where: ColumnElement[bool] | None = None,
+    returning: Sequence[Any] = (),
     **fixed: Any,
-) -> int:
+) -> list[Any]:
     """Move every request listed in `source` (a table with `id` and `columns`, e.g. a temporary
     table filled by COPY) to `to`, setting those columns from it (and `fixed` values), in one
     UPDATE ... FROM: one new row version per request instead of one for the values and one for
-    the status."""
+    the status. Returns the moved rows: (id, *returning) each."""
+    stmt = _update_from(source, to, columns, from_, where, fixed)
+    moved = list(session.execute(stmt.returning(Request.id, *returning)).all())
+    _release_budgets(session, to, [row[0] for row in moved])
+    return moved
+
+
+def move_from_statement(
+    source: FromClause,
+    to: Status,
+    *,
+    columns: Sequence[str],
+    from_: Iterable[Status] | None = None,
+    where: ColumnElement[bool] | None = None,
+    **fixed: Any,
+) -> Update:
+    """The UPDATE ... FROM of `move_from`, unexecuted, for a caller that chains more work on
+    the moved rows in the same statement (a data-modifying CTE). Only for moves that release
+    no budget (to succeeded): the caller settles them."""
+    if to in (Status.FAILED, Status.CANCELLED):
+        raise IllegalTransition(f"{to}: use move_from, which releases the budgets")
+    return _update_from(source, to, columns, from_, where, fixed)
+
+
+def _update_from(
+    source: FromClause,
+    to: Status,
+    columns: Sequence[str],
+    from_: Iterable[Status] | None,
+    where: ColumnElement[bool] | None,
+    fixed: dict[str, Any],
+) -> Update:
     stmt = update(Request).where(Request.id == source.c.id, Request.status.in_(_sources(to, from_)))
     if where is not None:
         stmt = stmt.where(where)
@@ -164,12 +196,7 @@ def move_from(
     values["updated_at"] = func.now()
     if to in FINAL:
         values.setdefault("finished_at", func.now())
-    stmt = stmt.values(status=to.value, **values).execution_options(synchronize_session=False)
-    if to in (Status.FAILED, Status.CANCELLED):
-        ids = list(session.scalars(stmt.returning(Request.id)))
-        _release_budgets(session, to, ids)
-        return len(ids)
-    return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+    return stmt.values(status=to.value, **values).execution_options(synchronize_session=False)
 
 
 def is_final(status: str) -> bool:
