@@ -12,7 +12,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from scheduler.claim import claim
-from scheduler.ingest import ingest, parse_line
+from scheduler.ingest import _parse_validated, ingest, parse_line
 from scheduler.jobs import update_job
 from scheduler.jsonl import split_lines
 from sheepdog.db import session_scope
@@ -81,6 +81,34 @@ def test_parse_line_never_raises_nor_invents_answers(lines: list[bytes]) -> None
             obj = json.loads(raw)
             assert parsed[1].text == obj["response"]["body"]["choices"][0]["message"]["content"]
             assert parsed[1].text is not None
+
+
+def odd_answer(cid: str, status: Any, tokens: Any, line_id: Any, extra: Any) -> bytes:
+    """An answer line with lax-typed fields (200.0, "7", True, ...) the models may coerce."""
+    line = ok_line(cid, usage={"prompt_tokens": tokens, "completion_tokens": 3})
+    line["response"]["status_code"] = status
+    line["id"] = line_id
+    line["response"]["body"]["choices"].extend(extra)
+    return json.dumps(line).encode()
+
+
+LAX = st.sampled_from([200, 200.0, "200", True, 1, None]) | st.integers(-2, 400)
+ODD_ANSWERS = st.builds(
+    odd_answer,
+    st.sampled_from(["req_a", ""]),
+    LAX,
+    LAX,
+    st.none() | st.text(max_size=3) | st.integers(0, 2),
+    st.lists(JSON, max_size=2),
+)
+
+
+@given(st.lists(line_for(st.sampled_from(["req_a", "zzz"])) | ODD_ANSWERS, max_size=20))
+@hsettings(max_examples=300, deadline=None)
+def test_fast_path_agrees_with_the_models(lines: list[bytes]) -> None:
+    """parse_line's orjson fast path gives exactly what the pydantic models give."""
+    for raw in lines:
+        assert parse_line(raw) == _parse_validated(raw), raw
 
 
 @given(st.lists(st.binary(max_size=30), max_size=10), st.integers(1, 7))
