@@ -120,7 +120,8 @@ def publish_now(
 def last_message(client: redis.Redis, request_id: str) -> StreamMessage | None:
     """The newest message in a request's replay log (None when the log is empty)."""
     entries = client.xrevrange(keys.replay_log(request_id), count=1)
-    return StreamMessage.parse(entries[0][1][FIELD]) if entries else None
+    fields = entries[0][1] if entries else None
+    return StreamMessage.parse(fields[FIELD]) if fields else None
 
 
 def next_seq(last: StreamMessage | None) -> int:
