@@ -97,6 +97,8 @@ def among(session: Session, column: Any, ids: Sequence[str]) -> ColumnElement[bo
 
 def analyze(url: str | None, table: str) -> None:
     """Refresh the planner's statistics of `table` (PostgreSQL; SQLite plans without them)."""
+    if not table.isidentifier():
+        raise ValueError(f"not a table name: {table!r}")
     engine = get_engine(url)
     if is_postgres(engine):
         with engine.connect() as conn:
