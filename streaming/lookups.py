@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from sheepdog import keys
+from streaming.drain import drain_forever
 
 log = logging.getLogger("sheepdog.streaming.lookups")
 
@@ -63,12 +64,11 @@ class Lookups:
 
     async def run(self) -> None:
         """The batch loop; runs for the life of the process."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._lookup(batch)
+        await drain_forever(self._wake, self._take, self._lookup)
+
+    def _take(self) -> list[_Pending]:
+        batch, self._pending = self._pending, []
+        return batch
 
     async def _lookup(self, batch: list[_Pending]) -> None:
         flags = [keys.cancel_flag(rid) for rid, _, _ in batch]

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from models.stream_message import StreamMessage
 from sheepdog import keys
+from streaming.drain import drain_forever
 
 log = logging.getLogger("sheepdog.streaming.publisher")
 
@@ -72,12 +73,11 @@ class Publisher:
 
     async def run(self) -> None:
         """The flush loop; runs for the life of the process."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._flush(batch)
+        await drain_forever(self._wake, self._take, self._flush)
+
+    def _take(self) -> list[tuple[str, bytes, asyncio.Future[None] | None]]:
+        batch, self._pending = self._pending, []
+        return batch
 
     async def _flush(self, batch: list[tuple[str, bytes, asyncio.Future[None] | None]]) -> None:
         logs: list[bytes | str] = []
