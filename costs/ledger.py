@@ -140,7 +140,7 @@ def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None 
     else:
         stmt = insert(CostEntry)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
-    inserted = len(session.connection().execute(stmt.returning(CostEntry.id), rows).all())
+    inserted = len(session.connection().execute(stmt.returning(CostEntry.request_id), rows).all())
     settle(session, settled)  # touches only reservations still held: idempotent as well
     return inserted
 

@@ -189,11 +189,11 @@ class CostEntry(Base):
 
     __tablename__ = "cost_ledger"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    # No foreign key: the ledger is the accounting record and outlives purged requests, and
-    # a bulk ingest skips one lookup and row lock on `requests` per entry.
-    request_id: Mapped[str] = mapped_column(String(40), unique=True)
-    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    # Keyed by the request (one entry each). No foreign key: the ledger is the accounting
+    # record and outlives purged requests, and a bulk ingest skips one lookup and row lock on
+    # `requests` per entry.
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100))
     model: Mapped[str] = mapped_column(String(100))
     route: Mapped[str] = mapped_column(String(8))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -201,7 +201,14 @@ class CostEntry(Base):
     cost_usd: Mapped[Decimal]
     standard_cost_usd: Mapped[Decimal]
     estimated: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        # Budget checks: a tenant's spend since a date.
+        Index("ix_cost_ledger_tenant_created_at", "tenant", "created_at"),
+        # Reports by time window over an append-only table in time order: BRIN on PostgreSQL.
+        Index("ix_cost_ledger_created_at", "created_at", postgresql_using="brin"),
+    )
 
 
 class Budget(Base):
