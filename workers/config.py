@@ -43,7 +43,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": 6 * 3600,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
-            "retry_on_timeout": True,
+            # No retry_on_timeout: a timed-out command replayed may land twice, so kombu will
+            # not pipeline publishes with it on (Producer.batch, which a burst of stream
+            # messages uses); Celery's publish retry policy retries lost connections.
             "health_check_interval": 25,
             **({"global_keyprefix": settings.broker_prefix} if settings.broker_prefix else {}),
         },
