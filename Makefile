@@ -30,10 +30,12 @@ typecheck: venv
 
 # Test modules run in parallel, one module per process (pytest-xdist; tests/conftest.py orders
 # them longest first). Three processes on the 2-core CI box: most of a test is waiting on worker
-# start-up and on real services. PYTEST_WORKERS=0 runs them one after another.
+# start-up and on real services. Then the few tests marked `serial` run alone.
+# PYTEST_WORKERS=0 runs the first pass one test after another too.
 PYTEST_WORKERS ?= 3
 test: lint
-	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
+	$(VENV)/bin/pytest -q -m serial
 
 demo: venv
 	$(VENV)/bin/sheepdog demo
