@@ -28,8 +28,14 @@ fmt: venv
 typecheck: venv
 	$(VENV)/bin/mypy sheepdog models costs workers tasks scheduler streaming
 
+# Test modules run in parallel, one module per process (pytest-xdist; tests/conftest.py orders
+# them longest first). Three processes on the 2-core CI box: most of a test is waiting on worker
+# start-up and on real services. Then the few tests marked `serial` run alone.
+# PYTEST_WORKERS=0 runs the first pass one test after another too.
+PYTEST_WORKERS ?= 3
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
+	$(VENV)/bin/pytest -q -m serial
 
 demo: venv
 	$(VENV)/bin/sheepdog demo

@@ -24,7 +24,7 @@ from sheepdog.lifecycle import Status, move, move_many
 from sheepdog.settings import Settings
 from tests.fixtures.costs import budget, insert_rows, make_item, reservations
 
-BROKER_DB = "redis://127.0.0.1:6379/12"  # no worker listens here: sent tasks stay put
+BROKER_DB = "redis://127.0.0.1:6379/4"  # no worker listens here: sent tasks stay put; flushed
 
 
 def test_a_worst_case_is_prompt_plus_max_tokens_at_the_route_rate(tmp_path: Path) -> None:

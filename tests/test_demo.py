@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_REDIS_DB = "12"  # the demo flushes its Redis DB: one no other test uses
+DEMO_REDIS_DB = "1"  # the demo flushes its Redis DB: one no other test uses (fixtures/services.py)
 
 
 def _processes_mentioning(text: str) -> list[str]:

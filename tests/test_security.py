@@ -17,7 +17,7 @@ from sheepdog.db import session_scope
 @pytest.fixture(scope="module")
 def lone_worker(stack):  # type: ignore[no-untyped-def]
     """A worker on a Redis DB of its own, so its log shows what it did with our message."""
-    redis_url = stack.env["SHEEPDOG_REDIS_URL"].rsplit("/", 1)[0] + "/12"
+    redis_url = stack.env["SHEEPDOG_REDIS_URL"].rsplit("/", 1)[0] + "/3"  # see fixtures/services.py
     proc = stack.start_worker(
         queues="default",
         concurrency=2,
