@@ -35,7 +35,7 @@ typecheck: venv
 PYTEST_WORKERS ?= 3
 test: lint
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
-	$(VENV)/bin/pytest -q -m serial
+	$(VENV)/bin/pytest -q -m serial || [ $$? -eq 5 ]  # 5: no test is marked serial
 
 demo: venv
 	$(VENV)/bin/sheepdog demo

@@ -19,6 +19,9 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
 
    Also: each stream's start delay (its message sent -> its first token, from the row), the
    share of the box's two cores that was busy, and the simulator's own CPU in that window.
+   Celery's own floor, in the same run: a stock Celery worker (bench/celery_floor.py: the same
+   Celery settings, threads pool, events on, none of Sheepdog's code) timing a no-op task from
+   before its apply_async to its body; Sheepdog's added TTFT cannot be below it.
 3. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
    times in Redis; medians of message sent -> task thread -> loop -> claim done / provider's
    first text -> first token queued -> seen by the subscriber.
@@ -128,6 +131,25 @@ def start_worker(env: dict[str, str], logdir: Path, index: int = 0) -> subproces
     return proc
 
 
+def celery_floor() -> Any:
+    """bench/celery_floor.py, imported for this bench's Redis (its app reads the settings)."""
+    os.environ["SHEEPDOG_REDIS_URL"] = REDIS
+    import importlib
+
+    return importlib.import_module("bench.celery_floor")
+
+
+def start_floor_worker(env: dict[str, str], logdir: Path) -> subprocess.Popen[bytes]:
+    """A stock Celery worker for bench/celery_floor.py (threads pool, events on)."""
+    cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_floor", "worker", "-Q", "floor"]
+    cmd += ["-P", "threads", "-c", "100", "-E", "--loglevel", "WARNING", "-n", "floor@%h"]
+    cmd += ["--without-mingle", "--without-gossip"]
+    log = (logdir / "floor-worker.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    celery_floor().measure(3, 0.2)  # up and consuming
+    return proc
+
+
 def body(i: int, tag: str) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": f"bench {tag} {i}"}]}
 
@@ -217,6 +239,7 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
     relay: list[float] = []
     b = through_sheepdog(client, r, n, tag, stages, relay)
     noise = direct(sim, n, tag)  # the same chunks direct again: the metric's own noise floor
+    celery_ms = celery_floor().measure(n)  # stock Celery: send -> a no-op task's body
     ttft_a = [run[0] for run in a]
     ttft_b = [run[0] for run in b]
     med_a = statistics.median(ttft_a)
@@ -234,6 +257,8 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
         return statistics.median(s[key] for s in stages) if stages else float("nan")
 
     return {
+        "celery_floor_p50": pct(celery_ms, 0.5),
+        "celery_floor_p99": pct(celery_ms, 0.99),
         "at_task": stage("task"),
         "at_loop": stage("loop"),
         "at_claimed": stage("claimed"),
@@ -447,6 +472,14 @@ def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> 
         ]
         for name, key in stages:
             rows.append([f"  TTFT breakdown: {name}", "", f"{med(lat, key):.2f} ms after send", ""])
+        rows.append(
+            [
+                "  stock Celery, send -> no-op task body p50 / p99",
+                f"{med(lat, 'celery_floor_p50'):.2f} / {med(lat, 'celery_floor_p99'):.2f} ms",
+                "",
+                "Celery's own floor here",
+            ]
+        )
     if conc:
         sim_wall, wall = med(conc, "sim_wall"), med(conc, "wall")
         rows += [
@@ -527,13 +560,15 @@ def main() -> None:
         )
         client = Client(settings)
         procs = [start_worker(env, workdir, i) for i in range(args.workers)]
+        if args.skip != "latency":
+            procs.append(start_floor_worker(env, workdir))
         try:
             for run in range(args.runs):
                 if args.skip != "latency":
                     lat.append(latency(sim, client, r, args.requests))
                     print(f"run {run + 1} latency: {fmt(lat[-1])}", flush=True)
                 if args.skip != "concurrency":
-                    pids = [p.pid for p in procs]
+                    pids = [p.pid for p in procs[: args.workers]]  # not the floor worker
                     conc.append(concurrency(sim, client, r, pids, args.streams, db_url))
                     print(f"run {run + 1} concurrency: {fmt(conc[-1])}", flush=True)
         finally:

@@ -15,7 +15,7 @@ CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # longer than any queue wait; the flag is che
 
 
 def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
-    """Cancel `request_id`; False when it had already ended.
+    """Cancel `request_id`; False when it had already ended otherwise (succeeded or failed).
 
     Sets the cancel flag (checked by a stream task before it starts) and announces the id on
     the cancel channel (every stream worker process stops the stream if it holds it). A row
@@ -31,7 +31,10 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
         if row is None:
             return True  # still in the queue: the task sees the flag and never starts
         if is_final(row.status):
-            return False
+            # A worker holding the stream may have stopped it and ended the row `cancelled`
+            # between the announcement above and this read (a few ms): that is this cancel's
+            # own doing, as is a repeated cancel of a cancelled request.
+            return bool(row.status == Status.CANCELLED.value)
         moved = move(
             session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
         )

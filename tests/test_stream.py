@@ -199,10 +199,6 @@ def test_cancel_before_start(deployment: StreamDeployment, client: Any):
     assert client.cancel(item.id) is False  # already ended
 
 
-# Serial (make test runs it after the parallel pass): cancel_request (streaming/cancel.py)
-# publishes the cancel before it reads the row, so on a busy box the worker may already have
-# marked the row cancelled when it reads it, and it answers False ("had already ended").
-@pytest.mark.serial
 def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: Any):
     tag = prompt("cf")
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])

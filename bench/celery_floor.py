@@ -1,0 +1,52 @@
+"""Celery's own floor for bench_stream.py: a stock Celery worker (Sheepdog's Celery settings,
+threads pool, events on, none of Sheepdog's code or fixes) running a no-op task that records
+how long after its send it started. Sheepdog's added time to first token cannot be smaller.
+
+Worker: ``python -m celery -A bench.celery_floor worker -Q floor -P threads -c 100``
+(cwd: the repository root; SHEEPDOG_REDIS_URL names the broker).
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from celery import Celery
+from kombu import Queue
+
+from sheepdog.settings import Settings
+from workers.config import celery_config
+
+QUEUE = "floor"
+RESULTS = "bench:celery-floor"
+
+settings = Settings()
+app = Celery("celery-floor")
+app.conf.update(
+    {
+        **celery_config(settings),
+        "imports": [],
+        "task_queues": [Queue(QUEUE, routing_key=QUEUE)],
+        "task_default_queue": QUEUE,
+        "task_routes": None,
+    }
+)
+_redis = redis.Redis.from_url(settings.redis_url)
+
+
+@app.task(name="bench.floor")
+def floor(sent: float) -> None:
+    """Record the delay from send to this task's body (seconds)."""
+    _redis.rpush(RESULTS, time.time() - sent)
+
+
+def measure(n: int, gap_s: float = 0.02) -> list[float]:
+    """Send `n` no-op tasks one at a time; their delays (ms) from before apply_async to start."""
+    _redis.delete(RESULTS)
+    for _ in range(n):
+        floor.apply_async(args=[time.time()])
+        time.sleep(gap_s)
+    deadline = time.monotonic() + 30
+    while _redis.llen(RESULTS) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [float(v) * 1000 for v in _redis.lrange(RESULTS, 0, -1)]
