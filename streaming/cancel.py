@@ -21,20 +21,20 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
     the cancel channel (every stream worker process stops the stream if it holds it). A row
     still `queued` is moved to `cancelled` here, whichever path it is on."""
     settings = settings or get_settings()
-    redis = get_redis(settings.redis_url)
-    redis.set(keys.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
-    redis.publish(keys.CANCEL_CHANNEL, request_id)
+    # Read before announcing: a worker holding the stream ends the row `cancelled` a few ms
+    # after the announcement, and that must not read as "had already ended".
     with session_scope(settings.database_url) as session:
         row = session.execute(
             select(Request.status, Request.route).where(Request.id == request_id)
         ).one_or_none()
-        if row is None:
-            return True  # still in the queue: the task sees the flag and never starts
-        if is_final(row.status):
-            # A worker holding the stream may have stopped it and ended the row `cancelled`
-            # between the announcement above and this read (a few ms): that is this cancel's
-            # own doing, as is a repeated cancel of a cancelled request.
-            return bool(row.status == Status.CANCELLED.value)
+    if row is not None and is_final(row.status):
+        return False
+    redis = get_redis(settings.redis_url)
+    redis.set(keys.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
+    redis.publish(keys.CANCEL_CHANNEL, request_id)
+    if row is None:
+        return True  # still in the queue: the task sees the flag and never starts
+    with session_scope(settings.database_url) as session:
         moved = move(
             session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
         )
