@@ -21,7 +21,9 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
    share of the box's two cores that was busy, and the simulator's own CPU in that window.
    Celery's own floor, in the same run: a stock Celery worker (bench/celery_floor.py: the same
    Celery settings, threads pool, events on, none of Sheepdog's code) timing a no-op task from
-   before its apply_async to its body; Sheepdog's added TTFT cannot be below it.
+   before its apply_async to its body; Sheepdog's added TTFT cannot be below it. And the
+   relay's floor: a bare redis-py PUBLISH from another process to the same kind of subscriber,
+   5 ms apart (bench/relay_floor.py); Sheepdog's per-chunk relay cannot be below it.
 3. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
    times in Redis; medians of message sent -> task thread -> loop -> claim done / provider's
    first text -> first token queued -> seen by the subscriber.
@@ -55,6 +57,7 @@ import redis  # noqa: E402
 from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from bench import relay_floor  # noqa: E402
 from models.tables import Request  # noqa: E402
 from sheepdog import keys  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
@@ -240,6 +243,7 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
     b = through_sheepdog(client, r, n, tag, stages, relay)
     noise = direct(sim, n, tag)  # the same chunks direct again: the metric's own noise floor
     celery_ms = celery_floor().measure(n)  # stock Celery: send -> a no-op task's body
+    bare_relay_ms = relay_floor.measure(REDIS, min(n * 20, 2000))  # bare PUBLISH -> subscriber
     ttft_a = [run[0] for run in a]
     ttft_b = [run[0] for run in b]
     med_a = statistics.median(ttft_a)
@@ -276,6 +280,8 @@ def latency(sim: SimulatorProcess, client: Client, r: redis.Redis, n: int) -> di
         "noise_chunk_p99": pct(floor, 0.99) * ms,
         "relay_p50": pct(relay, 0.5) * ms,
         "relay_p99": pct(relay, 0.99) * ms,
+        "relay_floor_p50": pct(bare_relay_ms, 0.5),
+        "relay_floor_p99": pct(bare_relay_ms, 0.99),
     }
 
 
@@ -460,6 +466,14 @@ def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> 
                 "",
                 f"{med(lat, 'relay_p50'):.3f} / {med(lat, 'relay_p99'):.3f} ms",
                 "provider chunk in -> subscriber",
+            ]
+        )
+        rows.append(
+            [
+                "  bare PUBLISH -> subscriber p50 / p99",
+                f"{med(lat, 'relay_floor_p50'):.3f} / {med(lat, 'relay_floor_p99'):.3f} ms",
+                "",
+                "the relay's floor here",
             ]
         )
         stages = [
