@@ -19,6 +19,8 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
 
    Also: each stream's start delay (its message sent -> its first token, from the row), the
    share of the box's two cores that was busy, and the simulator's own CPU in that window.
+   Celery's own floor for a burst: the stock worker below (one process) given n no-op tasks in
+   one send, each one's delay from the send to its body.
    Celery's own floor, in the same run: a stock Celery worker (bench/celery_floor.py: the same
    Celery settings, threads pool, events on, none of Sheepdog's code) timing a no-op task from
    before its apply_async to its body; Sheepdog's added TTFT cannot be below it. And the
@@ -374,6 +376,7 @@ def concurrency(
     busy = (box1[0] - box0[0]) / max(box1[1] - box0[1], 1.0)
     if spy is not None:
         spy.wait()
+    floor_burst = [ms / 1000 for ms in celery_floor().measure_burst(n)]  # stock Celery, 1 process
     finished = {row.id: row.finished_at.timestamp() for row in rows if row.finished_at}
     each = [finished[rid] - sent[rid] for rid in finished]
     start = [row.first_token_at.timestamp() - sent[row.id] for row in rows if row.first_token_at]
@@ -417,6 +420,8 @@ def concurrency(
         "sim_each_p50": alone["each_p50"],
         "sim_each_max": alone["each_max"],
         "send": t_sent - t0,
+        "floor_start_p50": pct(floor_burst, 0.5),
+        "floor_start_max": max(floor_burst),
         "wall": (max(finished.values()) - t0) if finished else float("nan"),
         "after_send": (max(finished.values()) - t_sent) if finished else float("nan"),
         "each_p50": pct(each, 0.5),
@@ -512,6 +517,12 @@ def table(lat: list[dict[str, float]], conc: list[dict[str, float]], n: int) -> 
                 "",
             ],
             [
+                f"  stock Celery, {n} no-op tasks in one send: start p50 / max",
+                f"{med(conc, 'floor_start_p50'):.2f} / {med(conc, 'floor_start_max'):.2f} s",
+                "",
+                "Celery's own floor (1 process)",
+            ],
+            [
                 f"{n} streams: box CPU busy (2 cores) / simulator CPU",
                 "",
                 f"{med(conc, 'box_busy') * 100:.0f} % / {med(conc, 'sim_cpu_s'):.2f} s",
@@ -574,8 +585,7 @@ def main() -> None:
         )
         client = Client(settings)
         procs = [start_worker(env, workdir, i) for i in range(args.workers)]
-        if args.skip != "latency":
-            procs.append(start_floor_worker(env, workdir))
+        procs.append(start_floor_worker(env, workdir))  # Celery's floor, in both phases
         try:
             for run in range(args.runs):
                 if args.skip != "latency":

@@ -50,3 +50,17 @@ def measure(n: int, gap_s: float = 0.02) -> list[float]:
     while _redis.llen(RESULTS) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     return [float(v) * 1000 for v in _redis.lrange(RESULTS, 0, -1)]
+
+
+def measure_burst(n: int) -> list[float]:
+    """Send `n` no-op tasks in one pipeline (as Sheepdog's client sends a burst); each one's
+    delay (ms) from the start of the send to its body: how fast stock Celery starts a burst."""
+    _redis.delete(RESULTS)
+    t0 = time.time()
+    with app.producer_or_acquire() as producer, producer.batch():
+        for _ in range(n):
+            floor.apply_async(args=[t0], producer=producer)
+    deadline = time.monotonic() + 120
+    while _redis.llen(RESULTS) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [float(v) * 1000 for v in _redis.lrange(RESULTS, 0, -1)]
