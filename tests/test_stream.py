@@ -10,7 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from models.tables import CostEntry, Request
+from sheepdog import keys
 from sheepdog.db import session_scope
+from sheepdog.redis_conn import get_redis
 from streaming.subscriber import RESET, Reset, StreamFailed, events, stream_text
 from tests.fixtures.streaming import StreamDeployment
 
@@ -197,6 +199,19 @@ def test_cancel_before_start(deployment: StreamDeployment, client: Any):
     stored = row(deployment, item.id)
     assert stored.status == "cancelled" and stored.text is None
     assert client.cancel(item.id) is False  # already ended
+
+
+def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, client: Any):
+    rid = submit(client, prompt("cs"))
+    text = "".join(follow(deployment, rid))
+    before = row(deployment, rid)
+    assert before.status == "succeeded"
+    assert client.cancel(rid) is False
+    after = row(deployment, rid)
+    assert (after.status, after.text, after.error) == ("succeeded", text, None)
+    redis = get_redis(deployment.settings.redis_url)
+    assert not redis.exists(keys.cancel_flag(rid))  # nothing announced for an ended request
+    assert [m.type for m in events(rid, timeout=5, settings=deployment.settings)][-1] == "done"
 
 
 def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: Any):
