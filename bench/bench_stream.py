@@ -19,13 +19,13 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
 
    Also: each stream's start delay (its message sent -> its first token, from the row), the
    share of the box's two cores that was busy, and the simulator's own CPU in that window.
-   Celery's own floor for a burst: the stock worker below (one process) given n no-op tasks in
-   one send, each one's delay from the send to its body.
    Celery's own floor, in the same run: a stock Celery worker (bench/celery_floor.py: the same
    Celery settings, threads pool, events on, none of Sheepdog's code) timing a no-op task from
    before its apply_async to its body; Sheepdog's added TTFT cannot be below it. And the
    relay's floor: a bare redis-py PUBLISH from another process to the same kind of subscriber,
    5 ms apart (bench/relay_floor.py); Sheepdog's per-chunk relay cannot be below it.
+   For the concurrency run, the same stock worker (one process) given n no-op tasks in one
+   send: each one's delay from the send to its body, Celery's floor for starting a burst.
 3. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
    times in Redis; medians of message sent -> task thread -> loop -> claim done / provider's
    first text -> first token queued -> seen by the subscriber.

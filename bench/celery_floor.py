@@ -46,10 +46,7 @@ def measure(n: int, gap_s: float = 0.02) -> list[float]:
     for _ in range(n):
         floor.apply_async(args=[time.time()])
         time.sleep(gap_s)
-    deadline = time.monotonic() + 30
-    while _redis.llen(RESULTS) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [float(v) * 1000 for v in _redis.lrange(RESULTS, 0, -1)]
+    return _collect(n, timeout_s=30)
 
 
 def measure_burst(n: int) -> list[float]:
@@ -60,7 +57,12 @@ def measure_burst(n: int) -> list[float]:
     with app.producer_or_acquire() as producer, producer.batch():
         for _ in range(n):
             floor.apply_async(args=[t0], producer=producer)
-    deadline = time.monotonic() + 120
+    return _collect(n, timeout_s=120)
+
+
+def _collect(n: int, timeout_s: float) -> list[float]:
+    """The delays (ms) the tasks recorded, once `n` are in (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
     while _redis.llen(RESULTS) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     return [float(v) * 1000 for v in _redis.lrange(RESULTS, 0, -1)]

@@ -15,14 +15,16 @@ CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # longer than any queue wait; the flag is che
 
 
 def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
-    """Cancel `request_id`; False when it had already ended otherwise (succeeded or failed).
+    """Cancel `request_id`; False, and nothing changes, when it had already ended (succeeded,
+    failed or cancelled).
 
     Sets the cancel flag (checked by a stream task before it starts) and announces the id on
     the cancel channel (every stream worker process stops the stream if it holds it). A row
     still `queued` is moved to `cancelled` here, whichever path it is on."""
     settings = settings or get_settings()
     # Read before announcing: a worker holding the stream ends the row `cancelled` a few ms
-    # after the announcement, and that must not read as "had already ended".
+    # after the announcement, and that must not read as "had already ended". Two short
+    # sessions: no database transaction stays open across the Redis calls.
     with session_scope(settings.database_url) as session:
         row = session.execute(
             select(Request.status, Request.route).where(Request.id == request_id)

@@ -12,7 +12,6 @@ from sqlalchemy import select
 from models.tables import CostEntry, Request
 from sheepdog import keys
 from sheepdog.db import session_scope
-from sheepdog.redis_conn import get_redis
 from streaming.subscriber import RESET, Reset, StreamFailed, events, stream_text
 from tests.fixtures.streaming import StreamDeployment
 
@@ -209,8 +208,9 @@ def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, clie
     assert client.cancel(rid) is False
     after = row(deployment, rid)
     assert (after.status, after.text, after.error) == ("succeeded", text, None)
-    redis = get_redis(deployment.settings.redis_url)
-    assert not redis.exists(keys.cancel_flag(rid))  # nothing announced for an ended request
+    assert not deployment.redis.exists(
+        keys.cancel_flag(rid)
+    )  # nothing announced for an ended request
     assert [m.type for m in events(rid, timeout=5, settings=deployment.settings)][-1] == "done"
 
 
