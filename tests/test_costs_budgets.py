@@ -23,8 +23,9 @@ from sheepdog.intake import row_values
 from sheepdog.lifecycle import Status, move, move_many
 from sheepdog.settings import Settings
 from tests.fixtures.costs import budget, insert_rows, make_item, reservations
+from tests.fixtures.services import redis_db
 
-BROKER_DB = "redis://127.0.0.1:6379/4"  # no worker listens here: sent tasks stay put; flushed
+BROKER_DB = redis_db(4)  # no worker listens here: sent tasks stay put; flushed
 
 
 def test_a_worst_case_is_prompt_plus_max_tokens_at_the_route_rate(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.fixtures.services import redis_db
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_REDIS_DB = "1"  # the demo flushes its Redis DB: one no other test uses (fixtures/services.py)
 
@@ -28,7 +30,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHEEPDOG_", "OPENAI_"))}
-    env["SHEEPDOG_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+    env["SHEEPDOG_REDIS_URL"] = redis_db(0)
     out = subprocess.run(
         [
             sys.executable,

@@ -17,8 +17,9 @@ from sheepdog.client import Client
 from sheepdog.db import session_scope
 from sheepdog.settings import Settings
 from sheepdog.tokens import count_tokens
+from tests.fixtures.services import redis_db
 
-SCAN_REDIS = "redis://127.0.0.1:6379/10"  # its intake messages must not reach the test workers
+SCAN_REDIS = redis_db(10)  # its intake messages must not reach the test workers
 
 
 @pytest.fixture
