@@ -18,9 +18,14 @@ from pydantic import (
     model_validator,
 )
 
+from models.tables import USD, max_chars
 from sheepdog.errors import InvalidRequest
 
 MAX_CONTENT_CHARS = 2_000_000
+# What the `requests` columns can hold (PostgreSQL enforces them; SQLite does not): checked
+# here so that a request the table cannot store is refused at the edge, not lost at intake.
+TENANT_MAX_CHARS = max_chars("tenant")
+MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
 MAX_METADATA_PAIRS = 16
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -83,7 +88,9 @@ class ChatRequest(BaseModel):
     max_cost_usd: Decimal | None = None
     deadline: datetime | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=max_chars("idempotency_key")
+    )
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -119,6 +126,17 @@ class ChatRequest(BaseModel):
     def _non_negative_cap(cls, value: Decimal | None) -> Decimal | None:
         if value is not None and value < 0:
             raise ValueError(f"max_cost_usd must not be negative, got {value}")
+        if value is not None and value >= MAX_COST_USD_LIMIT:
+            raise ValueError(
+                f"max_cost_usd {value} is too large (must be below {MAX_COST_USD_LIMIT:,})"
+            )
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _storable_key(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("idempotency_key contains a NUL character")
         return value
 
     @field_validator("stop")
@@ -135,6 +153,10 @@ class ChatRequest(BaseModel):
             return None
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
+        try:
+            value.astimezone(UTC)  # what the table stores: a time past year 9999 cannot be
+        except OverflowError:
+            raise ValueError(f"deadline {value.isoformat()} is past the year 9999 in UTC") from None
         if value <= datetime.now(UTC):
             raise ValueError(f"deadline {value.isoformat()} is in the past")
         return value
@@ -144,6 +166,13 @@ class ChatRequest(BaseModel):
     def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
         if len(value) > MAX_METADATA_PAIRS:
             raise ValueError(f"metadata has {len(value)} pairs, over the limit of 16")
+        tenant = value.get("tenant")
+        if tenant is not None and len(tenant) > TENANT_MAX_CHARS:
+            raise ValueError(
+                f"tenant is {len(tenant):,} characters, over the limit of {TENANT_MAX_CHARS}"
+            )
+        if tenant is not None and "\x00" in tenant:
+            raise ValueError("tenant contains a NUL character")
         return value
 
     @model_validator(mode="after")

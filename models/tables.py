@@ -184,6 +184,13 @@ class Request(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+def max_chars(column: str) -> int:
+    """The length limit of one of the `requests` table's String columns."""
+    kind = Request.__table__.c[column].type
+    assert isinstance(kind, String) and kind.length is not None
+    return kind.length
+
+
 class CostEntry(Base):
     """The ledger: one row per finished request that cost money, written exactly once."""
 

@@ -308,6 +308,8 @@ class Sink:
         # else has, in which case stop (they carry on from the same files).
         if self.lock is None:
             return
+        if getattr(self.lock, "lost", False):
+            raise LostLock(f"job {self.job_id}: lock taken over by another ingest")
         try:
             self.lock.reacquire()
         except redis.exceptions.LockError:

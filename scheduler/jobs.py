@@ -4,11 +4,14 @@ the Celery app used to send follow-up tasks."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import redis
+from redis.lock import Lock
 from sqlalchemy import update
 
 from models.tables import BatchJob, utcnow
@@ -32,12 +35,63 @@ def crash_point(crash_after: str | None, point: str) -> None:
         raise SimulatedCrash(f"simulated crash after {point}")
 
 
-def job_lock(settings: Settings, job_id: str) -> Any:
-    """The job's lock (not yet acquired). It expires after batch_lock_ttl_s, so a job whose
-    owner died is picked up by the next flush, poll or ingest."""
-    return get_redis(settings.redis_url).lock(
-        keys.batch_job_lock(job_id), timeout=settings.batch_lock_ttl_s, blocking=False
+log = logging.getLogger("sheepdog.batch.lock")
+
+
+class KeptLock(Lock):
+    """A Redis lock with a short TTL and a heartbeat: while held, a daemon thread renews it
+    every third of its TTL (as the emulated executor keeps its heartbeat key), so a holder that
+    dies is noticed within one TTL while a live one keeps it however long it works. `lost` is
+    set when the lock was found taken over (or gone) on a renewal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost = False
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        taken = bool(super().acquire(*args, **kwargs))
+        if taken and self._keeper is None:
+            self.lost = False
+            self._stop.clear()
+            self._keeper = threading.Thread(target=self._keep, name=f"lock {self.name}")
+            self._keeper.daemon = True
+            self._keeper.start()
+        return taken
+
+    def release(self) -> None:
+        self._stop.set()
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(5)
+        super().release()
+
+    def _keep(self) -> None:
+        assert self.timeout is not None
+        while not self._stop.wait(self.timeout / 3):
+            try:
+                self.reacquire()
+            except redis.exceptions.LockError:  # expired and taken, or gone: the job is not ours
+                log.warning("%s: lock lost", self.name)
+                self.lost = True
+                return
+            except redis.RedisError as err:  # Redis away a moment: the next beat tries again
+                log.warning("%s: lock not renewed (%r)", self.name, err)
+
+
+def job_lock(settings: Settings, job_id: str) -> KeptLock:
+    """The job's lock (not yet acquired): a `KeptLock` of batch_lock_ttl_s, so a job whose
+    owner died is picked up by the next flush, poll or ingest within seconds."""
+    lock = get_redis(settings.redis_url).lock(
+        keys.batch_job_lock(job_id),
+        timeout=settings.batch_lock_ttl_s,
+        blocking=False,
+        lock_class=KeptLock,
+        thread_local=False,  # its keeper thread renews it with the holder's token
     )
+    assert isinstance(lock, KeptLock)
+    return lock
 
 
 def release(lock: Any) -> None:

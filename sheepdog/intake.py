@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+import redis
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.intake import IntakeItem
-from models.tables import Request, utcnow
+from models.tables import Request, max_chars, utcnow
+from sheepdog import keys
 from sheepdog.lifecycle import Status
+from sheepdog.redis_conn import get_redis
+from sheepdog.settings import Settings
 
 log = logging.getLogger("sheepdog.intake")
 
@@ -59,11 +66,15 @@ def _document_link(metadata: dict[str, Any]) -> dict[str, int | None]:
     }
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _int_or_none(value: object) -> int | None:
     try:
-        return int(str(value)) if value is not None else None
+        number = int(str(value)) if value is not None else None
     except ValueError:
         return None
+    return number if number is None or 0 <= number <= INT32_MAX else None
 
 
 def _insert_ignoring_duplicates(session: Session) -> Any:
@@ -141,3 +152,128 @@ def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
         inserted = len(cur.fetchall())
         cur.execute("TRUNCATE intake_rows")
     return inserted
+
+
+# The database being away (worth the same message again later), not a row it refuses.
+TRANSIENT = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+
+
+@dataclass
+class Recorded:
+    """What `record_safely` did: rows created, and the requests that could not be stored as
+    sent (each now a `failed` row with its reason; `unkeyed` ones without their idempotency
+    key, which the caller must release)."""
+
+    created: int = 0
+    failed: list[str] = field(default_factory=list)
+    unkeyed: list[IntakeItem] = field(default_factory=list)
+
+
+def record_safely(session: Session, items: Sequence[IntakeItem]) -> Recorded:
+    """`record_requests` in bulk; should the bulk fail for a row the database refuses (a value
+    past a column's limit, a deadline it cannot hold, a broken link), each row is written on
+    its own, and a row that still cannot be written fails alone with its reason rather than
+    take its neighbours with it. The database being away is raised (the task retries)."""
+    out = Recorded()
+    try:
+        with session.begin_nested():
+            out.created = record_requests(session, items)
+        return out
+    except TRANSIENT:
+        raise
+    except Exception as err:
+        if len(items) > 1:
+            log.warning("intake bulk of %d refused (%s); writing one by one", len(items), err)
+    for item in items:
+        try:
+            with session.begin_nested():
+                out.created += record_requests(session, [item])
+            continue
+        except TRANSIENT:
+            raise
+        except Exception as err:
+            reason = f"request could not be stored: {refusal(err)}"
+        log.error("%s: %s", item.id, reason)
+        if record_unstorable(session, item, reason, keep_key=True):
+            out.created += 1
+        elif record_unstorable(session, item, reason, keep_key=False):
+            out.created += 1
+            out.unkeyed.append(item)
+        else:  # nothing of it can be written: the log line above is all that is left
+            out.unkeyed.append(item)
+            continue
+        out.failed.append(item.id)
+    refused = sorted({*out.failed, *(item.id for item in out.unkeyed)})
+    if refused:
+        from costs.budgets import release
+
+        release(session, refused)  # a request that failed spends nothing
+    return out
+
+
+def release_keys(settings: Settings, items: Sequence[IntakeItem]) -> None:
+    """Free the idempotency keys that still name these requests (which have no row with the
+    key), so a resubmit with the key is not answered with an id nobody can find."""
+    client = get_redis(settings.redis_url)
+    for item in items:
+        key = item.request.get("idempotency_key")
+        if not key:
+            continue
+        name = keys.idempotency(key, settings.broker_prefix)
+
+        def drop(pipe: Any, name: str = name, rid: str = item.id) -> None:
+            current = pipe.get(name)
+            pipe.multi()
+            if current is not None and current.decode() == rid:
+                pipe.delete(name)
+
+        try:
+            client.transaction(drop, name)
+        except redis.RedisError as err:
+            log.error("%s: idempotency key not released (%r)", item.id, err)
+
+
+def refusal(err: BaseException) -> str:
+    """The database's reason in one line (the driver's message, not SQLAlchemy's wrapper)."""
+    cause = getattr(err, "orig", None) or err
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def record_unstorable(session: Session, item: IntakeItem, reason: str, *, keep_key: bool) -> bool:
+    """A `failed` row with only what any table can hold (id, route, model, its reason); True
+    when written (or there already). The lifecycle's first status, like `queued` at intake."""
+    request = item.request
+    tenant = str((request.get("metadata") or {}).get("tenant", "default"))
+    limit = max_chars("tenant")
+    now = utcnow()
+    values = {
+        "id": item.id,
+        "idempotency_key": request.get("idempotency_key") if keep_key else None,
+        "tenant": tenant if len(tenant) <= limit and "\x00" not in tenant else "default",
+        "priority": str(request.get("priority", "normal"))[:8],
+        "route": item.route,
+        "model": str(item.body.get("model", ""))[:100],
+        "body": {"model": str(item.body.get("model", ""))[:100]},
+        "status": Status.FAILED.value,
+        "attempts": 0,
+        "error": reason,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": now,
+    }
+    try:
+        with session.begin_nested():
+            session.execute(_insert_ignoring_duplicates(session), [values])
+        return True
+    except TRANSIENT:
+        raise
+    except Exception as err:
+        log.error("%s: not even its failure could be stored: %s", item.id, refusal(err))
+        return False

@@ -15,6 +15,12 @@ def replay_log(request_id: str) -> str:
     return f"{PREFIX}:replay:{request_id}"
 
 
+def stream_fence(request_id: str) -> str:
+    """Which attempt of a stream may publish and its next seq (streaming/deliver.lua); kept as
+    long as the replay log."""
+    return f"{PREFIX}:fence:{request_id}"
+
+
 def stream_trace(request_id: str) -> str:
     """A stream's stage times, written only when SHEEPDOG_STREAM_TRACE is set (benchmarks)."""
     return f"{PREFIX}:trace:{request_id}"

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     batch_workdir: str = "/tmp/sheepdog-batches"
     batch_claim_limit: int = 500_000  # rows one flush claims at most
     batch_ingest_chunk: int = 5_000  # result lines written per transaction
-    batch_lock_ttl_s: float = 900.0  # a dead submitter's or ingester's job lock expires after
+    # A job lock's TTL; its holder renews it every third of that (a heartbeat), so a dead
+    # submitter's or ingester's lock lapses within seconds however long a live one works.
+    batch_lock_ttl_s: float = 10.0
     # Emulated batch (providers without a Batch API): plain calls under the provider's limits
     emulated_concurrency: int = 64  # calls in flight per job
     emulated_max_attempts: int = 8  # per line, for 429 / 5xx / connection errors

@@ -188,7 +188,8 @@ class ChatStream:
         if faults.cut_after is not None and faults.cut_after <= len(answer.pieces):
             self.stats.count("faults.cut")
             return
-        end = head + _choice({}, answer.finish_reason) + tail
+        finish_reason = None if faults.no_finish_reason else answer.finish_reason
+        end = head + _choice({}, finish_reason) + tail
         if chat.include_usage:
             used = orjson.dumps(usage(chat.prompt_tokens(), len(answer.pieces)))
             end += head + b"[]" + b',"usage":' + used + b"}\n\n"

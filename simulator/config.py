@@ -25,7 +25,8 @@ class FaultRule(BaseModel):
     Chat effects: ``ttft_ms``, ``chunk_delay_ms``, ``status`` (429/500/503/400/...; 429 gets a
     ``Retry-After: retry_after_s`` header), ``cut_after`` (stream drops the connection after N
     content chunks, no ``[DONE]``), ``stall_after`` + ``stall_s`` (stream sends nothing for S
-    seconds after N content chunks, then carries on).
+    seconds after N content chunks, then carries on), ``no_finish_reason`` (the stream ends with
+    ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do).
 
     Batch effects: ``batch`` = ``fail_validation`` | ``expire`` (after ``after_lines`` lines,
     default half) | ``lose_lines`` (those custom_ids get no line anywhere) | ``error_lines``
@@ -47,6 +48,7 @@ class FaultRule(BaseModel):
     cut_after: int | None = Field(default=None, ge=0)
     stall_after: int | None = Field(default=None, ge=0)
     stall_s: float = Field(default=5.0, ge=0)
+    no_finish_reason: bool | None = None
 
     batch: BatchFault | None = None
     after_lines: int | None = Field(default=None, ge=0)

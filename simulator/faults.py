@@ -29,6 +29,7 @@ class ChatFaults:
     cut_after: int | None = None
     stall_after: int | None = None
     stall_s: float = 0.0
+    no_finish_reason: bool = False
     applied: int = 0
 
 
@@ -136,7 +137,15 @@ class FaultEngine:
 
 def _merge(faults: ChatFaults, rule: FaultRule) -> None:
     faults.applied += 1
-    for name in ("ttft_ms", "chunk_delay_ms", "status", "message", "cut_after", "stall_after"):
+    for name in (
+        "ttft_ms",
+        "chunk_delay_ms",
+        "status",
+        "message",
+        "cut_after",
+        "stall_after",
+        "no_finish_reason",
+    ):
         value = getattr(rule, name)
         if value is not None:
             setattr(faults, name, value)

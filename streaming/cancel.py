@@ -36,12 +36,15 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
     redis.publish(keys.CANCEL_CHANNEL, request_id)
     if row is None:
         return True  # still in the queue: the task sees the flag and never starts
+    from streaming.store import moved_attempts
+
     with session_scope(settings.database_url) as session:
         moved = move(
             session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
         )
-    if moved and row.route == "stream":
+        attempts = moved_attempts(session, request_id, moved)
+    if attempts is not None and row.route == "stream":
         from streaming.runner import publish_error
 
-        publish_error(settings, request_id, "cancelled")
+        publish_error(settings, request_id, "cancelled", attempts=attempts)
     return True

@@ -92,7 +92,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
                     error=reason,
                 )
             if moved:
-                publish_error(settings, rid, reason)
+                publish_error(settings, rid, reason, attempts=attempts + 1)
                 report.failed += 1
             continue
         with session_scope(settings.database_url) as session:
@@ -106,7 +106,9 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
                 updated_at=now,
             )
         if moved:
-            publish_error(settings, rid, "", type_="reset")
+            # Fences the lost attempt off: from here Redis refuses its messages, as the row
+            # refuses its writes.
+            publish_error(settings, rid, "", type_="reset", attempts=attempts + 1)
             _send(app, rid)
             report.requeued += 1
             log.warning(

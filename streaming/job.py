@@ -23,6 +23,7 @@ from sheepdog.settings import Settings
 from sheepdog.tokens import count_message_tokens, count_tokens
 from streaming import providers
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
+from streaming.publisher import fence_token
 
 if TYPE_CHECKING:
     from streaming.runtime import Runtime
@@ -31,6 +32,10 @@ log = logging.getLogger("sheepdog.streaming")
 
 CANCELLED = "cancelled"
 LOST = "lost"  # the row was taken back by the janitor, or the claim failed
+
+
+class LogLost(Exception):
+    """Raised in a chunk's handler when Redis lost the stream's replay log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,8 @@ class StreamJob:
     stalled: bool = False  # logged once when the heartbeat stops refreshing the row
     previous: StreamJob | None = None  # a job for the same id this one replaced in the runtime
     finished: bool = False
+    restarts: int = 0  # answers started again in a new replay log (Redis lost the old one)
+    relog: bool = False  # set when Redis lost the log: the next chunk restarts the answer
 
     def live_for(self, seconds: float) -> None:
         """Count the job as making progress for `seconds` from now (a state change)."""
@@ -111,17 +118,36 @@ class StreamJob:
 
     # -- publishing --------------------------------------------------------------------------
 
+    # Every message carries a fencing token made of the attempt that owns the row (the grant's)
+    # and this job's restarts: Redis refuses the messages of an attempt the janitor superseded,
+    # as the row refuses its writes (streaming/deliver.lua). `seq` counts what this job sent;
+    # the fence numbers what goes out.
+
+    @property
+    def token(self) -> int:
+        return fence_token(self.grant.attempts if self.grant else 0, self.restarts)
+
+    def log_lost(self) -> None:
+        """Redis lost this stream's replay log: the answer starts again (at the next chunk) in
+        a new log, from seq 0 and under a new token that fences off what is still in flight."""
+        if not self.relog:
+            log.warning(
+                "%s: replay log lost (Redis lost its data); starting again", self.request_id
+            )
+        self.relog = True
+
     def _put(self, type_: Any, **fields: Any) -> None:
-        self.runtime.publisher.put(
-            self.request_id, encode(self.request_id, self.seq, type_, **fields)
-        )
+        assert self.grant is not None  # only a job that owns the row publishes
+        payload = encode(self.request_id, self.seq, type_, **fields)
+        self.runtime.publisher.put(self.request_id, payload, self.token)
         self.seq += 1
 
     async def final(self, type_: Any, **fields: Any) -> None:
         """Publish the last message and wait until Redis has it."""
+        assert self.grant is not None
         payload = encode(self.request_id, self.seq, type_, **fields)
         self.seq += 1
-        await self.runtime.publisher.send(self.request_id, payload)
+        await self.runtime.publisher.send(self.request_id, payload, self.token)
 
     def _reset(self) -> None:
         if self.shown:
@@ -143,6 +169,8 @@ class StreamJob:
         return grant
 
     async def _on_text(self, text: str) -> bool:
+        if self.relog:
+            raise LogLost
         if self.grant is None:
             if self.marks is not None:
                 self.marks.setdefault("text", time.time())
@@ -205,6 +233,10 @@ class StreamJob:
                     idle_timeout_s=settings.stream_idle_timeout_s,
                     on_text=self._on_text,
                 )
+            except LogLost:
+                attempt -= 1  # not the provider's fault: a free retry, at once
+                self._restart_log()
+                continue
             except RejectsStreamOptions as err:
                 if not include_usage:
                     return self._failed(err.reason)
@@ -237,6 +269,16 @@ class StreamJob:
                 continue
             return self._succeeded(end.finish_reason, end.usage)
 
+    def _restart_log(self) -> None:
+        # A new log needs no reset: nothing of it was shown. The new token fences off the old
+        # log's messages still queued.
+        self.relog = False
+        self.restarts += 1
+        self.seq = 0
+        self.shown = 0
+        self.parts.clear()
+        self.tokens = 0
+
     def _grant_then_reset(self) -> None:
         # Only granted jobs have published anything; an ungranted one has nothing to take back.
         if self.grant is not None:
@@ -245,7 +287,7 @@ class StreamJob:
             self.parts.clear()
             self.tokens = 0
 
-    def _succeeded(self, finish_reason: str, usage: dict[str, Any] | None) -> Outcome:
+    def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> Outcome:
         text = "".join(self.parts)
         if usage is not None:
             prompt, completion, estimated = (

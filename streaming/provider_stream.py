@@ -51,9 +51,9 @@ class RejectsStreamOptions(Fatal):
 
 @dataclass(slots=True)
 class AttemptEnd:
-    """How an attempt ended without error."""
+    """How an attempt ended without error (`finish_reason` None: the provider named none)."""
 
-    finish_reason: str
+    finish_reason: str | None
     usage: dict[str, Any] | None
 
 
@@ -165,12 +165,12 @@ async def stream_once(
         raise Retryable(f"stream cut: {type(err).__name__}") from None
     except orjson.JSONDecodeError:
         raise Retryable("malformed chunk from the provider") from None
-    return _end(finish, usage)
+    # `data: [DONE]` ends a stream (some servers never send a finish_reason); a body that ends
+    # before it is a cut.
+    raise Retryable("stream cut: the connection closed before [DONE]")
 
 
 def _end(finish: str | None, usage: dict[str, Any] | None) -> AttemptEnd:
-    if finish is None:
-        raise Retryable("stream ended before its end (no finish_reason)")
     if finish == "content_filter":
         raise Fatal("the provider's content filter stopped the answer")
     return AttemptEnd(finish, usage)

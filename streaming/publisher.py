@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
@@ -24,72 +27,93 @@ log = logging.getLogger("sheepdog.streaming.publisher")
 
 FIELD = b"m"  # the replay log entry's one field: the message bytes
 
-# One script call delivers a whole flush: KEYS are the replay logs (one per message), ARGV the
-# TTL then (channel, payload) pairs. One command and one reply instead of two or three per
-# message keeps the worker's share of the cost (packing and parsing in Python) per flush.
-DELIVER = """
-local ttl = ARGV[1]
-local seen = {}
-for i = 1, #KEYS do
-  redis.call('PUBLISH', ARGV[2 * i], ARGV[2 * i + 1])
-  redis.call('XADD', KEYS[i], '*', 'm', ARGV[2 * i + 1])
-  if not seen[KEYS[i]] then
-    seen[KEYS[i]] = true
-    redis.call('EXPIRE', KEYS[i], ttl)
-  end
-end
-return #KEYS
-"""
+
+# One script call delivers a whole flush, each message fenced by its attempt (see the script).
+# One command and one reply instead of two or three per message keeps the worker's share of the
+# cost (packing and parsing in Python) per flush.
+@functools.cache
+def deliver_script() -> str:
+    return Path(__file__).with_name("deliver.lua").read_text()
+
+
+class Mode(IntEnum):
+    """How a message is fenced (streaming/deliver.lua)."""
+
+    WORKER = 0  # refused once a later attempt has published
+    TAKE_OVER = 1  # refused unless every attempt that published is older (the janitor's reset)
+    FINAL = 2  # done/error: nothing goes out after it
+
+
+_Entry = tuple[str, bytes, int, Mode, "asyncio.Future[int] | None"]
+
+RESTARTS = 1024  # restarts of one attempt a fencing token has room for
+REFUSED = -1  # the fence refused the message: a later attempt publishes, or the log has ended
+LOG_LOST = -2  # the log's start is gone (Redis lost its data): the answer must start again
+
+
+def fence_token(attempts: int, restart: int = 0) -> int:
+    """The fencing token of a message: the row's attempts (the janitor's take-overs), then the
+    worker's restarts of that attempt in a new log (after Redis lost the old one)."""
+    return attempts * RESTARTS + min(restart, RESTARTS - 1)
 
 
 class Publisher:
     """Batches PUBLISH + XADD (+ EXPIRE once per log per flush) of all streams of a process."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_s: int,
+        on_log_lost: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._client = client
+        self._on_log_lost = on_log_lost  # (request id, fencing token) of a LOG_LOST message
         self._ttl = ttl_s
-        self._pending: list[tuple[str, bytes, asyncio.Future[None] | None]] = []
+        self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
-        self._script = client.register_script(DELIVER)
+        self._script = client.register_script(deliver_script())
         self.flushes = 0
         self.messages = 0
+        self.refused = 0  # messages of superseded attempts, or after the end
 
     async def warm_up(self) -> None:
         """Open the connection and load the script, so the first flush is a plain one."""
         with contextlib.suppress(redis.RedisError, OSError):
             await self._script(keys=[], args=[self._ttl])
 
-    def put(self, request_id: str, payload: bytes) -> None:
-        """Queue a message (loop thread only); the flusher sends it with the next pipeline."""
-        self._pending.append((request_id, payload, None))
+    def put(self, request_id: str, payload: bytes, token: int) -> None:
+        """Queue a message under fencing token `token` (loop thread only); the flusher sends it
+        with the next script call."""
+        self._pending.append((request_id, payload, token, Mode.WORKER, None))
         self._wake.set()
 
-    async def send(self, request_id: str, payload: bytes) -> None:
-        """Queue a message and wait until Redis has it (used for the last message)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((request_id, payload, done))
+    async def send(
+        self, request_id: str, payload: bytes, token: int, mode: Mode = Mode.FINAL
+    ) -> int:
+        """Queue a message and wait until Redis has it (used for the last message); the seq it
+        went out with, or REFUSED / LOG_LOST."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((request_id, payload, token, mode, done))
         self._wake.set()
-        await done
+        return await done
 
     async def run(self) -> None:
         """The flush loop; runs for the life of the process."""
         await drain_forever(self._wake, self._take, self._flush)
 
-    def _take(self) -> list[tuple[str, bytes, asyncio.Future[None] | None]]:
+    def _take(self) -> list[_Entry]:
         batch, self._pending = self._pending, []
         return batch
 
-    async def _flush(self, batch: list[tuple[str, bytes, asyncio.Future[None] | None]]) -> None:
-        logs: list[bytes | str] = []
-        args: list[bytes | str | int] = [self._ttl]
-        for request_id, payload, _ in batch:
-            logs.append(keys.replay_log(request_id))
-            args.append(keys.stream_channel(request_id))
-            args.append(payload)
+    async def _flush(self, batch: list[_Entry]) -> None:
+        names, args = _script_args(
+            [(rid, payload, attempts, mode) for rid, payload, attempts, mode, _ in batch],
+            self._ttl,
+        )
         delay = 0.05
         while True:
             try:
-                await self._script(keys=logs, args=args)
+                seqs: list[int] = await self._script(keys=names, args=args)
                 break
             except asyncio.CancelledError:
                 raise
@@ -100,21 +124,35 @@ class Publisher:
                 delay = min(delay * 2, 2.0)
         self.flushes += 1
         self.messages += len(batch)
-        for _, _, done in batch:
+        for (rid, _, token, _, done), seq in zip(batch, seqs, strict=True):
+            if seq == REFUSED:
+                self.refused += 1
+                log.info("%s: a superseded or ended stream's message was not published", rid)
+            elif seq == LOG_LOST and self._on_log_lost is not None:
+                self._on_log_lost(rid, token)
             if done is not None and not done.done():
-                done.set_result(None)
+                done.set_result(int(seq))
+
+
+def _script_args(
+    messages: Sequence[tuple[str, bytes, int, Mode]], ttl_s: int
+) -> tuple[list[str], list[bytes | str | int]]:
+    names: list[str] = []
+    args: list[bytes | str | int] = [ttl_s]
+    for request_id, payload, attempts, mode in messages:
+        names += [keys.replay_log(request_id), keys.stream_fence(request_id)]
+        args += [keys.stream_channel(request_id), payload, attempts, int(mode)]
+    return names, args
 
 
 def publish_now(
-    client: redis.Redis, request_id: str, payloads: Sequence[bytes], ttl_s: int
-) -> None:
-    """Synchronous delivery for code outside a worker's loop (janitor, cancel)."""
-    with client.pipeline(transaction=False) as pipe:
-        for payload in payloads:
-            pipe.publish(keys.stream_channel(request_id), payload)
-            pipe.xadd(keys.replay_log(request_id), {FIELD: payload})
-        pipe.expire(keys.replay_log(request_id), ttl_s)
-        pipe.execute()
+    client: redis.Redis, request_id: str, payload: bytes, ttl_s: int, attempts: int, mode: Mode
+) -> int:
+    """Synchronous, fenced delivery of one message of attempt `attempts` for code outside a
+    worker's loop (janitor, cancel); the seq it went out with, or REFUSED / LOG_LOST."""
+    names, args = _script_args([(request_id, payload, fence_token(attempts), mode)], ttl_s)
+    script = client.register_script(deliver_script())
+    return int(script(keys=names, args=args)[0])  # type: ignore[index]
 
 
 def last_message(client: redis.Redis, request_id: str) -> StreamMessage | None:

@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from models.intake import IntakeItem
 from models.stream_message import StreamMessage, encode
 from sheepdog import keys
+from sheepdog.intake import release_keys
 from sheepdog.lifecycle import Status
 from sheepdog.redis_conn import get_redis
 from sheepdog.settings import Settings, get_settings
 from streaming import store
 from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
-from streaming.publisher import last_message, next_seq, publish_now
+from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now
 from streaming.runtime import Runtime, get_runtime
 
 log = logging.getLogger("sheepdog.streaming")
@@ -111,6 +112,8 @@ async def serve(
         job.stop(LOST)
         job.resolve(None)
         await asyncio.wait([streaming])
+        if isinstance(err, store.Unstorable):  # recorded failed alone, with its reason
+            return await _unstorable(runtime, job, intake, err)
         if isinstance(err, Exception) and store.is_transient(err):
             # The task sends itself again later (tasks/stream.py): the message may be the
             # request's only copy. A claim that did commit unseen is the janitor's (no heartbeat).
@@ -132,6 +135,17 @@ async def serve(
         log.exception("%s: stream crashed", job.request_id)
         outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
     return await _finish(runtime, job, claim, outcome)
+
+
+async def _unstorable(
+    runtime: Runtime, job: StreamJob, intake: IntakeItem | None, err: store.Unstorable
+) -> str:
+    log.error("%s: %s", job.request_id, err.reason)
+    if intake is not None and not err.keyed:
+        await asyncio.to_thread(release_keys, runtime.settings, [intake])
+    payload = encode(job.request_id, 0, "error", error=err.reason)
+    await runtime.publisher.send(job.request_id, payload, fence_token(0))
+    return Status.FAILED.value
 
 
 async def _bounded(runtime: Runtime, pending: asyncio.Future[T], what: str) -> T:
@@ -243,16 +257,22 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
 
 def _cancel_before_start(settings: Settings, request_id: str, intake: IntakeItem | None) -> str:
     """A cancelled request never starts: record it (if new) and end it `cancelled`."""
-    if not store.cancel_queued(settings.database_url, request_id, intake):
+    attempts = store.cancel_queued(settings.database_url, request_id, intake)
+    if attempts is None:
         row = store.load(settings.database_url, request_id)
         return f"skipped ({row.status if row else 'missing'})"
-    publish_error(settings, request_id, "cancelled")
+    publish_error(settings, request_id, "cancelled", attempts=attempts)
     return Status.CANCELLED.value
 
 
-def publish_error(settings: Settings, request_id: str, reason: str, type_: str = "error") -> None:
-    """Publish one message outside a worker loop, continuing the request's seq."""
+def publish_error(
+    settings: Settings, request_id: str, reason: str, type_: str = "error", *, attempts: int
+) -> int:
+    """Publish one message outside a worker loop as attempt `attempts` (an `error` ends the
+    log; a `reset` takes the stream over from every older attempt); the seq it went out with,
+    or -1 when the fence refused it."""
     redis = get_redis(settings.redis_url)
-    seq = next_seq(last_message(redis, request_id))
+    seq = next_seq(last_message(redis, request_id))  # used only if the fence was lost
     payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
-    publish_now(redis, request_id, [payload], settings.replay_ttl_s)
+    mode = Mode.FINAL if type_ == "error" else Mode.TAKE_OVER
+    return publish_now(redis, request_id, payload, settings.replay_ttl_s, attempts, mode)

@@ -80,7 +80,7 @@ class Runtime:
             # C (llhttp) rather than pure-Python h11, the largest per-chunk cost of the loop.
             http_client=openai.DefaultAioHttpClient(limits=limits, timeout=s.provider_timeout_s),
         )
-        self.publisher = Publisher(self.redis, s.replay_ttl_s)
+        self.publisher = Publisher(self.redis, s.replay_ttl_s, self._log_lost)
         self.lookups = Lookups(self.redis)
         await self.publisher.warm_up()  # connection open and script cached before any stream
         self.writer = Writer(
@@ -126,6 +126,13 @@ class Runtime:
         job.previous = None
 
     # -- loop services -------------------------------------------------------------------------
+
+    def _log_lost(self, request_id: str, token: int) -> None:
+        """Redis lost a stream's replay log (restarted empty): its job starts the answer again
+        in a new log, so no follower is shown a log that begins past its start."""
+        job = self.jobs.get(request_id)
+        if job is not None and job.token == token:
+            job.log_lost()
 
     async def _cancel_listener(self) -> None:
         """Stop in-flight streams named on the cancel channel (reconnects on Redis errors)."""

@@ -22,11 +22,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from costs import ledger
+from costs.budgets import release
 from costs.prices import price_table
 from models.intake import IntakeItem
 from models.tables import Request, utcnow
 from sheepdog.db import is_postgres, session_scope
-from sheepdog.intake import record_requests, row_values
+from sheepdog.intake import record_requests, record_unstorable, refusal, row_values
 from sheepdog.lifecycle import Status, move, move_each
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
@@ -67,6 +68,15 @@ class Unavailable(Exception):
     """The database did not answer in time (down, restarting, or a call that hung)."""
 
 
+class Unstorable(Exception):
+    """The request's row cannot be written as sent (a value the table cannot hold): it was
+    recorded `failed` with the reason instead (`keyed`: with its idempotency key)."""
+
+    def __init__(self, reason: str, keyed: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.keyed = reason, keyed
+
+
 _TRANSIENT = (
     Unavailable,
     sa_exc.OperationalError,
@@ -97,9 +107,21 @@ def load(db_url: str, request_id: str) -> RowState | None:
 
 def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None:
     """Record the row when `item` is given (idempotent) and move it queued -> streaming, in one
-    transaction. None when it is not queued (final, cancelled or owned by another worker)."""
+    transaction. None when it is not queued (final, cancelled or owned by another worker).
+    Raises Unstorable when the database refuses the new row for its values."""
+    try:
+        with _session(db_url) as session:
+            return _claim_in(session, request_id, item)
+    except Exception as err:
+        if item is None or is_transient(err):
+            raise
+        reason = f"request could not be stored: {refusal(err)}"
     with _session(db_url) as session:
-        return _claim_in(session, request_id, item)
+        keyed = record_unstorable(session, item, reason, keep_key=True)
+        if not keyed and not record_unstorable(session, item, reason, keep_key=False):
+            raise Unavailable(reason)  # nothing can be written: sent again, then the log
+        release(session, [request_id])  # a failed request spends nothing
+    raise Unstorable(reason, keyed)
 
 
 def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str, Claim]:
@@ -218,12 +240,24 @@ def ended_as(db_url: str, request_id: str, claim: Claim, end: End) -> bool:
     )
 
 
-def cancel_queued(db_url: str, request_id: str, item: IntakeItem | None) -> bool:
-    """Record the row if needed and move it queued -> cancelled; True when it moved."""
+def cancel_queued(db_url: str, request_id: str, item: IntakeItem | None) -> int | None:
+    """Record the row if needed and move it queued -> cancelled; its attempts (the fence its
+    `error` message goes out under) when it moved, else None."""
     with _session(db_url) as session:
         if item is not None:
             record_requests(session, [item])
-        return move(session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled")
+        return moved_attempts(
+            session,
+            request_id,
+            move(session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"),
+        )
+
+
+def moved_attempts(session: Session, request_id: str, moved: bool) -> int | None:
+    """The row's attempts after a move in this transaction (None when it did not move)."""
+    if not moved:
+        return None
+    return int(session.scalar(select(Request.attempts).where(Request.id == request_id)) or 0)
 
 
 def touch_heartbeats(db_url: str, owned: Mapping[str, int]) -> set[str]:

@@ -4,21 +4,27 @@ The reader blocks on the request's replay log (XREAD BLOCK) rather than on the p
 channel: the log holds every message in order, so reading it from the start and then waiting on
 it gives no gap and no duplicate whether you come before, during or after the stream, with one
 connection and no subscribe/replay handover. Redis wakes a blocked XREAD on the same XADD that
-accompanies the PUBLISH, so it is as live as pub/sub. Messages are still deduplicated by seq.
+accompanies the PUBLISH, so it is as live as pub/sub.
 
 `stream_text()` yields str pieces; when the worker restarts the answer (a retry after some text
 was shown) it yields the `RESET` marker (an empty `Reset` string): drop what you showed.
 It ends after `done` (the result is the StopIteration value and `.result`) or raises
 StreamFailed on `error`, StreamTimeout when nothing ends it in time.
+
+A gap in `seq` (Redis lost messages: restarted empty, or failed over) is never shown as an
+answer: the reader drops what it showed (RESET) and gives the stored row's answer once the row
+has ended, or raises StreamTimeout saying so when it does not end in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
+import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
@@ -31,6 +37,8 @@ from sheepdog.settings import Settings, get_settings
 from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
+ROW_POLL_S = 0.25  # how often a reader that found a gap looks at the row
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 BATCH = 1000
 
 
@@ -81,11 +89,13 @@ class _Reader:
         self.finished = False
         self.result: StreamResult | None = None
         self.resets = 0
+        self.gap: str | None = None  # set when the log lost messages: the row answers instead
 
     def block_ms(self) -> int:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise StreamTimeout(f"request {self.request_id}: no end after {self.timeout:g}s")
+            why = f" ({self.gap}; the stored row has not ended)" if self.gap else ""
+            raise StreamTimeout(f"request {self.request_id}: no end after {self.timeout:g}s{why}")
         return max(1, int(min(remaining, POLL_S) * 1000))
 
     def take(self, response: list | None) -> None:  # type: ignore[type-arg]
@@ -93,10 +103,26 @@ class _Reader:
             for entry_id, fields in entries:
                 self.last_id = entry_id
                 msg = StreamMessage.parse(fields[FIELD])
-                if msg.seq < self.expected:
-                    continue  # seen already
+                if msg.seq != self.expected:  # a gap, or a log Redis lost and began again
+                    self._gap(f"replay log goes from seq {self.expected - 1} to {msg.seq}")
+                    return
                 self.expected = msg.seq + 1
                 self.pending.append(msg)
+
+    def _gap(self, what: str) -> None:
+        """What follows a gap is no answer: drop it and what was shown, wait for the row."""
+        self.gap = what
+        shown = bool(self.parts) or any(m.type == "token" for m in self.pending)
+        self.pending.clear()
+        if shown:
+            self.pending.append(StreamMessage(request_id=self.request_id, seq=0, type="reset"))
+
+    def from_gap(self, row: Request | None) -> bool:
+        """After a gap: the row's answer once it has ended (True), else False (wait more)."""
+        if row is None or row.status not in ("succeeded", "failed", "cancelled"):
+            return False
+        self.from_row(row)
+        return True
 
     def from_row(self, row: Request | None) -> None:
         """A finished request whose replay log has expired: its stored answer."""
@@ -187,8 +213,16 @@ class TextStream(_Reader, Iterator[str]):
 
     def _read(self) -> None:
         block = self.block_ms()
+        if self.gap is not None:
+            if not self.from_gap(self.load_row()):
+                time.sleep(min(ROW_POLL_S, block / 1000))
+            return
         client = get_redis(self.settings.redis_url)
-        response = client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        try:
+            response = client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        except REDIS_DOWN:  # Redis restarting: try again until the deadline
+            time.sleep(min(ROW_POLL_S, block / 1000))
+            return
         self.take(response)  # type: ignore[arg-type]
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True
@@ -219,12 +253,18 @@ class AsyncTextStream(_Reader, AsyncIterator[str]):
         raise StopAsyncIteration
 
     async def _read(self) -> None:
-        import asyncio
-
         block = self.block_ms()
+        if self.gap is not None:
+            if not self.from_gap(await asyncio.to_thread(self.load_row)):
+                await asyncio.sleep(min(ROW_POLL_S, block / 1000))
+            return
         if self._client is None:
             self._client = new_async_redis(self.settings.redis_url)
-        response = await self._client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        try:
+            response = await self._client.xread({self.key: self.last_id}, count=BATCH, block=block)
+        except REDIS_DOWN:  # Redis restarting: try again until the deadline
+            await asyncio.sleep(min(ROW_POLL_S, block / 1000))
+            return
         self.take(response)  # type: ignore[arg-type]
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True

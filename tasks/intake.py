@@ -9,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 
 from scheduler.flush import count_up
 from sheepdog.db import session_scope
-from sheepdog.intake import parse_items, record_requests
+from sheepdog.intake import parse_items, record_safely, release_keys
 from sheepdog.settings import get_settings
 from workers.app import app
 
@@ -32,7 +32,15 @@ def intake(items: list[dict[str, Any]]) -> int:
     for _, reason in rejects:
         log.error("dropped intake entry: %s", reason)
     with session_scope() as session:
-        created = record_requests(session, valid)
-    count_up(get_settings(), created)  # sends a flush when the queue passes the threshold
-    log.info("intake: %d items, %d new rows, %d rejected", len(items), created, len(rejects))
-    return created
+        recorded = record_safely(session, valid)
+    release_keys(get_settings(), recorded.unkeyed)
+    queued = recorded.created - len(recorded.failed)
+    count_up(get_settings(), queued)  # sends a flush when the queue passes the threshold
+    log.info(
+        "intake: %d items, %d new rows (%d failed: could not be stored), %d rejected",
+        len(items),
+        recorded.created,
+        len(recorded.failed),
+        len(rejects),
+    )
+    return recorded.created
