@@ -212,7 +212,9 @@ class StreamJob:
 
     async def _attempts(self) -> Outcome:
         settings = self.runtime.settings
-        timeout = httpx2.Timeout(settings.provider_timeout_s, read=settings.stream_idle_timeout_s)
+        # The provider has provider_timeout_s to start answering (a busy one is slow, not
+        # stalled); stream_once watches the idle limit between chunks itself.
+        timeout = httpx2.Timeout(settings.provider_timeout_s)
         include_usage = True
         attempt = 0
         # An attempt in flight counts as progress within its own timeouts (connect and first

@@ -11,6 +11,7 @@ few microseconds a chunk instead of a pydantic model per chunk. Errors are sorte
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,43 @@ def _stream_error(obj: dict[str, Any]) -> Exception:
     return Fatal(f"provider error mid-stream: {message}")
 
 
+class _IdleWatch:
+    """Cancels the current task when no data arrived for `limit_s` (the idle limit between
+    chunks). One timer per stream, re-armed only when it fires: a chunk costs one clock read
+    (`seen()`), not a timer of its own."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.limit_s = limit_s
+        self.last = self.loop.time()
+        self.busy = False  # set while a chunk's handler runs (e.g. waits for the row's claim)
+        self.fired = False
+        self.handle = self.loop.call_later(limit_s, self._check)
+
+    def seen(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        idle = 0.0 if self.busy else self.loop.time() - self.last
+        if idle < self.limit_s:
+            self.handle = self.loop.call_later(self.limit_s - idle, self._check)
+        elif self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.handle.cancel()
+
+    def stalled(self) -> bool:
+        """After a CancelledError: True when it was this watch's (taken back), False when
+        someone else cancelled the task too (let it through)."""
+        if not self.fired or self.task is None:
+            return False
+        self.task.uncancel()
+        return self.task.cancelling() == 0
+
+
 async def stream_once(
     client: openai.AsyncOpenAI,
     body: dict[str, Any],
@@ -114,13 +152,15 @@ async def stream_once(
 ) -> AttemptEnd:
     """Stream one answer; raise Retryable or Fatal on failure.
 
-    The read timeout of `timeout` is the idle limit: httpx raises when no byte arrives for that
-    long, so a stall costs nothing to watch."""
+    `timeout` bounds the call up to the response's head (a busy provider may take a while to
+    start answering: that is not a stall); from then on no data for `idle_timeout_s` is a
+    stall."""
     kwargs: dict[str, Any] = {**body, "stream": True}
     if include_usage:
         kwargs["stream_options"] = {"include_usage": True}
     finish: str | None = None
     usage: dict[str, Any] | None = None
+    idle: _IdleWatch | None = None
     try:
         response = await client.post(
             CHAT_PATH,
@@ -129,9 +169,11 @@ async def stream_once(
             options={"headers": JSON_HEADERS, "timeout": timeout},
             stream=True,
         )
+        idle = _IdleWatch(idle_timeout_s)
         try:
             rest = b""
             async for data in response.aiter_bytes():
+                idle.seen()
                 lines = (rest + data).split(b"\n")
                 rest = lines.pop()
                 for line in lines:
@@ -147,12 +189,22 @@ async def stream_once(
                         usage = obj["usage"]
                     for choice in obj.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content")
-                        if text and not await on_text(text):
-                            return AttemptEnd("length", None)
+                        if text:
+                            idle.busy = True
+                            more = await on_text(text)
+                            idle.busy = False
+                            idle.seen()
+                            if not more:
+                                return AttemptEnd("length", None)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
         finally:
+            idle.close()
             await response.aclose()
+    except asyncio.CancelledError:
+        if idle is not None and idle.stalled():
+            raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
+        raise
     except openai.APIStatusError as err:
         raise _status_error(err) from None
     except openai.APITimeoutError:
@@ -160,7 +212,7 @@ async def stream_once(
     except openai.APIConnectionError as err:
         raise Retryable(f"cannot reach the provider: {err.__cause__ or err}") from None
     except httpx2.ReadTimeout:
-        raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
+        raise Retryable("stream stalled: no data for the read timeout") from None
     except (httpx2.TransportError, httpx2.StreamError) as err:
         raise Retryable(f"stream cut: {type(err).__name__}") from None
     except orjson.JSONDecodeError:

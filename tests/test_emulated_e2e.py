@@ -27,6 +27,7 @@ from sheepdog import keys
 from sheepdog.db import session_scope
 from sheepdog.settings import Settings
 from tests.fixtures.emulated import max_in_window, provider, unique, write_providers
+from tests.fixtures.ends import assert_ended
 from tests.fixtures.pg import create_database, drop_database
 from tests.fixtures.simulator import start_simulator
 
@@ -274,7 +275,7 @@ def test_stream_path_keeps_the_provider_limit_and_backs_off_on_429(
             "max_tokens": 20,
         }
     )
-    assert client.result(first, wait=60).status == "succeeded"
+    assert_ended(client.result(first, wait=60))
     ids = client.submit_many(
         [
             {

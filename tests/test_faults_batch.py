@@ -28,7 +28,9 @@ from scheduler.jobs import SimulatedCrash
 from scheduler.poll import poll
 from sheepdog.db import session_scope
 from sheepdog.intake import record_requests
+from sheepdog.settings import Settings
 from tests.fixtures.faults import Deployment, Figures, load_rows, tally, wait_final, wait_for
+from tests.fixtures.invariants import check_invariants
 from tests.fixtures.workers import ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
@@ -177,6 +179,51 @@ def test_batch_processes_killed_mid_flush_and_mid_ingest(
         fault_figures.record(f"batch flush SIGKILLed after {point}", t, "repaired by poll/flush")
         assert t.succeeded == len(ids) and t.lost == 0, (point, t)
     assert_once_each(dep, everything)
+    check_invariants(settings, everything)
+
+
+def test_dead_ingest_is_noticed_within_seconds(
+    fault_deployment: Deployment, fault_figures: Figures
+) -> None:
+    """An ingest SIGKILLed holding the job lock, with the deployment's own lock TTL (not the
+    suite's fast one): the lock's heartbeat stops with it, so the next poll's ingest takes the
+    job over within seconds instead of after the old 15-minute TTL."""
+    dep = fault_deployment
+    settings = dep.settings
+    run = uuid.uuid4().hex[:8]
+    default_ttl = str(Settings.model_fields["batch_lock_ttl_s"].default)
+    ids = add_rows(dep, [f"dead ingest {run} {i}" for i in range(200)])
+    flush(settings)
+    job_id = job_of(dep, ids[0]).id
+    wait_for(lambda: job_id in poll(settings).to_ingest, 30, "the batch to complete")
+    killed(
+        dep,
+        INGEST_HARNESS,
+        job_id,
+        "2",
+        SHEEPDOG_BATCH_INGEST_CHUNK="50",
+        SHEEPDOG_BATCH_LOCK_TTL_S=default_ttl,
+    )
+    killed_at = time.monotonic()
+    worker = dep.batch_worker("ingest-heir", SHEEPDOG_BATCH_LOCK_TTL_S=default_ttl)
+    beat = dep.stack.start_beat(name="ingest-beat", env={"SHEEPDOG_BATCH_LOCK_TTL_S": default_ttl})
+    try:
+        wait_final(settings, ids, 60)
+        stuck = time.monotonic() - killed_at
+    finally:
+        beat.stop()
+        worker.stop()
+    t = tally(settings, ids)
+    checked = check_invariants(settings, ids)
+    fault_figures.record(
+        "batch worker SIGKILLed mid-ingest, the deployment's own lock TTL",
+        t,
+        f"after 100 of 200; lock TTL {float(default_ttl):g} s renewed by a heartbeat",
+        garbled=checked.garbled,
+        stuck_s=stuck,
+    )
+    assert t.succeeded == len(ids) and t.lost == 0, t
+    assert job_of(dep, ids[0]).ingested_count == len(ids)
 
 
 def test_two_beats_and_a_killed_beat_flush_each_request_once(

@@ -13,6 +13,7 @@ import redis
 from sheepdog import keys
 from streaming.subscriber import events
 from tests.fixtures.faults import Deployment, Figures, tally, wait_final, wait_for
+from tests.fixtures.invariants import check_invariants
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
@@ -90,6 +91,7 @@ def test_sigkill_stream_worker_with_100_streams_in_flight(
     simulator.set_faults([])
     for rid in ids[:3]:
         assert rows[rid].text == direct_answer(simulator, rows[rid].body)
+    check_invariants(settings, ids)
 
 
 # Each provider fault: (name, rule fields, requests, what the policy makes of it).
@@ -107,6 +109,8 @@ PROVIDER_FAULTS: list[tuple[str, dict[str, Any], int, str]] = [
         "ok",
     ),
     ("slow tokens (40 ms each)", {"chunk_delay_ms": 40}, 10, "ok"),
+    # Some OpenAI-compatible servers never name a finish reason: [DONE] still ends the answer.
+    ("[DONE] without a finish_reason", {"no_finish_reason": True}, 5, "ok"),
 ]
 
 
@@ -125,10 +129,12 @@ def test_provider_faults_end_as_the_policy_says(
             name: client.submit_many([request(f"{tags[name]} q{i}") for i in range(n)])
             for name, _, n, _ in PROVIDER_FAULTS
         }
-        rows = wait_final(settings, [rid for ids in groups.values() for rid in ids], 90)
+        everything = [rid for ids in groups.values() for rid in ids]
+        rows = wait_final(settings, everything, 90)
     finally:
         worker.stop()
     simulator.set_faults([])
+    check_invariants(settings, everything)
     for name, _, _, expected in PROVIDER_FAULTS:
         ids = groups[name]
         t = tally(settings, ids)

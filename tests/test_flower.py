@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from simulator.server import free_port
+from tests.fixtures.ends import assert_ended
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = "ops:fl0wer-pw-" + uuid.uuid4().hex[:8]
@@ -110,7 +111,7 @@ def test_flower_shows_workers_and_tasks_without_prompts(flower, stack_client) ->
             "priority": "low",
         }
     )
-    assert stack_client.result(rid, wait=60).status == "succeeded"
+    assert_ended(stack_client.result(rid, wait=60))
 
     for path in ("/api/workers", "/api/tasks"):
         assert get(base + path)[0] == 401

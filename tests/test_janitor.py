@@ -18,6 +18,7 @@ from sheepdog.intake import record_requests
 from sheepdog.lifecycle import Status, move
 from streaming.janitor import sweep
 from streaming.subscriber import RESET, StreamFailed, events, stream_text
+from tests.fixtures.ends import assert_ended
 from tests.fixtures.streaming import StreamDeployment
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +88,8 @@ def test_killed_worker_is_replaced_and_the_stream_completes(
         heir.stop()
     assert RESET in rest
     row = read(deployment, rid)
-    assert row.status == "succeeded" and row.attempts == 1
+    assert_ended(row)
+    assert row.attempts == 1
     assert stream.text == row.text == direct_answer(simulator, row.body)
     msgs = list(events(rid, timeout=5, settings=deployment.settings))
     assert [m.seq for m in msgs] == list(range(len(msgs)))
@@ -116,7 +118,8 @@ def test_two_janitors_at_once_requeue_once(
     again = sweep(deployment.settings, client.celery)  # and once more, later
     assert sum(r.requeued for r in [*reports, again]) == 1
     view = client.result(rid, wait=30)
-    assert view.status == "succeeded" and view.attempts == 1
+    assert_ended(view)
+    assert view.attempts == 1
     msgs = list(events(rid, timeout=5, settings=deployment.settings))
     assert [m.type for m in msgs].count("reset") == 1
     assert view.text == direct_answer(simulator, read(deployment, rid).body)
@@ -153,7 +156,7 @@ def test_lost_queued_message_is_resent_once(deployment: StreamDeployment, client
     first = sweep(deployment.settings, client.celery)
     second = sweep(deployment.settings, client.celery)
     assert first.resent >= 1 and second.resent == 0
-    assert client.result(item.id, wait=30).status == "succeeded"
+    assert_ended(client.result(item.id, wait=30))
 
 
 def test_cancel_of_a_queued_batch_row_is_immediate(deployment: StreamDeployment, client: Any):

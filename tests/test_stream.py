@@ -13,6 +13,7 @@ from models.tables import CostEntry, Request
 from sheepdog import keys
 from sheepdog.db import session_scope
 from streaming.subscriber import RESET, Reset, StreamFailed, events, stream_text
+from tests.fixtures.ends import assert_ended
 from tests.fixtures.streaming import StreamDeployment
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,7 +76,7 @@ def test_messages_in_order_and_complete(deployment: StreamDeployment, client: An
     assert done.type == "done" and done.usage is not None and done.cost_usd is not None
     text = "".join(m.text or "" for m in msgs[:-1])
     stored = row(deployment, rid)
-    assert stored.status == "succeeded"
+    assert_ended(stored)
     assert stored.text == text == direct_answer(simulator, stored.body)
     assert stored.completion_tokens == done.usage.completion_tokens == len(msgs) - 1
     assert not stored.usage_estimated
@@ -92,7 +93,7 @@ def test_messages_in_order_and_complete(deployment: StreamDeployment, client: An
 def test_late_subscriber_gets_everything(deployment: StreamDeployment, client: Any):
     rid = submit(client, prompt("late"))
     view = client.result(rid, wait=30)
-    assert view.status == "succeeded"
+    assert_ended(view)
     stream = stream_text(rid, timeout=10, settings=deployment.settings)
     assert "".join(stream) == view.text
     assert stream.result is not None and stream.result.text == view.text
@@ -122,7 +123,7 @@ def test_cut_stream_resets_and_ends_with_the_full_answer(
     assert pieces.count(RESET) == 1 and 1 <= pieces.index(RESET) <= 5
     assert isinstance(pieces[pieces.index(RESET)], Reset)
     stored = row(deployment, rid)
-    assert stored.status == "succeeded"
+    assert_ended(stored)
     assert stream.text == stored.text == direct_answer(simulator, stored.body)
     msgs = list(events(rid, timeout=5, settings=deployment.settings))
     assert [m.seq for m in msgs] == list(range(len(msgs)))
@@ -133,7 +134,7 @@ def test_rate_limit_honours_retry_after(deployment: StreamDeployment, client: An
     simulator.reset()
     simulator.set_faults([{"match": tag, "status": 429, "retry_after_s": 1.0, "first": 1}])
     rid = submit(client, tag)
-    assert client.result(rid, wait=30).status == "succeeded"
+    assert_ended(client.result(rid, wait=30))
     arrivals = [r["t"] for r in simulator.stats()["chat_requests"]]
     assert len(arrivals) == 2
     assert arrivals[1] - arrivals[0] >= 0.9  # waited for Retry-After, not the 0.05 s backoff
@@ -149,7 +150,7 @@ def test_stall_past_idle_timeout_is_retried(
     pieces = list(stream)
     assert RESET in pieces
     stored = row(deployment, rid)
-    assert stored.status == "succeeded"
+    assert_ended(stored)
     assert stream.text == stored.text == direct_answer(simulator, stored.body)
 
 
@@ -184,7 +185,8 @@ def test_cost_cap_stops_at_max_tokens(deployment: StreamDeployment, client: Any)
     pieces = follow(deployment, rid)
     stored = row(deployment, rid)
     assert len(pieces) == 4 and stored.completion_tokens == 4
-    assert stored.finish_reason == "length" and stored.status == "succeeded"
+    assert_ended(stored)
+    assert stored.finish_reason == "length"
 
 
 def test_cancel_before_start(deployment: StreamDeployment, client: Any):
@@ -204,7 +206,7 @@ def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, clie
     rid = submit(client, prompt("cs"))
     text = "".join(follow(deployment, rid))
     before = row(deployment, rid)
-    assert before.status == "succeeded"
+    assert_ended(before)
     assert client.cancel(rid) is False
     after = row(deployment, rid)
     assert (after.status, after.text, after.error) == ("succeeded", text, None)
@@ -236,7 +238,7 @@ def test_redelivered_message_does_not_run_twice(
         {"model": "sheepdog-mini", "messages": [{"role": "user", "content": prompt("dup")}]}
     )
     client._send([item])
-    assert client.result(item.id, wait=30).status == "succeeded"
+    assert_ended(client.result(item.id, wait=30))
     simulator.reset()
     before = deployment.redis.xlen(f"sheepdog:replay:{item.id}")
     client._send([item])  # the intake message again: the claim refuses it
@@ -260,7 +262,7 @@ def test_two_hundred_concurrent_streams(deployment: StreamDeployment, client: An
         ]
     )
     for rid in ids:
-        assert client.result(rid, wait=60).status == "succeeded"
+        assert_ended(client.result(rid, wait=60))
     for rid in ids[:: len(ids) // 10]:
         msgs = list(events(rid, timeout=5, settings=deployment.settings))
         head = deployment.redis.xrange(f"sheepdog:replay:{rid}", count=2)
