@@ -35,6 +35,7 @@ from sheepdog.errors import (
     ServiceUnavailable,
     redact_url,
 )
+from sheepdog.intake import TRANSIENT, record_safely, release_keys
 from sheepdog.redis_conn import get_redis
 from sheepdog.routing import choose_route
 from sheepdog.settings import Settings, get_settings
@@ -118,13 +119,53 @@ class Client:
         except BaseException:
             self._release_idempotency_keys(fresh)
             raise
-        try:
-            self._send(fresh)
-        except (KombuOperationalError, BatchPublishError, redis.ConnectionError, OSError) as err:
-            self._release_idempotency_keys(fresh)
-            release_items(fresh, self.settings)
-            raise self._redis_down() from err
+        self._enqueue(fresh)
         return ids
+
+    def _enqueue(self, items: Sequence[IntakeItem]) -> None:
+        """Send the stream messages, then write every row (the first durable copy) before the
+        ids go back: a Redis that loses its data after this cannot lose a request (the janitor
+        re-sends stream rows left queued; beat batches the low ones from the table)."""
+        writes_rows = self.settings.producer_writes_rows
+        try:
+            self._send([i for i in items if i.route == "stream"] if writes_rows else items)
+        except (KombuOperationalError, BatchPublishError, redis.ConnectionError, OSError) as err:
+            self._release_idempotency_keys(items)
+            release_items(items, self.settings)
+            raise self._redis_down() from err
+        if writes_rows:
+            self._record(items)
+
+    def _record(self, items: Sequence[IntakeItem]) -> None:
+        from scheduler.flush import count_up
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                recorded = record_safely(session, items)
+        except TRANSIENT as err:
+            # Not recorded: the stream messages already sent must not run (their cancel flags
+            # stop them before they start), and nothing else was enqueued.
+            self._cancel_unrecorded([i for i in items if i.route == "stream"])
+            self._release_idempotency_keys(items)
+            with contextlib.suppress(Exception):
+                release_items(items, self.settings)
+            raise ServiceUnavailable(
+                "the database", redact_url(self.settings.database_url), DATABASE_HINT
+            ) from err
+        release_keys(self.settings, recorded.unkeyed)
+        failed = set(recorded.failed)
+        count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
+
+    def _cancel_unrecorded(self, items: Sequence[IntakeItem]) -> None:
+        from streaming.cancel import CANCEL_FLAG_TTL_S
+
+        with (
+            contextlib.suppress(redis.RedisError),
+            get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe,
+        ):
+            for item in items:
+                pipe.set(keys.cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
+            pipe.execute()
 
     def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:
         keyed = [(i, item) for i, item in enumerate(items) if item.request.get("idempotency_key")]

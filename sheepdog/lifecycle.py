@@ -114,6 +114,30 @@ def move_many(
     return moved
 
 
+def move_returning(
+    session: Session,
+    request_ids: Sequence[str],
+    to: Status,
+    *,
+    from_: Iterable[Status] | None = None,
+    returning: Sequence[Any] = (),
+    **values: Any,
+) -> list[Any]:
+    """`move_many` in one UPDATE ... RETURNING: the moved rows, (id, *returning) each."""
+    if not request_ids:
+        return []
+    stmt = (
+        update(Request)
+        .where(Request.id.in_(list(request_ids)), Request.status.in_(_sources(to, from_)))
+        .values(status=to.value, **_final_fields(to, values))
+        .returning(Request.id, *returning)
+        .execution_options(synchronize_session=False)
+    )
+    moved = list(session.execute(stmt).all())
+    _release_budgets(session, to, [row[0] for row in moved])
+    return moved
+
+
 def move_each(
     session: Session,
     rows: Sequence[Mapping[str, Any]],

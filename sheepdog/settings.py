@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     stream_queued_timeout_s: float = 300.0  # janitor resends stream rows queued this long
+    # The producer writes each request's row before submit returns (the first durable copy:
+    # Redis may lose its data without losing a request). Off: the queue message is the only
+    # copy until a worker records it (run Redis with appendonly then).
+    producer_writes_rows: bool = True
 
     # Batch path
     batch_flush_interval_s: float = 60.0

@@ -28,7 +28,7 @@ from models.intake import IntakeItem
 from models.tables import Request, utcnow
 from sheepdog.db import is_postgres, session_scope
 from sheepdog.intake import record_requests, record_unstorable, refusal, row_values
-from sheepdog.lifecycle import Status, move, move_each
+from sheepdog.lifecycle import Status, move, move_each, move_returning
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
 # every extra session would open (and on return close) a fresh connection, which costs far more
@@ -50,7 +50,7 @@ class Claim:
     attempts: int
     tenant: str
     model: str
-    fresh: bool = False  # the row was created by this claim: no replay log can exist yet
+    fresh: bool = False  # never streamed before this claim: no replay log can exist yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +146,19 @@ def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str
         if rows:
             for rid, attempts, tenant, model in _insert_fresh(session, rows):
                 claims[rid] = Claim(attempts, tenant, model, fresh=True)
-        for rid in wanted:
-            if rid not in claims and (claim := _claim_in(session, rid, None)) is not None:
-                claims[rid] = claim
+        # The rest have a row (recorded by the producer, or taken back by the janitor): one
+        # conditional move for all of them.
+        for rid, attempts, tenant, model in move_returning(
+            session,
+            [rid for rid in wanted if rid not in claims],
+            Status.STREAMING,
+            from_=[Status.QUEUED],
+            returning=(Request.attempts, Request.tenant, Request.model),
+            started_at=func.coalesce(Request.started_at, now),
+            heartbeat_at=now,
+            updated_at=now,
+        ):
+            claims[rid] = Claim(attempts, tenant, model, fresh=attempts == 0)
     return claims
 
 
@@ -221,7 +231,8 @@ def _claim_in(session: Session, request_id: str, item: IntakeItem | None) -> Cla
     row = session.execute(
         select(Request.attempts, Request.tenant, Request.model).where(Request.id == request_id)
     ).one()
-    return Claim(row.attempts, row.tenant, row.model)
+    # A row never taken back (attempts 0) has never been streamed: no replay log exists.
+    return Claim(row.attempts, row.tenant, row.model, fresh=row.attempts == 0)
 
 
 def ended_as(db_url: str, request_id: str, claim: Claim, end: End) -> bool:
