@@ -200,7 +200,7 @@ def through_sheepdog(
         pubsub.get_message(timeout=1)  # the subscribe confirmation
         wall0 = time.time()
         t0 = time.perf_counter()
-        client._send([item])
+        client._enqueue([item])  # messages, then the row when the producer writes rows
         times: list[float] = []
         seen: list[float] = []
         first_seen = 0.0
@@ -352,7 +352,7 @@ def concurrency(
     sim0 = cpu_s(sim_pid)
     box0 = box_busy()
     t0 = time.time()
-    client._send(items)  # as submit_many sends a burst: one pipeline for all the messages
+    client._enqueue(items)  # as submit_many sends a burst: one pipeline, then the rows
     sent = dict.fromkeys(ids, time.time())
     t_sent = time.time()
     deadline = time.monotonic() + 120
@@ -552,6 +552,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repeat each phase; medians shown")
     parser.add_argument("--skip", choices=["latency", "concurrency"], default=None)
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
+    parser.add_argument(
+        "--rows-ab",
+        action="store_true",
+        help="latency also without the producer's row write (SHEEPDOG_PRODUCER_WRITES_ROWS=0), "
+        "same run, alternating phases",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-stream-"))
     db_url = new_pg() if args.db == "pg" else f"sqlite:///{workdir / 'bench.db'}"
@@ -584,10 +590,15 @@ def main() -> None:
             openai_api_key=sim.api_key,
         )
         client = Client(settings)
+        without_rows = Client(settings.model_copy(update={"producer_writes_rows": False}))
+        lat_without: list[dict[str, float]] = []
         procs = [start_worker(env, workdir, i) for i in range(args.workers)]
         procs.append(start_floor_worker(env, workdir))  # Celery's floor, in both phases
         try:
             for run in range(args.runs):
+                if args.skip != "latency" and args.rows_ab:
+                    lat_without.append(latency(sim, without_rows, r, args.requests))
+                    print(f"run {run + 1} latency, no producer row: {fmt(lat_without[-1])}")
                 if args.skip != "latency":
                     lat.append(latency(sim, client, r, args.requests))
                     print(f"run {run + 1} latency: {fmt(lat[-1])}", flush=True)
@@ -602,6 +613,11 @@ def main() -> None:
                 proc.wait(30)
     if args.db == "pg":
         drop_pg(db_url)
+    if lat_without:
+        for key in ("added_ttft_p50", "added_ttft_p99"):
+            off = statistics.median(x[key] for x in lat_without)
+            on = statistics.median(x[key] for x in lat)
+            print(f"producer writes rows, {key}: {off:.2f} ms without -> {on:.2f} ms with")
     rows = table(lat, conc, args.streams)
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(

@@ -154,7 +154,8 @@ class Client:
             ) from err
         release_keys(self.settings, recorded.unkeyed)
         failed = set(recorded.failed)
-        count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
+        with contextlib.suppress(redis.RedisError):  # else the next flush interval batches them
+            count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
 
     def _cancel_unrecorded(self, items: Sequence[IntakeItem]) -> None:
         from streaming.cancel import CANCEL_FLAG_TTL_S
@@ -211,6 +212,8 @@ class Client:
                 get_redis(self.settings.redis_url).delete(*names)
 
     def _send(self, items: Sequence[IntakeItem]) -> None:
+        if not items:
+            return
         app = self.celery
         low = [item for item in items if item.route == "batch"]
         streams = [item for item in items if item.route == "stream"]

@@ -29,6 +29,7 @@ from models.tables import Request, utcnow
 from sheepdog.db import is_postgres, session_scope
 from sheepdog.intake import record_requests, record_unstorable, refusal, row_values
 from sheepdog.lifecycle import Status, move, move_each, move_returning
+from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
 # every extra session would open (and on return close) a fresh connection, which costs far more
@@ -82,7 +83,7 @@ _TRANSIENT = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
     sa_exc.TimeoutError,  # no pooled connection within pool_timeout
-    psycopg.OperationalError,  # raw driver calls (_insert_fresh) are not wrapped
+    psycopg.OperationalError,  # raw driver calls (insert_fresh) are not wrapped
     psycopg.InterfaceError,
 )
 
@@ -144,7 +145,7 @@ def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str
                 values.update(started_at=now, heartbeat_at=now, updated_at=now)
                 rows.append(values)
         if rows:
-            for rid, attempts, tenant, model in _insert_fresh(session, rows):
+            for rid, attempts, tenant, model in insert_fresh(session, rows):
                 claims[rid] = Claim(attempts, tenant, model, fresh=True)
         # The rest have a row (recorded by the producer, or taken back by the janitor): one
         # conditional move for all of them.
@@ -160,57 +161,6 @@ def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str
         ):
             claims[rid] = Claim(attempts, tenant, model, fresh=attempts == 0)
     return claims
-
-
-_INSERTS: dict[tuple[str, ...], str] = {}
-
-
-def _insert_fresh(session: Session, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """INSERT ... ON CONFLICT DO NOTHING RETURNING the claim columns, through psycopg's own
-    executemany (one pipelined, prepared statement per row) in the session's transaction.
-
-    SQLAlchemy's multi-row VALUES for the same batch rebuilds a statement of ~20 parameters a
-    row in Python on every flush; on a worker relaying a thousand streams that was most of the
-    claim thread's time under the GIL."""
-    from psycopg.types.json import Json
-
-    # Python-side column defaults (the Core insert applied them; a plain statement does not).
-    defaults = _defaults(rows[0])
-    columns = (*rows[0], *defaults)
-    sql = _INSERTS.get(columns)
-    if sql is None:
-        names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join(["%s"] * len(columns))
-        sql = _INSERTS[columns] = (
-            f"INSERT INTO requests ({names}) VALUES ({marks}) "
-            "ON CONFLICT DO NOTHING RETURNING id, attempts, tenant, model"
-        )
-    extra = list(defaults.values())
-    params = [
-        [Json(v) if c in _JSON_COLUMNS and v is not None else v for c, v in row.items()] + extra
-        for row in rows
-    ]
-    raw = session.connection().connection.driver_connection
-    assert raw is not None  # a live psycopg connection inside the session's transaction
-    out: list[tuple[Any, ...]] = []
-    with raw.cursor() as cur:
-        cur.executemany(sql, params, returning=True)
-        while True:
-            out.extend(cur.fetchall())
-            if not cur.nextset():
-                break
-    return out
-
-
-_JSON_COLUMNS = frozenset({"body", "metadata"})
-
-
-def _defaults(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        c.name: c.default.arg
-        for c in Request.__table__.columns
-        if c.name not in row and c.default is not None and c.default.is_scalar
-    }
 
 
 def _claim_in(session: Session, request_id: str, item: IntakeItem | None) -> Claim | None:

@@ -250,6 +250,7 @@ def test_two_beats_and_a_killed_beat_flush_each_request_once(
     fault_figures.record("two beats at once, one SIGKILLed", t, "600 low-priority requests")
     assert t.succeeded == len(ids) and t.lost == 0, t
     assert_once_each(dep, ids)
+    check_invariants(settings, ids)
 
 
 # (name, model, rule, requests, how many fail, their reason): batch-wide rules pick a batch by
@@ -304,6 +305,7 @@ def test_provider_batch_faults_end_as_the_policy_says(
         if failures < n:
             assert max(rows[rid].attempts for rid in ids) >= 2, name  # went round again
     assert_once_each(dep, [rid for ids in groups.values() for rid in ids])
+    check_invariants(settings, [rid for ids in groups.values() for rid in ids])
 
 
 def test_janitor_takes_back_orphaned_batched_rows(

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from models.tables import BatchJob, CostEntry, Request
 from sheepdog.db import session_scope
 from tests.fixtures.faults import Deployment, Figures, tally, wait_final
+from tests.fixtures.invariants import check_invariants
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -51,7 +52,13 @@ def test_mixed_load_through_two_stream_workers_and_a_batch_worker(
         for p in procs:
             p.stop()
     t = tally(settings, ids)
-    fault_figures.record(f"load: {TOTAL} mixed (20 % high)", t, "2 stream workers, 1 batch worker")
+    checked = check_invariants(settings, ids)
+    fault_figures.record(
+        f"load: {TOTAL} mixed (20 % high)",
+        t,
+        "2 stream workers, 1 batch worker",
+        garbled=checked.garbled,
+    )
     assert t.succeeded == TOTAL and t.lost == 0, t
     routes = Counter(rows[rid].route for rid in ids)
     assert routes == {"stream": TOTAL // 5, "batch": TOTAL - TOTAL // 5}

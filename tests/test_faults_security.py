@@ -28,6 +28,7 @@ from tests.fixtures.faults import (
     tally,
     wait_final,
 )
+from tests.fixtures.invariants import check_invariants
 from tests.fixtures.simulator import start_simulator
 from tests.fixtures.workers import ROOT
 
@@ -115,6 +116,7 @@ def test_the_key_never_leaks_and_prompts_are_not_logged(
             for p in procs:
                 p.stop()
     t = tally(dep.settings, [*good, refused])
+    check_invariants(dep.settings, [*good, refused])
     fault_figures.record("provider refuses the key (401)", tally(dep.settings, [refused]), "")
     assert t.succeeded == 10 and t.failed == 1 and t.lost == 0, t
     error = rows[refused].error or ""

@@ -30,6 +30,7 @@ from tests.fixtures.faults import (
     wait_final,
     wait_for,
 )
+from tests.fixtures.invariants import check_invariants
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
@@ -99,11 +100,13 @@ def test_redis_killed_and_restarted_mid_run(
         for p in procs:
             p.stop()
     t = tally(settings, everything)
+    checked = check_invariants(settings, everything)
     fault_figures.record(
-        "Redis SIGKILLed and restarted empty",
+        "Redis SIGKILLed and restarted empty, after every row was recorded",
         t,
         "30 streams + 200 batch in flight, 10 queued"
         " stream rows resent by the janitor, 30 submitted after",
+        garbled=checked.garbled,
     )
     assert t.succeeded == len(everything) and t.lost == 0, t
 
@@ -154,9 +157,11 @@ def test_postgres_stopped_and_started_mid_run(
         for p in procs:
             p.stop()
     t = tally(settings, everything)
+    checked = check_invariants(settings, everything)
     fault_figures.record(
         "PostgreSQL stopped (immediate) and restarted",
         t,
         "30 streams + 200 batch in flight, 30 submitted while it was down",
+        garbled=checked.garbled,
     )
     assert t.succeeded == len(everything) and t.lost == 0, t

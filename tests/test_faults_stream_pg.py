@@ -28,6 +28,7 @@ from tests.fixtures.faults import (
     wait_final,
     wait_for,
 )
+from tests.fixtures.invariants import check_invariants
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(150)]
 
@@ -105,4 +106,5 @@ def test_streams_in_flight_through_a_postgres_outage_all_end(
     ]
     assert all(row.error for row in rows.values() if row.status == "failed")
     assert "Task exception was never retrieved" not in log
+    check_invariants(settings, everything)
     drop_database(cluster.admin_url, db)

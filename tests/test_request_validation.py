@@ -49,6 +49,20 @@ def bad(**changes: object) -> dict[str, object]:
         (bad(max_tokens=10**6), "exceeds sheepdog-mini's output limit of 2048"),
         (bad(temperature=3), "temperature: Input should be less than or equal to 2"),
         (bad(colour="blue"), "colour: Extra inputs are not permitted"),
+        # What the tables cannot hold (PostgreSQL refuses it; SQLite would store it).
+        (
+            bad(metadata={"tenant": "t" * 101}),
+            "metadata: tenant is 101 characters, over the limit of 100",
+        ),
+        (bad(metadata={"tenant": "a\x00b"}), "metadata: tenant contains a NUL character"),
+        (bad(max_cost_usd="1e10"), "max_cost_usd: max_cost_usd 1E+10 is too large"),
+        (bad(max_cost_usd="1e30"), "max_cost_usd: max_cost_usd 1E+30 is too large"),
+        (
+            bad(deadline="9999-12-31T23:59:59-12:00"),
+            "deadline: deadline 9999-12-31T23:59:59-12:00 is past the year 9999 in UTC",
+        ),
+        (bad(idempotency_key="k\x00"), "idempotency_key: idempotency_key contains a NUL"),
+        (bad(idempotency_key="k" * 201), "idempotency_key: String should have at most 200"),
         ("not an object", "expected an object, got str"),
     ],
 )
