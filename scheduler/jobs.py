@@ -36,7 +36,7 @@ def job_lock(settings: Settings, job_id: str) -> Any:
     """The job's lock (not yet acquired). It expires after batch_lock_ttl_s, so a job whose
     owner died is picked up by the next flush, poll or ingest."""
     return get_redis(settings.redis_url).lock(
-        keys.batch_job_lock(job_id), timeout=settings.batch_lock_ttl_s, blocking=False
+        keys.of(settings).batch_job_lock(job_id), timeout=settings.batch_lock_ttl_s, blocking=False
     )
 
 

@@ -134,9 +134,7 @@ class Client:
             with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
                 for _, item in keyed:
                     pipe.set(
-                        keys.idempotency(
-                            item.request["idempotency_key"], self.settings.broker_prefix
-                        ),
+                        keys.of(self.settings).idempotency(item.request["idempotency_key"]),
                         item.id,
                         nx=True,
                         ex=IDEMPOTENCY_TTL_S,
@@ -161,7 +159,7 @@ class Client:
 
     def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
         names = [
-            keys.idempotency(item.request["idempotency_key"], self.settings.broker_prefix)
+            keys.of(self.settings).idempotency(item.request["idempotency_key"])
             for item in items
             if item.request.get("idempotency_key")
         ]

@@ -32,8 +32,9 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
     if row is not None and is_final(row.status):
         return False
     redis = get_redis(settings.redis_url)
-    redis.set(keys.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
-    redis.publish(keys.CANCEL_CHANNEL, request_id)
+    names = keys.of(settings)
+    redis.set(names.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
+    redis.publish(names.cancel_channel, request_id)
     if row is None:
         return True  # still in the queue: the task sees the flag and never starts
     with session_scope(settings.database_url) as session:

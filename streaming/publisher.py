@@ -45,8 +45,9 @@ return #KEYS
 class Publisher:
     """Batches PUBLISH + XADD (+ EXPIRE once per log per flush) of all streams of a process."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, names: keys.Keys) -> None:
         self._client = client
+        self._names = names
         self._ttl = ttl_s
         self._pending: list[tuple[str, bytes, asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
@@ -83,8 +84,8 @@ class Publisher:
         logs: list[bytes | str] = []
         args: list[bytes | str | int] = [self._ttl]
         for request_id, payload, _ in batch:
-            logs.append(keys.replay_log(request_id))
-            args.append(keys.stream_channel(request_id))
+            logs.append(self._names.replay_log(request_id))
+            args.append(self._names.stream_channel(request_id))
             args.append(payload)
         delay = 0.05
         while True:
@@ -106,20 +107,24 @@ class Publisher:
 
 
 def publish_now(
-    client: redis.Redis, request_id: str, payloads: Sequence[bytes], ttl_s: int
+    client: redis.Redis,
+    names: keys.Keys,
+    request_id: str,
+    payloads: Sequence[bytes],
+    ttl_s: int,
 ) -> None:
     """Synchronous delivery for code outside a worker's loop (janitor, cancel)."""
     with client.pipeline(transaction=False) as pipe:
         for payload in payloads:
-            pipe.publish(keys.stream_channel(request_id), payload)
-            pipe.xadd(keys.replay_log(request_id), {FIELD: payload})
-        pipe.expire(keys.replay_log(request_id), ttl_s)
+            pipe.publish(names.stream_channel(request_id), payload)
+            pipe.xadd(names.replay_log(request_id), {FIELD: payload})
+        pipe.expire(names.replay_log(request_id), ttl_s)
         pipe.execute()
 
 
-def last_message(client: redis.Redis, request_id: str) -> StreamMessage | None:
+def last_message(client: redis.Redis, names: keys.Keys, request_id: str) -> StreamMessage | None:
     """The newest message in a request's replay log (None when the log is empty)."""
-    entries = client.xrevrange(keys.replay_log(request_id), count=1)
+    entries = client.xrevrange(names.replay_log(request_id), count=1)
     fields = entries[0][1] if entries else None
     return StreamMessage.parse(fields[FIELD]) if fields else None
 

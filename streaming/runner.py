@@ -232,7 +232,7 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
         "%s: %s after %d provider call(s)", job.request_id, end.status.value, outcome.provider_calls
     )
     if job.marks is not None:  # a diagnostic for bench/bench_stream.py; never on by default
-        key = keys.stream_trace(job.request_id)
+        key = runtime.names.stream_trace(job.request_id)
         trace = {**job.marks, "arrivals": orjson.dumps(job.arrivals)}
         async with runtime.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=trace)  # type: ignore[arg-type]
@@ -253,6 +253,7 @@ def _cancel_before_start(settings: Settings, request_id: str, intake: IntakeItem
 def publish_error(settings: Settings, request_id: str, reason: str, type_: str = "error") -> None:
     """Publish one message outside a worker loop, continuing the request's seq."""
     redis = get_redis(settings.redis_url)
-    seq = next_seq(last_message(redis, request_id))
+    names = keys.of(settings)
+    seq = next_seq(last_message(redis, names, request_id))
     payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
-    publish_now(redis, request_id, [payload], settings.replay_ttl_s)
+    publish_now(redis, names, request_id, [payload], settings.replay_ttl_s)
