@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     # Operations
     flower_basic_auth: SecretStr | None = None
     metrics_port: int = 9808  # 0: workers expose no metrics
-    metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from another host
+    # Loopback by default: the figures (spend, tokens, requests by model) are not for everyone.
+    # 0.0.0.0 (or a private interface) lets a Prometheus on another host scrape them.
+    metrics_address: str = "127.0.0.1"
     metrics_cache_s: float = 5.0  # DB-derived metrics are recomputed at most this often
     metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
