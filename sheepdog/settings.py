@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     stream_backoff_base_s: float = 0.5
     stream_backoff_max_s: float = 30.0
     replay_ttl_s: int = 3600
+    # Once the row holds the answer (the last message is out), the replay log is kept only this
+    # long: late followers then read the stored row (README: sizing the replay logs).
+    replay_done_ttl_s: int = 60
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     stream_queued_timeout_s: float = 300.0  # janitor resends stream rows queued this long

@@ -122,6 +122,7 @@ class StreamJob:
         payload = encode(self.request_id, self.seq, type_, **fields)
         self.seq += 1
         await self.runtime.publisher.send(self.request_id, payload)
+        await self.runtime.publisher.shorten(self.request_id)
 
     def _reset(self) -> None:
         if self.shown:

@@ -45,10 +45,13 @@ return #KEYS
 class Publisher:
     """Batches PUBLISH + XADD (+ EXPIRE once per log per flush) of all streams of a process."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int, names: keys.Keys) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl_s: int, names: keys.Keys, done_ttl_s: int | None = None
+    ) -> None:
         self._client = client
         self._names = names
         self._ttl = ttl_s
+        self._done_ttl = min(ttl_s, done_ttl_s) if done_ttl_s is not None else ttl_s
         self._pending: list[tuple[str, bytes, asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
         self._script = client.register_script(DELIVER)
@@ -71,6 +74,16 @@ class Publisher:
         self._pending.append((request_id, payload, done))
         self._wake.set()
         await done
+
+    async def shorten(self, request_id: str) -> None:
+        """After the last message (the row already holds the answer): keep the replay log only
+        done_ttl_s more. A failure only leaves the log to its full TTL."""
+        if self._done_ttl >= self._ttl:
+            return
+        try:
+            await self._client.expire(self._names.replay_log(request_id), self._done_ttl)
+        except (redis.RedisError, OSError) as err:
+            log.warning("%s: replay log kept its full TTL (%r)", request_id, err)
 
     async def run(self) -> None:
         """The flush loop; runs for the life of the process."""

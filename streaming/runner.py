@@ -256,4 +256,6 @@ def publish_error(settings: Settings, request_id: str, reason: str, type_: str =
     names = keys.of(settings)
     seq = next_seq(last_message(redis, names, request_id))
     payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
-    publish_now(redis, names, request_id, [payload], settings.replay_ttl_s)
+    # An error ends the request (its row is final already): the log is kept the short TTL.
+    ttl = min(settings.replay_ttl_s, settings.replay_done_ttl_s) if type_ == "error" else None
+    publish_now(redis, names, request_id, [payload], ttl or settings.replay_ttl_s)

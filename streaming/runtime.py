@@ -81,7 +81,7 @@ class Runtime:
             http_client=openai.DefaultAioHttpClient(limits=limits, timeout=s.provider_timeout_s),
         )
         self.names = keys.of(s)
-        self.publisher = Publisher(self.redis, s.replay_ttl_s, self.names)
+        self.publisher = Publisher(self.redis, s.replay_ttl_s, self.names, s.replay_done_ttl_s)
         self.lookups = Lookups(self.redis, self.names)
         await self.publisher.warm_up()  # connection open and script cached before any stream
         self.writer = Writer(
