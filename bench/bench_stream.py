@@ -196,7 +196,7 @@ def through_sheepdog(
     for i in range(n):
         item = client.prepare({**body(i, tag), "priority": "high"})
         pubsub = r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(keys.stream_channel(item.id))
+        pubsub.subscribe(keys.of(client.settings).stream_channel(item.id))
         pubsub.get_message(timeout=1)  # the subscribe confirmation
         wall0 = time.time()
         t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def through_sheepdog(
         pubsub.close()
         runs.append(times)
         if stages is not None:
-            trace = r.hgetall(keys.stream_trace(item.id))
+            trace = r.hgetall(keys.of(client.settings).stream_trace(item.id))
             arrivals = orjson.loads(trace.pop(b"arrivals", b"[]"))
             marks = {k.decode(): float(v) for k, v in trace.items()}
             if relay is not None and len(arrivals) == len(seen):
@@ -390,14 +390,14 @@ def concurrency(
     while time.monotonic() < settle:
         with r.pipeline(transaction=False) as pipe:
             for rid in ids:
-                pipe.xrevrange(keys.replay_log(rid), count=1)
+                pipe.xrevrange(keys.of(client.settings).replay_log(rid), count=1)
             last = pipe.execute()
         if all(e and orjson.loads(e[0][1][b"m"])["type"] in ("done", "error") for e in last):
             break
         time.sleep(0.2)
     with r.pipeline(transaction=False) as pipe:
         for rid in ids:
-            pipe.xrange(keys.replay_log(rid))
+            pipe.xrange(keys.of(client.settings).replay_log(rid))
         logs = pipe.execute()
     for rid, entries in zip(ids, logs, strict=True):
         msgs = [orjson.loads(fields[b"m"]) for _, fields in entries]

@@ -141,7 +141,7 @@ def scan_documents(
     from sheepdog.redis_conn import get_redis
 
     settings = settings or get_settings()
-    lock = get_redis(settings.redis_url).lock(keys.DOCUMENTS_LOCK, timeout=LOCK_TTL_S)
+    lock = get_redis(settings.redis_url).lock(keys.of(settings).documents_lock, timeout=LOCK_TTL_S)
     if not lock.acquire(blocking=False):
         return ScanReport(skipped=True, error="another documents scan is running")
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import secrets
+import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -27,6 +29,10 @@ MAX_CONTENT_CHARS = 2_000_000
 TENANT_MAX_CHARS = max_chars("tenant")
 MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
 MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 1_000
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a message's `name`, as the OpenAI API takes it
+REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -46,14 +52,61 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(16)
 
 
+def check_request_id(value: object) -> str:
+    """`value` if it is shaped like a request id; InvalidRequest (one line) otherwise."""
+    if isinstance(value, str) and REQUEST_ID.match(value):
+        return value
+    shown = (
+        repr(value[:40]) + ("..." if len(value) > 40 else "")
+        if isinstance(value, str)
+        else (type(value).__name__)
+    )
+    raise InvalidRequest(f"invalid request id {shown}: expected req_ and 32 hex digits")
+
+
+def _no_surrogates(value: str) -> str:
+    """Text that can be sent as UTF-8: argv with invalid UTF-8 arrives as lone surrogates."""
+    for i, ch in enumerate(value):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"not valid UTF-8 text (a lone surrogate or undecodable byte at {i})")
+    return value
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` has a character that is neither whitespace nor invisible (zero-width
+    spaces, joiners, BOMs and other format characters)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc") for ch in text)
+
+
 class Message(BaseModel):
     """One chat message."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Instances are validated again when passed in: `model_construct` skips validation.
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
 
     role: str
     content: str
     name: str | None = None
+
+    @field_validator("role", "content", "name")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        return None if value is None else _no_surrogates(value)
+
+    @field_validator("content")
+    @classmethod
+    def _not_invisible(cls, content: str) -> str:
+        if content and len(content) <= MAX_CONTENT_CHARS and not _visible(content):
+            raise ValueError("content is empty (only whitespace or invisible characters)")
+        return content
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, name: str | None) -> str | None:
+        if name is not None and not NAME.match(name):
+            shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+            raise ValueError(f"name {shown} must be 1-64 letters, digits, _ or -")
+        return name
 
     @field_validator("role")
     @classmethod
@@ -77,13 +130,16 @@ class Message(BaseModel):
 class ChatRequest(BaseModel):
     """A chat-completion request as the producer client takes it."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=False, revalidate_instances="always"
+    )
 
     model: str
     messages: list[Message]
     priority: Priority = Priority.NORMAL
-    max_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    # Strict: `true` or "10" is a caller's mistake, not a number to guess at.
+    max_tokens: int | None = Field(default=None, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     stop: str | list[str] | None = None
     max_cost_usd: Decimal | None = None
     deadline: datetime | None = None
@@ -146,6 +202,21 @@ class ChatRequest(BaseModel):
             raise ValueError(f"stop takes at most 4 sequences, got {len(value)}")
         return value
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        sequences = [value] if isinstance(value, str) else value or []
+        if value is not None and (not sequences or not all(sequences)):
+            raise ValueError("stop must be one or more non-empty strings (or left out)")
+        for s in sequences:
+            _no_surrogates(s)
+        return value
+
+    @field_validator("model", "idempotency_key")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        return None if value is None else _no_surrogates(value)
+
     @field_validator("deadline")
     @classmethod
     def _future_deadline(cls, value: datetime | None) -> datetime | None:
@@ -173,6 +244,22 @@ class ChatRequest(BaseModel):
             )
         if tenant is not None and "\x00" in tenant:
             raise ValueError("tenant contains a NUL character")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_sizes(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            shown = repr(key[:40])
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"metadata key {shown}... is over {MAX_METADATA_KEY_CHARS} chars")
+            if len(text) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(
+                    f"metadata {shown} is {len(text):,} characters, over the limit of "
+                    f"{MAX_METADATA_VALUE_CHARS:,}"
+                )
+            _no_surrogates(key)
+            _no_surrogates(text)
         return value
 
     @model_validator(mode="after")
@@ -238,9 +325,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 def parse_request(data: object, *, context: dict[str, Any] | None = None) -> ChatRequest:
     """Validate one request; raise InvalidRequest with a one-line reason."""
-    if isinstance(data, ChatRequest):
-        return data
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | ChatRequest):
         raise InvalidRequest(f"invalid request: expected an object, got {type(data).__name__}")
     try:
         return ChatRequest.model_validate(data, context=context)

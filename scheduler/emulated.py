@@ -59,12 +59,12 @@ return 0
 """
 
 
-def state_keys(job_id: str) -> tuple[str, str, str]:
+def state_keys(names: keys.Keys, job_id: str) -> tuple[str, str, str]:
     """(done, lines, counts) keys of a job, in the order APPEND takes them."""
     return (
-        keys.emulated(job_id, "done"),
-        keys.emulated(job_id, "lines"),
-        keys.emulated(job_id, "counts"),
+        names.emulated(job_id, "done"),
+        names.emulated(job_id, "lines"),
+        names.emulated(job_id, "counts"),
     )
 
 
@@ -116,7 +116,9 @@ def send(settings: Settings, job_id: str) -> None:
 
 
 def heartbeat_alive(settings: Settings, job_id: str) -> bool:
-    return bool(get_redis(settings.redis_url).exists(keys.emulated(job_id, "heartbeat")))
+    return bool(
+        get_redis(settings.redis_url).exists(keys.of(settings).emulated(job_id, "heartbeat"))
+    )
 
 
 def watch(settings: Settings, max_wait: timedelta, now: datetime) -> tuple[int, list[str]]:
@@ -156,7 +158,7 @@ def watch(settings: Settings, max_wait: timedelta, now: datetime) -> tuple[int, 
             continue
         # One resend per heartbeat TTL: a message waiting in the queue is not duplicated.
         ttl_ms = int(settings.emulated_heartbeat_ttl_s * 1000)
-        if r.set(keys.emulated(job_id, "kick"), b"1", nx=True, px=ttl_ms):
+        if r.set(keys.of(settings).emulated(job_id, "kick"), b"1", nx=True, px=ttl_ms):
             log.warning("job %s: emulated executor not alive; sending it again", job_id)
             send(settings, job_id)
             resent += 1
@@ -166,7 +168,7 @@ def watch(settings: Settings, max_wait: timedelta, now: datetime) -> tuple[int, 
 def result_lines(settings: Settings, job_id: str) -> Iterator[bytes]:
     """The job's output lines (the ingest's line source), read a chunk at a time."""
     r = get_redis(settings.redis_url)
-    key = keys.emulated(job_id, "lines")
+    key = keys.of(settings).emulated(job_id, "lines")
     start = 0
     while True:
         chunk = r.lrange(key, start, start + READ_CHUNK_LINES - 1)
@@ -179,7 +181,8 @@ def result_lines(settings: Settings, job_id: str) -> Iterator[bytes]:
 
 def forget(settings: Settings, job_id: str) -> None:
     """Drop an ingested job's Redis state."""
-    get_redis(settings.redis_url).delete(*state_keys(job_id), keys.emulated(job_id, "kick"))
+    names = keys.of(settings)
+    get_redis(settings.redis_url).delete(*state_keys(names, job_id), names.emulated(job_id, "kick"))
 
 
 def output_line(custom_id: str, status_code: int, request_id: str | None, body: Any) -> bytes:

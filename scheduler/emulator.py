@@ -99,7 +99,7 @@ def emulate(job_id: str, settings: Settings | None = None) -> EmulateReport:
     settings = settings or get_settings()
     token = secrets.token_hex(8)
     r = get_redis(settings.redis_url)
-    heartbeat = keys.emulated(job_id, "heartbeat")
+    heartbeat = keys.of(settings).emulated(job_id, "heartbeat")
     ttl_ms = int(settings.emulated_heartbeat_ttl_s * 1000)
     if not r.set(heartbeat, token, nx=True, px=ttl_ms):
         return EmulateReport(job_id, "busy")
@@ -145,13 +145,14 @@ class Executor:
                 self.redis,
                 self.provider.name,
                 Limits(self.provider.requests_per_minute, self.provider.tokens_per_minute),
+                keys.of(s),
             )
             if self.provider.rate_limited
             else None
         )
         self.append = self.redis.register_script(APPEND)
         self.refresh = self.redis.register_script(REFRESH)
-        self.keys = list(state_keys(self.job_id))
+        self.keys = list(state_keys(keys.of(s), self.job_id))
         self.done = {_text(k) for k in await self.redis.hkeys(self.keys[0])}
         self.wake = asyncio.Event()
         self.slots = asyncio.Semaphore(max(s.emulated_concurrency, 1))
@@ -307,7 +308,7 @@ class Executor:
         s = self.settings
         interval = min(s.emulated_heartbeat_ttl_s / 4, s.emulated_progress_interval_s)
         ttl_ms = int(s.emulated_heartbeat_ttl_s * 1000)
-        heartbeat = keys.emulated(self.job_id, "heartbeat")
+        heartbeat = keys.of(s).emulated(self.job_id, "heartbeat")
         last_progress = time.monotonic()
         while self.stop_reason is None:
             await asyncio.sleep(interval)

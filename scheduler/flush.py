@@ -371,8 +371,9 @@ def _count_down(settings: Settings, n: int) -> None:
     if n <= 0:
         return
     r = get_redis(settings.redis_url)
-    if int(r.decrby(keys.QUEUED_LOW_COUNT, n)) < 0:
-        r.set(keys.QUEUED_LOW_COUNT, 0)
+    counter = keys.of(settings).queued_low_count
+    if int(r.decrby(counter, n)) < 0:
+        r.set(counter, 0)
 
 
 def count_up(settings: Settings, n: int) -> bool:
@@ -381,7 +382,7 @@ def count_up(settings: Settings, n: int) -> bool:
     Redis INCRBY: cheap enough for every intake message."""
     if n <= 0 or settings.batch_flush_threshold <= 0:
         return False
-    total = int(get_redis(settings.redis_url).incrby(keys.QUEUED_LOW_COUNT, n))
+    total = int(get_redis(settings.redis_url).incrby(keys.of(settings).queued_low_count, n))
     step = settings.batch_flush_threshold
     if total // step <= (total - n) // step:
         return False

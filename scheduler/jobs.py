@@ -84,7 +84,7 @@ def job_lock(settings: Settings, job_id: str) -> KeptLock:
     """The job's lock (not yet acquired): a `KeptLock` of batch_lock_ttl_s, so a job whose
     owner died is picked up by the next flush, poll or ingest within seconds."""
     lock = get_redis(settings.redis_url).lock(
-        keys.batch_job_lock(job_id),
+        keys.of(settings).batch_job_lock(job_id),
         timeout=settings.batch_lock_ttl_s,
         blocking=False,
         lock_class=KeptLock,

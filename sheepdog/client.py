@@ -9,16 +9,20 @@ for text in client.stream(rid): ...
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis
 from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError as SQLOperationalError
+from sqlalchemy.orm import defer
 
 from costs.budgets import release_items, reserve
 from costs.caps import effective_max_tokens
@@ -31,8 +35,10 @@ from sheepdog.db import session_scope
 from sheepdog.errors import (
     DATABASE_HINT,
     REDIS_HINT,
+    IdempotencyConflict,
     InvalidRequest,
     ServiceUnavailable,
+    SheepdogError,
     redact_url,
 )
 from sheepdog.intake import TRANSIENT, record_safely, release_keys
@@ -165,21 +171,23 @@ class Client:
             get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe,
         ):
             for item in items:
-                pipe.set(keys.cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
+                pipe.set(keys.of(self.settings).cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
             pipe.execute()
 
     def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:
+        """Claim each item's idempotency key (value: `<id> <fingerprint of the request>`). A key
+        held for the same request answers its first id and the item is not sent; one held for
+        a different request is an IdempotencyConflict, and nothing of this call is kept."""
         keyed = [(i, item) for i, item in enumerate(items) if item.request.get("idempotency_key")]
         if not keyed:
             return items
+        prints = [_fingerprint(item) for _, item in keyed]
         try:
             with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
-                for _, item in keyed:
+                for (_, item), fp in zip(keyed, prints, strict=True):
                     pipe.set(
-                        keys.idempotency(
-                            item.request["idempotency_key"], self.settings.broker_prefix
-                        ),
-                        item.id,
+                        keys.of(self.settings).idempotency(item.request["idempotency_key"]),
+                        f"{item.id} {fp}",
                         nx=True,
                         ex=IDEMPOTENCY_TTL_S,
                         get=True,
@@ -188,22 +196,31 @@ class Client:
         except (redis.ConnectionError, redis.TimeoutError) as err:
             raise self._redis_down() from err
         skip: set[int] = set()
-        seen: dict[str, str] = {}
-        for (index, item), prior in zip(keyed, previous, strict=True):
+        seen: dict[str, tuple[str, str]] = {}
+        conflict: IdempotencyConflict | None = None
+        for (index, item), fp, prior in zip(keyed, prints, previous, strict=True):
             key = item.request["idempotency_key"]
             if prior is not None:
-                ids[index] = prior.decode()
-                skip.add(index)
+                first_id, _, first_fp = prior.decode().partition(" ")
             elif key in seen:  # the same key twice in one call
-                ids[index] = seen[key]
-                skip.add(index)
+                first_id, first_fp = seen[key]
             else:
-                seen[key] = item.id
+                seen[key] = (item.id, fp)
+                continue
+            if first_fp and first_fp != fp:  # (a bare id: a key stored before fingerprints)
+                conflict = conflict or IdempotencyConflict(key, first_id)
+            ids[index] = first_id
+            skip.add(index)
+        if conflict is not None:
+            # Let go of the keys this call claimed: nothing of it is sent.
+            mine = {first_id for first_id, _ in seen.values()}
+            self._release_idempotency_keys([item for _, item in keyed if item.id in mine])
+            raise conflict
         return [item for i, item in enumerate(items) if i not in skip]
 
     def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
         names = [
-            keys.idempotency(item.request["idempotency_key"], self.settings.broker_prefix)
+            keys.of(self.settings).idempotency(item.request["idempotency_key"])
             for item in items
             if item.request.get("idempotency_key")
         ]
@@ -245,14 +262,22 @@ class Client:
 
     def get(self, request_id: str) -> RequestView | None:
         """The request as stored, or None when no worker has recorded it yet."""
+        # The deadline is not part of the view and is not read: a caller's far-future deadline
+        # (year 10000 once in UTC) would fail to load as a Python datetime.
+        query = select(Request).options(defer(Request.deadline)).where(Request.id == request_id)
         try:
             with session_scope(self.settings.database_url) as session:
-                row = session.scalar(select(Request).where(Request.id == request_id))
+                row = session.scalar(query)
                 return RequestView.from_row(row) if row is not None else None
         except SQLOperationalError as err:
             raise ServiceUnavailable(
                 "the database", redact_url(self.settings.database_url), DATABASE_HINT
             ) from err
+        except (DBAPIError, ValueError, OverflowError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err)
+            raise SheepdogError(
+                f"request {request_id}: its stored row cannot be read ({first})"
+            ) from None
 
     def result(self, request_id: str, wait: float = 0.0, poll_s: float = 0.25) -> RequestView:
         """The request once it has ended (succeeded, failed or cancelled), waiting up to `wait`
@@ -284,10 +309,23 @@ class Client:
         return astream_text(request_id, timeout=timeout, settings=self.settings)
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a request: a queued one never starts, an in-flight stream stops."""
+        """Cancel a request: a queued one never starts, an in-flight stream stops. False when
+        it had already ended; InvalidRequest for something that is not a request id."""
         from streaming.cancel import cancel_request
 
         return cancel_request(request_id, settings=self.settings)
+
+    def cancel_outcome(self, request_id: str) -> str:
+        """Cancel a request and say what that did: `cancelled`, `already ended` or `not
+        recorded` (an unknown id, or one still in the queue, which then never starts)."""
+        from streaming.cancel import cancel_outcome
+
+        return cancel_outcome(request_id, settings=self.settings).value
+
+
+def _fingerprint(item: IntakeItem) -> str:
+    """What makes two submits the same request: the validated request, keys sorted."""
+    return hashlib.sha256(orjson.dumps(item.request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 _default: Client | None = None

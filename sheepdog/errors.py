@@ -25,6 +25,19 @@ class BudgetExceeded(SheepdogError):
     """A submit would take a tenant past its budget."""
 
 
+class IdempotencyConflict(InvalidRequest):
+    """An idempotency key already used for a different request (as the IETF Idempotency-Key
+    draft answers it: a conflict; the same key with the same request gets the first id)."""
+
+    def __init__(self, key: str, first_id: str) -> None:
+        self.key, self.first_id = key, first_id
+        shown = repr(key[:60]) + ("..." if len(key) > 60 else "")
+        super().__init__(
+            f"idempotency key {shown} was already used for a different request ({first_id}): "
+            "reuse a key only to resend the same request"
+        )
+
+
 REDIS_HINT = (
     'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""'
     " (or set SHEEPDOG_REDIS_URL)"

@@ -225,12 +225,12 @@ def release_keys(settings: Settings, items: Sequence[IntakeItem]) -> None:
         key = item.request.get("idempotency_key")
         if not key:
             continue
-        name = keys.idempotency(key, settings.broker_prefix)
+        name = keys.of(settings).idempotency(key)
 
         def drop(pipe: Any, name: str = name, rid: str = item.id) -> None:
             current = pipe.get(name)
             pipe.multi()
-            if current is not None and current.decode() == rid:
+            if current is not None and current.decode().partition(" ")[0] == rid:
                 pipe.delete(name)
 
         try:

@@ -164,7 +164,9 @@ class DatabaseCollector:
         from sheepdog.redis_conn import get_redis
 
         until = utcnow() - timedelta(seconds=COMMIT_LAG_S)
-        previous = _claim_range(get_redis(self.settings.redis_url), keys.METRICS_STREAM_MARK, until)
+        previous = _claim_range(
+            get_redis(self.settings.redis_url), keys.of(self.settings).metrics_stream_mark, until
+        )
         if previous is None or previous >= until:
             return
         with session_scope(self.settings.database_url) as session:

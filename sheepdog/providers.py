@@ -165,7 +165,8 @@ def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = Non
 
     settings = settings or get_settings()
     r = get_redis(settings.redis_url)
-    known = r.get(keys.provider_batch_mode(provider.name))
+    name = keys.of(settings).provider_batch_mode(provider.name, provider.base_url)
+    known = r.get(name)
     if known:
         return known.decode() if isinstance(known, bytes) else str(known)
     try:
@@ -173,5 +174,5 @@ def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = Non
         mode = "native"
     except openai.NotFoundError:
         mode = "emulated"
-    r.set(keys.provider_batch_mode(provider.name), mode, ex=24 * 3600)
+    r.set(name, mode, ex=24 * 3600)
     return mode

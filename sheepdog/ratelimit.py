@@ -94,10 +94,12 @@ class Limits:
 class RateLimiter:
     """Blocking limiter for one provider (thread-safe; shares state through Redis)."""
 
-    def __init__(self, client: redis.Redis, provider: str, limits: Limits) -> None:
+    def __init__(
+        self, client: redis.Redis, provider: str, limits: Limits, names: keys.Keys
+    ) -> None:
         self.provider = provider
         self.limits = limits
-        self._keys = [keys.rate_limit(provider, "requests"), keys.rate_limit(provider, "tokens")]
+        self._keys = [names.rate_limit(provider, "requests"), names.rate_limit(provider, "tokens")]
         self._acquire = client.register_script(_ACQUIRE)
         self._penalize = client.register_script(_PENALIZE)
 
@@ -124,10 +126,12 @@ class RateLimiter:
 class AsyncRateLimiter:
     """The asyncio twin of RateLimiter (same keys, same script)."""
 
-    def __init__(self, client: aioredis.Redis, provider: str, limits: Limits) -> None:
+    def __init__(
+        self, client: aioredis.Redis, provider: str, limits: Limits, names: keys.Keys
+    ) -> None:
         self.provider = provider
         self.limits = limits
-        self._keys = [keys.rate_limit(provider, "requests"), keys.rate_limit(provider, "tokens")]
+        self._keys = [names.rate_limit(provider, "requests"), names.rate_limit(provider, "tokens")]
         self._acquire = client.register_script(_ACQUIRE)
         self._reserve = client.register_script(_RESERVE)
         self._penalize = client.register_script(_PENALIZE)

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     # Operations
     flower_basic_auth: SecretStr | None = None
     metrics_port: int = 9808  # 0: workers expose no metrics
-    metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from another host
+    # Loopback by default: the figures (spend, tokens, requests by model) are not for everyone.
+    # 0.0.0.0 (or a private interface) lets a Prometheus on another host scrape them.
+    metrics_address: str = "127.0.0.1"
     metrics_cache_s: float = 5.0  # DB-derived metrics are recomputed at most this often
     metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
@@ -46,6 +48,9 @@ class Settings(BaseSettings):
     stream_backoff_base_s: float = 0.5
     stream_backoff_max_s: float = 30.0
     replay_ttl_s: int = 3600
+    # Once the row holds the answer (the last message is out), the replay log is kept only this
+    # long: late followers then read the stored row (README: sizing the replay logs).
+    replay_done_ttl_s: int = 60
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     stream_queued_timeout_s: float = 300.0  # janitor resends stream rows queued this long

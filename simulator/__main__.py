@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from simulator.config import SimulatorConfig
 from simulator.server import run
 
+# The key from the environment: a command-line flag is visible to every user in `ps`.
+API_KEY_ENV = "SHEEPDOG_SIMULATOR_API_KEY"
+
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str, int]:
-    """(config, host, port) from command-line options; options override ``--config FILE``."""
+    """(config, host, port) from command-line options; options override ``--config FILE``,
+    and the key comes from --api-key, else SHEEPDOG_SIMULATOR_API_KEY, else the file."""
     parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099)
@@ -25,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str,
     args = parser.parse_args(argv)
     config = SimulatorConfig.from_file(args.config) if args.config else SimulatorConfig()
     overrides = {
-        "api_key": args.api_key,
+        "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
         "ttft_ms": args.ttft_ms,
         "chunk_delay_ms": args.chunk_delay_ms,
         "time_scale": args.time_scale,

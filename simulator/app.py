@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -14,6 +15,7 @@ from starlette.routing import Route
 from simulator import admin, batches, chat, files
 from simulator.config import SimulatorConfig
 from simulator.errors import ApiError, json_response
+from simulator.guard import BodyLimit
 from simulator.state import SimState, api, sim
 
 
@@ -97,6 +99,8 @@ def create_app(config: SimulatorConfig | None = None, models: list[str] | None =
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        # Inside Starlette's error middleware: a body cut off at the limit is answered 413 here.
+        middleware=[Middleware(BodyLimit, state=state)],
         exception_handlers={HTTPException: _http_error},
     )
     app.state.sim = state

@@ -83,6 +83,8 @@ class SimulatorConfig(BaseModel):
     # Limits of the real Batch API.
     batch_max_lines: int = Field(default=50_000, gt=0)
     max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    # Any other request body (chat, batch create, admin): refused (413) past this, unread.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
 
     @model_validator(mode="after")
     def _check_range(self) -> SimulatorConfig:

@@ -118,7 +118,7 @@ class SimulatorProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"simulator exited with code {self.process.returncode}")
             try:
-                self._request("GET", "/v1/models", auth=True)
+                self._request("GET", "/v1/models")
                 return
             except (OSError, urllib.error.URLError):
                 time.sleep(0.05)
@@ -152,12 +152,11 @@ class SimulatorProcess:
 
     # Admin API -----------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: object = None, *, auth: bool = False) -> Any:
+    def _request(self, method: str, path: str, body: object = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
-        if auth:
-            request.add_header("Authorization", f"Bearer {self.api_key}")
+        request.add_header("Authorization", f"Bearer {self.api_key}")
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read() or b"null")
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from sqlalchemy import select
 
+from models.request import check_request_id
 from models.tables import Request
 from sheepdog import keys
 from sheepdog.db import session_scope
@@ -14,13 +17,28 @@ from sheepdog.settings import Settings, get_settings
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # longer than any queue wait; the flag is checked at start
 
 
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # it was recorded and had not ended: it ends `cancelled`
+    ENDED = "already ended"  # succeeded, failed or cancelled before: nothing changed
+    # No row: an unknown id, or a request still in the queue (a stream request's row is written
+    # when a worker takes it). The flag is set all the same, so a queued one never starts.
+    UNRECORDED = "not recorded"
+
+
 def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
     """Cancel `request_id`; False, and nothing changes, when it had already ended (succeeded,
-    failed or cancelled).
+    failed or cancelled). See cancel_outcome; InvalidRequest for an id of the wrong shape."""
+    return cancel_outcome(request_id, settings) is not CancelOutcome.ENDED
+
+
+def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelOutcome:
+    """Cancel `request_id` and say what that did. The id's shape is checked first (nothing is
+    written for one that cannot be a request id: the flag's key is bounded).
 
     Sets the cancel flag (checked by a stream task before it starts) and announces the id on
     the cancel channel (every stream worker process stops the stream if it holds it). A row
     still `queued` is moved to `cancelled` here, whichever path it is on."""
+    check_request_id(request_id)
     settings = settings or get_settings()
     # Read before announcing: a worker holding the stream ends the row `cancelled` a few ms
     # after the announcement, and that must not read as "had already ended". Two short
@@ -30,12 +48,13 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
             select(Request.status, Request.route).where(Request.id == request_id)
         ).one_or_none()
     if row is not None and is_final(row.status):
-        return False
+        return CancelOutcome.ENDED
     redis = get_redis(settings.redis_url)
-    redis.set(keys.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
-    redis.publish(keys.CANCEL_CHANNEL, request_id)
+    names = keys.of(settings)
+    redis.set(names.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
+    redis.publish(names.cancel_channel, request_id)
     if row is None:
-        return True  # still in the queue: the task sees the flag and never starts
+        return CancelOutcome.UNRECORDED  # if it is in the queue, its task sees the flag
     from streaming.store import moved_attempts
 
     with session_scope(settings.database_url) as session:
@@ -47,4 +66,4 @@ def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
         from streaming.runner import publish_error
 
         publish_error(settings, request_id, "cancelled", attempts=attempts)
-    return True
+    return CancelOutcome.CANCELLED

@@ -48,12 +48,13 @@ def sweep(settings: Settings | None = None, app: Any = None) -> SweepReport:
     redis = get_redis(settings.redis_url)
     token = secrets.token_hex(8)
     ttl_ms = int(max(settings.janitor_interval_s * 4, 30) * 1000)
-    if not redis.set(keys.JANITOR_LOCK, token, nx=True, px=ttl_ms):
+    lock = keys.of(settings).janitor_lock
+    if not redis.set(lock, token, nx=True, px=ttl_ms):
         return SweepReport(skipped=True)
     try:
         return _sweep(settings, app)
     finally:
-        redis.eval(_RELEASE, 1, keys.JANITOR_LOCK, token)
+        redis.eval(_RELEASE, 1, lock, token)
 
 
 def _send(app: Any, request_id: str) -> None:
@@ -141,7 +142,10 @@ def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
     for rid in ids:
         # Once per timeout: a long backlog must not turn into a storm of duplicates.
         if redis.set(
-            keys.janitor_resent(rid), b"1", nx=True, ex=int(settings.stream_queued_timeout_s)
+            keys.of(settings).janitor_resent(rid),
+            b"1",
+            nx=True,
+            ex=int(settings.stream_queued_timeout_s),
         ):
             _send(app, rid)
             resent += 1

@@ -147,7 +147,9 @@ class StreamJob:
         assert self.grant is not None
         payload = encode(self.request_id, self.seq, type_, **fields)
         self.seq += 1
-        await self.runtime.publisher.send(self.request_id, payload, self.token)
+        seq = await self.runtime.publisher.send(self.request_id, payload, self.token)
+        if seq >= 0:  # the log ended with this attempt's message: the row holds the answer
+            await self.runtime.publisher.shorten(self.request_id)
 
     def _reset(self) -> None:
         if self.shown:

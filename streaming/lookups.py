@@ -42,7 +42,8 @@ _Pending = tuple[str, bool, "asyncio.Future[tuple[bool, bytes | None]]"]
 class Lookups:
     """Batches the cancel-flag and last-message reads of all streams of a process."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, names: keys.Keys) -> None:
+        self._names = names
         self._script = client.register_script(LOOKUP)
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -71,8 +72,8 @@ class Lookups:
         return batch
 
     async def _lookup(self, batch: list[_Pending]) -> None:
-        flags = [keys.cancel_flag(rid) for rid, _, _ in batch]
-        logs = [keys.replay_log(rid) for rid, last, _ in batch if last]
+        flags = [self._names.cancel_flag(rid) for rid, _, _ in batch]
+        logs = [self._names.replay_log(rid) for rid, last, _ in batch if last]
         try:
             reply: list[Any] = await self._script(keys=flags + logs, args=[len(flags)])
         except asyncio.CancelledError:

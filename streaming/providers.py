@@ -63,7 +63,7 @@ def access(runtime: Runtime, model: str) -> Access:
         limiter = None
         if provider.rate_limited:
             rates = Limits(provider.requests_per_minute, provider.tokens_per_minute)
-            limiter = AsyncRateLimiter(runtime.redis, provider.name, rates)
+            limiter = AsyncRateLimiter(runtime.redis, provider.name, rates, runtime.names)
         by_name = cache[f"provider:{provider.name}"] = Access(client, limiter)
     cache[model] = by_name
     return by_name

@@ -64,11 +64,15 @@ class Publisher:
         self,
         client: aioredis.Redis,
         ttl_s: int,
+        names: keys.Keys,
         on_log_lost: Callable[[str, int], None] | None = None,
+        done_ttl_s: int | None = None,
     ) -> None:
         self._client = client
+        self._names = names
         self._on_log_lost = on_log_lost  # (request id, fencing token) of a LOG_LOST message
         self._ttl = ttl_s
+        self._done_ttl = min(ttl_s, done_ttl_s) if done_ttl_s is not None else ttl_s
         self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
         self._script = client.register_script(deliver_script())
@@ -97,6 +101,16 @@ class Publisher:
         self._wake.set()
         return await done
 
+    async def shorten(self, request_id: str) -> None:
+        """After the last message (the row already holds the answer): keep the replay log only
+        done_ttl_s more. A failure only leaves the log to its full TTL."""
+        if self._done_ttl >= self._ttl:
+            return
+        try:
+            await self._client.expire(self._names.replay_log(request_id), self._done_ttl)
+        except (redis.RedisError, OSError) as err:
+            log.warning("%s: replay log kept its full TTL (%r)", request_id, err)
+
     async def run(self) -> None:
         """The flush loop; runs for the life of the process."""
         await drain_forever(self._wake, self._take, self._flush)
@@ -107,6 +121,7 @@ class Publisher:
 
     async def _flush(self, batch: list[_Entry]) -> None:
         names, args = _script_args(
+            self._names,
             [(rid, payload, attempts, mode) for rid, payload, attempts, mode, _ in batch],
             self._ttl,
         )
@@ -135,29 +150,37 @@ class Publisher:
 
 
 def _script_args(
-    messages: Sequence[tuple[str, bytes, int, Mode]], ttl_s: int
+    deployment: keys.Keys, messages: Sequence[tuple[str, bytes, int, Mode]], ttl_s: int
 ) -> tuple[list[str], list[bytes | str | int]]:
     names: list[str] = []
     args: list[bytes | str | int] = [ttl_s]
     for request_id, payload, attempts, mode in messages:
-        names += [keys.replay_log(request_id), keys.stream_fence(request_id)]
-        args += [keys.stream_channel(request_id), payload, attempts, int(mode)]
+        names += [deployment.replay_log(request_id), deployment.stream_fence(request_id)]
+        args += [deployment.stream_channel(request_id), payload, attempts, int(mode)]
     return names, args
 
 
 def publish_now(
-    client: redis.Redis, request_id: str, payload: bytes, ttl_s: int, attempts: int, mode: Mode
+    client: redis.Redis,
+    deployment: keys.Keys,
+    request_id: str,
+    payload: bytes,
+    ttl_s: int,
+    attempts: int,
+    mode: Mode,
 ) -> int:
     """Synchronous, fenced delivery of one message of attempt `attempts` for code outside a
     worker's loop (janitor, cancel); the seq it went out with, or REFUSED / LOG_LOST."""
-    names, args = _script_args([(request_id, payload, fence_token(attempts), mode)], ttl_s)
+    names, args = _script_args(
+        deployment, [(request_id, payload, fence_token(attempts), mode)], ttl_s
+    )
     script = client.register_script(deliver_script())
     return int(script(keys=names, args=args)[0])  # type: ignore[index]
 
 
-def last_message(client: redis.Redis, request_id: str) -> StreamMessage | None:
+def last_message(client: redis.Redis, names: keys.Keys, request_id: str) -> StreamMessage | None:
     """The newest message in a request's replay log (None when the log is empty)."""
-    entries = client.xrevrange(keys.replay_log(request_id), count=1)
+    entries = client.xrevrange(names.replay_log(request_id), count=1)
     fields = entries[0][1] if entries else None
     return StreamMessage.parse(fields[FIELD]) if fields else None
 

@@ -246,7 +246,7 @@ async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome:
         "%s: %s after %d provider call(s)", job.request_id, end.status.value, outcome.provider_calls
     )
     if job.marks is not None:  # a diagnostic for bench/bench_stream.py; never on by default
-        key = keys.stream_trace(job.request_id)
+        key = runtime.names.stream_trace(job.request_id)
         trace = {**job.marks, "arrivals": orjson.dumps(job.arrivals)}
         async with runtime.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=trace)  # type: ignore[arg-type]
@@ -272,7 +272,12 @@ def publish_error(
     log; a `reset` takes the stream over from every older attempt); the seq it went out with,
     or -1 when the fence refused it."""
     redis = get_redis(settings.redis_url)
-    seq = next_seq(last_message(redis, request_id))  # used only if the fence was lost
+    names = keys.of(settings)
+    seq = next_seq(last_message(redis, names, request_id))  # used only if the fence was lost
     payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
     mode = Mode.FINAL if type_ == "error" else Mode.TAKE_OVER
-    return publish_now(redis, request_id, payload, settings.replay_ttl_s, attempts, mode)
+    # An error ends the request (its row is final already): the log is kept the short TTL.
+    ttl = min(settings.replay_ttl_s, settings.replay_done_ttl_s) if type_ == "error" else None
+    return publish_now(
+        redis, names, request_id, payload, ttl or settings.replay_ttl_s, attempts, mode
+    )

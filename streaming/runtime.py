@@ -80,8 +80,11 @@ class Runtime:
             # C (llhttp) rather than pure-Python h11, the largest per-chunk cost of the loop.
             http_client=openai.DefaultAioHttpClient(limits=limits, timeout=s.provider_timeout_s),
         )
-        self.publisher = Publisher(self.redis, s.replay_ttl_s, self._log_lost)
-        self.lookups = Lookups(self.redis)
+        self.names = keys.of(s)
+        self.publisher = Publisher(
+            self.redis, s.replay_ttl_s, self.names, self._log_lost, s.replay_done_ttl_s
+        )
+        self.lookups = Lookups(self.redis, self.names)
         await self.publisher.warm_up()  # connection open and script cached before any stream
         self.writer = Writer(
             s.database_url,
@@ -139,7 +142,7 @@ class Runtime:
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                await pubsub.subscribe(self.names.cancel_channel)
                 async for message in pubsub.listen():
                     data = message.get("data")
                     rid = data.decode() if isinstance(data, bytes) else str(data)

@@ -78,7 +78,7 @@ class _Reader:
     def __init__(self, request_id: str, timeout: float, settings: Settings | None) -> None:
         self.request_id = request_id
         self.settings = settings or get_settings()
-        self.key = keys.replay_log(request_id)
+        self.key = keys.of(self.settings).replay_log(request_id)
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.last_id: bytes | str = "0-0"

@@ -33,6 +33,8 @@ LONG_FIRST = [
     "test_documents_e2e",  # 35
     "test_faults_stream_pg",  # 35
     "test_flower",  # 35
+    "test_exposure",  # 75
+    "test_isolation",  # 70
     "test_batch_e2e",  # 35
     "test_batch_flow",  # 25
     "test_intake",  # 25

@@ -97,5 +97,8 @@ def test_submit_file_with_a_bad_line_enqueues_nothing(tmp_path: Path, redis_url:
 
 
 def test_status_of_an_unknown_request(sqlite_url: str) -> None:
+    unknown = "req_" + "0" * 32
+    result = sheepdog("status", unknown, "--json", env={"SHEEPDOG_DATABASE_URL": sqlite_url})
+    assert f"no request {unknown}" in one_line_error(result)
     result = sheepdog("status", "req_nope", "--json", env={"SHEEPDOG_DATABASE_URL": sqlite_url})
-    assert "no request req_nope" in one_line_error(result)
+    assert "invalid request id 'req_nope'" in one_line_error(result)

@@ -126,6 +126,6 @@ def test_a_second_scan_while_one_runs_is_skipped(scan_settings: Settings) -> Non
     from sheepdog import keys
 
     r = redis.Redis.from_url(scan_settings.redis_url)
-    r.set(keys.DOCUMENTS_LOCK, "someone", ex=30)
+    r.set(keys.of(scan_settings).documents_lock, "someone", ex=30)
     report = scan_documents(scan_settings)
     assert report.skipped and report.requests == 0

@@ -98,7 +98,9 @@ def test_same_results_as_native_at_the_standard_rate(
         ledger = session.scalars(select(CostEntry).where(CostEntry.request_id.in_(ids))).all()
     assert len(ledger) == 200
     assert all(c.route == "batch" and c.cost_usd == c.standard_cost_usd for c in ledger)
-    assert not redis.Redis.from_url(redis_url).exists(*state_keys(job_id))  # forgotten
+    assert not redis.Redis.from_url(redis_url).exists(
+        *state_keys(keys.of(emulated), job_id)
+    )  # forgotten
     assert relay.stats()["counters"].get("chat.requests", 0) >= 200
 
 
@@ -168,9 +170,9 @@ def test_second_executor_is_busy_and_lapsed_one_is_resent(
     add_requests(settings, [(MINI, f"busy {i}") for i in range(3)])
     job_id = flush(settings).jobs[0].job_id
     r = redis.Redis.from_url(redis_url)
-    r.set(keys.emulated(job_id, "heartbeat"), "someone-else", px=30_000)
+    r.set(keys.of(settings).emulated(job_id, "heartbeat"), "someone-else", px=30_000)
     assert emulate(job_id, settings).outcome == "busy"
     assert poll(settings).resent == 0  # alive: nothing sent
-    r.delete(keys.emulated(job_id, "heartbeat"))
+    r.delete(keys.of(settings).emulated(job_id, "heartbeat"))
     assert poll(settings).resent == 1 and poll(settings).resent == 0  # once per TTL
     assert emulate(job_id, settings).outcome == "completed"

@@ -213,12 +213,12 @@ def test_five_thousand_lines_rate_kept_survive_sigkill_match_native(
             job_id = job_id or session.scalar(
                 select(Request.batch_job_id).where(Request.id == ids[0])
             )
-        if job_id and r.llen(keys.emulated(job_id, "lines")) >= 1500:
+        if job_id and r.llen(keys.of(settings).emulated(job_id, "lines")) >= 1500:
             break
         assert time.monotonic() < deadline, "the emulated job did not get going"
         time.sleep(0.05)
     procs[0].kill()
-    before_restart = r.llen(keys.emulated(job_id, "lines"))
+    before_restart = r.llen(keys.of(settings).emulated(job_id, "lines"))
     procs.append(stack.start_worker(concurrency=40, env=env, name="emu-b"))
     wait_ended(settings, ids, timeout=120)
 

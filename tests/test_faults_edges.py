@@ -129,7 +129,7 @@ def test_stopped_stream_worker_cannot_garble_what_followers_see(
     def shown() -> int:
         with r.pipeline(transaction=False) as pipe:
             for rid in ids:
-                pipe.exists(keys.replay_log(rid))
+                pipe.exists(keys.of(settings).replay_log(rid))
             return sum(pipe.execute())
 
     wait_for(lambda: shown() == len(ids), 60, "40 streams showing text")

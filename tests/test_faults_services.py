@@ -62,7 +62,7 @@ def streams_showing(dep: Deployment, ids: list[str]) -> int:
     r = redis.Redis.from_url(dep.settings.redis_url)
     with r.pipeline(transaction=False) as pipe:
         for rid in ids:
-            pipe.exists(keys.replay_log(rid))
+            pipe.exists(keys.of(dep.settings).replay_log(rid))
         return sum(pipe.execute())
 
 

@@ -60,7 +60,7 @@ def test_sigkill_stream_worker_with_100_streams_in_flight(
     def shown() -> list[int]:
         with r.pipeline(transaction=False) as pipe:
             for rid in ids:
-                pipe.xlen(keys.replay_log(rid))
+                pipe.xlen(keys.of(settings).replay_log(rid))
             return list(pipe.execute())
 
     wait_for(lambda: all(shown()), 60, "100 streams showing text")

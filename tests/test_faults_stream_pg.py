@@ -73,7 +73,7 @@ def test_streams_in_flight_through_a_postgres_outage_all_end(
     def showing(ids: list[str]) -> int:
         with r.pipeline(transaction=False) as pipe:
             for rid in ids:
-                pipe.exists(keys.replay_log(rid))
+                pipe.exists(keys.of(settings).replay_log(rid))
             return sum(pipe.execute())
 
     try:

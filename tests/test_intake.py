@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from models.tables import Request
 from sheepdog.db import session_scope
+from sheepdog.errors import IdempotencyConflict
 
 
 def low(prompt: str, **extra: Any) -> dict[str, Any]:
@@ -54,9 +55,12 @@ def test_low_priority_submit_becomes_a_queued_row(stack_client, intake_worker, s
 def test_idempotent_resubmit_returns_the_first_id(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
     key = f"idem-{uuid.uuid4().hex}"
     first = stack_client.submit(low("one", idempotency_key=key))
-    again = stack_client.submit(low("two, different body", idempotency_key=key))
-    in_bulk = stack_client.submit_many([low("three", idempotency_key=key), low("four")])
+    again = stack_client.submit(low("one", idempotency_key=key))  # the same request again
+    in_bulk = stack_client.submit_many([low("one", idempotency_key=key), low("four")])
     assert again == first == in_bulk[0]
+    # The same key for a different request is a conflict (IETF Idempotency-Key draft).
+    with pytest.raises(IdempotencyConflict, match=key):
+        stack_client.submit(low("two, different body", idempotency_key=key))
     rows = wait_rows(stack.env["SHEEPDOG_DATABASE_URL"], [first, in_bulk[1]])
     assert len(rows) == 2
     with session_scope(stack.env["SHEEPDOG_DATABASE_URL"]) as session:

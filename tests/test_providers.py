@@ -63,7 +63,10 @@ def test_auto_batch_mode_is_probed_once_and_remembered(
     relay = providers.get("relay").model_copy(update={"name": f"relay-{uuid.uuid4().hex[:6]}"})
     assert resolve_batch_mode(main, settings) == "native"
     assert resolve_batch_mode(relay, settings) == "emulated"
-    assert get_redis(redis_url).get(keys.provider_batch_mode(relay.name)) == b"emulated"
+    assert (
+        get_redis(redis_url).get(keys.of(settings).provider_batch_mode(relay.name, relay.base_url))
+        == b"emulated"
+    )
 
 
 def test_default_provider_from_settings() -> None:

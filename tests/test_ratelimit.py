@@ -8,6 +8,7 @@ import uuid
 
 import redis
 
+from sheepdog.keys import Keys
 from sheepdog.ratelimit import Limits, RateLimiter
 
 
@@ -44,7 +45,7 @@ def max_in_window(stamps: list[float], window: float) -> int:
 
 def test_requests_per_minute_is_never_exceeded(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    limiter = RateLimiter(client, f"p-{uuid.uuid4().hex[:6]}", Limits(1200, None))  # 20/s
+    limiter = RateLimiter(client, f"p-{uuid.uuid4().hex[:6]}", Limits(1200, None), Keys())  # 20/s
     stamps = starts_under(limiter, threads=8, seconds=1.5)
     # any 1-second window: at most 20 + 1 starts
     assert max_in_window(stamps, 1.0) <= 21
@@ -53,7 +54,9 @@ def test_requests_per_minute_is_never_exceeded(redis_url: str) -> None:
 
 def test_tokens_per_minute(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    limiter = RateLimiter(client, f"p-{uuid.uuid4().hex[:6]}", Limits(None, 60_000))  # 1,000/s
+    limiter = RateLimiter(
+        client, f"p-{uuid.uuid4().hex[:6]}", Limits(None, 60_000), Keys()
+    )  # 1,000/s
     stamps = starts_under(limiter, threads=4, seconds=1.2, tokens=100)  # => 10 requests/s
     assert max_in_window(stamps, 1.0) <= 11
 
@@ -61,8 +64,8 @@ def test_tokens_per_minute(redis_url: str) -> None:
 def test_penalize_holds_every_caller(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     name = f"p-{uuid.uuid4().hex[:6]}"
-    limiter = RateLimiter(client, name, Limits(6000, None))
-    other = RateLimiter(redis.Redis.from_url(redis_url), name, Limits(6000, None))
+    limiter = RateLimiter(client, name, Limits(6000, None), Keys())
+    other = RateLimiter(redis.Redis.from_url(redis_url), name, Limits(6000, None), Keys())
     assert limiter.try_acquire(1) == 0
     limiter.penalize(0.5)
     wait = other.try_acquire(1)

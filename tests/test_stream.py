@@ -103,7 +103,7 @@ def test_subscriber_joining_mid_stream(deployment: StreamDeployment, client: Any
     tag = prompt("mid")
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 20}])
     rid = submit(client, tag)
-    key = f"sheepdog:replay:{rid}"
+    key = keys.of(deployment.settings).replay_log(rid)
     while deployment.redis.xlen(key) < 3:
         pass
     pieces = follow(deployment, rid)
@@ -211,7 +211,7 @@ def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, clie
     after = row(deployment, rid)
     assert (after.status, after.text, after.error) == ("succeeded", text, None)
     assert not deployment.redis.exists(
-        keys.cancel_flag(rid)
+        keys.of(deployment.settings).cancel_flag(rid)
     )  # nothing announced for an ended request
     assert [m.type for m in events(rid, timeout=5, settings=deployment.settings)][-1] == "done"
 
@@ -240,13 +240,13 @@ def test_redelivered_message_does_not_run_twice(
     client._send([item])
     assert_ended(client.result(item.id, wait=30))
     simulator.reset()
-    before = deployment.redis.xlen(f"sheepdog:replay:{item.id}")
+    before = deployment.redis.xlen(keys.of(deployment.settings).replay_log(item.id))
     client._send([item])  # the intake message again: the claim refuses it
     app = client.celery
     app.send_task("sheepdog.stream", kwargs={"request_id": item.id}, queue="stream")
     probe = submit(client, prompt("probe"))  # FIFO queue: done once the duplicates are handled
     client.result(probe, wait=30)
-    assert deployment.redis.xlen(f"sheepdog:replay:{item.id}") == before
+    assert deployment.redis.xlen(keys.of(deployment.settings).replay_log(item.id)) == before
     assert row(deployment, item.id).attempts == 0
     # the id-only message never calls the provider; the intake one may start before its claim
     assert len(simulator.stats()["chat_requests"]) <= 2
@@ -265,7 +265,7 @@ def test_two_hundred_concurrent_streams(deployment: StreamDeployment, client: An
         assert_ended(client.result(rid, wait=60))
     for rid in ids[:: len(ids) // 10]:
         msgs = list(events(rid, timeout=5, settings=deployment.settings))
-        head = deployment.redis.xrange(f"sheepdog:replay:{rid}", count=2)
+        head = deployment.redis.xrange(keys.of(deployment.settings).replay_log(rid), count=2)
         assert [m.seq for m in msgs] == list(range(len(msgs))), (rid, head)
         assert "".join(m.text or "" for m in msgs) == row(deployment, rid).text
 

@@ -11,7 +11,7 @@ from workers.config import celery_config
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from `settings` (default: the process's), beat schedule included."""
     settings = settings or get_settings()
-    celery = Celery("sheepdog")
+    celery = Celery("sheepdog", task_cls="workers.task_base:SheepdogTask")
     celery.config_from_object(celery_config(settings))
     from scheduler.beat import beat_schedule
 

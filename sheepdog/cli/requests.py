@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,24 +20,33 @@ def register(app: typer.Typer) -> None:
 
 
 def read_request_file(path: Path) -> list[dict[str, Any]]:
-    """One request object a line; blank lines skipped. InvalidRequest names the bad line."""
-    if not path.is_file():
+    """One request object a line; blank lines skipped. InvalidRequest names the bad line.
+
+    Any readable file works: a regular file, `/dev/null` (no requests), a pipe or process
+    substitution (`--file <(...)`), or `-` for standard input."""
+    from sheepdog.strict_json import loads
+
+    if str(path) != "-" and not path.exists():
         raise InvalidRequest(f"no such file: {path}")
+    if path.is_dir():
+        raise InvalidRequest(f"{path} is a directory, not a file of requests")
     requests: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="strict") as fh:
-        try:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InvalidRequest(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise InvalidRequest(f"{path}:{number}: expected a JSON object")
-                requests.append(obj)
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"{path}: not UTF-8 text") from None
+    try:
+        fh = sys.stdin.buffer if str(path) == "-" else path.open("rb")
+    except OSError as err:
+        raise InvalidRequest(f"cannot read {path}: {err.strerror}") from None
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8", errors="strict")
+            except UnicodeDecodeError:
+                raise InvalidRequest(f"{path}:{number}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            obj = loads(line, f"{path}:{number}")
+            if not isinstance(obj, dict):
+                raise InvalidRequest(f"{path}:{number}: expected a JSON object")
+            requests.append(obj)
     if not requests:
         raise InvalidRequest(f"{path}: no requests in the file")
     return requests
@@ -81,14 +89,25 @@ def submit(
             if tenant is not None:
                 request["metadata"] = {"tenant": tenant}
             requests = [request]
+        if follow_:
+            _check_followable(requests)
         client = Client()
         ids = client.submit_many(requests)
     for rid in ids:
         typer.echo(rid)
     if follow_:
-        if len(ids) != 1:
-            fail("--follow takes a single request")
         _follow(client, ids[0])
+
+
+def _check_followable(requests: list[dict[str, Any]]) -> None:
+    """--follow streams one answer: refuse (before anything is sent) what it could not follow."""
+    if len(requests) != 1:
+        raise InvalidRequest(f"--follow takes a single request, the file has {len(requests)}")
+    if requests[0].get("priority") == "low":
+        raise InvalidRequest(
+            "--follow streams high or normal priority requests; a low-priority one is answered "
+            "by a batch (minutes to hours): submit it without --follow, then `sheepdog status ID`"
+        )
 
 
 def _follow(client: Any, request_id: str, timeout: float = 600.0) -> None:
@@ -113,8 +132,11 @@ def follow(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
 ) -> None:
     """Print a streaming request's answer live (from the start, even if it is already done)."""
+    from models.request import check_request_id
     from sheepdog.client import Client
 
+    with edge():
+        check_request_id(request_id)
     _follow(Client(), request_id, timeout)
 
 
@@ -123,8 +145,14 @@ def cancel(request_id: Annotated[str, typer.Argument(help="The request id.")]) -
     from sheepdog.client import Client
 
     with edge():
-        done = Client().cancel(request_id)
-    typer.echo("cancelled" if done else "already ended")
+        outcome = Client().cancel_outcome(request_id)
+    if outcome == "not recorded":
+        typer.echo(
+            f"not recorded: no request {request_id} is known yet (if it is still in the queue, "
+            "it will not start)"
+        )
+        return
+    typer.echo(outcome)
 
 
 def status(
@@ -142,7 +170,9 @@ def status(
             else:
                 _print_summary(summary)
             return
-        view = Client().get(request_id)
+        from models.request import check_request_id
+
+        view = Client().get(check_request_id(request_id))
     if view is None:
         fail(f"no request {request_id} (it may still be in the intake queue)", 1)
     if as_json:

@@ -17,7 +17,11 @@ def simulator(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8099,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     api_key: Annotated[
-        str | None, typer.Option(help="Bearer key clients must send (any key when unset).")
+        str | None,
+        typer.Option(
+            help="Bearer key clients must send (any key when unset; then the admin API answers "
+            "loopback only). Prefer SHEEPDOG_SIMULATOR_API_KEY: a flag shows in `ps`."
+        ),
     ] = None,
     ttft_ms: Annotated[float | None, typer.Option(help="Time to first token, ms.")] = None,
     chunk_delay_ms: Annotated[float | None, typer.Option(help="Delay between chunks, ms.")] = None,

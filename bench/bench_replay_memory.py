@@ -1,0 +1,165 @@
+"""Benchmark: Redis memory the replay logs hold per 1,000 streams, kept for the full TTL (before
+issue 19: an hour after the end) against trimmed once the row holds the answer (now).
+
+Run: ``.venv/bin/python bench/bench_replay_memory.py [--streams 1000] [--tokens 50]``. Starts its
+own simulator, uses Redis DB 13 of SHEEPDOG_BENCH_REDIS_URL's server (flushed) and a throwaway
+PostgreSQL database, and one stream worker per phase:
+
+- baseline: SHEEPDOG_REPLAY_DONE_TTL_S = SHEEPDOG_REPLAY_TTL_S (3600): the logs stay an hour;
+- trimmed: SHEEPDOG_REPLAY_DONE_TTL_S = 2 (the default is 60): the logs go 2 s after the end.
+
+Each phase sends N streams of --tokens tokens, waits for every row to end, and reads Redis's
+`used_memory` (after a settle) against the figure before the phase: held at the end (both the
+same: the logs are needed while streams run) and held TTL_DONE + 3 s later. Figures are MB per
+1,000 streams; the ratio is trimmed / baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from models.tables import Request  # noqa: E402
+from sheepdog.client import Client  # noqa: E402
+from sheepdog.db import get_engine, session_scope  # noqa: E402
+from sheepdog.migrate import upgrade  # noqa: E402
+from sheepdog.settings import Settings  # noqa: E402
+from simulator.config import SimulatorConfig  # noqa: E402
+from simulator.server import SimulatorProcess  # noqa: E402
+
+ADMIN = os.environ.get("SHEEPDOG_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+SERVER = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+REDIS = f"{SERVER}/13"
+DONE_TTL_S = 2
+
+
+def new_pg() -> str:
+    name = f"sheepdog_bmem_{secrets.token_hex(4)}"
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
+    upgrade(url)
+    return url
+
+
+def drop_pg(url: str) -> None:
+    get_engine(url).dispose()
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def used(r: redis.Redis) -> int:
+    time.sleep(1)  # let lazy frees and the allocator settle
+    return int(r.info("memory")["used_memory"])
+
+
+def phase(
+    name: str, done_ttl: int, n: int, env: dict[str, str], db_url: str, logdir: Path
+) -> dict[str, float]:
+    r = redis.Redis.from_url(REDIS)
+    prefix = f"bmem-{name}:"
+    env = {**env, "SHEEPDOG_BROKER_PREFIX": prefix, "SHEEPDOG_REPLAY_DONE_TTL_S": str(done_ttl)}
+    log = (logdir / f"{name}.log").open("wb")
+    cmd = [sys.executable, "-m", "sheepdog", "worker", "--queues", "stream", "--loglevel"]
+    worker = subprocess.Popen(
+        [*cmd, "WARNING", "--processes", "1"], cwd=ROOT, env=env, stdout=log, stderr=log
+    )
+    settings = Settings(
+        redis_url=REDIS,
+        broker_prefix=prefix,
+        database_url=db_url,
+        openai_base_url=env["SHEEPDOG_OPENAI_BASE_URL"],
+        openai_api_key=env["SHEEPDOG_OPENAI_API_KEY"],
+    )
+    client = Client(settings)
+    try:
+        time.sleep(8)  # the worker is up and consuming (its queue is prefixed: nothing is lost)
+        tag = secrets.token_hex(3)
+        before = used(r)
+        ids = client.submit_many(
+            [
+                {
+                    "model": "sheepdog-mini",
+                    "messages": [{"role": "user", "content": f"mem {tag} {i}"}],
+                    "priority": "normal",
+                }
+                for i in range(n)
+            ]
+        )
+        deadline = time.monotonic() + 600
+        while True:
+            with session_scope(db_url) as session:
+                ended = session.scalar(
+                    select(func.count())
+                    .select_from(Request)
+                    .where(Request.id.in_(ids), Request.status == "succeeded")
+                )
+            if ended == n:
+                break
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"{name}: {ended}/{n} ended; see {log.name}")
+            time.sleep(0.5)
+        at_end = used(r) - before
+        time.sleep(DONE_TTL_S + 2)
+        later = used(r) - before
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    per_1000 = 1000 / n / 1e6
+    return {"at_end": at_end * per_1000, "later": later * per_1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--tokens", type=int, default=50)
+    args = parser.parse_args()
+    r = redis.Redis.from_url(REDIS)
+    r.flushdb()
+    db_url = new_pg()
+    config = SimulatorConfig(
+        api_key="sk-bench-mem", answer_tokens=(args.tokens, args.tokens), chunk_delay_ms=10
+    )
+    with SimulatorProcess(config) as sim, tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+        env.update(
+            SHEEPDOG_REDIS_URL=REDIS,
+            SHEEPDOG_DATABASE_URL=db_url,
+            SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
+            SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+            SHEEPDOG_METRICS_PORT="0",
+        )
+        try:
+            base = phase("baseline", 3600, args.streams, env, db_url, Path(tmp))
+            trim = phase("trimmed", DONE_TTL_S, args.streams, env, db_url, Path(tmp))
+        finally:
+            drop_pg(db_url)
+            r.flushdb()
+    print(f"\nRedis memory held by replay logs, MB per 1,000 streams of {args.tokens} tokens")
+    print(f"({args.streams} streams a phase, one worker, same run)\n")
+    print("| phase | at the end | 4 s later | ")
+    print("|---|---:|---:|")
+    print(f"| baseline (kept replay_ttl_s, 1 h) | {base['at_end']:.2f} | {base['later']:.2f} |")
+    print(
+        f"| trimmed (kept {DONE_TTL_S} s after the end) | {trim['at_end']:.2f} | "
+        f"{trim['later']:.2f} |"
+    )
+    ratio = trim["later"] / base["later"] if base["later"] > 0 else float("nan")
+    print(f"\ntrimmed / baseline, 4 s after the end: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
