@@ -260,6 +260,9 @@ def _run(
             children.procs, ["ready.", "ready.", "Starting"], strict=True
         ):
             _wait_for_log(logs / f"{name}.log", marker, proc, 60)
+    from sheepdog.demo_api import start_front_door, stream_through_front_door
+
+    api_url = start_front_door(children, env, logs, _free_port(8080))  # ready by step 1b
     console.print(
         Panel.fit(
             f"[bold]Sheepdog demo[/]  provider: {provider}  model: {model}\n"
@@ -304,10 +307,7 @@ def _run(
 
     # 1b. The same from any service, over HTTP (sheepdog/demo_api.py).
     console.rule("[bold]from any service: the HTTP front door, with the official openai SDK[/]")
-    from sheepdog.demo_api import stream_through_front_door
-
-    api_port = _free_port(8080)
-    all_ids.append(stream_through_front_door(children, env, logs, api_port, model, console))
+    all_ids.append(stream_through_front_door(children, api_url, logs, model, console))
 
     # 2. Nobody waiting: the nightly documents job (as beat would send it) and low-priority prompts.
     console.rule("[bold]low priority: the nightly documents job and tickets, via the batch API[/]")

@@ -25,20 +25,22 @@ def _wait_healthy(url: str, proc: Any, log: Path, timeout: float = 60) -> None:
     raise RuntimeError(f"the API did not start (see {log}):\n{tail}")
 
 
-def stream_through_front_door(
-    children: Any, env: dict[str, str], logs: Path, port: int, model: str, console: Any
-) -> str:
-    """Start the API (loopback, no keys: tenant "default"), stream one answer through it with
-    the openai SDK and print it; returns the request id (the response id)."""
-    import openai
-
+def start_front_door(children: Any, env: dict[str, str], logs: Path, port: int) -> str:
+    """Start `sheepdog api --no-auth` (loopback, no keys: tenant "default"); its URL."""
     from sheepdog.demo import SHEEPDOG
 
-    log = logs / "api.log"
     argv = [*SHEEPDOG, "api", "--port", str(port), "--no-auth"]
-    children.spawn("api", argv, env, log)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, children.procs[-1][1], log)
+    children.spawn("api", argv, env, logs / "api.log")
+    return f"http://127.0.0.1:{port}"
+
+
+def stream_through_front_door(children: Any, url: str, logs: Path, model: str, console: Any) -> str:
+    """Stream one answer through the API with the openai SDK and print it; returns the request
+    id (the response id)."""
+    import openai
+
+    api = next(proc for name, proc in children.procs if name == "api")
+    _wait_healthy(url, api, logs / "api.log")
     prompt = "Write one sentence about a sheepdog, sent through the front door."
     console.print(f"[dim]openai.OpenAI(base_url='{url}/v1', api_key='unused')[/]")
     console.print(f"[cyan]> {prompt}[/]")
