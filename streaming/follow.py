@@ -119,10 +119,13 @@ async def follow(
     after: int = -1,
     max_s: float = 3600.0,
     keepalive_s: float = 15.0,
+    row_known_open: bool = False,
 ) -> AsyncIterator[StreamMessage | Tick]:
     """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
     each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
-    seq. One Redis connection of its own, closed at the end."""
+    seq. `row_known_open`: the caller has just seen the request not ended (so the first look
+    at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). One
+    Redis connection of its own, closed at the end."""
     client = new_async_redis(settings.redis_url)
     key = keys.replay_log(request_id)
     deadline = time.monotonic() + max_s
@@ -130,7 +133,7 @@ async def follow(
     expected = after + 1  # the next seq to yield
     parts: list[str] = []  # the text the caller holds (the skipped messages' included)
     shown_known = after < 0  # a resumed caller's text is known once the log is read
-    next_check = 0.0
+    next_check = time.monotonic() + ROW_CHECK_S if row_known_open else 0.0
     idle_since = time.monotonic()
     block: int | None = None  # the first read does not wait: a finished row is found at once
     try:

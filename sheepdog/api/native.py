@@ -163,6 +163,7 @@ async def events(request: Request) -> Response:
                 after=after,
                 max_s=settings.api_events_max_s,
                 keepalive_s=settings.api_keepalive_s,
+                row_known_open=not view.is_final,
             ):
                 if isinstance(msg, Tick):
                     yield b": keepalive\n\n"

@@ -102,7 +102,9 @@ async def chat_completions(request: Request) -> Response:
 async def _complete(front: Front, rid: str, body: ChatBody) -> Response:
     wait_s = front.settings.api_completion_wait_s
     parts: list[str] = []
-    async for msg in follow(rid, front.settings, max_s=wait_s, keepalive_s=wait_s):
+    async for msg in follow(
+        rid, front.settings, max_s=wait_s, keepalive_s=wait_s, row_known_open=True
+    ):
         if isinstance(msg, Tick):
             continue
         if msg.type == "token":
@@ -166,6 +168,7 @@ async def _chunks(front: Front, rid: str, body: ChatBody) -> AsyncIterator[bytes
             settings,
             max_s=settings.api_completion_wait_s,
             keepalive_s=settings.api_keepalive_s,
+            row_known_open=True,  # just submitted
         ):
             if isinstance(msg, Tick):
                 yield b": keepalive\n\n"
