@@ -236,6 +236,26 @@ def test_tenant_isolation(api_server: ApiServer, simulator: Any) -> None:
         )
 
 
+def test_event_stream_key_in_the_query_is_not_logged(api_server: ApiServer) -> None:
+    """A browser's EventSource cannot send headers: the events call takes ?access_token=, and
+    the access log masks it."""
+    key = api_server.key()
+    with api_server.http(key) as http:
+        rid = http.post("/v1/requests", json=req("query key", "high")).json()["id"]
+    with httpx2.Client(base_url=api_server.url, timeout=60) as anonymous:
+        assert anonymous.get(f"/v1/requests/{rid}/events").status_code == 401
+        with anonymous.stream(
+            "GET", f"/v1/requests/{rid}/events", params={"access_token": key}
+        ) as r:
+            assert r.status_code == 200
+            events = list(sse(r))
+        assert events[-1]["event"] == "done"
+        assert anonymous.get(f"/v1/requests/{rid}", params={"access_token": key}).status_code == 401
+    log = api_server.proc.log_text()
+    assert "/events?access_token=sk-***" in log
+    assert key not in log
+
+
 def test_revoked_key_gets_401(api_server: ApiServer) -> None:
     from sheepdog.tenant_keys import create_key, revoke_key
 
