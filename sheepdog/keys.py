@@ -42,6 +42,11 @@ class Keys:
         as long as the replay log."""
         return f"{self.base}:fence:{request_id}"
 
+    def request_owner(self, request_id: str) -> str:
+        """Set by the HTTP front door when it submits a request: the tenant that owns it and
+        what it was, until its row exists (`GET /v1/requests/{id}` answers from it before)."""
+        return f"{self.base}:owner:{request_id}"
+
     def stream_trace(self, request_id: str) -> str:
         """A stream's stage times, written only when SHEEPDOG_STREAM_TRACE is set (benchmarks)."""
         return f"{self.base}:trace:{request_id}"
