@@ -235,3 +235,19 @@ class Reservation(Base):
     state: Mapped[str] = mapped_column(String(12), default="held", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     settled_at: Mapped[datetime | None]
+
+
+class ApiKey(Base):
+    """A tenant's key to the HTTP front door. Only the SHA-256 of the key is stored; the key
+    itself is printed once, when it is made (sheepdog/tenant_keys.py)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(100), default="")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # every call looks it up
+    prefix: Mapped[str] = mapped_column(String(16))  # the key's first characters, for lists
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)  # null: the default
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]

@@ -210,6 +210,36 @@ class Client:
                 "the database", redact_url(self.settings.database_url), DATABASE_HINT
             ) from err
 
+    def list_requests(
+        self,
+        tenant: str,
+        *,
+        status: str | None = None,
+        since: datetime | None = None,
+        before: tuple[datetime, str] | None = None,
+        limit: int = 50,
+    ) -> list[RequestView]:
+        """A tenant's requests, newest first (created_at, then id, descending): those created
+        at or after `since`, strictly after the (created_at, id) `before` position."""
+        stmt = select(Request).where(Request.tenant == tenant)
+        if status is not None:
+            stmt = stmt.where(Request.status == status)
+        if since is not None:
+            stmt = stmt.where(Request.created_at >= since)
+        if before is not None:
+            at, rid = before
+            stmt = stmt.where(
+                (Request.created_at < at) | ((Request.created_at == at) & (Request.id < rid))
+            )
+        stmt = stmt.order_by(Request.created_at.desc(), Request.id.desc()).limit(limit)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                return [RequestView.from_row(row) for row in session.scalars(stmt)]
+        except SQLOperationalError as err:
+            raise ServiceUnavailable(
+                "the database", redact_url(self.settings.database_url), DATABASE_HINT
+            ) from err
+
     def result(self, request_id: str, wait: float = 0.0, poll_s: float = 0.25) -> RequestView:
         """The request once it has ended (succeeded, failed or cancelled), waiting up to `wait`
         seconds; raises TimeoutError when it has not ended by then."""

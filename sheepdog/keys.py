@@ -66,3 +66,9 @@ def emulated(job_id: str, part: str) -> str:
     """State of an emulated batch job: `lines` (the output "file", a list), `done` (custom_ids
     with a line), `counts`, `heartbeat` (owner token with a TTL), `kick` (poll's resend mark)."""
     return f"{PREFIX}:emulated:{job_id}:{part}"
+
+
+def request_owner(request_id: str) -> str:
+    """Set by the HTTP front door when it submits a request: the tenant that owns it and what
+    it was, until a worker records its row (`GET /v1/requests/{id}` answers from it before)."""
+    return f"{PREFIX}:owner:{request_id}"

@@ -41,10 +41,11 @@ _ACQUIRE = (
     + """
 local req_us = tonumber(ARGV[1])
 local tok_us = tonumber(ARGV[2]) * tonumber(ARGV[3])
+local burst_us = tonumber(ARGV[4] or '0')
 local tat_r = tat(KEYS[1])
 local tat_t = tat(KEYS[2])
 local wait = 0
-if req_us > 0 and tat_r > now then wait = tat_r - now end
+if req_us > 0 and tat_r - burst_us > now then wait = tat_r - burst_us - now end
 if tok_us > 0 and tat_t > now and tat_t - now > wait then wait = tat_t - now end
 if wait > 0 then return wait end
 if req_us > 0 then store(KEYS[1], tat_r + req_us) end
@@ -84,6 +85,13 @@ return slot - now
 class Limits:
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    # Requests that may start at once above the rate (GCRA's burst tolerance; 0 for providers,
+    # whose pacers want starts spread out; the front door's per-key limits allow a few).
+    burst: int = 0
+
+    def burst_us(self) -> float:
+        per_req, _ = self.intervals_us()
+        return per_req * self.burst
 
     def intervals_us(self) -> tuple[float, float]:
         per_req = 60e6 / self.requests_per_minute if self.requests_per_minute else 0.0
@@ -104,7 +112,9 @@ class RateLimiter:
     def try_acquire(self, tokens: int) -> float:
         """Take one request and `tokens` tokens if allowed now: 0.0; else seconds to wait."""
         per_req, per_tok = self.limits.intervals_us()
-        wait_us = self._acquire(keys=self._keys, args=[per_req, per_tok, max(tokens, 0)])
+        wait_us = self._acquire(
+            keys=self._keys, args=[per_req, per_tok, max(tokens, 0), self.limits.burst_us()]
+        )
         return int(wait_us) / 1e6
 
     def acquire(self, tokens: int, timeout: float | None = None) -> None:
@@ -131,6 +141,14 @@ class AsyncRateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._reserve = client.register_script(_RESERVE)
         self._penalize = client.register_script(_PENALIZE)
+
+    async def try_acquire(self, tokens: int) -> float:
+        """Take one request and `tokens` tokens if allowed now: 0.0; else seconds to wait."""
+        per_req, per_tok = self.limits.intervals_us()
+        wait_us = await self._acquire(
+            keys=self._keys, args=[per_req, per_tok, max(tokens, 0), self.limits.burst_us()]
+        )
+        return int(wait_us) / 1e6
 
     async def acquire(self, tokens: int) -> None:
         per_req, per_tok = self.limits.intervals_us()

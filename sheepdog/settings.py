@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     default_budget_allow_downgrade: bool = False
     budget_cache_ttl_s: float = 5.0  # how long a producer trusts "this tenant has no budget"
 
+    # HTTP front door (`sheepdog api`, sheepdog/api/)
+    api_address: str = "127.0.0.1"
+    api_port: int = 8080
+    api_no_auth: bool = False  # loopback addresses only; every call is tenant "default"
+    api_cors_origins: str = ""  # comma-separated browser origins allowed, or "*"
+    api_max_body_bytes: int = 16 * 1024 * 1024  # a larger body is refused (413) unread
+    api_key_cache_s: float = 5.0  # a revoked key stops working within this
+    api_rate_limit_per_minute: int | None = None  # per key, unless the key has its own
+    api_rate_limit_burst: int = 20  # calls a key may make at once above its rate
+    api_completion_wait_s: float = 600.0  # /v1/chat/completions gives up waiting after this
+    api_events_max_s: float = 3600.0  # an event stream closes after this (clients resume)
+    api_keepalive_s: float = 15.0  # an SSE comment this often keeps proxies from closing
+    api_ready_cache_s: float = 1.0
+
     def api_key(self) -> str:
         """The provider key, or a placeholder the SDK accepts when none is set."""
         return self.openai_api_key.get_secret_value() if self.openai_api_key else "sk-unset"

@@ -1,0 +1,190 @@
+"""The front door's ASGI app (Starlette): routes, errors in OpenAI's shape, CORS, health.
+
+Built by `create_app()` (uvicorn's factory, once per process); nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sheepdog.api import native, openai_compat
+from sheepdog.api.auth import Authenticator
+from sheepdog.api.errors import ApiError, error_body, from_sheepdog
+from sheepdog.api.metrics import ApiMetrics, MetricsMiddleware
+from sheepdog.api.tenancy import Tenancy
+from sheepdog.client import Client
+from sheepdog.db import check_database
+from sheepdog.errors import SheepdogError
+from sheepdog.redis_conn import new_async_redis
+from sheepdog.settings import Settings, get_settings
+
+log = logging.getLogger("sheepdog.api")
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class Front:
+    """What every handler shares in one process."""
+
+    def __init__(self, settings: Settings, no_auth: bool) -> None:
+        self.settings = settings
+        self.client = Client(settings)
+        self.tenancy = Tenancy(self.client)
+        self.metrics = ApiMetrics()
+        self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
+        self.auth = Authenticator(settings, self.redis, no_auth)
+        self._ready: tuple[float, dict[str, str]] | None = None
+
+    async def readiness(self) -> dict[str, str]:
+        """ "ok" or the one-line reason for Redis and the database (cached for a moment)."""
+        now = time.monotonic()
+        if self._ready is not None and self._ready[0] > now:
+            return self._ready[1]
+        state: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.redis.ping(), 2.0)
+            state["redis"] = "ok"
+        except (redis.RedisError, OSError, TimeoutError):
+            state["redis"] = "unreachable"
+        try:
+            await asyncio.wait_for(
+                run_in_threadpool(check_database, self.settings.database_url), 5.0
+            )
+            state["database"] = "ok"
+        except (SheepdogError, TimeoutError):
+            state["database"] = "unreachable"
+        self._ready = (now + self.settings.api_ready_cache_s, state)
+        return state
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = await request.app.state.front.readiness()
+    ok = all(v == "ok" for v in state.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", **state}, 200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return request.app.state.front.metrics.exposition()  # type: ignore[no-any-return]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _sheepdog_error(request: Request, exc: Exception) -> Response:
+    return from_sheepdog(exc).response()
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    service = "Redis" if isinstance(exc, (redis.RedisError, OSError)) else "the database"
+    log.warning("api: %s unavailable: %s", service, type(exc).__name__)
+    return ApiError(503, f"{service} is unavailable; try again later", "unavailable").response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(
+        error_body(exc.status_code, str(exc.detail), code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("api: unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(500, "internal error", "internal_error"), status_code=500)
+
+
+ROUTES = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+    Route("/v1/models", openai_compat.models),
+    Route("/v1/chat/completions", openai_compat.chat_completions, methods=["POST"]),
+    Route("/v1/requests", native.submit, methods=["POST"]),
+    Route("/v1/requests", native.list_requests, methods=["GET"]),
+    Route("/v1/requests/{id}", native.get_one, methods=["GET"]),
+    Route("/v1/requests/{id}/cancel", native.cancel, methods=["POST"]),
+    Route("/v1/requests/{id}/events", native.events, methods=["GET"]),
+]
+
+
+def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
+    """The app for `settings`; `no_auth` (tenant "default" for every call) only on loopback."""
+    if no_auth and not is_loopback(settings.api_address):
+        raise SheepdogError(f"--no-auth serves only a loopback address, not {settings.api_address}")
+    front = Front(settings, no_auth)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await front.redis.aclose()
+
+    origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
+    middleware = [Middleware(MetricsMiddleware, metrics=front.metrics)]
+    if origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+                max_age=600,
+            )
+        )
+    handlers: dict[Any, Any] = {
+        ApiError: _api_error,
+        SheepdogError: _sheepdog_error,
+        redis.ConnectionError: _unavailable,
+        redis.TimeoutError: _unavailable,
+        OperationalError: _unavailable,
+        PoolTimeout: _unavailable,
+        HTTPException: _http_error,
+        Exception: _internal,
+    }
+    app = Starlette(
+        routes=ROUTES, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
+    )
+    app.state.front = front
+    return app
+
+
+def create_app() -> Starlette:
+    """uvicorn's factory: settings from the environment (the CLI sets SHEEPDOG_API_*)."""
+    from sheepdog.api.server import install_log_scrubber
+
+    install_log_scrubber()
+    settings = get_settings()
+    return build_app(settings, no_auth=settings.api_no_auth)

@@ -1,0 +1,81 @@
+"""Who is calling: the tenant behind `Authorization: Bearer <key>`, and its key's rate limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from sheepdog.api.errors import ApiError
+from sheepdog.ratelimit import AsyncRateLimiter, Limits
+from sheepdog.settings import Settings
+from sheepdog.tenant_keys import KeyCache, KeyInfo
+
+NO_AUTH_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: its tenant and the key it used (None with --no-auth)."""
+
+    tenant: str
+    key_id: str | None
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(
+        401, message, "invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="sheepdog"'}
+    )
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("missing API key: send Authorization: Bearer <key>")
+    return token.strip()
+
+
+class Authenticator:
+    """Checks keys (cached for settings.api_key_cache_s) and their per-key rate limits."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, no_auth: bool) -> None:
+        self.settings = settings
+        self.no_auth = no_auth
+        self.keys = KeyCache(settings.database_url, settings.api_key_cache_s)
+        self._redis = redis
+        self._limiters: dict[str, AsyncRateLimiter] = {}
+
+    async def principal(self, request: Request) -> Principal:
+        """The caller, or ApiError 401 (no or unknown or revoked key) / 429 (over its rate)."""
+        if self.no_auth:
+            return Principal(NO_AUTH_TENANT, None)
+        token = bearer_token(request)
+        known, info = self.keys.cached(token)
+        if not known:
+            info = await run_in_threadpool(self.keys.lookup, token)
+        if info is None:
+            raise _unauthorized("invalid API key")
+        await self._check_rate(info)
+        return Principal(info.tenant, info.id)
+
+    async def _check_rate(self, info: KeyInfo) -> None:
+        rpm = info.rate_limit_per_minute or self.settings.api_rate_limit_per_minute
+        if not rpm:
+            return
+        limiter = self._limiters.get(info.id)
+        if limiter is None or limiter.limits.requests_per_minute != rpm:
+            limits = Limits(rpm, None, burst=self.settings.api_rate_limit_burst)
+            limiter = AsyncRateLimiter(self._redis, f"api-key:{info.id}", limits)
+            self._limiters[info.id] = limiter
+        wait = await limiter.try_acquire(0)
+        if wait > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise ApiError(
+                429,
+                f"rate limit of this key ({rpm} requests a minute) reached; retry in {seconds}s",
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(seconds)},
+            )

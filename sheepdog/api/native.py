@@ -1,0 +1,173 @@
+"""Sheepdog's own API, for every priority: submit one request or a list, read, list, cancel,
+and follow a request's messages as server-sent events.
+
+- `POST /v1/requests`: a request object (one line of `sheepdog submit --file`) -> 202
+  `{"id"}`; a list of them (all or nothing) -> 202 `{"ids"}`.
+- `GET /v1/requests/{id}` -> the RequestView; `POST /v1/requests/{id}/cancel` -> `{"id",
+  "cancelled", "status"}`.
+- `GET /v1/requests?status=&since=&cursor=&limit=` -> `{"data", "next_cursor"}`, newest first.
+- `GET /v1/requests/{id}/events`: `id: <seq>`, `event: <type>`, `data: <message JSON>`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from sheepdog.api.body import read_json
+from sheepdog.api.errors import ApiError, not_found
+from sheepdog.api.tenancy import public
+from sheepdog.lifecycle import Status
+from streaming.follow import Tick, follow
+
+if TYPE_CHECKING:
+    from sheepdog.api.app import Front
+
+MAX_LIST = 500
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _front(request: Request) -> Front:
+    return request.app.state.front  # type: ignore[no-any-return]
+
+
+async def submit(request: Request) -> Response:
+    front = _front(request)
+    who = await front.auth.principal(request)
+    body = await read_json(request, front.settings.api_max_body_bytes)
+    as_list = isinstance(body, list)
+    items = body if as_list else [body]
+    if not items:
+        raise ApiError(400, "invalid request: the list is empty", "invalid_request")
+    ids = await run_in_threadpool(front.tenancy.submit, who.tenant, items, as_list)
+    return JSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
+
+
+async def get_one(request: Request) -> Response:
+    front = _front(request)
+    who = await front.auth.principal(request)
+    rid = request.path_params["id"]
+    view = await run_in_threadpool(front.tenancy.get, who.tenant, rid)
+    if view is None:
+        raise not_found(rid)
+    return JSONResponse(public(view))
+
+
+async def cancel(request: Request) -> Response:
+    front = _front(request)
+    who = await front.auth.principal(request)
+    rid = request.path_params["id"]
+    outcome = await run_in_threadpool(front.tenancy.cancel, who.tenant, rid)
+    if outcome is None:
+        raise not_found(rid)
+    cancelled, status = outcome
+    return JSONResponse({"id": rid, "cancelled": cancelled, "status": status})
+
+
+def _encode_cursor(created_at: datetime, rid: str) -> str:
+    raw = orjson.dumps([created_at.isoformat(), rid])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, rid = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(at), str(rid)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise ApiError(
+            400, "invalid request: cursor is not one this API gave", "invalid_cursor", "cursor"
+        ) from None
+
+
+def _since(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400,
+            f"invalid request: since {value!r} is not an ISO 8601 time",
+            "invalid_request",
+            "since",
+        ) from None
+
+
+async def list_requests(request: Request) -> Response:
+    front = _front(request)
+    who = await front.auth.principal(request)
+    q = request.query_params
+    status = q.get("status") or None
+    if status is not None and status not in {s.value for s in Status}:
+        known = ", ".join(s.value for s in Status)
+        raise ApiError(
+            400,
+            f"invalid request: unknown status {status!r} (known: {known})",
+            "invalid_request",
+            "status",
+        )
+    raw_limit = q.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
+        raise ApiError(
+            400, f"invalid request: limit must be 1 to {MAX_LIST}", "invalid_request", "limit"
+        )
+    limit = int(raw_limit)
+    before = _decode_cursor(q["cursor"]) if q.get("cursor") else None
+    views = await run_in_threadpool(
+        front.tenancy.list, who.tenant, status, _since(q.get("since")), before, limit + 1
+    )
+    more = len(views) > limit
+    views = views[:limit]
+    cursor = _encode_cursor(views[-1].created_at, views[-1].id) if more else None
+    return JSONResponse({"data": [public(v) for v in views], "next_cursor": cursor})
+
+
+def last_event_id(request: Request) -> int:
+    """The seq the caller has (Last-Event-ID header, or ?last_event_id=), -1 for none."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return -1
+    if not raw.strip().lstrip("-").isdigit():
+        raise ApiError(
+            400,
+            f"invalid request: Last-Event-ID {raw[:40]!r} is not a seq",
+            "invalid_request",
+            "Last-Event-ID",
+        )
+    return max(-1, int(raw))
+
+
+async def events(request: Request) -> Response:
+    front = _front(request)
+    who = await front.auth.principal(request)
+    rid = request.path_params["id"]
+    after = last_event_id(request)
+    view = await run_in_threadpool(front.tenancy.get, who.tenant, rid)
+    if view is None:
+        raise not_found(rid)
+    settings = front.settings
+
+    async def body() -> AsyncIterator[bytes]:
+        with front.metrics.stream_open("/v1/requests/{id}/events"):
+            yield b"retry: 1000\n\n"  # EventSource: reconnect after 1 s, with Last-Event-ID
+            async for msg in follow(
+                rid,
+                settings,
+                after=after,
+                max_s=settings.api_events_max_s,
+                keepalive_s=settings.api_keepalive_s,
+            ):
+                if isinstance(msg, Tick):
+                    yield b": keepalive\n\n"
+                    continue
+                data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (msg.seq, msg.type.encode(), data)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,116 @@
+"""A `POST /v1/chat/completions` call turned into a Sheepdog request (the body as OpenAI's SDKs
+send it, Sheepdog's knobs from headers). Fields Sheepdog does not carry to the provider are
+refused (400) rather than silently dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
+
+from models.request import format_validation_error
+from sheepdog.api.errors import ApiError
+
+PRIORITY = "x-sheepdog-priority"
+DEADLINE = "x-sheepdog-deadline"
+MAX_COST = "x-sheepdog-max-cost-usd"
+IDEMPOTENCY = "idempotency-key"
+
+LOW_REFUSED = (
+    "priority low is not served on /v1/chat/completions (a batch may take hours to answer): "
+    "submit it with POST /v1/requests and read it with GET /v1/requests/{id}"
+)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ChatBody(BaseModel):
+    """What Sheepdog takes of OpenAI's chat.completions body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(default=None, max_length=200)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _content(message: dict[str, Any], index: int) -> Any:
+    """A message's content as one string (text parts joined); anything else is left for the
+    request's own validation to name."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ApiError(
+                400,
+                f"invalid request: messages.{index}.content: only text parts are supported,"
+                f" got {kind!r}",
+                "invalid_request",
+                f"messages.{index}.content",
+            )
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def parse_chat_body(raw: object) -> ChatBody:
+    if not isinstance(raw, dict):
+        raise ApiError(400, "invalid request: expected a JSON object", "invalid_request")
+    try:
+        return ChatBody.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, format_validation_error(err), "invalid_request", param) from None
+
+
+def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:
+    """The Sheepdog request (models/request.py ChatRequest fields) for this call."""
+    priority = (headers.get(PRIORITY) or "normal").strip().lower()
+    if priority == "low":
+        raise ApiError(400, LOW_REFUSED, "priority_not_supported", "X-Sheepdog-Priority")
+    messages = []
+    for index, message in enumerate(body.messages):
+        m = {k: v for k, v in message.items() if v is not None}  # an SDK echo's nulls
+        if "content" in m:
+            m["content"] = _content(m, index)
+        messages.append(m)
+    request: dict[str, Any] = {"model": body.model, "messages": messages, "priority": priority}
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens
+    if body.temperature is not None:
+        request["temperature"] = body.temperature
+    if body.stop is not None:
+        request["stop"] = body.stop
+    metadata = dict(body.metadata or {})
+    if body.user:
+        metadata.setdefault("user", body.user)
+    if metadata:
+        request["metadata"] = metadata
+    if headers.get(DEADLINE):
+        request["deadline"] = headers[DEADLINE].strip()
+    if headers.get(MAX_COST):
+        request["max_cost_usd"] = headers[MAX_COST].strip()
+    if headers.get(IDEMPOTENCY):
+        request["idempotency_key"] = headers[IDEMPOTENCY].strip()
+    return request

@@ -1,0 +1,165 @@
+"""What the front door does for a tenant, on top of the in-deployment client (sheepdog.client):
+submit in its name, and read, list and cancel only its own requests. Blocking calls (the
+handlers run them in a thread).
+
+- The tenant is the key's: `metadata.tenant` is set from it, whatever the body said, so budgets
+  apply to it. Idempotency keys are the tenant's own (stored as `<tenant>/<key>`; tenant
+  `default`, the CLI's, keeps them as given), so one tenant cannot learn another's request ids.
+- A request belongs to the tenant of its row; until a worker records the row, to the tenant the
+  front door wrote down when it submitted it (a Redis record, keys.request_owner), and reading
+  it answers a `queued` view made from that record. Another tenant's request is not found.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from models.request import Priority
+from sheepdog import keys
+from sheepdog.client import Client
+from sheepdog.errors import InvalidRequest
+from sheepdog.redis_conn import get_redis
+from sheepdog.views import RequestView
+
+OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
+DEFAULT_TENANT = "default"
+
+
+def scoped_key(tenant: str, key: str) -> str:
+    return key if tenant == DEFAULT_TENANT else f"{tenant}/{key}"
+
+
+def in_tenant(request: object, tenant: str) -> object:
+    """The request as submitted for `tenant` (a copy; anything not an object is left for the
+    validation to refuse)."""
+    if not isinstance(request, dict):
+        return request
+    out = dict(request)
+    metadata = out.get("metadata")
+    if metadata is None or isinstance(metadata, dict):
+        out["metadata"] = {**(metadata or {}), "tenant": tenant}
+    key = out.get("idempotency_key")
+    if isinstance(key, str) and key:
+        out["idempotency_key"] = scoped_key(tenant, key)
+    return out
+
+
+def public(view: RequestView) -> dict[str, Any]:
+    """The view as its tenant reads it (its idempotency key as it gave it)."""
+    data = view.model_dump(mode="json")
+    key = view.idempotency_key
+    if key and view.tenant != DEFAULT_TENANT and key.startswith(view.tenant + "/"):
+        data["idempotency_key"] = key[len(view.tenant) + 1 :]
+    return data
+
+
+class Tenancy:
+    """The in-deployment client, seen by one tenant at a time."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.settings = client.settings
+
+    def submit(self, tenant: str, requests: list[object], as_list: bool) -> list[str]:
+        """Validate and enqueue (all or nothing); InvalidRequest names the bad item's index
+        when the body was a list."""
+        mine = [in_tenant(r, tenant) for r in requests]
+        try:
+            ids = self.client.submit_many(mine)  # type: ignore[arg-type]
+        except InvalidRequest as err:
+            message = str(err)
+            if as_list and not message.startswith("request "):
+                message = f"request 0: {message}"  # submit_many names items after the first
+            raise InvalidRequest(message) from None
+        self._record_owners(tenant, ids, mine)
+        return ids
+
+    def _record_owners(self, tenant: str, ids: list[str], requests: list[object]) -> None:
+        now = datetime.now(UTC).isoformat()
+        with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
+            for rid, request in zip(ids, requests, strict=True):
+                assert isinstance(request, dict)  # validated by submit_many
+                record = {
+                    "tenant": tenant,
+                    "priority": str(request.get("priority") or "normal"),
+                    "model": request["model"],
+                    "idempotency_key": request.get("idempotency_key"),
+                    "created_at": now,
+                }
+                pipe.set(keys.request_owner(rid), orjson.dumps(record), ex=OWNER_TTL_S, nx=True)
+            pipe.execute()
+
+    def _pending(self, request_id: str) -> RequestView | None:
+        raw = get_redis(self.settings.redis_url).get(keys.request_owner(request_id))
+        if raw is None:
+            return None
+        rec = orjson.loads(raw)
+        priority = Priority(rec["priority"])
+        return RequestView(
+            id=request_id,
+            status="queued",
+            priority=priority.value,
+            route=priority.route,
+            escalated=False,
+            model=rec["model"],
+            tenant=rec["tenant"],
+            text=None,
+            finish_reason=None,
+            usage=None,
+            cost_usd=None,
+            error=None,
+            attempts=0,
+            batch_job_id=None,
+            idempotency_key=rec.get("idempotency_key"),
+            metadata={"tenant": rec["tenant"]},
+            created_at=datetime.fromisoformat(rec["created_at"]),
+            started_at=None,
+            first_token_at=None,
+            finished_at=None,
+        )
+
+    def get(self, tenant: str, request_id: str) -> RequestView | None:
+        """The tenant's own request, or None (unknown and another tenant's alike)."""
+        if not request_id.startswith("req_") or len(request_id) > 40:
+            return None
+        view = self.client.get(request_id) or self._pending(request_id)
+        if view is None or view.tenant != tenant:
+            return None
+        return view
+
+    def cancel(self, tenant: str, request_id: str) -> tuple[bool, str] | None:
+        """(cancelled by this call, status after), or None when not the tenant's."""
+        view = self.get(tenant, request_id)
+        if view is None:
+            return None
+        if view.route == "batch" and view.attempts == 0 and view.started_at is None:
+            self._wait_for_row(request_id)
+        cancelled = self.client.cancel(request_id)
+        after = self.get(tenant, request_id)
+        status = after.status if after is not None else "cancelled"
+        if cancelled and status == "queued":
+            status = "cancelled"  # not yet recorded: the task will see the flag, never start
+        return cancelled, status
+
+    def _wait_for_row(self, request_id: str, wait_s: float = 2.0) -> None:
+        # The cancel flag is read by stream tasks only: a low-priority request must have its
+        # row (written by intake within milliseconds) for cancel_request to move it.
+        deadline = time.monotonic() + wait_s
+        while self.client.get(request_id) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def list(
+        self,
+        tenant: str,
+        status: str | None,
+        since: datetime | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[RequestView]:
+        return self.client.list_requests(
+            tenant, status=status, since=since, before=before, limit=limit
+        )

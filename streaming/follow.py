@@ -1,0 +1,177 @@
+"""Following one request's messages from a given seq, for the HTTP front door's event streams.
+
+Like streaming/subscriber.py it blocks on the replay log (XREAD), so the log's messages come
+first and live ones after with no gap and no duplicate; unlike it, it yields the messages
+themselves (seq, type), starts after any seq (`Last-Event-ID`), waits for requests that have no
+log at all (low priority: the batch path publishes nothing) and ticks while idle so the caller
+can keep its connection alive.
+
+When the request has ended and the log holds no end (expired, or never written), the row's
+answer is sent instead, at the next seqs: the remaining `done` if what the caller was shown
+equals the stored text; else `reset` (when it may have been shown anything), the whole text as
+one `token`, then `done`; `error` for a failed or cancelled row. So a follower never ends with a
+text that differs from the stored answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from models.stream_message import StreamMessage, StreamUsage
+from models.tables import Request
+from sheepdog import keys
+from sheepdog.db import session_scope
+from sheepdog.lifecycle import is_final
+from sheepdog.redis_conn import new_async_redis
+from sheepdog.settings import Settings
+from streaming.publisher import FIELD
+
+BATCH = 1000
+ROW_CHECK_S = 2.0  # how often an idle follower looks at the row
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing new for `keepalive_s`: the connection is idle, not dead."""
+
+
+TICK = Tick()
+
+
+@dataclass(frozen=True)
+class _Row:
+    status: str
+    text: str | None
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    usage_estimated: bool
+    cost_usd: str | None
+
+
+def _load_row(database_url: str, request_id: str) -> _Row | None:
+    with session_scope(database_url) as session:
+        row = session.scalar(select(Request).where(Request.id == request_id))
+        if row is None:
+            return None
+        return _Row(
+            row.status,
+            row.text,
+            row.error,
+            row.finish_reason,
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.usage_estimated,
+            format(row.cost_usd, "f") if row.cost_usd is not None else None,
+        )
+
+
+def from_row(request_id: str, row: _Row, next_seq: int, shown: str | None) -> list[StreamMessage]:
+    """The ending of a finished request made from its row (see the module docstring); `shown`
+    is the text the follower was shown, None when unknown (it resumed with no log to read)."""
+    rid = request_id
+    if row.status != "succeeded":
+        return [
+            StreamMessage(request_id=rid, seq=next_seq, type="error", error=row.error or row.status)
+        ]
+    text = row.text or ""
+    out: list[StreamMessage] = []
+    if shown != text:
+        if shown != "":  # unknown, or different: drop it first
+            out.append(StreamMessage(request_id=rid, seq=next_seq, type="reset"))
+        if text:
+            out.append(
+                StreamMessage(request_id=rid, seq=next_seq + len(out), type="token", text=text)
+            )
+    usage = (
+        StreamUsage(
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens or 0,
+            estimated=row.usage_estimated,
+        )
+        if row.prompt_tokens is not None
+        else None
+    )
+    out.append(
+        StreamMessage(
+            request_id=rid,
+            seq=next_seq + len(out),
+            type="done",
+            usage=usage,
+            cost_usd=row.cost_usd,
+            finish_reason=row.finish_reason,
+        )
+    )
+    return out
+
+
+async def follow(
+    request_id: str,
+    settings: Settings,
+    *,
+    after: int = -1,
+    max_s: float = 3600.0,
+    keepalive_s: float = 15.0,
+) -> AsyncIterator[StreamMessage | Tick]:
+    """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
+    each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
+    seq. One Redis connection of its own, closed at the end."""
+    client = new_async_redis(settings.redis_url)
+    key = keys.replay_log(request_id)
+    deadline = time.monotonic() + max_s
+    last_id: bytes | str = "0-0"
+    expected = after + 1  # the next seq to yield
+    parts: list[str] = []  # the text the caller holds (the skipped messages' included)
+    shown_known = after < 0  # a resumed caller's text is known once the log is read
+    next_check = 0.0
+    idle_since = time.monotonic()
+    block: int | None = None  # the first read does not wait: a finished row is found at once
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            response: Any = await client.xread({key: last_id}, count=BATCH, block=block)
+            got = False
+            for _, entries in response or ():
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    msg = StreamMessage.parse(fields[FIELD])
+                    shown_known = True
+                    if msg.type == "token":
+                        parts.append(msg.text or "")
+                    elif msg.type == "reset":
+                        parts.clear()
+                    if msg.seq < expected:
+                        continue  # the caller has it
+                    expected = msg.seq + 1
+                    got = True
+                    yield msg
+                    if msg.is_final:
+                        return
+            now = time.monotonic()
+            block = max(1, int(min(remaining, keepalive_s, ROW_CHECK_S) * 1000))
+            if got:
+                idle_since = now
+                continue
+            if now >= next_check:
+                next_check = now + ROW_CHECK_S
+                row = await asyncio.to_thread(_load_row, settings.database_url, request_id)
+                if row is not None and is_final(row.status):
+                    # Read the log once more: the end may have been written with the row.
+                    again = await client.xread({key: last_id}, count=BATCH)
+                    if not again:
+                        shown = "".join(parts) if shown_known else None
+                        for msg in from_row(request_id, row, expected, shown):
+                            yield msg
+                        return
+                    continue
+            if now - idle_since >= keepalive_s:
+                idle_since = now
+                yield TICK
+    finally:
+        await client.aclose()
