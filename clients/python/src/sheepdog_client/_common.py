@@ -13,7 +13,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from sheepdog_client._sse import ServerSentEvent
+from sheepdog_client._sse import ServerSentEvent, SSEDecoder
 from sheepdog_client.errors import (
     APIConnectionError,
     RateLimited,
@@ -111,13 +111,15 @@ class StreamState:
         self.parts: list[str] = []
         self.final: Event | None = None
         self.reconnects = 0
-        self.retry_ms: int | None = None
+        self.decoder = SSEDecoder()
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
     def resume_headers(self) -> dict[str, str]:
+        """Headers of the next connection (which starts a new event in the decoder)."""
+        self.decoder.new_connection()
         out = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if self.last_seq is not None:
             out["Last-Event-ID"] = str(self.last_seq)
@@ -126,8 +128,6 @@ class StreamState:
     def accept(self, sse: ServerSentEvent) -> Event | None:
         """The event to hand on, or None for one already seen. Raises `Gap` when the server
         skipped a `seq` (the caller reconnects from the last one it has)."""
-        if sse.retry_ms is not None:
-            self.retry_ms = sse.retry_ms
         try:
             event = Event.model_validate_json(sse.data)
         except ValidationError as err:
@@ -170,7 +170,7 @@ def check_deadline(state: StreamState, deadline: float | None, timeout: float | 
 def reconnect_delay(failures: int, state: StreamState, cause: BaseException | None) -> float:
     if isinstance(cause, RateLimited) and cause.retry_after is not None:
         return float(cause.retry_after)
-    return backoff(failures, state.retry_ms)
+    return backoff(failures, state.decoder.retry_ms)
 
 
 def final_text(state: StreamState) -> str:

@@ -10,19 +10,22 @@ class ServerSentEvent:
     event: str
     data: str
     id: str | None
-    retry_ms: int | None
 
 
 class SSEDecoder:
     """Feed lines without their line break; `feed` returns an event when a blank line ends one.
-    Comments (`:` lines, the server's keep-alives) are skipped; `last_event_id` persists across
-    events as the format says."""
+    Comments (`:` lines, the server's keep-alives) are skipped. `last_event_id` and `retry_ms`
+    (the server's `retry:`, the reconnection delay) persist across events and connections, as the
+    format says; `new_connection()` drops a half-read event."""
 
     def __init__(self) -> None:
         self._event = ""
         self._data: list[str] = []
-        self._retry: int | None = None
         self.last_event_id: str | None = None
+        self.retry_ms: int | None = None
+
+    def new_connection(self) -> None:
+        self._event, self._data = "", []
 
     def feed(self, line: str) -> ServerSentEvent | None:
         if not line:
@@ -39,12 +42,12 @@ class SSEDecoder:
             if "\0" not in value:
                 self.last_event_id = value
         elif name == "retry" and value.isdigit():
-            self._retry = int(value)
+            self.retry_ms = int(value)
         return None
 
     def _dispatch(self) -> ServerSentEvent | None:
-        data, event, retry = self._data, self._event, self._retry
-        self._data, self._event, self._retry = [], "", None
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
         if not data:
             return None
-        return ServerSentEvent(event or "message", "\n".join(data), self.last_event_id, retry)
+        return ServerSentEvent(event or "message", "\n".join(data), self.last_event_id)

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 
 from sheepdog_client import _common as c
-from sheepdog_client._sse import SSEDecoder
 from sheepdog_client.errors import APIConnectionError, RateLimited, Unavailable, WaitTimeout
 from sheepdog_client.models import CancelResult, Event, Page, RequestView
 
@@ -218,9 +217,8 @@ class AsyncEventStream:
                     if response.status_code >= 400:
                         await response.aread()
                         c.decode(response)  # raises the mapped error
-                    decoder = SSEDecoder()
                     async for line in response.aiter_lines():
-                        sse = decoder.feed(line)
+                        sse = state.decoder.feed(line)
                         if sse is None:
                             continue
                         event = state.accept(sse)

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 
 from sheepdog_client import _common as c
-from sheepdog_client._sse import SSEDecoder
 from sheepdog_client.errors import APIConnectionError, RateLimited, Unavailable, WaitTimeout
 from sheepdog_client.models import CancelResult, Event, Page, RequestView
 
@@ -242,9 +241,8 @@ class EventStream:
                     if response.status_code >= 400:
                         response.read()
                         c.decode(response)  # raises the mapped error
-                    decoder = SSEDecoder()
                     for line in response.iter_lines():
-                        sse = decoder.feed(line)
+                        sse = state.decoder.feed(line)
                         if sse is None:
                             continue
                         event = state.accept(sse)
