@@ -302,6 +302,13 @@ def _run(
         console.print(f"[cyan]> {prompt}[/]")
         _print_stream(client, rid, max(5.0, deadline - time.monotonic()))
 
+    # 1b. The same from any service, over HTTP (sheepdog/demo_api.py).
+    console.rule("[bold]from any service: the HTTP front door, with the official openai SDK[/]")
+    from sheepdog.demo_api import stream_through_front_door
+
+    api_port = _free_port(8080)
+    all_ids.append(stream_through_front_door(children, env, logs, api_port, model, console))
+
     # 2. Nobody waiting: the nightly documents job (as beat would send it) and low-priority prompts.
     console.rule("[bold]low priority: the nightly documents job and tickets, via the batch API[/]")
     from documents.files import find_files
@@ -333,6 +340,7 @@ def _run(
             "sheepdog flower --port 5555\n"
             f"Metrics (each worker):            curl http://127.0.0.1:{base.metrics_port}/metrics\n"
             "Requests:                         sheepdog status  |  sheepdog status ID --json\n"
+            "HTTP front door:                  sheepdog keys create --tenant T; sheepdog api\n"
             "Batches / costs / documents:      sheepdog batches | sheepdog costs | "
             "sheepdog documents status\n"
             "Everything at once:               docker-compose up",

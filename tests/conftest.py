@@ -12,7 +12,7 @@ pytest_plugins = [
     "tests.fixtures.costs",
     "tests.fixtures.streaming",
     "tests.fixtures.faults",
-    "tests.fixtures.client_api",
+    "tests.fixtures.api",
 ]
 
 # The longest modules (seconds in a `make test` run), in the order they are started: `make test`

@@ -54,6 +54,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, text[-6000:]
     assert "all requests succeeded" in text
     assert "high priority: streamed live" in text and "saved" in text
+    assert "the HTTP front door" in text and "response id = request id req_" in text
     assert "succeeded" in text and "Runbook: Redis memory alert" in text
     assert "all demo processes stopped" in text
     assert not _processes_mentioning(str(tmp_path)), "demo left processes running"

@@ -30,8 +30,12 @@ def _unauthorized(message: str) -> ApiError:
     )
 
 
-def bearer_token(request: Request) -> str:
+def bearer_token(request: Request, allow_query: bool = False) -> str:
+    """The key of `Authorization: Bearer <key>`; with `allow_query`, else of ?access_token=
+    (a browser's EventSource cannot send headers; the access log masks it)."""
     header = request.headers.get("authorization", "")
+    if not header and allow_query and request.query_params.get("access_token"):
+        return request.query_params["access_token"].strip()
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing API key: send Authorization: Bearer <key>")
@@ -48,11 +52,11 @@ class Authenticator:
         self._redis = redis
         self._limiters: dict[str, AsyncRateLimiter] = {}
 
-    async def principal(self, request: Request) -> Principal:
+    async def principal(self, request: Request, allow_query: bool = False) -> Principal:
         """The caller, or ApiError 401 (no or unknown or revoked key) / 429 (over its rate)."""
         if self.no_auth:
             return Principal(NO_AUTH_TENANT, None)
-        token = bearer_token(request)
+        token = bearer_token(request, allow_query)
         known, info = self.keys.cached(token)
         if not known:
             info = await run_in_threadpool(self.keys.lookup, token)

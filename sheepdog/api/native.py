@@ -146,7 +146,7 @@ def last_event_id(request: Request) -> int:
 
 async def events(request: Request) -> Response:
     front = _front(request)
-    who = await front.auth.principal(request)
+    who = await front.auth.principal(request, allow_query=True)
     rid = request.path_params["id"]
     after = last_event_id(request)
     view = await run_in_threadpool(front.tenancy.get, who.tenant, rid)

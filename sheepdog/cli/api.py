@@ -29,16 +29,14 @@ def api(
     """Serve the HTTP front door (OpenAI-compatible and Sheepdog's own API)."""
     from sheepdog.api.app import is_loopback
     from sheepdog.api.server import serve
-    from sheepdog.db import check_database
-    from sheepdog.redis_conn import check_redis
 
     if no_auth and not is_loopback(address):
         fail(f"--no-auth serves only a loopback address (127.0.0.1, ::1), not {address}")
     if processes < 1:
         fail("--processes must be at least 1")
+    # No start-up check of Redis or the database: the server starts without them (a compose
+    # stack starts in any order) and /readyz says 503 until both answer.
     with edge():
-        check_redis()
-        check_database()
         serve(address, port, processes, no_auth)
 
 

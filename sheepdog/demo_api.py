@@ -1,0 +1,67 @@
+"""The demo's front-door part: `sheepdog api --no-auth` started beside the workers, and one
+answer streamed through it with the official openai SDK (only base_url and api_key changed)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _wait_healthy(url: str, proc: Any, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise RuntimeError(f"the API did not start (see {log}):\n{tail}")
+
+
+def stream_through_front_door(
+    children: Any, env: dict[str, str], logs: Path, port: int, model: str, console: Any
+) -> str:
+    """Start the API (loopback, no keys: tenant "default"), stream one answer through it with
+    the openai SDK and print it; returns the request id (the response id)."""
+    import openai
+
+    from sheepdog.demo import SHEEPDOG
+
+    log = logs / "api.log"
+    argv = [*SHEEPDOG, "api", "--port", str(port), "--no-auth"]
+    children.spawn("api", argv, env, log)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, children.procs[-1][1], log)
+    prompt = "Write one sentence about a sheepdog, sent through the front door."
+    console.print(f"[dim]openai.OpenAI(base_url='{url}/v1', api_key='unused')[/]")
+    console.print(f"[cyan]> {prompt}[/]")
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    rid, tokens = "", "no usage"
+    try:
+        stream = sdk.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Sheepdog-Priority": "high"},
+        )
+        for chunk in stream:
+            rid = chunk.id
+            if chunk.choices and chunk.choices[0].delta.content:
+                console.out(chunk.choices[0].delta.content, end="", highlight=False)
+            if chunk.usage:
+                tokens = f"{chunk.usage.prompt_tokens} in / {chunk.usage.completion_tokens} out"
+        console.out("")
+        console.print(
+            f"[dim]response id = request id {rid} ({tokens}): curl {url}/v1/requests/{rid}[/]\n"
+        )
+    finally:
+        sdk.close()
+    return rid

@@ -1,0 +1,145 @@
+"""The front door's edges: bad, huge, mistyped and unknown bodies get a 4xx in OpenAI's shape
+and enqueue nothing; no key, --no-auth, Redis or the database away; health and metrics. A real
+`sheepdog api` process (and a worker) on the module's stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.fixtures.api import ApiServer, free_port, start_api
+from tests.fixtures.workers import ROOT, Stack
+
+MODEL = "sheepdog-mini"
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "edge"}], "priority": "low"}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "edge"}]}
+
+
+def openai_error(r: httpx2.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and "\n" not in error["message"]
+    return dict(error)
+
+
+def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiServer) -> None:
+    key = api_server.key()
+    limit = 1024 * 1024  # SHEEPDOG_API_MAX_BODY_BYTES of the test server
+    huge = (
+        b'{"model": "sheepdog-mini", "messages": [{"role": "user", "content": "'
+        + b"x" * (limit + 10)
+        + b'"}]}'
+    )
+
+    def chunked() -> Iterator[bytes]:
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    json_type = {"Content-Type": "application/json"}
+    with api_server.http(key) as http:
+        for path in ("/v1/requests", "/v1/chat/completions"):
+            e = openai_error(http.post(path, content=b"{not json", headers=json_type), 400)
+            assert e["code"] == "invalid_json" and e["type"] == "invalid_request_error"
+            e = openai_error(http.post(path, content=b"", headers=json_type), 400)
+            e = openai_error(
+                http.post(path, content=b"{}", headers={"Content-Type": "text/plain"}), 415
+            )
+            assert "application/json" in e["message"]
+            openai_error(http.post(path, data={"model": MODEL}), 415)  # a form
+            e = openai_error(http.post(path, content=huge, headers=json_type), 413)
+            assert e["code"] == "body_too_large"
+            e = openai_error(http.post(path, content=chunked(), headers=json_type), 413)
+            openai_error(http.post(path, json=5), 400)
+        e = openai_error(http.post("/v1/requests", json={**GOOD, "colour": "red"}), 400)
+        assert "colour" in e["message"] and e["message"].startswith("invalid request: ")
+        e = openai_error(http.post("/v1/chat/completions", json={**CHAT, "colour": "red"}), 400)
+        assert "colour" in e["message"] and e["param"] == "colour"
+        e = openai_error(http.post("/v1/requests", json=[]), 400)
+        e = openai_error(http.post("/v1/requests", json=[GOOD, "x"]), 400)
+        assert e["message"].startswith("request 1: ")
+        image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+        body = {**CHAT, "messages": [{"role": "user", "content": [image]}]}
+        e = openai_error(http.post("/v1/chat/completions", json=body), 400)
+        assert "only text parts" in e["message"]
+        e = openai_error(http.post("/v1/chat/completions", json={**CHAT, "n": 2}), 400)
+        role = {**GOOD, "messages": [{"role": "robot", "content": "x"}]}
+        e = openai_error(http.post("/v1/requests", json=role), 400)
+        assert "unknown role 'robot'" in e["message"]
+        # The same one-line reason as the CLI gives: the client's own validation.
+        e = openai_error(http.post("/v1/requests", json={**GOOD, "max_tokens": 0}), 400)
+        assert e["message"] == "invalid request: max_tokens: max_tokens must be positive, got 0"
+        openai_error(http.get("/v1/nowhere"), 404)
+        openai_error(http.delete("/v1/requests"), 405)
+        # A sentinel request after all of that: once it is recorded, it is the tenant's only one.
+        sentinel = http.post("/v1/requests", json=GOOD).json()["id"]
+        deadline = time.monotonic() + 30
+        while not http.get("/v1/requests").json()["data"]:
+            assert time.monotonic() < deadline, "the sentinel was not recorded"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert [v["id"] for v in http.get("/v1/requests").json()["data"]] == [sentinel]
+
+
+def test_no_key_or_a_wrong_scheme_is_401(api_server: ApiServer) -> None:
+    with api_server.http() as http:
+        for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
+            r = http.get("/v1/models", headers=headers)
+            e = openai_error(r, 401)
+            assert e["type"] == "authentication_error"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        e = openai_error(http.post("/v1/requests", json=GOOD), 401)
+
+
+def test_health_ready_and_metrics(api_server: ApiServer) -> None:
+    key = api_server.key()
+    with api_server.http(key) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        ready = http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ok", "redis": "ok", "database": "ok"}
+        http.get("/v1/models")
+        http.get("/v1/requests/req_unknown")
+        text = http.get("/metrics").text
+    assert 'sheepdog_api_requests_total{code="200",endpoint="/v1/models",method="GET"}' in text
+    assert (
+        'sheepdog_api_requests_total{code="404",endpoint="/v1/requests/{id}",method="GET"}' in text
+    )
+    assert "sheepdog_api_open_streams" in text
+    assert 'sheepdog_api_time_to_first_byte_seconds_count{endpoint="/v1/models"}' in text
+    assert "req_unknown" not in text  # endpoints are route templates, never ids
+
+
+def test_no_auth_only_on_loopback(stack: Stack) -> None:
+    cmd = [sys.executable, "-m", "sheepdog", "api", "--no-auth", "--address", "0.0.0.0"]
+    cmd += ["--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--no-auth serves only a loopback address" in done.stderr
+    with start_api(stack, "--no-auth") as api, api.http() as http:
+        rid = http.post("/v1/requests", json=GOOD).json()["id"]
+        view = http.get(f"/v1/requests/{rid}").json()
+        assert view["tenant"] == "default"
+
+
+@pytest.mark.parametrize("away", ["redis", "database"])
+def test_redis_or_database_away_is_503(stack: Stack, api_server: ApiServer, away: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    env = (
+        {"SHEEPDOG_REDIS_URL": f"redis://{dead}/0"}
+        if away == "redis"
+        else {"SHEEPDOG_DATABASE_URL": f"postgresql://postgres@{dead}/nowhere"}
+    )
+    key = api_server.key()  # made in the real database
+    with start_api(stack, **env) as api, api.http(key) as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()[away] == "unreachable"
+        e = openai_error(http.post("/v1/requests", json=GOOD), 503)
+        assert e["code"] == "unavailable" and dead not in e["message"]
+        e = openai_error(http.post("/v1/chat/completions", json=CHAT), 503)

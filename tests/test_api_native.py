@@ -1,0 +1,248 @@
+"""Sheepdog's own HTTP API: submit (one and a list), read, list, cancel, and the resumable
+event stream; tenant isolation and revoked keys. A real `sheepdog api` process in front of a
+real worker, Redis, PostgreSQL and the simulator."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import redis
+
+from sheepdog import keys
+from tests.fixtures.api import ApiServer
+from tests.fixtures.workers import Stack
+
+MODEL = "sheepdog-mini"
+
+
+def req(text: str, priority: str = "normal", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "priority": priority,
+        **extra,
+    }
+
+
+def sse(response: httpx2.Response) -> Iterator[dict[str, Any]]:
+    """Events of an SSE response: {"id", "event", "data"} (comments and retry skipped)."""
+    event: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif line.startswith("id: "):
+            event["id"] = int(line[4:])
+        elif line.startswith("event: "):
+            event["event"] = line[7:]
+        elif line.startswith("data: "):
+            event["data"] = json.loads(line[6:])
+
+
+def follow(
+    http: httpx2.Client, rid: str, after: int | None = None, stop_at: int | None = None
+) -> list[dict[str, Any]]:
+    headers = {"Last-Event-ID": str(after)} if after is not None else {}
+    got = []
+    with http.stream("GET", f"/v1/requests/{rid}/events", headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for event in sse(r):
+            got.append(event)
+            if stop_at is not None and event["id"] >= stop_at:
+                break  # the connection drops mid-answer
+    return got
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    parts: list[str] = []
+    for e in events:
+        if e["event"] == "reset":
+            parts.clear()
+        elif e["event"] == "token":
+            parts.append(e["data"]["text"])
+    return "".join(parts)
+
+
+def test_submit_one_read_it_and_follow_it(api_server: ApiServer) -> None:
+    key = api_server.key()
+    with api_server.http(key) as http:
+        r = http.post("/v1/requests", json=req("native one", "high"))
+        assert r.status_code == 202, r.text
+        rid = r.json()["id"]
+        now = http.get(f"/v1/requests/{rid}")  # before or after the worker records it: found
+        assert now.status_code == 200 and now.json()["id"] == rid
+        events = follow(http, rid)
+    view = api_server.wait_final(key, rid)
+    assert view["status"] == "succeeded", view["error"]
+    assert [e["id"] for e in events] == list(range(len(events)))
+    assert [e["data"]["seq"] for e in events] == [e["id"] for e in events]
+    assert events[-1]["event"] == "done" and events[-1]["data"]["usage"]
+    assert text_of(events) == view["text"]
+    assert view["metadata"]["tenant"] == view["tenant"]
+
+
+def test_submit_a_list_all_or_nothing(api_server: ApiServer) -> None:
+    key = api_server.key()
+    tag = uuid.uuid4().hex
+    with api_server.http(key) as http:
+        bad = http.post(
+            "/v1/requests", json=[req(f"{tag} a", "low"), req(f"{tag} b", "low", max_tokens=-1)]
+        )
+        assert bad.status_code == 400
+        assert bad.json()["error"]["message"].startswith("request 1: ")
+        first_bad = http.post("/v1/requests", json=[{"model": MODEL}, req(f"{tag} c", "low")])
+        assert first_bad.json()["error"]["message"].startswith("request 0: ")
+        ok = http.post("/v1/requests", json=[req(f"{tag} d", "low"), req(f"{tag} e", "high")])
+        assert ok.status_code == 202, ok.text
+        ids = ok.json()["ids"]
+        assert len(ids) == 2
+        deadline = time.monotonic() + 30
+        while len(http.get("/v1/requests").json()["data"]) < 2:  # recorded by the worker
+            assert time.monotonic() < deadline, "the accepted requests were not recorded"
+            time.sleep(0.1)
+        time.sleep(1)  # anything enqueued before them would be recorded by now too
+        listed = http.get("/v1/requests").json()
+    # Nothing of the refused calls was enqueued: the tenant has exactly the two accepted.
+    assert sorted(v["id"] for v in listed["data"]) == sorted(ids)
+
+
+def test_list_newest_first_with_cursor_and_filters(api_server: ApiServer) -> None:
+    key = api_server.key()
+    with api_server.http(key) as http:
+        ids = [
+            http.post("/v1/requests", json=req(f"list {i}", "high")).json()["id"] for i in range(5)
+        ]
+        for rid in ids:
+            api_server.wait_final(key, rid)
+        page = http.get("/v1/requests", params={"limit": 2}).json()
+        seen = [v["id"] for v in page["data"]]
+        while page["next_cursor"]:
+            page = http.get(
+                "/v1/requests", params={"limit": 2, "cursor": page["next_cursor"]}
+            ).json()
+            seen += [v["id"] for v in page["data"]]
+        assert seen == list(reversed(ids))  # newest first, each once
+        done = http.get("/v1/requests", params={"status": "succeeded"}).json()["data"]
+        assert len(done) == 5
+        assert http.get("/v1/requests", params={"status": "queued"}).json()["data"] == []
+        later = http.get("/v1/requests", params={"since": "2999-01-01T00:00:00Z"}).json()
+        assert later["data"] == []
+        assert http.get("/v1/requests", params={"status": "nope"}).status_code == 400
+        assert http.get("/v1/requests", params={"cursor": "garbage"}).status_code == 400
+
+
+def test_events_cut_mid_answer_resume_with_last_event_id(
+    api_server: ApiServer, simulator: Any
+) -> None:
+    key = api_server.key()
+    tag = f"resume {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
+    with api_server.http(key) as http:
+        rid = http.post("/v1/requests", json=req(tag, "high")).json()["id"]
+        head = follow(http, rid, stop_at=3)  # dropped after seq 3, mid-answer
+        assert head[-1]["id"] == 3 and head[-1]["event"] == "token"
+        tail = follow(http, rid, after=head[-1]["id"])
+    view = api_server.wait_final(key, rid)
+    assert view["status"] == "succeeded", view["error"]
+    seqs = [e["id"] for e in head + tail]
+    assert seqs == list(range(len(seqs)))  # no gap, no duplicate
+    assert tail[-1]["event"] == "done"
+    assert text_of(head + tail) == view["text"]
+
+
+def test_events_of_a_finished_request_whose_log_expired(api_server: ApiServer) -> None:
+    key = api_server.key()
+    with api_server.http(key) as http:
+        rid = http.post("/v1/requests", json=req("expired log", "high")).json()["id"]
+        view = api_server.wait_final(key, rid)
+        assert view["status"] == "succeeded", view["error"]
+        n = len(follow(http, rid))
+        redis.Redis.from_url(api_server.settings.redis_url).delete(keys.replay_log(rid))
+        fresh = follow(http, rid)
+        assert [(e["id"], e["event"]) for e in fresh] == [(0, "token"), (1, "done")]
+        assert fresh[0]["data"]["text"] == view["text"]
+        resumed = follow(http, rid, after=n - 3)  # had part of it: dropped and sent whole
+        assert [e["event"] for e in resumed] == ["reset", "token", "done"]
+        assert [e["id"] for e in resumed] == [n - 2, n - 1, n]
+        assert text_of(resumed) == view["text"]
+
+
+def test_events_of_a_low_priority_request(api_server: ApiServer, stack: Stack) -> None:
+    """The batch path publishes nothing: the stream waits for the row and sends its answer."""
+    key = api_server.key()
+    beat = stack.start_beat()  # flushes the batch, polls it, ingests it
+    try:
+        with api_server.http(key) as http:
+            rid = http.post("/v1/requests", json=req("low one", "low")).json()["id"]
+            events = follow(http, rid)
+    finally:
+        beat.stop()
+    view = api_server.wait_final(key, rid)
+    assert view["status"] == "succeeded", view["error"]
+    assert [e["event"] for e in events] == ["token", "done"]
+    assert text_of(events) == view["text"]
+
+
+def test_cancel_own_request(api_server: ApiServer, simulator: Any) -> None:
+    key = api_server.key()
+    tag = f"slow {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
+    with api_server.http(key) as http:
+        rid = http.post("/v1/requests", json=req(tag, "high")).json()["id"]
+        follow(http, rid, stop_at=0)  # it is streaming
+        r = http.post(f"/v1/requests/{rid}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == rid and r.json()["cancelled"] is True
+        view = api_server.wait_final(key, rid)
+        assert view["status"] == "cancelled"
+        again = http.post(f"/v1/requests/{rid}/cancel").json()
+        assert again == {"id": rid, "cancelled": False, "status": "cancelled"}
+
+
+def test_tenant_isolation(api_server: ApiServer, simulator: Any) -> None:
+    a, b = api_server.key(), api_server.key()
+    tag = f"iso {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 50}])
+    with api_server.http(a) as alice, api_server.http(b) as bob:
+        rid = alice.post("/v1/requests", json=req(tag, "high")).json()["id"]
+        unknown = "req_" + "0" * 32
+        for path in (f"/v1/requests/{rid}", f"/v1/requests/{unknown}"):
+            r = bob.get(path)
+            assert r.status_code == 404
+            assert r.json()["error"]["code"] == "request_not_found"
+        assert bob.get(f"/v1/requests/{rid}").json()["error"]["message"] == f"no request {rid}"
+        assert bob.get(f"/v1/requests/{rid}/events").status_code == 404
+        assert bob.post(f"/v1/requests/{rid}/cancel").status_code == 404
+        assert bob.get("/v1/requests").json()["data"] == []
+        view = api_server.wait_final(a, rid)
+        assert view["status"] == "succeeded", view["error"]  # bob's cancel did nothing
+        assert [v["id"] for v in alice.get("/v1/requests").json()["data"]] == [rid]
+        # Idempotency keys are each tenant's own: the same key makes bob a request of his own.
+        key = f"same-{uuid.uuid4().hex}"
+        ra = alice.post("/v1/requests", json=req("idem", "low", idempotency_key=key)).json()["id"]
+        rb = bob.post("/v1/requests", json=req("idem", "low", idempotency_key=key)).json()["id"]
+        assert ra != rb
+        assert (
+            alice.post("/v1/requests", json=req("idem", "low", idempotency_key=key)).json()["id"]
+            == ra
+        )
+
+
+def test_revoked_key_gets_401(api_server: ApiServer) -> None:
+    from sheepdog.tenant_keys import create_key, revoke_key
+
+    key, info = create_key(api_server.settings.database_url, "revokee")
+    with api_server.http(key) as http:
+        assert http.get("/v1/requests").status_code == 200
+        assert revoke_key(api_server.settings.database_url, info.id) is True
+        time.sleep(0.6)  # the server trusts a key it looked up for SHEEPDOG_API_KEY_CACHE_S
+        r = http.get("/v1/requests")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["type"] == "authentication_error"
