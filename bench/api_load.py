@@ -31,17 +31,18 @@ def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: i
     a direct SDK stream to the simulator; the in-deployment client (submit + pub/sub follow);
     the front door through sheepdog-client (POST /v1/requests, then the SSE event stream)."""
     sdk = OpenAI(base_url=sim_url, api_key=sim_key, max_retries=0)
-    out: dict[str, list[float]] = {"direct": [], "local": [], "door": []}
+    out: dict[str, list[float]] = {"direct": [], "local": [], "door": [], "door_post": []}
     for i in range(n):
         t0 = time.perf_counter()
         with sdk.chat.completions.with_streaming_response.create(
             **{k: v for k, v in body(i, tag + "d").items() if k != "priority"}, stream=True
         ) as resp:
-            for line in resp.iter_lines():
+            lines = resp.iter_lines()
+            for line in lines:
                 if line.startswith("data: {") and '"content":"' in line:
                     out["direct"].append(time.perf_counter() - t0)
                     break
-            for _ in resp.iter_lines():
+            for _ in lines:
                 pass
 
         t0 = time.perf_counter()
@@ -54,6 +55,7 @@ def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: i
 
         t0 = time.perf_counter()
         rid = door.submit(body(i, tag + "h"))
+        out["door_post"].append(time.perf_counter() - t0)
         stream = door.stream(rid)
         for event in stream:
             if event.type == "token":

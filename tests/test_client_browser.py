@@ -5,8 +5,9 @@ setting is what lets it in) that submits a request with `fetch`, follows its eve
 mid-answer: the browser reconnects on its own with `Last-Event-ID`, and the text shown equals the
 row's, each event seen once. A second page follows a finished request by id (the replay).
 
-EventSource cannot send an Authorization header, so this front door runs with `--no-auth` (on
-loopback, as the demo does)."""
+EventSource cannot send an Authorization header: the page passes its tenant key as
+`?access_token=` on the event stream (the front door takes it there for that endpoint only), and as
+`Authorization: Bearer` on its `fetch`."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from urllib.parse import urlencode
 import pytest
 from sheepdog_client import Client
 
-from tests.fixtures.client_api import FrontDoor, start_api
-from tests.fixtures.tcp_proxy import TcpProxy, tcp_proxy
+from tests.fixtures.api import ApiServer, start_api
+from tests.fixtures.tcp_proxy import TcpProxy, port_of, tcp_proxy
 from tests.fixtures.workers import Proc, Stack
 
 PAGES = Path(__file__).parent / "fixtures" / "browser"
@@ -64,10 +65,10 @@ def page_origin() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def open_door(stack: Stack, worker: Proc, page_origin: str) -> Iterator[FrontDoor]:
-    door = start_api(stack, args=("--no-auth",), SHEEPDOG_API_CORS_ORIGINS=page_origin)
-    yield door
-    door.proc.stop()
+def open_door(stack: Stack, worker: Proc, page_origin: str) -> Iterator[ApiServer]:
+    """The front door, letting the page's origin in (CORS)."""
+    with start_api(stack, SHEEPDOG_API_CORS_ORIGINS=page_origin) as door:
+        yield door
 
 
 def _element(dom: str, element_id: str) -> str:
@@ -99,15 +100,16 @@ def _chromium(page: str, profile: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_browser_submits_and_follows_a_request_with_eventsource(
-    open_door: FrontDoor,
+    open_door: ApiServer,
     page_origin: str,
     simulator,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     tag = f"browser-{uuid.uuid4().hex[:8]}"
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 100}])
-    with Client(open_door.url) as client, tcp_proxy(open_door.port) as proxy:
-        query = {"api": proxy.url, "prompt": f"{tag} tell the browser something"}
+    key = open_door.key()
+    with Client(open_door.url, api_key=key) as client, tcp_proxy(port_of(open_door.url)) as proxy:
+        query = {"api": proxy.url, "token": key, "prompt": f"{tag} tell the browser something"}
         cutter = _cut_once_streaming(proxy, tokens=3)
         run = _chromium(f"{page_origin}/follow.html?{urlencode(query)}", tmp_path / "chromium")
         cutter.join(5)
@@ -125,9 +127,10 @@ def test_browser_submits_and_follows_a_request_with_eventsource(
 
 
 def test_browser_follows_a_finished_request_by_id(
-    open_door: FrontDoor, page_origin: str, tmp_path: Path
+    open_door: ApiServer, page_origin: str, tmp_path: Path
 ) -> None:
-    with Client(open_door.url) as client:
+    key = open_door.key()
+    with Client(open_door.url, api_key=key) as client:
         rid = client.submit(
             model="gpt-4.1-mini",
             messages=[{"role": "user", "content": "a finished answer, replayed"}],
@@ -135,7 +138,7 @@ def test_browser_follows_a_finished_request_by_id(
         )
         view = client.result(rid, wait=60)
     assert view.status == "succeeded", f"{rid} ended {view.status}: {view.error}"
-    query = {"api": open_door.url, "id": rid}
+    query = {"api": open_door.url, "id": rid, "token": key}
     run = _chromium(f"{page_origin}/follow.html?{urlencode(query)}", tmp_path / "chromium")
     assert run.returncode == 0, run.stderr[-3000:]
     assert _element(run.stdout, "status") == "done", run.stdout[:3000]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sheepdog_client import (
     WaitTimeout,
 )
 
-from tests.fixtures.client_api import FrontDoor, free_port
+from tests.fixtures.api import ApiServer, free_port
 from tests.fixtures.workers import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +49,8 @@ def ended(view: RequestView, status: str = "succeeded") -> RequestView:
 
 
 @pytest.fixture
-def client(front_door: FrontDoor) -> Client:
-    with Client(front_door.url, api_key=front_door.new_key(), timeout=30) as c:
+def client(api_server: ApiServer) -> Iterator[Client]:
+    with Client(api_server.url, api_key=api_server.key(), timeout=30) as c:
         yield c
 
 
@@ -87,7 +88,7 @@ def _service_folder(root: Path) -> Path:
 
 
 def test_wheel_in_a_fresh_venv_streams_from_a_service_folder(
-    front_door: FrontDoor, tmp_path: Path
+    api_server: ApiServer, tmp_path: Path
 ) -> None:
     dist = tmp_path / "dist"
     uv = ROOT / ".venv" / "bin" / "uv"
@@ -119,7 +120,7 @@ def test_wheel_in_a_fresh_venv_streams_from_a_service_folder(
 
     service = _service_folder(tmp_path)
     run = subprocess.run(
-        [str(venv / "bin" / "python"), "app.py", front_door.url, front_door.new_key()],
+        [str(venv / "bin" / "python"), "app.py", api_server.url, api_server.key()],
         cwd=service,
         capture_output=True,
         text=True,
@@ -128,27 +129,27 @@ def test_wheel_in_a_fresh_venv_streams_from_a_service_folder(
     )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    with Client(front_door.url, api_key=front_door.new_key()) as other, pytest.raises(NotFound):
+    with Client(api_server.url, api_key=api_server.key()) as other, pytest.raises(NotFound):
         other.get(out["id"])  # another tenant's request is not found
     assert out["status"] == "succeeded"
-    row_text = _row_text(front_door, out["id"])
+    row_text = _row_text(api_server, out["id"])
     assert out["streamed"] == row_text and row_text
 
 
-def _row_text(front_door: FrontDoor, request_id: str) -> str | None:
+def _row_text(api_server: ApiServer, request_id: str) -> str | None:
     from sqlalchemy import select
 
     from models.tables import Request
     from sheepdog.db import session_scope
 
-    with session_scope(front_door.database_url) as session:
+    with session_scope(api_server.settings.database_url) as session:
         return session.scalar(select(Request.text).where(Request.id == request_id))
 
 
 # -- in-process: every call ------------------------------------------------------------------
 
 
-def test_submit_stream_get_result(client: Client, front_door: FrontDoor) -> None:
+def test_submit_stream_get_result(client: Client, api_server: ApiServer) -> None:
     rid = client.submit(ask("stream me an answer"), priority="high", max_cost_usd=Decimal("0.05"))
     assert rid.startswith("req_")
     stream = client.stream(rid)
@@ -156,7 +157,7 @@ def test_submit_stream_get_result(client: Client, front_door: FrontDoor) -> None
     assert [e.seq for e in events] == list(range(len(events)))
     assert events[-1].type == "done" and stream.final is events[-1]
     view = ended(client.result(rid, wait=60))
-    assert stream.text == view.text == _row_text(front_door, rid)
+    assert stream.text == view.text == _row_text(api_server, rid)
     assert view.usage and view.usage.completion_tokens > 0
     assert stream.final.cost_usd == view.cost_usd and view.cost_usd is not None
     assert view.priority == "high" and view.model == MODEL
@@ -224,7 +225,7 @@ def test_result_wait_times_out_on_a_request_still_running(client: Client, simula
 # -- errors, mapped to the exception classes --------------------------------------------------
 
 
-def test_refusals_raise_their_classes(client: Client, front_door: FrontDoor) -> None:
+def test_refusals_raise_their_classes(client: Client, api_server: ApiServer) -> None:
     with pytest.raises(InvalidRequest, match="unknown priority 'urgent'") as bad:
         client.submit(ask("x"), priority="urgent")
     assert bad.value.status == 400 and bad.value.type == "invalid_request_error"
@@ -242,11 +243,11 @@ def test_refusals_raise_their_classes(client: Client, front_door: FrontDoor) -> 
     with pytest.raises(NotFound):
         client.cancel("req_" + "0" * 32)
 
-    with Client(front_door.url, api_key="sk-sd-not-a-key") as stranger:
+    with Client(api_server.url, api_key="sk-sd-not-a-key") as stranger:
         with pytest.raises(AuthenticationError) as denied:
             stranger.get("req_" + "0" * 32)
         assert denied.value.status == 401
-    with Client(front_door.url) as anonymous, pytest.raises(AuthenticationError):
+    with Client(api_server.url) as anonymous, pytest.raises(AuthenticationError):
         anonymous.submit(ask("x"))
 
     nowhere = Client(f"http://127.0.0.1:{free_port()}", api_key="k", timeout=2)
@@ -254,9 +255,9 @@ def test_refusals_raise_their_classes(client: Client, front_door: FrontDoor) -> 
         nowhere.get("req_x")
 
 
-def test_another_tenants_request_is_not_found(client: Client, front_door: FrontDoor) -> None:
+def test_another_tenants_request_is_not_found(client: Client, api_server: ApiServer) -> None:
     rid = client.submit(ask("mine"))
-    with Client(front_door.url, api_key=front_door.new_key()) as other:
+    with Client(api_server.url, api_key=api_server.key()) as other:
         with pytest.raises(NotFound):
             other.get(rid)
         with pytest.raises(NotFound):
@@ -267,19 +268,19 @@ def test_another_tenants_request_is_not_found(client: Client, front_door: FrontD
     ended(client.result(rid, wait=60))
 
 
-def test_budget_and_rate_refusals(front_door: FrontDoor) -> None:
+def test_budget_and_rate_refusals(api_server: ApiServer) -> None:
     from costs.budgets import set_budget
     from sheepdog.db import session_scope
 
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    with session_scope(front_door.database_url) as session:
+    with session_scope(api_server.settings.database_url) as session:
         set_budget(session, tenant, daily_usd=Decimal("0.000001"))
-    with Client(front_door.url, api_key=front_door.new_key(tenant)) as poor:
+    with Client(api_server.url, api_key=api_server.key(tenant)) as poor:
         with pytest.raises(BudgetExceeded, match=tenant) as refused:
             poor.submit(ask("too dear", max_tokens=1000))
         assert refused.value.status == 402 and refused.value.code == "budget_exceeded"
 
-    with Client(front_door.url, api_key=front_door.new_key(rate_limit_per_minute=1)) as hasty:
+    with Client(api_server.url, api_key=api_server.key(rate_limit_per_minute=1)) as hasty:
         with pytest.raises(RateLimited) as limited:
             for _ in range(100):
                 hasty.list()

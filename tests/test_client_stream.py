@@ -17,8 +17,8 @@ from sheepdog_client import (
     RequestView,
 )
 
-from tests.fixtures.client_api import FrontDoor
-from tests.fixtures.tcp_proxy import tcp_proxy
+from tests.fixtures.api import ApiServer
+from tests.fixtures.tcp_proxy import port_of, tcp_proxy
 
 MODEL = "gpt-4.1-mini"
 
@@ -32,11 +32,11 @@ def succeeded(view: RequestView) -> RequestView:
     return view
 
 
-def test_stream_resumes_after_a_cut_connection(front_door: FrontDoor, simulator) -> None:  # type: ignore[no-untyped-def]
+def test_stream_resumes_after_a_cut_connection(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
     tag = f"cut-{uuid.uuid4().hex[:8]}"
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
-    key = front_door.new_key()
-    with tcp_proxy(front_door.port) as proxy, Client(proxy.url, api_key=key) as client:
+    key = api_server.key()
+    with tcp_proxy(port_of(api_server.url)) as proxy, Client(proxy.url, api_key=key) as client:
         rid = client.submit(ask(f"{tag} a long answer please"), priority="high")
         stream = client.stream(rid)
         seqs: list[int] = []
@@ -54,11 +54,11 @@ def test_stream_resumes_after_a_cut_connection(front_door: FrontDoor, simulator)
     assert stream.text == view.text
 
 
-def test_a_retried_stream_resets_its_text(front_door: FrontDoor, simulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_retried_stream_resets_its_text(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
     tag = f"retry-{uuid.uuid4().hex[:8]}"
     # The provider drops the first attempt after 5 chunks: the worker retries and publishes reset.
     simulator.set_faults([{"match": tag, "cut_after": 5, "first": 1}])
-    with Client(front_door.url, api_key=front_door.new_key()) as client:
+    with Client(api_server.url, api_key=api_server.key()) as client:
         rid = client.submit(ask(f"{tag} answer twice"), priority="high")
         stream = client.stream(rid)
         kinds = [e.type for e in stream]
@@ -68,13 +68,13 @@ def test_a_retried_stream_resets_its_text(front_door: FrontDoor, simulator) -> N
     assert stream.text == view.text  # the first attempt's pieces were dropped
 
 
-def test_async_twins(front_door: FrontDoor, simulator) -> None:  # type: ignore[no-untyped-def]
+def test_async_twins(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
     tag = f"async-{uuid.uuid4().hex[:8]}"
     simulator.set_faults([{"match": f"{tag} slow", "chunk_delay_ms": 200}])
 
     async def main() -> None:
-        key = front_door.new_key()
-        async with AsyncClient(front_door.url, api_key=key) as client:
+        key = api_server.key()
+        async with AsyncClient(api_server.url, api_key=key) as client:
             rid = await client.submit(ask(f"{tag} hello"), priority="high")
             text = await client.stream_text(rid)
             view = succeeded(await client.result(rid, wait=30))
@@ -103,13 +103,13 @@ def test_async_twins(front_door: FrontDoor, simulator) -> None:  # type: ignore[
     asyncio.run(main())
 
 
-def test_async_stream_resumes_after_a_cut(front_door: FrontDoor, simulator) -> None:  # type: ignore[no-untyped-def]
+def test_async_stream_resumes_after_a_cut(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
     tag = f"acut-{uuid.uuid4().hex[:8]}"
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
 
     async def main() -> tuple[str, list[int], int, str]:
-        with tcp_proxy(front_door.port) as proxy:
-            async with AsyncClient(proxy.url, api_key=front_door.new_key()) as client:
+        with tcp_proxy(port_of(api_server.url)) as proxy:
+            async with AsyncClient(proxy.url, api_key=api_server.key()) as client:
                 rid = await client.submit(ask(f"{tag} a long answer"), priority="high")
                 stream = client.stream(rid)
                 seqs = []
