@@ -123,3 +123,72 @@ def test_async_stream_resumes_after_a_cut(api_server: ApiServer, simulator) -> N
     text, seqs, reconnects, row_text = asyncio.run(main())
     assert reconnects >= 1 and seqs == list(range(len(seqs))) and len(seqs) > 5
     assert text == row_text
+
+
+# -- the pieces without a server: the SSE format and the error table --------------------------
+
+
+def test_sse_decoder_follows_the_format() -> None:
+    from sheepdog_client._sse import SSEDecoder
+
+    decoder = SSEDecoder()
+    lines = [
+        "retry: 1000",
+        "",  # no data: nothing dispatched, the retry kept
+        ": keepalive",
+        "id: 7",
+        "event: token",
+        "data: line one",
+        "data:line two",
+        "",
+        "data: no id or event",
+        "",
+    ]
+    events = [e for e in map(decoder.feed, lines) if e is not None]
+    assert [(e.event, e.data, e.id) for e in events] == [
+        ("token", "line one\nline two", "7"),
+        ("message", "no id or event", "7"),  # the last event id persists
+    ]
+    assert decoder.retry_ms == 1000
+    decoder.feed("data: half an event")
+    decoder.new_connection()  # a dropped connection loses the half-read event
+    assert decoder.feed("") is None
+
+
+def test_error_answers_map_to_the_exception_classes() -> None:
+    from sheepdog_client import (
+        AuthenticationError,
+        BudgetExceeded,
+        Conflict,
+        InvalidRequest,
+        NotFound,
+        RateLimited,
+        SheepdogError,
+        Unavailable,
+    )
+    from sheepdog_client.errors import error_from_response
+
+    def err(status: int, code: str | None = None, **headers: str) -> SheepdogError:
+        body = {"error": {"message": "m", "type": "t", "param": None, "code": code}}
+        return error_from_response(
+            status, body, {k.replace("_", "-"): v for k, v in headers.items()}
+        )
+
+    expected = {
+        400: InvalidRequest,
+        401: AuthenticationError,
+        402: BudgetExceeded,
+        404: NotFound,
+        409: Conflict,
+        413: InvalidRequest,
+        429: RateLimited,
+        503: Unavailable,
+    }
+    for status, cls in expected.items():
+        e = err(status)
+        assert type(e) is cls and e.status == status and e.message == "m" and e.type == "t"
+    limited = err(429, "rate_limit_exceeded", retry_after="3")
+    assert isinstance(limited, RateLimited) and limited.retry_after == 3.0
+    assert isinstance(err(429, "budget_exceeded"), BudgetExceeded)
+    plain = error_from_response(502, "<html>bad gateway</html>", {})
+    assert isinstance(plain, Unavailable) and plain.code is None
