@@ -69,21 +69,25 @@ def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: i
 # -- 2. low-priority intake -------------------------------------------------------------------
 
 
-async def _intake(url: str, key: str, bodies: list[bytes], clients: int) -> dict[str, float]:
-    """Each body POSTed once by `clients` keep-alive clients; accepted/s and accept latency."""
+async def _intake(
+    url: str, key: str, bodies: list[tuple[bytes, int]], clients: int
+) -> dict[str, Any]:
+    """Each body (JSON, requests in it) POSTed once by `clients` keep-alive clients: requests
+    accepted, calls refused, each accepted call's latency."""
     latencies: list[float] = []
-    refused = 0
+    refused = accepted = 0
     queue = iter(bodies)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
     async def one_client(session: aiohttp.ClientSession) -> None:
-        nonlocal refused
-        for payload in queue:
+        nonlocal refused, accepted
+        for payload, count in queue:
             t0 = time.perf_counter()
             async with session.post(url + "/v1/requests", data=payload, headers=headers) as r:
                 await r.read()
                 if r.status == 202:
                     latencies.append(time.perf_counter() - t0)
+                    accepted += count
                 else:
                     refused += 1
 
@@ -92,20 +96,22 @@ async def _intake(url: str, key: str, bodies: list[bytes], clients: int) -> dict
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client(session) for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return {"wall": wall, "accepted": len(latencies), "refused": refused, "lat": latencies}  # type: ignore[dict-item]
+    return {"wall": wall, "accepted": accepted, "refused": refused, "lat": latencies}
 
 
 def intake(
     url: str, key: str, local: InDeployment, n: int, clients: int, bulk: int, tag: str
 ) -> dict[str, Any]:
-    one = [orjson.dumps(body(i, tag + "o", "low")) for i in range(n)]
+    one = [(orjson.dumps(body(i, tag + "o", "low")), 1) for i in range(n)]
     lists = [
-        orjson.dumps([body(i, tag + "b", "low") for i in range(s, min(n, s + bulk))])
+        (
+            orjson.dumps([body(i, tag + "b", "low") for i in range(s, min(n, s + bulk))]),
+            min(n, s + bulk) - s,
+        )
         for s in range(0, n, bulk)
     ]
     single = asyncio.run(_intake(url, key, one, clients))
     many = asyncio.run(_intake(url, key, lists, min(clients, 4)))
-    many["accepted"] *= bulk  # requests, not calls (the last list may be shorter: close enough)
     # Baselines: the in-deployment client in this process, one per call and in lists.
     m = min(n, 1000)
     t0 = time.perf_counter()
@@ -182,11 +188,26 @@ async def _door_streams(url: str, key: str, n: int, tag: str, bulk: int) -> dict
     return {"wall": wall, "lost": lost, "tokens": tokens}
 
 
-def streams(sim, url: str, key: str, n: int, tag: str, cpu_of_api) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+async def _local_streams(local: InDeployment, n: int, tag: str) -> tuple[float, int]:
+    """The same n streams without the front door: submit_many in this process, each followed
+    through the in-deployment client's asyncio reader (the replay log, one Redis connection)."""
+
+    async def follow(rid: str) -> int:
+        return sum([1 async for _ in local.astream(rid, timeout=300)])
+
+    t0 = time.perf_counter()
+    ids = await asyncio.to_thread(local.submit_many, [body(i, tag) for i in range(n)])
+    counts = await asyncio.gather(*(follow(rid) for rid in ids))
+    return time.perf_counter() - t0, sum(counts)
+
+
+def streams(sim, url: str, key: str, local: InDeployment, n: int, tag: str, cpu_of_api):  # type: ignore[no-untyped-def]
     sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
     alone, chunks = asyncio.run(_direct_streams(sim.base_url, sim.api_key, n, tag + "s"))
+    local_wall, local_tokens = asyncio.run(_local_streams(local, n, tag + "l"))
     cpu0 = cpu_of_api()
     door = asyncio.run(_door_streams(url, key, n, tag + "f", 500))
     door["api_cpu_s"] = cpu_of_api() - cpu0
     door["sim_wall"], door["sim_chunks"] = alone, chunks
+    door["local_wall"], door["local_tokens"] = local_wall, local_tokens
     return door

@@ -15,8 +15,10 @@ to change it).
    intake worker runs, so the rate is the front door's (the messages wait in Redis).
 3. `--streams` event streams at once, each answer 50 chunks 100 ms apart: submitted in lists
    over HTTP and followed by one SSE connection each, against the simulator serving the same
-   number of streams directly (wall ratio); lost = a stream that did not end `done` with 50
-   tokens and gap-free seqs; API CPU per relayed event (all API processes, utime + stime).
+   number of streams directly (wall ratio), and the same streams followed without the front
+   door (in-deployment submit_many + asyncio followers: what Sheepdog's worker costs); lost = a
+   stream that did not end `done` with 50 tokens and gap-free seqs; API CPU per relayed event
+   (all API processes, utime + stime).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, A
             [
                 f"TTFT p50 / p99, {label}",
                 f"direct SDK stream {ms(d50)} / {ms(d99)}",
-                f"+{ms(p50 - d50)} / +{ms(p99 - d99)}",
+                f"{(p50 - d50) * 1000:+.2f} / {(p99 - d99) * 1000:+.2f} ms",
                 "+4 / +12 ms" if name == "door" else "",
             ]
         )
@@ -142,7 +144,7 @@ def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, A
         [
             "low intake, bulk lists: accepted/s",
             f"in-deployment submit_many: {rate(lb):,.0f}/s",
-            f"{rate(bulk):,.0f}/s (x{rate(bulk) / rate(lb):.2f})",
+            f"{rate(bulk):,.0f}/s (x{rate(bulk) / rate(lb):.2f}), {bulk['refused']} refused",
             "",
         ]
     )
@@ -153,6 +155,14 @@ def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, A
             f"simulator alone {conc['sim_wall']:.2f} s",
             f"{conc['wall']:.2f} s (x{conc['wall'] / conc['sim_wall']:.2f})",
             "x1.3",
+        ]
+    )
+    rows.append(
+        [
+            "  same streams without the front door",
+            "in-deployment submit_many + astream followers",
+            f"{conc['local_wall']:.2f} s (x{conc['local_wall'] / conc['sim_wall']:.2f})",
+            "",
         ]
     )
     rows.append(["  lost", "", f"{conc['lost']}", "0"])
@@ -210,7 +220,9 @@ def main() -> None:
             print(f"ttft done ({args.requests} each)", flush=True)
             intake = api_load.intake(url, key, local, args.intake, args.clients, args.bulk, tag)
             print(f"intake done ({args.intake} each)", flush=True)
-            conc = api_load.streams(sim, url, key, args.streams, tag, lambda: tree_cpu(api.pid))
+            conc = api_load.streams(
+                sim, url, key, local, args.streams, tag, lambda: tree_cpu(api.pid)
+            )
             print(f"streams done ({args.streams})", flush=True)
         finally:
             for proc in procs:
