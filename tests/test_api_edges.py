@@ -122,10 +122,24 @@ def test_no_auth_only_on_loopback(stack: Stack) -> None:
     done = subprocess.run(cmd, cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "--no-auth serves only a loopback address" in done.stderr
-    with start_api(stack, "--no-auth") as api, api.http() as http:
+    origin = "http://app.example"
+    cors = {"SHEEPDOG_API_CORS_ORIGINS": origin}
+    with start_api(stack, "--no-auth", **cors) as api, api.http() as http:
         rid = http.post("/v1/requests", json=GOOD).json()["id"]
         view = http.get(f"/v1/requests/{rid}").json()
         assert view["tenant"] == "default"
+        # CORS for the configured browser origin only (an EventSource page, say).
+        preflight = {
+            "Origin": origin,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        }
+        r = http.options(f"/v1/requests/{rid}/events", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = http.get(f"/v1/requests/{rid}", headers={"Origin": origin})
+        assert r.headers["access-control-allow-origin"] == origin
+        r = http.get(f"/v1/requests/{rid}", headers={"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in r.headers
 
 
 @pytest.mark.parametrize("away", ["redis", "database"])

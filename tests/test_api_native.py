@@ -8,13 +8,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx2
 import redis
 
 from sheepdog import keys
-from tests.fixtures.api import ApiServer
+from tests.fixtures.api import ApiServer, new_tenant
 from tests.fixtures.workers import Stack
 
 MODEL = "sheepdog-mini"
@@ -246,3 +247,35 @@ def test_revoked_key_gets_401(api_server: ApiServer) -> None:
         r = http.get("/v1/requests")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: ApiServer) -> None:
+    """Calls arriving together are enqueued together (api/batcher.py); a budget refusal of one
+    tenant's call still refuses that call alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from costs.budgets import set_budget
+    from sheepdog.db import session_scope
+
+    broke, fine = new_tenant(), new_tenant()
+    with session_scope(api_server.settings.database_url) as session:
+        set_budget(session, broke, daily_usd=Decimal(0))
+    keys_ = {broke: api_server.key(broke), fine: api_server.key(fine)}
+
+    def call(i: int) -> tuple[str, int, dict[str, Any]]:
+        tenant = broke if i % 4 == 0 else fine
+        with api_server.http(keys_[tenant]) as http:
+            r = http.post("/v1/requests", json=req(f"together {i}", "low"))
+        return tenant, r.status_code, r.json()
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(48)))
+    for tenant, status, body in results:
+        if tenant == broke:
+            assert status == 402 and body["error"]["code"] == "budget_exceeded", body
+        else:
+            assert status == 202, body
+    ids = {body["id"] for tenant, _, body in results if tenant == fine}
+    assert len(ids) == 36
+    for rid in list(ids)[:5]:
+        assert api_server.view(keys_[fine], rid)["tenant"] == fine

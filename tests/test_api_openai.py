@@ -191,3 +191,20 @@ def test_restart_before_any_text_is_invisible(api_server: ApiServer, simulator: 
     view = api_server.wait_final(key, chunks[0].id)
     assert view["status"] == "succeeded", view["error"]
     assert text == view["text"]
+
+
+def test_a_failed_request_is_an_error_both_ways(api_server: ApiServer, simulator: Any) -> None:
+    """The provider refuses (400, not retried): the request ends failed, and the SDK raises."""
+    key = api_server.key()
+    tag = f"refused {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "status": 400}])
+    client = sdk(api_server, key)
+    with pytest.raises(openai.InternalServerError) as whole:
+        client.chat.completions.create(model=MODEL, messages=ask(tag))
+    assert whole.value.status_code == 502 and whole.value.code == "request_failed"
+    assert whole.value.response.headers["x-should-retry"] == "false"
+    rid = whole.value.message.split("request ", 1)[1].split(" ", 1)[0]
+    assert api_server.wait_final(key, rid)["status"] == "failed"
+    with pytest.raises(openai.APIError, match="failed: provider rejected"):
+        for _ in client.chat.completions.create(model=MODEL, messages=ask(tag), stream=True):
+            pass

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from sheepdog.api import native, openai_compat
 from sheepdog.api.auth import Authenticator
+from sheepdog.api.batcher import SubmitBatcher
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
 from sheepdog.api.metrics import ApiMetrics, MetricsMiddleware
 from sheepdog.api.tenancy import Tenancy
@@ -38,6 +39,7 @@ from sheepdog.redis_conn import new_async_redis
 from sheepdog.settings import Settings, get_settings
 
 log = logging.getLogger("sheepdog.api")
+INLINE_VALIDATION_BYTES = 64 * 1024  # bodies up to this are validated on the event loop
 
 
 def is_loopback(address: str) -> bool:
@@ -59,7 +61,17 @@ class Front:
         self.metrics = ApiMetrics()
         self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
         self.auth = Authenticator(settings, self.redis, no_auth)
+        self.batcher = SubmitBatcher(self.tenancy)
         self._ready: tuple[float, dict[str, str]] | None = None
+
+    async def submit(self, tenant: str, items: list[object], as_list: bool, size: int) -> list[str]:
+        """Validate (a large body in a thread: token counting is CPU), then enqueue with the
+        calls arriving meanwhile (api/batcher.py)."""
+        if size > INLINE_VALIDATION_BYTES:
+            requests = await run_in_threadpool(self.tenancy.validate, tenant, items, as_list)
+        else:
+            requests = self.tenancy.validate(tenant, items, as_list)
+        return await self.batcher.submit(tenant, requests)
 
     async def readiness(self) -> dict[str, str]:
         """ "ok" or the one-line reason for Redis and the database (cached for a moment)."""

@@ -14,10 +14,10 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the body is over the limit of {limit:,} bytes", "body_too_large")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 415 unless it is application/json, 413 past `limit` bytes (refused
-    from Content-Length before anything is read, else as soon as the count passes it), 400
-    when it does not parse."""
+async def read_json(request: Request, limit: int) -> tuple[Any, int]:
+    """The body as JSON, and its size in bytes: 415 unless it is application/json, 413 past
+    `limit` bytes (refused from Content-Length before anything is read, else as soon as the
+    count passes it), 400 when it does not parse."""
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind != "application/json":
         raise ApiError(
@@ -42,7 +42,7 @@ async def read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         raise ApiError(400, "invalid request: the body is empty", "invalid_request")
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), len(raw)
     except orjson.JSONDecodeError as err:
         raise ApiError(
             400, f"invalid request: the body is not valid JSON ({err})", "invalid_json"

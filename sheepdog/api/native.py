@@ -41,12 +41,12 @@ def _front(request: Request) -> Front:
 async def submit(request: Request) -> Response:
     front = _front(request)
     who = await front.auth.principal(request)
-    body = await read_json(request, front.settings.api_max_body_bytes)
+    body, size = await read_json(request, front.settings.api_max_body_bytes)
     as_list = isinstance(body, list)
     items = body if as_list else [body]
     if not items:
         raise ApiError(400, "invalid request: the list is empty", "invalid_request")
-    ids = await run_in_threadpool(front.tenancy.submit, who.tenant, items, as_list)
+    ids = await front.submit(who.tenant, items, as_list, size)
     return JSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
 
 

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -89,11 +88,10 @@ def _timed_out(rid: str, wait_s: float) -> ApiError:
 async def chat_completions(request: Request) -> Response:
     front = _front(request)
     who = await front.auth.principal(request)
-    raw = await read_json(request, front.settings.api_max_body_bytes)
+    raw, size = await read_json(request, front.settings.api_max_body_bytes)
     body = parse_chat_body(raw)
     sheepdog_request = to_request(body, request.headers)
-    ids = await run_in_threadpool(front.tenancy.submit, who.tenant, [sheepdog_request], False)
-    rid = ids[0]
+    rid = (await front.submit(who.tenant, [sheepdog_request], False, size))[0]
     if body.stream:
         return StreamingResponse(
             _chunks(front, rid, body), media_type="text/event-stream", headers=SSE_HEADERS

@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from models.request import Priority
+from models.request import ChatRequest, Priority, parse_request
 from sheepdog import keys
 from sheepdog.client import Client
-from sheepdog.errors import InvalidRequest
+from sheepdog.errors import BudgetExceeded, InvalidRequest, SheepdogError
 from sheepdog.redis_conn import get_redis
 from sheepdog.views import RequestView
 
@@ -64,33 +64,60 @@ class Tenancy:
         self.client = client
         self.settings = client.settings
 
-    def submit(self, tenant: str, requests: list[object], as_list: bool) -> list[str]:
-        """Validate and enqueue (all or nothing); InvalidRequest names the bad item's index
-        when the body was a list."""
-        mine = [in_tenant(r, tenant) for r in requests]
-        try:
-            ids = self.client.submit_many(mine)  # type: ignore[arg-type]
-        except InvalidRequest as err:
-            message = str(err)
-            if as_list and not message.startswith("request "):
-                message = f"request 0: {message}"  # submit_many names items after the first
-            raise InvalidRequest(message) from None
-        self._record_owners(tenant, ids, mine)
-        return ids
+    def validate(self, tenant: str, requests: list[object], as_list: bool) -> list[ChatRequest]:
+        """Each request as submitted for `tenant`, validated (no I/O); InvalidRequest names the
+        bad item's index when the body was a list."""
+        context = {"price_table": self.client.prices}
+        out = []
+        for index, request in enumerate(requests):
+            try:
+                out.append(parse_request(in_tenant(request, tenant), context=context))
+            except InvalidRequest as err:
+                raise InvalidRequest(f"request {index}: {err}" if as_list else str(err)) from None
+        return out
 
-    def _record_owners(self, tenant: str, ids: list[str], requests: list[object]) -> None:
+    def submit(self, tenant: str, requests: list[ChatRequest]) -> list[str]:
+        """Enqueue validated requests of one tenant (all or nothing)."""
+        return self.submit_calls([(tenant, requests)])[0]  # type: ignore[return-value]
+
+    def submit_calls(
+        self, calls: list[tuple[str, list[ChatRequest]]]
+    ) -> list[list[str] | SheepdogError]:
+        """Enqueue several calls' validated requests in one submit_many (a few large intake
+        messages instead of one each); each call gets its ids or the error that refused it.
+        A budget refusal (or any refusal of one call's requests) is not everyone's: then each
+        call is submitted on its own. Redis or the database away fails them all."""
+        flat = [request for _, requests in calls for request in requests]
+        try:
+            ids = self.client.submit_many(flat)
+        except (InvalidRequest, BudgetExceeded) as err:
+            if len(calls) == 1:
+                return [err]
+            return [self.submit_calls([call])[0] for call in calls]
+        except SheepdogError as err:
+            return [err for _ in calls]
+        self._record_owners(calls, ids)
+        out: list[list[str] | SheepdogError] = []
+        start = 0
+        for _, requests in calls:
+            out.append(ids[start : start + len(requests)])
+            start += len(requests)
+        return out
+
+    def _record_owners(self, calls: list[tuple[str, list[ChatRequest]]], ids: list[str]) -> None:
         now = datetime.now(UTC).isoformat()
+        rids = iter(ids)
         with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
-            for rid, request in zip(ids, requests, strict=True):
-                assert isinstance(request, dict)  # validated by submit_many
-                record = {
-                    "tenant": tenant,
-                    "priority": str(request.get("priority") or "normal"),
-                    "model": request["model"],
-                    "idempotency_key": request.get("idempotency_key"),
-                    "created_at": now,
-                }
-                pipe.set(keys.request_owner(rid), orjson.dumps(record), ex=OWNER_TTL_S, nx=True)
+            for tenant, requests in calls:
+                for request, rid in zip(requests, rids, strict=False):
+                    record = {
+                        "tenant": tenant,
+                        "priority": request.priority.value,
+                        "model": request.model,
+                        "idempotency_key": request.idempotency_key,
+                        "created_at": now,
+                    }
+                    pipe.set(keys.request_owner(rid), orjson.dumps(record), ex=OWNER_TTL_S, nx=True)
             pipe.execute()
 
     def _pending(self, request_id: str) -> RequestView | None:

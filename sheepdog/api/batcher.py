@@ -1,0 +1,59 @@
+"""Submissions of concurrent calls sent together: one `submit_many` per round instead of one per
+call. A round starts as soon as a call is waiting and takes everyone waiting then; whatever
+arrives while it runs goes into the next one. So a lone call waits for nobody, and under load
+the rounds grow (one intake message carries up to 500 low-priority requests; the stream
+messages of a round share one Redis pipeline): Celery's cost per message is what limits
+one-request-per-call intake otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.concurrency import run_in_threadpool
+
+from models.request import ChatRequest
+from sheepdog.api.tenancy import Tenancy
+from sheepdog.errors import SheepdogError
+
+ROUND_MAX = 2000  # requests per round at most (bounds one round's latency)
+
+
+class SubmitBatcher:
+    """Per process (one event loop); calls Tenancy.submit_calls in a thread, one round at once."""
+
+    def __init__(self, tenancy: Tenancy) -> None:
+        self.tenancy = tenancy
+        self._waiting: list[tuple[str, list[ChatRequest], asyncio.Future[list[str]]]] = []
+        self._round: asyncio.Task[None] | None = None
+
+    async def submit(self, tenant: str, requests: list[ChatRequest]) -> list[str]:
+        """The ids of `requests` (all or nothing), or the error that refused them."""
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tenant, requests, done))
+        if self._round is None or self._round.done():
+            self._round = asyncio.create_task(self._run())
+        return await done
+
+    async def _run(self) -> None:
+        while self._waiting:
+            size, cut = 0, 0
+            for cut, (_, requests, _) in enumerate(self._waiting, start=1):  # noqa: B007
+                size += len(requests)
+                if size >= ROUND_MAX:
+                    break
+            batch, self._waiting = self._waiting[:cut], self._waiting[cut:]
+            calls = [(tenant, requests) for tenant, requests, _ in batch]
+            try:
+                results: list[list[str] | SheepdogError] | BaseException = await run_in_threadpool(
+                    self.tenancy.submit_calls, calls
+                )
+            except Exception as err:  # Redis errors the client does not wrap, and the like
+                results = err
+            for index, (_, _, done) in enumerate(batch):
+                if done.done():  # the caller went away
+                    continue
+                outcome = results if isinstance(results, BaseException) else results[index]
+                if isinstance(outcome, BaseException):
+                    done.set_exception(outcome)
+                else:
+                    done.set_result(outcome)
