@@ -27,6 +27,7 @@ fmt: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy sheepdog models costs workers tasks scheduler streaming
+	$(VENV)/bin/mypy clients/python/src/sheepdog_client
 
 # Test modules run in parallel, one module per process (pytest-xdist; tests/conftest.py orders
 # them longest first). Three processes on the 2-core CI box: most of a test is waiting on worker

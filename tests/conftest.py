@@ -25,11 +25,14 @@ LONG_FIRST = [
     "test_faults_services",  # 95
     "test_faults_security",  # 90
     "test_cli",  # 75
+    "test_client_package",  # 70-100 (builds and installs a wheel)
     "test_demo",  # 65
     "test_faults_stream",  # 60
     "test_janitor",  # 60
     "test_faults_load",  # 60
+    "test_client_browser",  # 55-70
     "test_stream",  # 45
+    "test_client_stream",  # 40
     "test_metrics",  # 40
     "test_documents_e2e",  # 35
     "test_faults_stream_pg",  # 35

@@ -1,0 +1,213 @@
+"""The load generators of bench/bench_api.py: each phase measured through the front door and its
+baseline in the same run. HTTP load comes from aiohttp (already a dependency, under the SDK), so
+the load generator is not what limits the rates measured."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI
+from sheepdog_client import Client as HttpClient
+
+from sheepdog.client import Client as InDeployment
+
+MODEL = "sheepdog-mini"
+
+
+def body(i: int, tag: str, priority: str = "high") -> dict[str, Any]:
+    prompt = f"bench {tag} {i}"
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "priority": priority}
+
+
+# -- 1. time to first token -------------------------------------------------------------------
+
+
+def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: int, tag: str):
+    """Seconds from the call to the first token, three ways, interleaved request by request:
+    a direct SDK stream to the simulator; the in-deployment client (submit + pub/sub follow);
+    the front door through sheepdog-client (POST /v1/requests, then the SSE event stream)."""
+    sdk = OpenAI(base_url=sim_url, api_key=sim_key, max_retries=0)
+    out: dict[str, list[float]] = {"direct": [], "local": [], "door": [], "door_post": []}
+    for i in range(n):
+        t0 = time.perf_counter()
+        with sdk.chat.completions.with_streaming_response.create(
+            **{k: v for k, v in body(i, tag + "d").items() if k != "priority"}, stream=True
+        ) as resp:
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith("data: {") and '"content":"' in line:
+                    out["direct"].append(time.perf_counter() - t0)
+                    break
+            for _ in lines:
+                pass
+
+        t0 = time.perf_counter()
+        rid = local.submit(body(i, tag + "l"))
+        it = iter(local.stream(rid))
+        next(it)
+        out["local"].append(time.perf_counter() - t0)
+        for _ in it:
+            pass
+
+        t0 = time.perf_counter()
+        rid = door.submit(body(i, tag + "h"))
+        out["door_post"].append(time.perf_counter() - t0)
+        stream = door.stream(rid)
+        for event in stream:
+            if event.type == "token":
+                out["door"].append(time.perf_counter() - t0)
+                break
+        stream.final_text()
+    sdk.close()
+    return out
+
+
+# -- 2. low-priority intake -------------------------------------------------------------------
+
+
+async def _intake(
+    url: str, key: str, bodies: list[tuple[bytes, int]], clients: int
+) -> dict[str, Any]:
+    """Each body (JSON, requests in it) POSTed once by `clients` keep-alive clients: requests
+    accepted, calls refused, each accepted call's latency."""
+    latencies: list[float] = []
+    refused = accepted = 0
+    queue = iter(bodies)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    async def one_client(session: aiohttp.ClientSession) -> None:
+        nonlocal refused, accepted
+        for payload, count in queue:
+            t0 = time.perf_counter()
+            async with session.post(url + "/v1/requests", data=payload, headers=headers) as r:
+                await r.read()
+                if r.status == 202:
+                    latencies.append(time.perf_counter() - t0)
+                    accepted += count
+                else:
+                    refused += 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(session) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "accepted": accepted, "refused": refused, "lat": latencies}
+
+
+def intake(
+    url: str, key: str, local: InDeployment, n: int, clients: int, bulk: int, tag: str
+) -> dict[str, Any]:
+    one = [(orjson.dumps(body(i, tag + "o", "low")), 1) for i in range(n)]
+    lists = [
+        (
+            orjson.dumps([body(i, tag + "b", "low") for i in range(s, min(n, s + bulk))]),
+            min(n, s + bulk) - s,
+        )
+        for s in range(0, n, bulk)
+    ]
+    single = asyncio.run(_intake(url, key, one, clients))
+    many = asyncio.run(_intake(url, key, lists, min(clients, 4)))
+    # Baselines: the in-deployment client in this process, one per call and in lists.
+    m = min(n, 1000)
+    t0 = time.perf_counter()
+    lat = []
+    for i in range(m):
+        t1 = time.perf_counter()
+        local.submit(body(i, tag + "L", "low"))
+        lat.append(time.perf_counter() - t1)
+    local_one = {"wall": time.perf_counter() - t0, "accepted": m, "lat": lat}
+    t0 = time.perf_counter()
+    for s in range(0, n, bulk):
+        local.submit_many([body(i, tag + "M", "low") for i in range(s, min(n, s + bulk))])
+    local_many = {"wall": time.perf_counter() - t0, "accepted": n}
+    return {"http_one": single, "http_bulk": many, "local_one": local_one, "local_bulk": local_many}
+
+
+# -- 3. many event streams at once ------------------------------------------------------------
+
+
+async def _direct_streams(sim_url: str, sim_key: str, n: int, tag: str) -> tuple[float, int]:
+    async def one(sdk: AsyncOpenAI, i: int) -> int:
+        chunks = 0
+        async with sdk.chat.completions.with_streaming_response.create(
+            **{k: v for k, v in body(i, tag).items() if k != "priority"}, stream=True
+        ) as resp:
+            async for data in resp.iter_bytes():
+                chunks += data.count(b'"content":"')
+        return chunks
+
+    http = DefaultAioHttpClient(timeout=300)
+    async with AsyncOpenAI(
+        base_url=sim_url, api_key=sim_key, max_retries=0, http_client=http
+    ) as sdk:
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(sdk, i) for i in range(n)))
+        return time.perf_counter() - t0, sum(counts)
+
+
+async def _door_streams(url: str, key: str, n: int, tag: str, bulk: int) -> dict[str, Any]:
+    """Submit n streams in lists over HTTP, follow each with its own SSE connection."""
+    headers = {"Authorization": f"Bearer {key}"}
+    lost = tokens = 0
+
+    async def follow(session: aiohttp.ClientSession, rid: str) -> None:
+        nonlocal lost, tokens
+        seqs, mine, last = [], 0, ""
+        async with session.get(f"{url}/v1/requests/{rid}/events", headers=headers) as resp:
+            async for raw in resp.content:
+                if raw.startswith(b"data: "):
+                    msg = orjson.loads(raw[6:])
+                    seqs.append(msg["seq"])
+                    last = msg["type"]
+                    mine += last == "token"
+                    if last in ("done", "error"):
+                        break
+        tokens += mine
+        lost += not (last == "done" and mine == 50 and seqs == list(range(len(seqs))))
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        for s in range(0, n, bulk):
+            payload = orjson.dumps([body(i, tag) for i in range(s, min(n, s + bulk))])
+            async with session.post(
+                url + "/v1/requests",
+                data=payload,
+                headers={**headers, "Content-Type": "application/json"},
+            ) as r:
+                ids += (await r.json())["ids"]
+        await asyncio.gather(*(follow(session, rid) for rid in ids))
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "lost": lost, "tokens": tokens}
+
+
+async def _local_streams(local: InDeployment, n: int, tag: str) -> tuple[float, int]:
+    """The same n streams without the front door: submit_many in this process, each followed
+    through the in-deployment client's asyncio reader (the replay log, one Redis connection)."""
+
+    async def follow(rid: str) -> int:
+        return sum([1 async for _ in local.astream(rid, timeout=300)])
+
+    t0 = time.perf_counter()
+    ids = await asyncio.to_thread(local.submit_many, [body(i, tag) for i in range(n)])
+    counts = await asyncio.gather(*(follow(rid) for rid in ids))
+    return time.perf_counter() - t0, sum(counts)
+
+
+def streams(sim, url: str, key: str, local: InDeployment, n: int, tag: str, cpu_of_api):  # type: ignore[no-untyped-def]
+    sim.configure(ttft_ms=0, chunk_delay_ms=100, answer_tokens=[50, 50])
+    alone, chunks = asyncio.run(_direct_streams(sim.base_url, sim.api_key, n, tag + "s"))
+    local_wall, local_tokens = asyncio.run(_local_streams(local, n, tag + "l"))
+    cpu0 = cpu_of_api()
+    door = asyncio.run(_door_streams(url, key, n, tag + "f", 500))
+    door["api_cpu_s"] = cpu_of_api() - cpu0
+    door["sim_wall"], door["sim_chunks"] = alone, chunks
+    door["local_wall"], door["local_tokens"] = local_wall, local_tokens
+    return door

@@ -1,0 +1,245 @@
+"""Benchmark of the front door (`sheepdog api`): what HTTP adds, against baselines in the same run.
+
+Run: ``.venv/bin/python bench/bench_api.py [--requests 30] [--intake 2000] [--clients 64]
+[--streams 200] [--api-processes 2]``; the issue's full sizes are ``--requests 200 --intake
+10000 --streams 1000``. Starts its own simulator, a throwaway PostgreSQL database, one stream
+worker process and `sheepdog api`, and uses Redis DB 13 (flushed; SHEEPDOG_BENCH_API_REDIS_URL
+to change it).
+
+1. Time to first token, the same kind of request three ways, interleaved: a direct SDK stream
+   to the simulator (the baseline), the in-deployment client (submit + pub/sub follow), and the
+   front door through sheepdog-client (POST /v1/requests, then GET …/events over SSE).
+2. Low-priority intake over HTTP: `--clients` keep-alive clients, one request per call, then the
+   bulk form (lists of `--bulk`, 4 clients): accepted requests/s and accept latency. Baselines:
+   the in-deployment client in one process, `submit` one by one and `submit_many` in lists. No
+   intake worker runs, so the rate is the front door's (the messages wait in Redis).
+3. `--streams` event streams at once, each answer 50 chunks 100 ms apart: submitted in lists
+   over HTTP and followed by one SSE connection each, against the simulator serving the same
+   number of streams directly (wall ratio), and the same streams followed without the front
+   door (in-deployment submit_many + asyncio followers: what Sheepdog's worker costs); lost = a
+   stream that did not end `done` with 50 tokens and gap-free seqs; API CPU per relayed event
+   (all API processes, utime + stime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "clients" / "python" / "src"))
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+from sheepdog_client import Client as HttpClient  # noqa: E402
+
+from bench import api_load  # noqa: E402
+from bench.bench_stream import cpu_s, drop_pg, new_pg, pct, start_worker  # noqa: E402
+from sheepdog.client import Client  # noqa: E402
+from sheepdog.settings import Settings  # noqa: E402
+from sheepdog.tenant_keys import create_key  # noqa: E402
+from simulator.config import SimulatorConfig  # noqa: E402
+from simulator.server import SimulatorProcess  # noqa: E402
+
+REDIS = os.environ.get("SHEEPDOG_BENCH_API_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def start_api(
+    env: dict[str, str], logdir: Path, processes: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = 18000 + secrets.randbelow(2000)
+    log = (logdir / "api.log").open("wb")
+    cmd = [sys.executable, "-m", "sheepdog", "api", "--port", str(port)]
+    cmd += ["--processes", str(processes)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # its processes take a while to start on a loaded box
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sheepdog api exited:\n{(logdir / 'api.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()  # SIGTERM: the parent stops its server processes too (SIGKILL would not)
+    proc.wait(30)
+    raise RuntimeError("sheepdog api not ready after 180 s")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the API's worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # a process that has just ended
+            total += cpu_s(p)
+    return total
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, Any], n: int):
+    d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
+    rows = [["", "baseline, same run", "through the front door", "target"]]
+    for name, label in (("local", "in-deployment client"), ("door", "front door (HTTP SSE)")):
+        p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
+        rows.append(
+            [
+                f"TTFT p50 / p99, {label}",
+                f"direct SDK stream {ms(d50)} / {ms(d99)}",
+                f"{(p50 - d50) * 1000:+.2f} / {(p99 - d99) * 1000:+.2f} ms",
+                "+4 / +12 ms" if name == "door" else "",
+            ]
+        )
+
+    rows.append(
+        [
+            "  of which POST /v1/requests → 202, p50 / p99",
+            "",
+            f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}",
+            "",
+        ]
+    )
+
+    def rate(x: dict[str, Any]) -> float:
+        return float(x["accepted"]) / x["wall"]
+
+    one, bulk = intake["http_one"], intake["http_bulk"]
+    lo, lb = intake["local_one"], intake["local_bulk"]
+    rows.append(
+        [
+            "low intake, 1 a call: accepted/s, p99 accept",
+            f"in-deployment submit, 1 process: {rate(lo):,.0f}/s, p99 {ms(pct(lo['lat'], 0.99))}",
+            f"{rate(one):,.0f}/s (x{rate(one) / rate(lo):.2f}), p99 {ms(pct(one['lat'], 0.99))},"
+            f" {one['refused']} refused",
+            "≥ 3,000/s, p99 ≤ 25 ms",
+        ]
+    )
+    rows.append(
+        [
+            "low intake, bulk lists: accepted/s",
+            f"in-deployment submit_many: {rate(lb):,.0f}/s",
+            f"{rate(bulk):,.0f}/s (x{rate(bulk) / rate(lb):.2f}), {bulk['refused']} refused",
+            "",
+        ]
+    )
+    events = conc["tokens"] + n
+    rows.append(
+        [
+            f"{n:,} SSE streams x 50 chunks 100 ms apart: wall",
+            f"simulator alone {conc['sim_wall']:.2f} s",
+            f"{conc['wall']:.2f} s (x{conc['wall'] / conc['sim_wall']:.2f})",
+            "x1.3",
+        ]
+    )
+    rows.append(
+        [
+            "  same streams without the front door",
+            "in-deployment submit_many + astream followers",
+            f"{conc['local_wall']:.2f} s (x{conc['local_wall'] / conc['sim_wall']:.2f})",
+            "",
+        ]
+    )
+    rows.append(["  lost", "", f"{conc['lost']}", "0"])
+    rows.append(
+        [
+            "  API CPU per relayed event",
+            "",
+            f"{conc['api_cpu_s'] / max(events, 1) * 1e6:.0f} µs ({conc['api_cpu_s']:.2f} s)",
+            "",
+        ]
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=30, help="TTFT samples per path")
+    parser.add_argument("--intake", type=int, default=2000, help="low requests per intake form")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--bulk", type=int, default=500)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--api-processes", type=int, default=2)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-api-"))
+    db_url = new_pg()
+    redis.Redis.from_url(REDIS).flushdb()
+    config = SimulatorConfig(
+        api_key="sk-bench",
+        ttft_ms=20,
+        chunk_delay_ms=5,
+        answer_tokens=(20, 20),
+        data_dir=str(workdir / "sim"),
+    )
+    tag = secrets.token_hex(3)
+    procs: list[subprocess.Popen[bytes]] = []
+    with SimulatorProcess(config) as sim:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+        env.update(
+            SHEEPDOG_REDIS_URL=REDIS,
+            SHEEPDOG_DATABASE_URL=db_url,
+            SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
+            SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+            SHEEPDOG_METRICS_PORT="0",
+        )
+        settings = Settings(redis_url=REDIS, database_url=db_url)
+        local = Client(settings)
+        try:
+            procs.append(start_worker(env, workdir))
+            api, url = start_api(env, workdir, args.api_processes)
+            procs.append(api)
+            key, _ = create_key(db_url, "bench")
+            with HttpClient(url, api_key=key, timeout=120) as door:
+                api_load.ttft(sim.base_url, sim.api_key, door, local, 3, tag + "w")  # warm-up
+                lat = api_load.ttft(sim.base_url, sim.api_key, door, local, args.requests, tag)
+            print(f"ttft done ({args.requests} each)", flush=True)
+            intake = api_load.intake(url, key, local, args.intake, args.clients, args.bulk, tag)
+            print(f"intake done ({args.intake} each)", flush=True)
+            conc = api_load.streams(
+                sim, url, key, local, args.streams, tag, lambda: tree_cpu(api.pid)
+            )
+            print(f"streams done ({args.streams})", flush=True)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
+    drop_pg(db_url)
+    redis.Redis.from_url(REDIS).flushdb()
+    rows = table(lat, intake, conc, args.streams)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(
+        f"\nfront door ({os.cpu_count()} cores, {args.api_processes} API process(es), 1 stream"
+        f" worker process, {args.requests} TTFT samples, {args.intake} intake requests)"
+    )
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""sheepdog-client's event streams through the real front door: a connection cut mid-answer by a
+real TCP proxy resumes with Last-Event-ID (no gap, no duplicate, the row's text), a retried
+stream's `reset` is applied, and the async twins do the same."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sheepdog_client import (
+    AsyncClient,
+    Client,
+    InvalidRequest,
+    NotFound,
+    RequestFailed,
+    RequestView,
+)
+
+from tests.fixtures.api import ApiServer
+from tests.fixtures.tcp_proxy import port_of, tcp_proxy
+
+MODEL = "gpt-4.1-mini"
+
+
+def ask(prompt: str, **fields: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **fields}
+
+
+def succeeded(view: RequestView) -> RequestView:
+    assert view.status == "succeeded", f"{view.id} ended {view.status}: {view.error}"
+    return view
+
+
+def test_stream_resumes_after_a_cut_connection(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    tag = f"cut-{uuid.uuid4().hex[:8]}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
+    key = api_server.key()
+    with tcp_proxy(port_of(api_server.url)) as proxy, Client(proxy.url, api_key=key) as client:
+        rid = client.submit(ask(f"{tag} a long answer please"), priority="high")
+        stream = client.stream(rid)
+        seqs: list[int] = []
+        cut_at: list[int] = []
+        for event in stream:
+            seqs.append(event.seq)
+            if event.type == "token" and len(cut_at) < 2 and event.seq in (3, 8):
+                cut_at.append(event.seq)
+                assert proxy.cut() >= 2  # the event stream's connection, both sides
+        assert cut_at == [3, 8], "the answer ended before the cuts (too short an answer?)"
+        assert stream.reconnects >= 2 and proxy.connections >= 3
+        assert seqs == list(range(len(seqs)))  # no gap, no duplicate across the resumes
+        assert stream.final is not None and stream.final.type == "done"
+        view = succeeded(client.result(rid, wait=30))
+    assert stream.text == view.text
+
+
+def test_a_retried_stream_resets_its_text(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    tag = f"retry-{uuid.uuid4().hex[:8]}"
+    # The provider drops the first attempt after 5 chunks: the worker retries and publishes reset.
+    simulator.set_faults([{"match": tag, "cut_after": 5, "first": 1}])
+    with Client(api_server.url, api_key=api_server.key()) as client:
+        rid = client.submit(ask(f"{tag} answer twice"), priority="high")
+        stream = client.stream(rid)
+        kinds = [e.type for e in stream]
+        view = succeeded(client.result(rid, wait=60))
+    assert "reset" in kinds and kinds[-1] == "done"
+    assert kinds.index("reset") > kinds.index("token")
+    assert stream.text == view.text  # the first attempt's pieces were dropped
+
+
+def test_async_twins(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    tag = f"async-{uuid.uuid4().hex[:8]}"
+    simulator.set_faults([{"match": f"{tag} slow", "chunk_delay_ms": 200}])
+
+    async def main() -> None:
+        key = api_server.key()
+        async with AsyncClient(api_server.url, api_key=key) as client:
+            rid = await client.submit(ask(f"{tag} hello"), priority="high")
+            text = await client.stream_text(rid)
+            view = succeeded(await client.result(rid, wait=30))
+            assert text == view.text and (await client.get(rid)).text == text
+
+            ids = await client.submit_many([ask(f"{tag} {i}") for i in range(3)])
+            views = await asyncio.gather(*(client.result(i, wait=60) for i in ids))
+            assert [succeeded(v).id for v in views] == ids
+            page = await client.list(limit=10)
+            assert {v.id for v in page.data} == {rid, *ids} and page.next_cursor is None
+
+            slow = await client.submit(ask(f"{tag} slow"), priority="high")
+            stream = client.stream(slow)
+            async for event in stream:
+                if event.type == "token":
+                    break
+            assert (await client.cancel(slow)).cancelled
+            with pytest.raises(RequestFailed, match="cancelled"):
+                await stream.final_text()
+
+            with pytest.raises(NotFound):
+                await client.get("req_" + "0" * 32)
+            with pytest.raises(InvalidRequest):
+                await client.submit(ask("x"), priority="urgent")
+
+    asyncio.run(main())
+
+
+def test_async_stream_resumes_after_a_cut(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    tag = f"acut-{uuid.uuid4().hex[:8]}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
+
+    async def main() -> tuple[str, list[int], int, str]:
+        with tcp_proxy(port_of(api_server.url)) as proxy:
+            async with AsyncClient(proxy.url, api_key=api_server.key()) as client:
+                rid = await client.submit(ask(f"{tag} a long answer"), priority="high")
+                stream = client.stream(rid)
+                seqs = []
+                async for event in stream:
+                    seqs.append(event.seq)
+                    if event.seq == 4:
+                        proxy.cut()
+                view = succeeded(await client.result(rid, wait=30))
+                return stream.text, seqs, stream.reconnects, view.text or ""
+
+    text, seqs, reconnects, row_text = asyncio.run(main())
+    assert reconnects >= 1 and seqs == list(range(len(seqs))) and len(seqs) > 5
+    assert text == row_text
+
+
+# -- the pieces without a server: the SSE format and the error table --------------------------
+
+
+def test_sse_decoder_follows_the_format() -> None:
+    from sheepdog_client._sse import SSEDecoder
+
+    decoder = SSEDecoder()
+    lines = [
+        "retry: 1000",
+        "",  # no data: nothing dispatched, the retry kept
+        ": keepalive",
+        "id: 7",
+        "event: token",
+        "data: line one",
+        "data:line two",
+        "",
+        "data: no id or event",
+        "",
+    ]
+    events = [e for e in map(decoder.feed, lines) if e is not None]
+    assert [(e.event, e.data, e.id) for e in events] == [
+        ("token", "line one\nline two", "7"),
+        ("message", "no id or event", "7"),  # the last event id persists
+    ]
+    assert decoder.retry_ms == 1000
+    decoder.feed("data: half an event")
+    decoder.new_connection()  # a dropped connection loses the half-read event
+    assert decoder.feed("") is None
+
+
+def test_error_answers_map_to_the_exception_classes() -> None:
+    from sheepdog_client import (
+        AuthenticationError,
+        BudgetExceeded,
+        Conflict,
+        InvalidRequest,
+        NotFound,
+        RateLimited,
+        SheepdogError,
+        Unavailable,
+    )
+    from sheepdog_client.errors import error_from_response
+
+    def err(status: int, code: str | None = None, **headers: str) -> SheepdogError:
+        body = {"error": {"message": "m", "type": "t", "param": None, "code": code}}
+        return error_from_response(
+            status, body, {k.replace("_", "-"): v for k, v in headers.items()}
+        )
+
+    expected = {
+        400: InvalidRequest,
+        401: AuthenticationError,
+        402: BudgetExceeded,
+        404: NotFound,
+        409: Conflict,
+        413: InvalidRequest,
+        429: RateLimited,
+        503: Unavailable,
+    }
+    for status, cls in expected.items():
+        e = err(status)
+        assert type(e) is cls and e.status == status and e.message == "m" and e.type == "t"
+    limited = err(429, "rate_limit_exceeded", retry_after="3")
+    assert isinstance(limited, RateLimited) and limited.retry_after == 3.0
+    assert isinstance(err(429, "budget_exceeded"), BudgetExceeded)
+    plain = error_from_response(502, "<html>bad gateway</html>", {})
+    assert isinstance(plain, Unavailable) and plain.code is None
