@@ -127,7 +127,7 @@ async def follow(
     at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). One
     Redis connection of its own, closed at the end."""
     client = new_async_redis(settings.redis_url)
-    key = keys.replay_log(request_id)
+    key = keys.of(settings).replay_log(request_id)
     deadline = time.monotonic() + max_s
     last_id: bytes | str = "0-0"
     expected = after + 1  # the next seq to yield

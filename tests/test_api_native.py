@@ -165,7 +165,9 @@ def test_events_of_a_finished_request_whose_log_expired(api_server: ApiServer) -
         view = api_server.wait_final(key, rid)
         assert view["status"] == "succeeded", view["error"]
         n = len(follow(http, rid))
-        redis.Redis.from_url(api_server.settings.redis_url).delete(keys.of(api_server.settings).replay_log(rid))
+        redis.Redis.from_url(api_server.settings.redis_url).delete(
+            keys.of(api_server.settings).replay_log(rid)
+        )
         fresh = follow(http, rid)
         assert [(e["id"], e["event"]) for e in fresh] == [(0, "token"), (1, "done")]
         assert fresh[0]["data"]["text"] == view["text"]

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from sheepdog import keys
 from sheepdog.api.errors import ApiError
 from sheepdog.ratelimit import AsyncRateLimiter, Limits
 from sheepdog.settings import Settings
@@ -72,7 +73,9 @@ class Authenticator:
         limiter = self._limiters.get(info.id)
         if limiter is None or limiter.limits.requests_per_minute != rpm:
             limits = Limits(rpm, None, burst=self.settings.api_rate_limit_burst)
-            limiter = AsyncRateLimiter(self._redis, f"api-key:{info.id}", limits)
+            limiter = AsyncRateLimiter(
+                self._redis, f"api-key:{info.id}", limits, keys.of(self.settings)
+            )
             self._limiters[info.id] = limiter
         wait = await limiter.try_acquire(0)
         if wait > 0:

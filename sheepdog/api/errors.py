@@ -11,7 +11,12 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from sheepdog.errors import BudgetExceeded, InvalidRequest, ServiceUnavailable
+from sheepdog.errors import (
+    BudgetExceeded,
+    IdempotencyConflict,
+    InvalidRequest,
+    ServiceUnavailable,
+)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -64,6 +69,8 @@ def not_found(request_id: str) -> ApiError:
 
 def from_sheepdog(err: Exception) -> ApiError:
     """The API error for one of Sheepdog's own errors (the CLI's one-line reasons)."""
+    if isinstance(err, IdempotencyConflict):  # as the IETF Idempotency-Key draft answers it
+        return ApiError(409, str(err), "idempotency_key_conflict", "Idempotency-Key")
     if isinstance(err, InvalidRequest):
         return ApiError(400, str(err), "invalid_request")
     if isinstance(err, BudgetExceeded):

@@ -117,11 +117,18 @@ class Tenancy:
                         "idempotency_key": request.idempotency_key,
                         "created_at": now,
                     }
-                    pipe.set(keys.of(self.settings).request_owner(rid), orjson.dumps(record), ex=OWNER_TTL_S, nx=True)
+                    pipe.set(
+                        keys.of(self.settings).request_owner(rid),
+                        orjson.dumps(record),
+                        ex=OWNER_TTL_S,
+                        nx=True,
+                    )
             pipe.execute()
 
     def _pending(self, request_id: str) -> RequestView | None:
-        raw = get_redis(self.settings.redis_url).get(keys.of(self.settings).request_owner(request_id))
+        raw = get_redis(self.settings.redis_url).get(
+            keys.of(self.settings).request_owner(request_id)
+        )
         if raw is None:
             return None
         rec = orjson.loads(raw)
