@@ -84,6 +84,7 @@ class ChatRequest(BaseModel):
     deadline: datetime | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    webhook_url: str | None = None  # told when this request ends (signed, webhooks/)
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -145,6 +146,17 @@ class ChatRequest(BaseModel):
         if len(value) > MAX_METADATA_PAIRS:
             raise ValueError(f"metadata has {len(value)} pairs, over the limit of 16")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _safe_webhook_url(cls, url: str | None) -> str | None:
+        # Form and literal addresses here; the resolved address at every delivery.
+        from sheepdog.settings import get_settings
+        from webhooks.addresses import check_form
+
+        if url is not None:
+            check_form(url, allow_private=get_settings().webhook_allow_private)
+        return url
 
     @model_validator(mode="after")
     def _fits_model(self, info: ValidationInfo) -> ChatRequest:

@@ -66,3 +66,14 @@ def emulated(job_id: str, part: str) -> str:
     """State of an emulated batch job: `lines` (the output "file", a list), `done` (custom_ids
     with a line), `counts`, `heartbeat` (owner token with a TTL), `kick` (poll's resend mark)."""
     return f"{PREFIX}:emulated:{job_id}:{part}"
+
+
+def webhook_slot(target: str, slot: int, deployment: str = "") -> str:
+    """One of an endpoint's delivery slots (a lock with a TTL): bounds deliveries in flight
+    to one endpoint across every worker."""
+    return f"{deployment}{PREFIX}:webhooks:slot:{target}:{slot}"
+
+
+def webhook_kick(deployment: str = "") -> str:
+    """Set for a few milliseconds when a commit asks for a delivery sweep (one sweep a window)."""
+    return f"{deployment}{PREFIX}:webhooks:kick"

@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.costs",
     "tests.fixtures.streaming",
     "tests.fixtures.faults",
+    "tests.fixtures.webhooks",
 ]
 
 # The longest modules (seconds in a `make test` run), in the order they are started: `make test`

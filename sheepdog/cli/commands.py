@@ -14,6 +14,7 @@ MODULES = [
     "sheepdog.cli.batches",
     "sheepdog.cli.costs",
     "sheepdog.cli.ops",
+    "sheepdog.cli.webhooks",
 ]
 
 for name in MODULES:
