@@ -280,3 +280,29 @@ def test_a_request_url_needs_its_tenant_secret(settings: Settings) -> None:
     )
     with pytest.raises(InvalidRequest, match="no webhook signing secret"):
         endpoints.require_signing_secrets(settings, [item])
+
+
+def test_metrics_count_deliveries_and_the_oldest_pending(
+    settings: Settings, receiver: Receiver
+) -> None:
+    from sheepdog.metrics import database_families
+
+    def samples() -> dict[tuple[str, tuple[str, ...]], float]:
+        out = {}
+        for family in database_families(settings):
+            if family.name.startswith("sheepdog_webhook"):
+                for s in family.samples:
+                    out[(s.name, tuple(s.labels.values()))] = s.value
+        return out
+
+    _one_delivery(settings, receiver)
+    with session_scope(settings.database_url) as session:
+        session.execute(update(WebhookDelivery).values(created_at=utcnow() - timedelta(minutes=5)))
+    before = samples()
+    assert before[("sheepdog_webhook_deliveries", ("pending",))] == 1
+    assert 290 < before[("sheepdog_webhook_oldest_pending_seconds", ())] < 400
+    deliver_all(settings)
+    after = samples()
+    assert after[("sheepdog_webhook_deliveries", ("delivered",))] == 1
+    assert after[("sheepdog_webhook_oldest_pending_seconds", ())] == 0
+    assert after[("sheepdog_webhook_endpoints", ("enabled",))] == 1
