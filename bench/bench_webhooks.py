@@ -145,18 +145,22 @@ def ingest_rate(settings: Settings, n: int) -> float:
 
 
 def ingest_phase(sim: SimulatorProcess, n: int, sink: Sink, rows: list[Row]) -> str:
-    """Returns the database of the subscribed run (its outbox feeds the delivery phase)."""
-    rates = {}
+    """Returns the database of the last subscribed run (its outbox feeds the delivery phase).
+    Each mode runs twice, interleaved, in a fresh database; the better run counts (the box is
+    shared, so one run alone says little)."""
+    rates: dict[str, float] = {}
     keep = ""
-    for mode in ("none", "other", "subscribed"):
+    for mode in ("none", "other", "subscribed") * 2:
         db = create_database("sheepdog_bench_wh")
         settings = settings_for(db, sim, tempfile.mkdtemp(prefix="bench-wh-"))
         if mode == "other":
             register(settings, "someone-else", sink.url)
         elif mode == "subscribed":
             register(settings, "bench", sink.url)
-        rates[mode] = ingest_rate(settings, n)
+        rates[mode] = max(rates.get(mode, 0.0), ingest_rate(settings, n))
         if mode == "subscribed":
+            if keep:
+                drop_db(keep)
             keep = db
         else:
             drop_db(db)
@@ -295,6 +299,7 @@ def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Row]) 
 
 def latency_phase(sim: SimulatorProcess, n: int, rows: list[Row]) -> None:
     from sheepdog.client import Client
+
     db = create_database("sheepdog_bench_wh")
     sink = Sink()
     settings = settings_for(db, sim, tempfile.mkdtemp())
