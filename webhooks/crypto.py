@@ -23,11 +23,12 @@ def new_key() -> str:
 
 
 def _fernet(settings: Settings) -> MultiFernet:
-    if settings.webhook_secret_key is None:
+    raw = settings.webhook_secret_key.get_secret_value() if settings.webhook_secret_key else ""
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if not keys:  # unset, or set empty (docker-compose passes an empty value through)
         raise WebhookKeyError(f"webhook signing secrets need a key: {KEY_HINT}")
-    keys = [k.strip() for k in settings.webhook_secret_key.get_secret_value().split(",")]
     try:
-        return MultiFernet([Fernet(k) for k in keys if k])
+        return MultiFernet([Fernet(k) for k in keys])
     except ValueError:
         raise WebhookKeyError(
             "SHEEPDOG_WEBHOOK_SECRET_KEY is not a Fernet key (32 url-safe base64 bytes)"
