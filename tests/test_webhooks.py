@@ -306,3 +306,45 @@ def test_metrics_count_deliveries_and_the_oldest_pending(
     assert after[("sheepdog_webhook_deliveries", ("delivered",))] == 1
     assert after[("sheepdog_webhook_oldest_pending_seconds", ())] == 0
     assert after[("sheepdog_webhook_endpoints", ("enabled",))] == 1
+
+
+def test_cli_manages_endpoints_and_secrets(sqlite_url: str) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+    env.update(SHEEPDOG_DATABASE_URL=sqlite_url, SHEEPDOG_WEBHOOK_SECRET_KEY=new_key())
+    tenant = f"cli-{uuid.uuid4().hex[:6]}"
+
+    def run(*args: str, allow_private: bool = True) -> subprocess.CompletedProcess[str]:
+        extra = {"SHEEPDOG_WEBHOOK_ALLOW_PRIVATE": "true" if allow_private else "false"}
+        return subprocess.run(
+            [sys.executable, "-m", "sheepdog", "webhooks", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    first = run("add", "--tenant", tenant, "http://127.0.0.1:9/a")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("whsec_") == 1
+    second = run("add", "--tenant", tenant, "http://127.0.0.1:9/b", "--events", "batch.completed")
+    assert second.returncode == 0 and "whsec_" not in second.stdout
+    refused = run("add", "--tenant", tenant, "http://localhost:9/c", allow_private=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "non-public" in refused.stderr
+    bad = run("add", "--tenant", tenant, "http://127.0.0.1:9/d", "--events", "nope")
+    assert bad.returncode == 2 and "unknown event" in bad.stderr
+    listed = json.loads(run("list", "--tenant", tenant, "--json").stdout)
+    assert [e["events"] for e in listed] == [["*"], ["batch.completed"]]
+    rotated = run("rotate-secret", "--tenant", tenant)
+    assert rotated.returncode == 0 and rotated.stdout.count("whsec_") == 1
+    assert run("remove", listed[1]["id"], "--tenant", "someone-else").returncode == 2
+    assert run("remove", listed[1]["id"], "--tenant", tenant).returncode == 0
+    assert len(json.loads(run("list", "--tenant", tenant, "--json").stdout)) == 1
+    assert json.loads(run("failed", "--tenant", tenant, "--json").stdout) == []
+    missing = run("redeliver", "msg_nope")
+    assert missing.returncode == 2 and "no webhook delivery" in missing.stderr
