@@ -15,6 +15,7 @@ than a local POST, and a slow receiver still gets one row at a time."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -42,6 +43,7 @@ from webhooks.signing import signed_headers
 
 log = logging.getLogger("sheepdog.webhooks.delivery")
 
+URL_TARGET = "url:"  # a due_targets name for the deliveries to one request-level URL
 MAX_PER_RUN = 500  # deliveries one task sends to its endpoint before yielding the thread
 
 
@@ -92,18 +94,19 @@ def _due(now: datetime) -> list[Any]:
 
 
 def due_targets(settings: Settings, limit: int = 500) -> list[str]:
-    """Targets (endpoint ids, or `request:<delivery id>`) with a due, unleased delivery."""
+    """Targets with a due, unleased delivery: endpoint ids, and `url:<url>` for requests' own
+    URLs (so one URL named by many requests still gets its few slots, not one each)."""
     d = WebhookDelivery
     with session_scope(settings.database_url) as session:
         rows = session.execute(
-            select(d.target, d.id)
+            select(d.target, d.url)
             .where(*_due(utcnow()))
             .order_by(d.next_attempt_at)
             .limit(limit * 4)
         ).all()
     targets: list[str] = []
-    for target, delivery_id in rows:
-        name = f"{REQUEST_TARGET}:{delivery_id}" if target == REQUEST_TARGET else target
+    for target, url in rows:
+        name = f"{URL_TARGET}{url}" if target == REQUEST_TARGET else target
         if name not in targets:
             targets.append(name)
     return targets[:limit]
@@ -156,7 +159,8 @@ def _take_slot(settings: Settings, target: str) -> Any:
     client = get_redis(settings.redis_url)
     ttl = lease_s(settings, settings.webhook_claim_batch)
     for n in range(max(1, settings.webhook_endpoint_concurrency)):
-        lock = client.lock(keys.webhook_slot(target, n, settings.broker_prefix), timeout=ttl)
+        name = target if len(target) <= 64 else hashlib.sha256(target.encode()).hexdigest()
+        lock = client.lock(keys.webhook_slot(name, n, settings.broker_prefix), timeout=ttl)
         if lock.acquire(blocking=False):
             return lock
     return None
@@ -170,8 +174,8 @@ def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
     now = utcnow()
     with session_scope(settings.database_url) as session:
         pick = select(d.id).where(*_due(now))
-        if target.startswith(REQUEST_TARGET + ":"):
-            pick = pick.where(d.id == int(target.split(":", 1)[1]))
+        if target.startswith(URL_TARGET):
+            pick = pick.where(d.target == REQUEST_TARGET, d.url == target[len(URL_TARGET) :])
         else:
             pick = pick.where(d.target == target)
         pick = pick.order_by(d.next_attempt_at, d.id).limit(limit)
@@ -189,22 +193,39 @@ def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
         rows = list(
             session.scalars(select(d).where(d.id.in_(ids)).order_by(d.next_attempt_at, d.id))
         )
-        problem, url = _destination(session, rows[0])
-        try:
-            secrets = signing_secrets(session, settings, rows[0].tenant, now)
-        except crypto.WebhookKeyError as err:
-            _settle(session, settings, [(r, Outcome("retry", str(err))) for r in rows])
-            return []
-        if problem is None and not secrets:
-            problem = (
-                f"tenant {rows[0].tenant!r} has no webhook signing secret "
-                "(sheepdog webhooks rotate-secret creates one; then redeliver)"
-            )
+        problem, url = _destination(session, rows[0])  # one endpoint, or one URL
         if problem is not None or url is None:
             _settle(session, settings, [(r, Outcome("dead", problem)) for r in rows])
             return []
+        try:  # a request-level URL may be named by several tenants: each signs its own
+            secrets = {
+                t: signing_secrets(session, settings, t, now) for t in {r.tenant for r in rows}
+            }
+        except crypto.WebhookKeyError as err:
+            _settle(session, settings, [(r, Outcome("retry", str(err))) for r in rows])
+            return []
+        unsigned = [r for r in rows if not secrets[r.tenant]]
+        _settle(
+            session,
+            settings,
+            [
+                (
+                    r,
+                    Outcome(
+                        "dead",
+                        f"tenant {r.tenant!r} has no webhook signing secret "
+                        "(sheepdog webhooks rotate-secret creates one; then redeliver)",
+                    ),
+                )
+                for r in unsigned
+            ],
+        )
+        rows = [r for r in rows if secrets[r.tenant]]
         _render(session, [r for r in rows if r.payload is None])
-        return [Claimed(r.id, r.webhook_id, url, orjson.dumps(r.payload), secrets) for r in rows]
+        return [
+            Claimed(r.id, r.webhook_id, url, orjson.dumps(r.payload), secrets[r.tenant])
+            for r in rows
+        ]
 
 
 def _destination(session: Session, row: WebhookDelivery) -> tuple[str | None, str | None]:
