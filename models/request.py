@@ -147,6 +147,7 @@ class ChatRequest(BaseModel):
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=max_chars("idempotency_key")
     )
+    webhook_url: str | None = None  # told when this request ends (signed, webhooks/)
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -261,6 +262,17 @@ class ChatRequest(BaseModel):
             _no_surrogates(key)
             _no_surrogates(text)
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _safe_webhook_url(cls, url: str | None) -> str | None:
+        # Form and literal addresses here; the resolved address at every delivery.
+        from sheepdog.settings import get_settings
+        from webhooks.addresses import check_form
+
+        if url is not None:
+            check_form(url, allow_private=get_settings().webhook_allow_private)
+        return url
 
     @model_validator(mode="after")
     def _fits_model(self, info: ValidationInfo) -> ChatRequest:

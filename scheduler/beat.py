@@ -49,4 +49,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "schedule": 900.0,
         "options": {"queue": "default", "expires": 900},
     }
+    schedule["webhooks-sweep"] = {
+        "task": "sheepdog.webhooks.sweep",
+        "schedule": settings.webhook_sweep_interval_s,
+        "options": {"queue": "webhooks", "expires": max(settings.webhook_sweep_interval_s, 1.0)},
+    }
     return schedule

@@ -53,6 +53,7 @@ from sheepdog.lifecycle import Status, move_each, move_from_statement
 from sheepdog.providers import ProviderConfig, client_for
 from sheepdog.settings import Settings, get_settings
 from sheepdog.tokens import count_message_tokens, count_tokens
+from webhooks.outbox import batch_ended, request_ended
 
 log = logging.getLogger("sheepdog.batch.ingest")
 
@@ -464,6 +465,8 @@ class Sink:
             model=self.model or "",
             route="batch",
         )
+        if count:
+            request_ended(session, answers, Status.SUCCEEDED.value)  # same transaction
         rest = {rid: out for rid, out in pending.items() if out.kind != "ok"}
         return rest, Tally(moved=count, succeeded=count, cost=total)
 
@@ -675,7 +678,7 @@ def _finish(settings: Settings, job_id: str, malformed: int) -> Decimal:
     """Mark the job ingested; its cost was added up chunk by chunk, in the transactions that
     wrote the answers (so it counts each answer once, whatever was resumed)."""
     with session_scope(settings.database_url) as session:
-        session.execute(
+        marked = session.execute(
             update(BatchJob)
             .where(BatchJob.id == job_id, BatchJob.ingested_at.is_(None))
             .values(
@@ -683,6 +686,9 @@ def _finish(settings: Settings, job_id: str, malformed: int) -> Decimal:
                 malformed_lines=malformed,
                 ingested_at=utcnow(),
             )
-        )
+            .returning(BatchJob.status)
+        ).scalar()
+        if marked is not None:  # the job's end, once: its tenants' batch webhooks
+            batch_ended(session, job_id, marked)
         cost = session.scalar(select(BatchJob.cost_usd).where(BatchJob.id == job_id))
     return Decimal(str(cost or 0))

@@ -47,6 +47,7 @@ from sheepdog.routing import choose_route
 from sheepdog.settings import Settings, get_settings
 from sheepdog.tokens import count_message_tokens
 from sheepdog.views import RequestView
+from webhooks.endpoints import require_signing_secrets
 
 INTAKE_BULK = 500  # low-priority requests per intake message
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
@@ -118,6 +119,7 @@ class Client:
                 items.append(self.prepare(request))
             except InvalidRequest as err:
                 raise InvalidRequest(f"request {index}: {err}") if index else err from None
+        require_signing_secrets(self.settings, items)
         ids = [item.id for item in items]
         fresh = self._claim_idempotency_keys(items, ids)
         try:  # budgets (costs/budgets.py): hold each worst case; may refuse or downgrade

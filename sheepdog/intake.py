@@ -48,6 +48,7 @@ def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, An
         "max_cost_usd": Decimal(str(cap)) if cap is not None else None,
         "deadline": datetime.fromisoformat(deadline) if isinstance(deadline, str) else deadline,
         "status": status.value,
+        "webhook_url": request.get("webhook_url"),
         "attempts": 0,
         "created_at": item.submitted_at,
         "updated_at": utcnow(),

@@ -47,6 +47,16 @@ class Keys:
         what it was, until its row exists (`GET /v1/requests/{id}` answers from it before)."""
         return f"{self.base}:owner:{request_id}"
 
+    def webhook_slot(self, target: str, slot: int) -> str:
+        """One of an endpoint's delivery slots (a lock with a TTL): bounds deliveries in flight
+        to one endpoint across every worker."""
+        return f"{self.base}:webhooks:slot:{target}:{slot}"
+
+    @property
+    def webhook_kick(self) -> str:
+        """Set for a few milliseconds when a commit asks for a delivery sweep (one a window)."""
+        return f"{self.base}:webhooks:kick"
+
     def stream_trace(self, request_id: str) -> str:
         """A stream's stage times, written only when SHEEPDOG_STREAM_TRACE is set (benchmarks)."""
         return f"{self.base}:trace:{request_id}"

@@ -60,6 +60,14 @@ def _release_budgets(session: Session, to: Status, request_ids: Sequence[str]) -
         release(session, request_ids)
 
 
+def _announce(session: Session, to: Status, request_ids: Sequence[str]) -> None:
+    # An ended request's webhooks go into the outbox in the transaction that ends it.
+    if to in FINAL and request_ids:
+        from webhooks.outbox import request_ended
+
+        request_ended(session, request_ids, to.value)
+
+
 def _final_fields(to: Status, values: dict[str, Any]) -> dict[str, Any]:
     if to in FINAL:
         values.setdefault("finished_at", utcnow())
@@ -84,6 +92,7 @@ def move(
     moved = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
     if moved:
         _release_budgets(session, to, [request_id])
+        _announce(session, to, [request_id])
     return bool(moved)
 
 
@@ -111,6 +120,8 @@ def move_many(
         )
         moved += session.execute(stmt).rowcount  # type: ignore[attr-defined]
     _release_budgets(session, to, request_ids)
+    if moved:
+        _announce(session, to, request_ids)
     return moved
 
 
@@ -163,6 +174,7 @@ def move_each(
     params = [{"_id": r["id"], **{k: r[k] for k in keys}} for r in rows]
     result = session.connection().execute(stmt, params)
     _release_budgets(session, to, [r["id"] for r in rows])
+    _announce(session, to, [r["id"] for r in rows])
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
@@ -184,6 +196,7 @@ def move_from(
     stmt = _update_from(source, to, columns, from_, where, fixed)
     moved = list(session.execute(stmt.returning(Request.id, *returning)).all())
     _release_budgets(session, to, [row[0] for row in moved])
+    _announce(session, to, [row[0] for row in moved])
     return moved
 
 
@@ -198,7 +211,8 @@ def move_from_statement(
 ) -> Update:
     """The UPDATE ... FROM of `move_from`, unexecuted, for a caller that chains more work on
     the moved rows in the same statement (a data-modifying CTE). Only for moves that release
-    no budget (to succeeded): the caller settles them."""
+    no budget (to succeeded): the caller settles them, and writes their webhooks
+    (webhooks.outbox.request_ended) in the same transaction."""
     if to in (Status.FAILED, Status.CANCELLED):
         raise IllegalTransition(f"{to}: use move_from, which releases the budgets")
     return _update_from(source, to, columns, from_, where, fixed)

@@ -272,7 +272,10 @@ def database_families(settings: Settings) -> list[Any]:
             select(Document.status, func.count()).group_by(Document.status)
         ):
             docs.add_metric([status], n)
-    return [requests, queued, jobs, tokens, cost, standard, docs]
+        from webhooks.stats import webhook_families
+
+        hooks = webhook_families(session)
+    return [requests, queued, jobs, tokens, cost, standard, docs, *hooks]
 
 
 # -- serving ---------------------------------------------------------------------------------

@@ -116,6 +116,19 @@ class Settings(BaseSettings):
     api_events_max_s: float = 3600.0  # an event stream closes after this (clients resume)
     api_keepalive_s: float = 15.0  # an SSE comment this often keeps proxies from closing
     api_ready_cache_s: float = 1.0
+    # Webhooks (webhooks/): signing secrets are encrypted with this Fernet key (base64, 32
+    # bytes; `sheepdog webhooks keygen` makes one). Without it no secret can be stored or used.
+    webhook_secret_key: SecretStr | None = None
+    webhook_allow_private: bool = False  # deliver to private/loopback/link-local addresses
+    webhook_timeout_s: float = 5.0  # connect, and each read, of one delivery
+    webhook_max_age_s: float = 24 * 3600  # retried this long after the event, then dead
+    webhook_backoff_base_s: float = 5.0  # doubled per attempt (full jitter)
+    webhook_backoff_max_s: float = 3600.0
+    webhook_endpoint_concurrency: int = 2  # deliveries in flight per endpoint (all workers)
+    webhook_claim_batch: int = 16  # most rows one slot leases at once (doubling from 1)
+    webhook_sweep_interval_s: float = 2.0  # beat looks for due deliveries this often
+    webhook_rotation_grace_s: float = 24 * 3600  # the previous secret still signs this long
+    webhook_max_response_bytes: int = 4096  # of a receiver's answer, read and kept
 
     def api_key(self) -> str:
         """The provider key, or a placeholder the SDK accepts when none is set."""

@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.streaming",
     "tests.fixtures.faults",
     "tests.fixtures.api",
+    "tests.fixtures.webhooks",
 ]
 
 # The longest modules (seconds in a `make test` run), in the order they are started: `make test`

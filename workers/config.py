@@ -8,7 +8,7 @@ from kombu import Queue
 
 from sheepdog.settings import Settings
 
-QUEUES = ("stream", "default", "batch")
+QUEUES = ("stream", "default", "batch", "webhooks")
 
 # Every module that defines tasks; the worker imports them at start.
 TASK_MODULES = [
@@ -18,16 +18,19 @@ TASK_MODULES = [
     "tasks.batch",
     "tasks.documents",
     "tasks.janitor",
+    "tasks.webhooks",
 ]
 
 
 def route_task(name: str, *_: Any, **__: Any) -> dict[str, str]:
-    """stream tasks to `stream`, batch tasks to `batch`, the rest (intake, bookkeeping) to
-    `default`."""
+    """stream tasks to `stream`, batch tasks to `batch`, webhook deliveries to `webhooks`, the
+    rest (intake, bookkeeping) to `default`."""
     if name == "sheepdog.stream" or name.startswith("sheepdog.stream."):
         return {"queue": "stream"}
     if name.startswith("sheepdog.batch."):
         return {"queue": "batch"}
+    if name.startswith("sheepdog.webhooks."):  # a slow receiver never holds up other work
+        return {"queue": "webhooks"}
     return {"queue": "default"}
 
 

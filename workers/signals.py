@@ -25,6 +25,14 @@ def _fresh_connections_after_fork(**_: Any) -> None:
     get_engine().dispose(close=False)
 
 
+@worker_init.connect
+def _kick_webhooks_after_commit(**_: Any) -> None:
+    # Requests ended in this worker wake the webhook sweep at once (else beat's, seconds later).
+    from tasks.webhooks import install_kicker
+
+    install_kicker()
+
+
 # -- metrics (sheepdog/metrics.py) -----------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ MODULES = [
     "sheepdog.cli.costs",
     "sheepdog.cli.ops",
     "sheepdog.cli.api",
+    "sheepdog.cli.webhooks",
 ]
 
 for name in MODULES:

@@ -23,9 +23,9 @@ def register(app: typer.Typer) -> None:
 
 
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated: stream, default, batch.")] = (
-        "stream,default,batch"
-    ),
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated: stream, default, batch, webhooks.")
+    ] = "stream,default,batch,webhooks",
     pool: Annotated[str, typer.Option(help="Celery pool: threads (default), prefork, solo.")] = (
         "threads"
     ),
@@ -46,9 +46,12 @@ def worker(
     from sheepdog.redis_conn import check_redis
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = sorted(set(names) - {"stream", "default", "batch"})
+    unknown = sorted(set(names) - {"stream", "default", "batch", "webhooks"})
     if unknown or not names:
-        fail(f"unknown queue(s) {', '.join(unknown) or '(none)'}; use stream, default, batch")
+        fail(
+            f"unknown queue(s) {', '.join(unknown) or '(none)'}; "
+            "use stream, default, batch, webhooks"
+        )
     if pool not in POOLS:
         fail(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
     with edge():

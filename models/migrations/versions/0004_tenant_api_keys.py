@@ -1,6 +1,6 @@
 """tenant API keys for the HTTP front door
 
-Revision ID: 0005_tenant_api_keys
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01 10:05:00
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_tenant_api_keys"
+revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None

@@ -1,0 +1,422 @@
+"""Benchmark of webhooks on PostgreSQL: what the outbox costs the batch ingest, deliveries per
+second to a local receiver, and the time from a request's end to its webhook.
+
+Run: ``.venv/bin/python bench/bench_webhooks.py [--requests 10000] [--latency 200]``.
+Needs Redis (SHEEPDOG_BENCH_REDIS_URL, default redis://127.0.0.1:6379/13) and PostgreSQL.
+
+1. ingest: the same batch ingested with no tenant using webhooks (the baseline), with another
+   tenant using them (the end's INSERT ... SELECT matches nothing), and with the requests'
+   own tenant subscribed (one outbox row per request, in the ingest's transactions);
+2. delivery: a real `webhooks` worker (threads, 8) drains those outbox rows to a local
+   receiver, one endpoint (2 slots) and eight endpoints, against the baseline of unsigned
+   POSTs in a loop from one thread, straight to the receiver (no database, no Celery);
+3. latency: stream requests through real workers; end (finished_at) -> webhook received,
+   p50 / p99, against beat's sweep interval (what delivery would take without the kick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pydantic import SecretStr  # noqa: E402
+from sqlalchemy import func, select, update  # noqa: E402
+
+from models.webhook_tables import WebhookDelivery  # noqa: E402
+from sheepdog.db import session_scope  # noqa: E402
+from sheepdog.settings import Settings  # noqa: E402
+from simulator.config import SimulatorConfig  # noqa: E402
+from simulator.server import SimulatorProcess  # noqa: E402
+from tests.fixtures.pg import create_database  # noqa: E402
+from tests.fixtures.pg import drop_database as drop_db  # noqa: E402
+from webhooks.crypto import new_key  # noqa: E402
+
+REDIS = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+KEY = new_key()
+Row = tuple[str, str, str]
+
+
+class Sink:
+    """A local receiver: counts messages and when each arrived."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.arrived: dict[str, float] = {}  # webhook-id -> wall time first received
+        self.bodies: dict[str, bytes] = {}
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                now = time.time()
+                with sink.lock:
+                    key = self.headers.get("webhook-id") or f"plain-{len(sink.arrived)}"
+                    if key not in sink.arrived:
+                        sink.arrived[key] = now
+                        sink.bodies[key] = body
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.arrived)
+
+
+def settings_for(db: str, sim: SimulatorProcess, workdir: str) -> Settings:
+    return Settings().model_copy(
+        update={
+            "database_url": db,
+            "redis_url": REDIS,
+            "openai_base_url": sim.base_url,
+            "openai_api_key": SecretStr(sim.api_key),
+            "batch_workdir": workdir,
+            "webhook_secret_key": SecretStr(KEY),
+            "webhook_allow_private": True,
+        }
+    )
+
+
+def register(settings: Settings, tenant: str, url: str) -> str:
+    from webhooks.endpoints import add_endpoint
+
+    with session_scope(settings.database_url) as session:
+        return add_endpoint(session, settings, tenant, url).endpoint.id
+
+
+def low(n: int, tenant: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": "sheepdog-mini",
+            "messages": [{"role": "user", "content": f"question {i}, briefly"}],
+            "priority": "low",
+            "max_tokens": 40,
+            "metadata": {"tenant": tenant},
+        }
+        for i in range(n)
+    ]
+
+
+def ingest_rate(settings: Settings, n: int) -> float:
+    """Insert n queued rows of tenant `bench`, flush, wait for the job, time the ingest."""
+    from scheduler.flush import flush
+    from scheduler.ingest import ingest
+    from scheduler.poll import poll
+    from sheepdog.client import Client
+    from sheepdog.intake import record_requests
+
+    items = [Client(settings).prepare(r) for r in low(n, "bench")]
+    for start in range(0, n, 500):
+        with session_scope(settings.database_url) as session:
+            record_requests(session, items[start : start + 500])
+    jobs = flush(settings).jobs
+    ready: list[str] = []
+    deadline = time.monotonic() + 300
+    while len(ready) < len(jobs) and time.monotonic() < deadline:
+        ready = poll(settings).to_ingest
+        time.sleep(0.1)
+    t = time.perf_counter()
+    done = sum(ingest(job_id, settings).succeeded for job_id in ready)
+    return done / (time.perf_counter() - t)
+
+
+def ingest_phase(sim: SimulatorProcess, n: int, sink: Sink, rows: list[Row]) -> str:
+    """Returns the database of the last subscribed run (its outbox feeds the delivery phase).
+    Each mode runs twice, interleaved, in a fresh database; the better run counts (the box is
+    shared, so one run alone says little)."""
+    rates: dict[str, float] = {}
+    keep = ""
+    for mode in ("none", "other", "subscribed") * 2:
+        db = create_database("sheepdog_bench_wh")
+        settings = settings_for(db, sim, tempfile.mkdtemp(prefix="bench-wh-"))
+        if mode == "other":
+            register(settings, "someone-else", sink.url)
+        elif mode == "subscribed":
+            register(settings, "bench", sink.url)
+        rates[mode] = max(rates.get(mode, 0.0), ingest_rate(settings, n))
+        if mode == "subscribed":
+            if keep:
+                drop_db(keep)
+            keep = db
+        else:
+            drop_db(db)
+    base = rates["none"]
+    rows.append(("ingest, no webhook tenant (baseline)", f"{base:,.0f} rows/s", ""))
+    rows.append(
+        (
+            "ingest, another tenant hooked",
+            f"{rates['other']:,.0f} rows/s",
+            f"x{rates['other'] / base:.2f} the baseline",
+        )
+    )
+    rows.append(
+        (
+            "ingest, requests' tenant subscribed",
+            f"{rates['subscribed']:,.0f} rows/s",
+            f"x{rates['subscribed'] / base:.2f}; one outbox row per request",
+        )
+    )
+    return keep
+
+
+def worker_env(db: str, sim: SimulatorProcess, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+    env.update(
+        SHEEPDOG_REDIS_URL=REDIS,
+        SHEEPDOG_DATABASE_URL=db,
+        SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
+        SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+        SHEEPDOG_WEBHOOK_SECRET_KEY=KEY,
+        SHEEPDOG_WEBHOOK_ALLOW_PRIVATE="true",
+        SHEEPDOG_METRICS_PORT="0",
+        SHEEPDOG_BROKER_PREFIX=f"bench-wh-{os.getpid()}:",
+        **extra,
+    )
+    return env
+
+
+def start(env: dict[str, str], logdir: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=(logdir / f"{name}.log").open("wb"), stderr=subprocess.STDOUT
+    )
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def plain_rate(sink: Sink, n: int) -> float:
+    """The floor: unsigned POSTs from one thread, a connection each (as a delivery makes)."""
+    port = int(sink.url.rsplit(":", 1)[1].split("/")[0])
+    t = time.perf_counter()
+    for _ in range(n):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/hook", body=b"{}", headers={"Content-Type": "application/json"})
+        conn.getresponse().read()
+        conn.close()
+    return n / (time.perf_counter() - t)
+
+
+def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Row]) -> None:
+    settings = settings_for(db, sim, tempfile.mkdtemp())
+    with session_scope(db) as session:
+        total = int(session.scalar(select(func.count()).select_from(WebhookDelivery)) or 0)
+    floor = plain_rate(sink, 500)
+    rows.append(("plain POSTs, one thread (baseline)", f"{floor:,.0f} msg/s", "no DB, unsigned"))
+    logdir = Path(tempfile.mkdtemp(prefix="bench-wh-logs-"))
+    for endpoints in (1, 8):
+        with session_scope(db) as session:  # spread the same rows over `endpoints` endpoints
+            ids = [register(settings, "bench", sink.url) for _ in range(endpoints - 1)]
+            first = session.scalar(select(WebhookDelivery.endpoint_id).limit(1))
+            ids.append(first or "")
+            session.execute(
+                update(WebhookDelivery).values(status="pending", attempts=0, leased_until=None)
+            )
+            for i, eid in enumerate(ids):
+                session.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id % endpoints == i)
+                    .values(endpoint_id=eid, target=eid)
+                )
+        sink.arrived.clear()
+        env = worker_env(db, sim, SHEEPDOG_WEBHOOK_SWEEP_INTERVAL_S="0.2")
+        procs = [
+            start(
+                env,
+                logdir,
+                f"hooks{endpoints}",
+                "worker",
+                "-Q",
+                "webhooks",
+                "-P",
+                "threads",
+                "-c",
+                "8",
+                "-n",
+                f"hooks{endpoints}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ),
+        ]
+        try:
+            time.sleep(4)
+            procs.append(
+                start(
+                    env,
+                    logdir,
+                    f"beat{endpoints}",
+                    "beat",
+                    "--schedule",
+                    str(logdir / f"beat{endpoints}-schedule"),
+                )
+            )
+            t = time.perf_counter()
+            deadline = time.monotonic() + 600
+            while sink.count() < total and time.monotonic() < deadline:
+                time.sleep(0.05)
+            rate = sink.count() / (time.perf_counter() - t)
+        finally:
+            stop(procs)
+        rows.append(
+            (
+                f"worker deliveries, {endpoints} endpoint(s)",
+                f"{rate:,.0f} msg/s",
+                f"{total:,} signed; x{rate / floor:.2f} the baseline",
+            )
+        )
+
+
+def latency_phase(sim: SimulatorProcess, n: int, rows: list[Row]) -> None:
+    from sheepdog.client import Client
+
+    db = create_database("sheepdog_bench_wh")
+    sink = Sink()
+    settings = settings_for(db, sim, tempfile.mkdtemp())
+    register(settings, "lat", sink.url)
+    logdir = Path(tempfile.mkdtemp(prefix="bench-wh-lat-"))
+    env = worker_env(db, sim)
+    procs = [
+        start(
+            env,
+            logdir,
+            "stream",
+            "worker",
+            "-Q",
+            "stream,default",
+            "-P",
+            "threads",
+            "-c",
+            "50",
+            "-n",
+            "stream@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ),
+        start(
+            env,
+            logdir,
+            "hooks",
+            "worker",
+            "-Q",
+            "webhooks",
+            "-P",
+            "threads",
+            "-c",
+            "8",
+            "-n",
+            "hooks@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ),
+        start(env, logdir, "beat", "beat", "--schedule", str(logdir / "beat-schedule")),
+    ]
+    try:
+        time.sleep(5)
+        client = Client(
+            settings.model_copy(update={"broker_prefix": env["SHEEPDOG_BROKER_PREFIX"]})
+        )
+        for i in range(n):
+            client.submit(
+                {
+                    "model": "sheepdog-mini",
+                    "messages": [{"role": "user", "content": f"latency {i}"}],
+                    "max_tokens": 10,
+                    "metadata": {"tenant": "lat"},
+                }
+            )
+            time.sleep(0.02)  # a steady trickle, not one burst
+        deadline = time.monotonic() + 120
+        while sink.count() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        import orjson
+
+        lags = []
+        for key, arrived in sink.arrived.items():
+            data = orjson.loads(sink.bodies[key])["data"]
+            finished = datetime.fromisoformat(data["finished_at"]).replace(tzinfo=UTC)
+            lags.append((arrived - finished.timestamp()) * 1000)
+    finally:
+        stop(procs)
+        drop_db(db)
+    lags.sort()
+    p50 = statistics.median(lags)
+    p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+    sweep_ms = Settings().webhook_sweep_interval_s * 1000
+    rows.append(
+        (
+            "request end -> webhook, p50 / p99",
+            f"{p50:,.0f} / {p99:,.0f} ms",
+            f"{len(lags)} stream requests; beat sweep alone: up to {sweep_ms:,.0f} ms",
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--latency", type=int, default=200)
+    parser.add_argument("--skip", default="", help="comma list of: ingest,delivery,latency")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    rows: list[Row] = []
+    config = SimulatorConfig(
+        api_key="sk-bench",
+        time_scale=1_000_000.0,
+        batch_window_s=1e9,
+        answer_tokens=(20, 40),
+        data_dir=tempfile.mkdtemp(prefix="bench-sim-"),
+    )
+    sink = Sink()
+    with SimulatorProcess(config) as sim:
+        db = ""
+        if "ingest" not in skip:
+            db = ingest_phase(sim, args.requests, sink, rows)
+        try:
+            if db and "delivery" not in skip:
+                delivery_phase(db, sim, sink, rows)
+        finally:
+            if db:
+                drop_db(db)
+        if "latency" not in skip:
+            latency_phase(sim, args.latency, rows)
+    width = max(len(r[0]) for r in rows)
+    print(f"\nwebhooks, {args.requests:,} batch requests, PostgreSQL\n")
+    print(f"{'measure':<{width}}  {'result':>18}  note")
+    print(f"{'-' * width}  {'-' * 18}  {'-' * 30}")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>18}  {note}")
+
+
+if __name__ == "__main__":
+    main()

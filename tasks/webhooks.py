@@ -1,0 +1,52 @@
+"""Webhook delivery tasks (queue `webhooks`): beat's sweep, and one delivery run per endpoint.
+
+The sweep is also kicked right after a commit that wrote deliveries (at most once per
+KICK_WINDOW_S per deployment), so an event usually leaves within a fraction of a second."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sheepdog import keys
+from sheepdog.settings import get_settings
+from webhooks import outbox
+from webhooks.delivery import deliver_target, due_targets
+from workers.app import app
+
+KICK_WINDOW_S = 0.05
+
+
+@app.task(name="sheepdog.webhooks.sweep", acks_late=True)
+def sweep() -> int:
+    """Send one delivery task per target with due deliveries (each exits at once when the
+    target's slots are all busy). Safe to run twice: deliveries are leased."""
+    settings = get_settings()
+    targets = due_targets(settings)
+    for target in targets:
+        deliver.apply_async((target,), expires=max(settings.webhook_sweep_interval_s * 5, 10.0))
+    return len(targets)
+
+
+@app.task(name="sheepdog.webhooks.deliver", acks_late=True)
+def deliver(target: str) -> dict[str, Any]:
+    """Deliver a target's due rows (webhooks/delivery.py)."""
+    report = asdict(deliver_target(get_settings(), target))
+    report.pop("outcomes", None)
+    return report
+
+
+def kick() -> None:
+    """Ask for a sweep soon: the first kick of a window schedules one at its end, so every
+    commit made before then is seen; later kicks in the window add nothing."""
+    from sheepdog.redis_conn import get_redis
+
+    settings = get_settings()
+    window_ms = int(KICK_WINDOW_S * 1000)
+    if get_redis(settings.redis_url).set(keys.of(settings).webhook_kick, 1, nx=True, px=window_ms):
+        sweep.apply_async(countdown=KICK_WINDOW_S, expires=60)
+
+
+def install_kicker() -> None:
+    """Called on worker start (workers/signals.py): commits in this process kick a sweep."""
+    outbox.set_kicker(kick)

@@ -1,0 +1,375 @@
+"""Delivering the outbox: lease due rows, sign and POST each, record the outcomes.
+
+At least once: a row stays `pending` until a 2xx is recorded; a worker killed mid-delivery
+leaves a lease that expires, and the row is sent again with the same webhook-id. Failures
+(timeouts, connection errors, non-2xx, a 3xx since redirects are not followed) back off
+exponentially with jitter until the row's `expires_at` (webhook_max_age_s), then it is `dead`
+(`sheepdog webhooks failed`). `410 Gone` disables the endpoint. Each endpoint has a few
+delivery slots (Redis locks with a TTL) shared by every worker, and each attempt is bounded by
+short timeouts, so one slow receiver holds at most its own slots, never another tenant's.
+
+A slot leases its endpoint's rows a few at a time (1, doubling while they succeed, up to
+webhook_claim_batch) and records them in one transaction: a database round trip costs more
+than a local POST, and a slow receiver still gets one row at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from http.client import HTTPException
+from typing import Any
+
+import orjson
+import redis
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from models.tables import Request, utcnow
+from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
+from sheepdog import keys
+from sheepdog.db import is_postgres, session_scope
+from sheepdog.settings import Settings
+from sheepdog.views import RequestView
+from webhooks import crypto
+from webhooks.addresses import UnsafeURL
+from webhooks.outbox import REQUEST_TARGET, envelope
+from webhooks.sender import post
+from webhooks.signing import signed_headers
+
+log = logging.getLogger("sheepdog.webhooks.delivery")
+
+URL_TARGET = "url:"  # a due_targets name for the deliveries to one request-level URL
+MAX_PER_RUN = 500  # deliveries one task sends to its endpoint before yielding the thread
+
+
+@dataclass
+class Claimed:
+    id: int
+    webhook_id: str
+    url: str
+    body: bytes
+    secrets: list[str]
+
+
+@dataclass
+class Outcome:
+    kind: str  # delivered | retry | dead | gone
+    error: str | None = None
+    status_code: int | None = None
+
+
+@dataclass
+class TargetReport:
+    target: str
+    busy: bool = False  # every slot of the endpoint is taken
+    delivered: int = 0
+    failed: int = 0
+    dead: int = 0
+
+
+def lease_s(settings: Settings, rows: int = 1) -> float:
+    """How long `rows` claimed rows are held: longer than sending them all can take."""
+    return rows * 4 * settings.webhook_timeout_s + 10
+
+
+def backoff_s(settings: Settings, attempts: int) -> float:
+    """Exponential, capped, with jitter (half fixed, half random) so retries spread out."""
+    base, cap = settings.webhook_backoff_base_s, settings.webhook_backoff_max_s
+    ceiling = min(cap, base * 2 ** max(attempts - 1, 0))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _due(now: datetime) -> list[Any]:
+    d = WebhookDelivery
+    return [
+        d.status == "pending",
+        d.next_attempt_at <= now,
+        or_(d.leased_until.is_(None), d.leased_until < now),
+    ]
+
+
+def due_targets(settings: Settings, limit: int = 500) -> list[str]:
+    """Targets with a due, unleased delivery: endpoint ids, and `url:<url>` for requests' own
+    URLs (so one URL named by many requests still gets its few slots, not one each)."""
+    d = WebhookDelivery
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(d.target, d.url)
+            .where(*_due(utcnow()))
+            .order_by(d.next_attempt_at)
+            .limit(limit * 4)
+        ).all()
+    targets: list[str] = []
+    for target, url in rows:
+        name = f"{URL_TARGET}{url}" if target == REQUEST_TARGET else target
+        if name not in targets:
+            targets.append(name)
+    return targets[:limit]
+
+
+def deliver_target(settings: Settings, target: str) -> TargetReport:
+    """Send the target's due deliveries while it answers 2xx, holding one of its slots; stop
+    at the first failure (the rest wait for their own retry time)."""
+    report = TargetReport(target)
+    slot = _take_slot(settings, target)
+    if slot is None:
+        report.busy = True
+        return report
+    batch = 1
+    try:
+        while report.delivered + report.failed + report.dead < MAX_PER_RUN:
+            claimed = claim(settings, target, batch)
+            if not claimed:
+                break
+            results: list[tuple[Claimed, Outcome]] = []
+            for item in claimed:
+                outcome = send(settings, item)
+                results.append((item, outcome))
+                if outcome.kind not in ("delivered", "dead"):
+                    break
+            record(settings, results, [c.id for c in claimed[len(results) :]])
+            for _, outcome in results:
+                if outcome.kind == "delivered":
+                    report.delivered += 1
+                elif outcome.kind in ("dead", "gone"):
+                    report.dead += 1
+                else:
+                    report.failed += 1
+            if results[-1][1].kind not in ("delivered", "dead"):
+                break
+            batch = min(batch * 2, max(1, settings.webhook_claim_batch))
+            try:
+                slot.reacquire()
+            except redis.exceptions.LockError:
+                break
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):  # expired: maybe retaken
+            slot.release()
+    return report
+
+
+def _take_slot(settings: Settings, target: str) -> Any:
+    from sheepdog.redis_conn import get_redis
+
+    client = get_redis(settings.redis_url)
+    ttl = lease_s(settings, settings.webhook_claim_batch)
+    for n in range(max(1, settings.webhook_endpoint_concurrency)):
+        name = target if len(target) <= 64 else hashlib.sha256(target.encode()).hexdigest()
+        lock = client.lock(keys.of(settings).webhook_slot(name, n), timeout=ttl)
+        if lock.acquire(blocking=False):
+            return lock
+    return None
+
+
+def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
+    """Lease up to `limit` of the target's due rows, oldest first, and prepare their bodies
+    and secrets. Rows that cannot be sent (endpoint disabled or gone, no secret) are marked
+    dead here; the deployment's key missing leaves them pending (retried)."""
+    d = WebhookDelivery
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        pick = select(d.id).where(*_due(now))
+        if target.startswith(URL_TARGET):
+            pick = pick.where(d.target == REQUEST_TARGET, d.url == target[len(URL_TARGET) :])
+        else:
+            pick = pick.where(d.target == target)
+        pick = pick.order_by(d.next_attempt_at, d.id).limit(limit)
+        if is_postgres(session):
+            pick = pick.with_for_update(skip_locked=True)
+        ids = session.scalars(
+            update(d)
+            .where(d.id.in_(pick.scalar_subquery()), *_due(now))
+            .values(leased_until=now + timedelta(seconds=lease_s(settings, limit)))
+            .returning(d.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not ids:
+            return []
+        rows = list(
+            session.scalars(select(d).where(d.id.in_(ids)).order_by(d.next_attempt_at, d.id))
+        )
+        problem, url = _destination(session, rows[0])  # one endpoint, or one URL
+        if problem is not None or url is None:
+            _settle(session, settings, [(r, Outcome("dead", problem)) for r in rows])
+            return []
+        try:  # a request-level URL may be named by several tenants: each signs its own
+            secrets = {
+                t: signing_secrets(session, settings, t, now) for t in {r.tenant for r in rows}
+            }
+        except crypto.WebhookKeyError as err:
+            _settle(session, settings, [(r, Outcome("retry", str(err))) for r in rows])
+            return []
+        unsigned = [r for r in rows if not secrets[r.tenant]]
+        _settle(
+            session,
+            settings,
+            [
+                (
+                    r,
+                    Outcome(
+                        "dead",
+                        f"tenant {r.tenant!r} has no webhook signing secret "
+                        "(sheepdog webhooks rotate-secret creates one; then redeliver)",
+                    ),
+                )
+                for r in unsigned
+            ],
+        )
+        rows = [r for r in rows if secrets[r.tenant]]
+        _render(session, [r for r in rows if r.payload is None])
+        return [
+            Claimed(r.id, r.webhook_id, url, orjson.dumps(r.payload), secrets[r.tenant])
+            for r in rows
+        ]
+
+
+def _destination(session: Session, row: WebhookDelivery) -> tuple[str | None, str | None]:
+    if row.target == REQUEST_TARGET:
+        return (None, row.url) if row.url else ("the request has no webhook_url", None)
+    endpoint = session.get(WebhookEndpoint, row.endpoint_id) if row.endpoint_id else None
+    if endpoint is None:
+        return "the endpoint was removed", None
+    if not endpoint.enabled:
+        return f"the endpoint is disabled: {endpoint.disabled_reason or 'by an operator'}", None
+    return None, endpoint.url
+
+
+def signing_secrets(session: Session, settings: Settings, tenant: str, now: datetime) -> list[str]:
+    """The tenant's current secret, and the previous one during its grace period."""
+    row = session.get(WebhookSecret, tenant)
+    if row is None:
+        return []
+    secrets = [crypto.decrypt(settings, row.secret)]
+    if row.previous and row.previous_until and row.previous_until > now:
+        secrets.append(crypto.decrypt(settings, row.previous))
+    return secrets
+
+
+def _render(session: Session, rows: list[WebhookDelivery]) -> None:
+    """Request events' bodies, from the requests' final rows (stored: every retry sends the
+    same bytes)."""
+    if not rows:
+        return
+    found = {
+        r.id: r
+        for r in session.scalars(
+            select(Request).where(Request.id.in_([x.subject_id for x in rows]))
+        )
+    }
+    for row in rows:
+        request = found.get(row.subject_id)
+        if request is None:  # purged since it ended
+            data: dict[str, Any] = {"id": row.subject_id, "status": row.event_type.split(".", 1)[1]}
+            row.payload = envelope(row.event_type, data, row.created_at.isoformat())
+            continue
+        view = RequestView.from_row(request).model_dump(mode="json")
+        row.payload = envelope(
+            row.event_type, view, (request.finished_at or row.created_at).isoformat()
+        )
+
+
+def send(settings: Settings, claimed: Claimed) -> Outcome:
+    """POST one claimed delivery, signed now; what happened (nothing recorded yet)."""
+    headers = signed_headers(claimed.secrets, claimed.webhook_id, int(time.time()), claimed.body)
+    try:
+        response = post(
+            claimed.url,
+            claimed.body,
+            headers,
+            timeout_s=settings.webhook_timeout_s,
+            allow_private=settings.webhook_allow_private,
+            max_response_bytes=settings.webhook_max_response_bytes,
+        )
+    except UnsafeURL as err:
+        return Outcome("dead", str(err))
+    except (OSError, HTTPException) as err:  # TimeoutError and HostNotFound are OSErrors
+        return Outcome("retry", f"{type(err).__name__}: {err}"[:500])
+    status = response.status
+    if 200 <= status < 300:
+        return Outcome("delivered", status_code=status)
+    text = response.body[:200].decode("utf-8", "replace").replace("\n", " ")
+    error = f"HTTP {status}" + (f": {text}" if text else "")
+    return Outcome("gone" if status == 410 else "retry", error, status)
+
+
+def record(settings: Settings, results: list[tuple[Claimed, Outcome]], unsent: list[int]) -> None:
+    """Record a batch's outcomes in one transaction, and free the rows not sent."""
+    d = WebhookDelivery
+    with session_scope(settings.database_url) as session:
+        ids = [c.id for c, _ in results]
+        rows = {
+            r.id: r for r in session.scalars(select(d).where(d.id.in_(ids), d.status == "pending"))
+        }
+        _settle(session, settings, [(rows[c.id], o) for c, o in results if c.id in rows])
+        if unsent:
+            session.execute(
+                update(d)
+                .where(d.id.in_(unsent), d.status == "pending")
+                .values(leased_until=None)
+                .execution_options(synchronize_session=False)
+            )
+
+
+def _settle(
+    session: Session, settings: Settings, outcomes: list[tuple[WebhookDelivery, Outcome]]
+) -> None:
+    now = utcnow()
+    delivered = [r.id for r, o in outcomes if o.kind == "delivered"]
+    if delivered:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(delivered))
+            .values(
+                status="delivered",
+                delivered_at=now,
+                attempts=WebhookDelivery.attempts + 1,
+                leased_until=None,
+                last_error=None,
+                last_status_code=next(o.status_code for _, o in outcomes if o.kind == "delivered"),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    for row, outcome in outcomes:
+        if outcome.kind == "delivered":
+            continue
+        attempts = row.attempts + (
+            0 if outcome.status_code is None and outcome.kind == "dead" else 1
+        )
+        values: dict[str, Any] = {
+            "attempts": attempts,
+            "leased_until": None,
+            "last_error": outcome.error,
+            "last_status_code": outcome.status_code,
+        }
+        if outcome.kind == "gone":
+            if row.endpoint_id is not None:
+                session.execute(
+                    update(WebhookEndpoint)
+                    .where(WebhookEndpoint.id == row.endpoint_id)
+                    .values(
+                        enabled=False,
+                        disabled_reason=f"answered 410 Gone at {now:%Y-%m-%d %H:%M:%S} UTC",
+                    )
+                )
+            values.update(status="dead", last_error=f"{outcome.error} (endpoint disabled)")
+        elif outcome.kind == "dead":
+            values["status"] = "dead"
+        else:
+            when = now + timedelta(seconds=backoff_s(settings, attempts))
+            if when > row.expires_at:
+                values.update(
+                    status="dead", last_error=f"{outcome.error} (gave up after {attempts} attempts)"
+                )
+            else:
+                values["next_attempt_at"] = when
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == row.id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )

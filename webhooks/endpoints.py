@@ -1,0 +1,229 @@
+"""Managing a tenant's webhooks: endpoints, its signing secret, failed deliveries.
+
+Every function is tenant-scoped: the CLI passes the operator's `--tenant`, the HTTP API the
+tenant of the caller's key. `tenant=None` (operators only) means every tenant. Another
+tenant's endpoint or delivery is treated as unknown."""
+
+from __future__ import annotations
+
+import secrets as _random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from models.intake import IntakeItem
+from models.tables import utcnow
+from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
+from sheepdog.errors import InvalidRequest, SheepdogError
+from sheepdog.settings import Settings
+from webhooks import crypto
+from webhooks.addresses import HostNotFound, UnsafeURL, check_form, resolve
+from webhooks.outbox import EVENTS
+from webhooks.signing import new_secret
+
+
+class WebhookError(SheepdogError, ValueError):
+    """A webhook command refused (bad URL, unknown event, unknown id)."""
+
+
+class EndpointView(BaseModel):
+    id: str
+    tenant: str
+    url: str
+    events: list[str]
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: WebhookEndpoint) -> EndpointView:
+        events = ["*"] if row.events == "*" else [e for e in row.events.split(",") if e]
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            url=row.url,
+            events=events,
+            enabled=row.enabled,
+            disabled_reason=row.disabled_reason,
+            created_at=row.created_at,
+        )
+
+
+class DeliveryView(BaseModel):
+    id: int
+    webhook_id: str
+    tenant: str
+    target: str
+    event_type: str
+    subject_id: str
+    status: str
+    attempts: int
+    last_error: str | None
+    last_status_code: int | None
+    created_at: datetime
+    next_attempt_at: datetime
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> DeliveryView:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class Added(BaseModel):
+    endpoint: EndpointView
+    secret: str | None  # the tenant's new signing secret, shown once; None: it had one
+
+
+def events_column(events: list[str] | None) -> str:
+    if not events or events == ["*"]:
+        return "*"
+    unknown = sorted(set(events) - set(EVENTS))
+    if unknown:
+        raise WebhookError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+    return "," + ",".join(sorted(set(events))) + ","
+
+
+def check_url(settings: Settings, url: str) -> None:
+    """A registration's check: form, and every address the host resolves to now."""
+    try:
+        check_form(url, allow_private=settings.webhook_allow_private)
+        resolve(url, allow_private=settings.webhook_allow_private)
+    except (UnsafeURL, HostNotFound) as err:
+        raise WebhookError(str(err)) from None
+
+
+def ensure_secret(session: Session, settings: Settings, tenant: str) -> str | None:
+    """Create the tenant's signing secret if it has none; returns it then (else None)."""
+    if session.get(WebhookSecret, tenant) is not None:
+        return None
+    secret = new_secret()
+    session.add(WebhookSecret(tenant=tenant, secret=crypto.encrypt(settings, secret)))
+    session.flush()
+    return secret
+
+
+def add_endpoint(
+    session: Session, settings: Settings, tenant: str, url: str, events: list[str] | None = None
+) -> Added:
+    check_url(settings, url)
+    column = events_column(events)
+    secret = ensure_secret(session, settings, tenant)
+    row = WebhookEndpoint(
+        id="we_" + _random.token_hex(12), tenant=tenant, url=url, events=column, enabled=True
+    )
+    session.add(row)
+    session.flush()
+    return Added(endpoint=EndpointView.from_row(row), secret=secret)
+
+
+def list_endpoints(session: Session, tenant: str | None) -> list[EndpointView]:
+    query = select(WebhookEndpoint).order_by(WebhookEndpoint.tenant, WebhookEndpoint.created_at)
+    if tenant is not None:
+        query = query.where(WebhookEndpoint.tenant == tenant)
+    return [EndpointView.from_row(r) for r in session.scalars(query)]
+
+
+def _endpoint(session: Session, tenant: str | None, endpoint_id: str) -> WebhookEndpoint:
+    row = session.get(WebhookEndpoint, endpoint_id)
+    if row is None or (tenant is not None and row.tenant != tenant):
+        raise WebhookError(f"no webhook endpoint {endpoint_id!r}")
+    return row
+
+
+def remove_endpoint(session: Session, tenant: str | None, endpoint_id: str) -> None:
+    """Delete the endpoint and its deliveries (pending ones are not sent)."""
+    row = _endpoint(session, tenant, endpoint_id)
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id))
+    session.delete(row)
+
+
+def rotate_secret(session: Session, settings: Settings, tenant: str) -> str:
+    """A new signing secret for the tenant (returned once); the previous one keeps signing,
+    beside it, for webhook_rotation_grace_s."""
+    secret = new_secret()
+    token = crypto.encrypt(settings, secret)
+    row = session.get(WebhookSecret, tenant)
+    now = utcnow()
+    if row is None:
+        session.add(WebhookSecret(tenant=tenant, secret=token))
+    else:
+        row.previous, row.secret = row.secret, token
+        row.previous_until = now + timedelta(seconds=settings.webhook_rotation_grace_s)
+        row.rotated_at = now
+    session.flush()
+    return secret
+
+
+def failed_deliveries(session: Session, tenant: str | None, limit: int = 100) -> list[DeliveryView]:
+    """Dead deliveries, newest first."""
+    query = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.status == "dead")
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    if tenant is not None:
+        query = query.where(WebhookDelivery.tenant == tenant)
+    return [DeliveryView.from_row(r) for r in session.scalars(query)]
+
+
+def get_delivery(session: Session, tenant: str | None, ref: str) -> WebhookDelivery:
+    """A delivery by its number or its webhook-id (`msg_...`)."""
+    d = WebhookDelivery
+    query = select(d).where(d.webhook_id == ref if ref.startswith("msg_") else d.id == _int(ref))
+    row = session.scalar(query)
+    if row is None or (tenant is not None and row.tenant != tenant):
+        raise WebhookError(f"no webhook delivery {ref!r}")
+    return row
+
+
+def _int(ref: str) -> int:
+    try:
+        return int(ref)
+    except ValueError:
+        raise WebhookError(f"no webhook delivery {ref!r} (give its number or msg_ id)") from None
+
+
+def redeliver(session: Session, settings: Settings, tenant: str | None, ref: str) -> DeliveryView:
+    """Send a delivery again (same webhook-id), now, with a fresh retry window. An endpoint
+    disabled by a 410 is enabled again (the operator says it is back)."""
+    row = get_delivery(session, tenant, ref)
+    now = utcnow()
+    if row.endpoint_id is not None:
+        session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == row.endpoint_id)
+            .values(enabled=True, disabled_reason=None)
+        )
+    row.status = "pending"
+    row.next_attempt_at = now
+    row.expires_at = now + timedelta(seconds=settings.webhook_max_age_s)
+    row.leased_until = None
+    session.flush()
+    return DeliveryView.from_row(row)
+
+
+def require_signing_secrets(settings: Settings, items: Sequence[IntakeItem]) -> None:
+    """The edge of a submit: a request naming its own webhook_url needs its tenant to have a
+    signing secret (an unsigned webhook is never sent); refuse it with one line otherwise."""
+    tenants = {
+        (item.request.get("metadata") or {}).get("tenant", "default")
+        for item in items
+        if item.request.get("webhook_url")
+    }
+    if not tenants:
+        return
+    from sheepdog.db import session_scope
+
+    with session_scope(settings.database_url) as session:
+        have = set(
+            session.scalars(select(WebhookSecret.tenant).where(WebhookSecret.tenant.in_(tenants)))
+        )
+    missing = sorted(tenants - have)
+    if missing:
+        raise InvalidRequest(
+            f"invalid request: webhook_url: tenant {missing[0]!r} has no webhook signing secret"
+            f" (create one: sheepdog webhooks rotate-secret --tenant {missing[0]})"
+        )
