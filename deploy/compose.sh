@@ -8,6 +8,7 @@
 #   down   stops the stack and removes its containers, network and volumes; stops dockerd and
 #          restores the firewall if `up` started it
 #   clean  down, then removes the images too (the next `up` starts cold)
+#   engine only the engine (running, or started here): fails when none can be had
 # Settings (environment): FLOWER_PORT (5555), PROMETHEUS_PORT (9090), SHEEPDOG_FLOWER_BASIC_AUTH
 # (default admin:<random>, kept in var/compose/), SHEEPDOG_EXTRA_CA_DIR (extra CA certificates to
 # trust, default /usr/local/share/ca-certificates), SHEEPDOG_LOCAL_IMAGES=1 (skip Docker Hub),
@@ -176,9 +177,10 @@ cmd_clean() {
 }
 
 case "${1:-}" in
+  engine) engine_start ;;  # only the engine: CI asks whether one can be had
   up) cmd_up ;;
   smoke) cmd_smoke ;;
   down) cmd_down ;;
   clean) cmd_clean ;;
-  *) echo "usage: deploy/compose.sh up|smoke|down|clean" >&2; exit 2 ;;
+  *) echo "usage: deploy/compose.sh up|smoke|down|clean|engine" >&2; exit 2 ;;
 esac

@@ -45,6 +45,10 @@ _firewall_save() {
   sysctl -n net.ipv4.ip_forward >"$ENGINE_STATE/ip_forward.before"
   sysctl -n net.ipv6.conf.all.forwarding >"$ENGINE_STATE/ip6_forward.before" 2>/dev/null || true
   ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort >"$ENGINE_STATE/links.before"
+  local dir
+  for dir in /run/containerd /run/docker /var/run/docker; do
+    [ -e "$dir" ] && echo "$dir"
+  done >"$ENGINE_STATE/run-dirs.before"
 }
 
 # Put back what _firewall_save recorded; remove the links dockerd made.
@@ -70,6 +74,14 @@ _firewall_restore() {
     comm -13 "$ENGINE_STATE/links.before" - | while read -r link; do
       case "$link" in docker0 | br-* | veth*) ip link delete "$link" 2>/dev/null || true ;; esac
     done
+  # The engine's runtime directories (sockets, state), when it made them and nothing is still
+  # mounted below them.
+  local dir
+  for dir in /run/containerd /run/docker /var/run/docker; do
+    [ -e "$dir" ] && ! grep -qx "$dir" "$ENGINE_STATE/run-dirs.before" &&
+      ! awk '{print $2}' /proc/mounts | grep -q "^$dir/" && rm -rf "$dir"
+  done
+  return 0
 }
 
 engine_start() {
