@@ -47,7 +47,7 @@ _firewall_save() {
   ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort >"$ENGINE_STATE/links.before"
   local dir
   for dir in /run/containerd /run/docker /var/run/docker; do
-    [ -e "$dir" ] && echo "$dir"
+    if [ -e "$dir" ]; then echo "$dir"; fi
   done >"$ENGINE_STATE/run-dirs.before"
 }
 
@@ -63,8 +63,8 @@ _firewall_restore() {
       done
       for chain in INPUT FORWARD OUTPUT; do "$cmd" -P "$chain" ACCEPT 2>/dev/null || true; done
     done
-    [ -s "$ENGINE_STATE/iptables.before" ] && iptables-restore <"$ENGINE_STATE/iptables.before"
-    [ -s "$ENGINE_STATE/ip6tables.before" ] && ip6tables-restore <"$ENGINE_STATE/ip6tables.before"
+    [ -s "$ENGINE_STATE/iptables.before" ] && iptables-restore <"$ENGINE_STATE/iptables.before" || true
+    [ -s "$ENGINE_STATE/ip6tables.before" ] && ip6tables-restore <"$ENGINE_STATE/ip6tables.before" || true
   fi
   sysctl -q -w net.ipv4.ip_forward="$(cat "$ENGINE_STATE/ip_forward.before")" >/dev/null
   [ -s "$ENGINE_STATE/ip6_forward.before" ] &&
@@ -78,8 +78,10 @@ _firewall_restore() {
   # mounted below them.
   local dir
   for dir in /run/containerd /run/docker /var/run/docker; do
-    [ -e "$dir" ] && ! grep -qx "$dir" "$ENGINE_STATE/run-dirs.before" &&
-      ! awk '{print $2}' /proc/mounts | grep -q "^$dir/" && rm -rf "$dir"
+    if [ -e "$dir" ] && ! grep -qx "$dir" "$ENGINE_STATE/run-dirs.before" &&
+      ! awk '{print $2}' /proc/mounts | grep -q "^$dir/"; then
+      rm -rf "$dir"
+    fi
   done
   return 0
 }
