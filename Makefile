@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 PY := $(VENV)/bin/python
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv test lint fmt typecheck demo bench compose-check clean
+.PHONY: venv test lint fmt typecheck demo bench compose-check compose-up compose-smoke compose-down compose-clean clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,23 @@ bench: venv
 
 compose-check:
 	docker-compose -f docker-compose.yml config --quiet
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
+
+# The compose stack for real (deploy/compose.sh; the README's "Everything at once"): an engine
+# (started, and stopped again by compose-down, when none runs), the images, every service healthy.
+compose-up:
+	deploy/compose.sh up
+
+compose-smoke:
+	deploy/compose.sh smoke
+
+compose-down:
+	deploy/compose.sh down
+
+# compose-down, then the images too: the next compose-up starts cold.
+compose-clean:
+	deploy/compose.sh clean
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

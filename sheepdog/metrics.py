@@ -211,7 +211,8 @@ def database_families(settings: Settings) -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from sqlalchemy import func, select
 
-    from models.tables import BatchJob, CostEntry, Document, Request
+    from costs.budget_usage import used_ratios
+    from models.tables import BatchJob, CostEntry, Document, Request, utcnow
     from sheepdog.db import session_scope
 
     requests = GaugeMetricFamily(
@@ -235,6 +236,15 @@ def database_families(settings: Settings) -> list[Any]:
         labels=["route", "model"],
     )
     docs = GaugeMetricFamily("sheepdog_documents", "Documents by status", labels=["status"])
+    oldest = GaugeMetricFamily(
+        "sheepdog_batch_job_oldest_open_seconds",
+        "Age of the oldest open batch job (since submission, else creation); 0 when none",
+    )
+    budgets = GaugeMetricFamily(
+        "sheepdog_budget_used_ratio",
+        "A budgeted tenant's spend plus held reservations over its limit, per UTC period",
+        labels=["tenant", "period"],
+    )
     with session_scope(settings.database_url) as session:
         waiting = 0
         for status, route, model, n in session.execute(
@@ -254,6 +264,14 @@ def database_families(settings: Settings) -> list[Any]:
             open_jobs[status] = n
         for status, n in open_jobs.items():
             jobs.add_metric([status], n)
+        since = session.scalar(
+            select(func.min(func.coalesce(BatchJob.submitted_at, BatchJob.created_at))).where(
+                BatchJob.status.in_(OPEN_BATCH)
+            )
+        )
+        oldest.add_metric([], (utcnow() - since).total_seconds() if since else 0.0)
+        for tenant, period, ratio in used_ratios(session, settings):
+            budgets.add_metric([tenant, period], ratio)
         for route, model, p, c, usd, std in session.execute(
             select(
                 CostEntry.route,
@@ -275,7 +293,7 @@ def database_families(settings: Settings) -> list[Any]:
         from webhooks.stats import webhook_families
 
         hooks = webhook_families(session)
-    return [requests, queued, jobs, tokens, cost, standard, docs, *hooks]
+    return [requests, queued, jobs, tokens, cost, standard, docs, oldest, budgets, *hooks]
 
 
 # -- serving ---------------------------------------------------------------------------------
