@@ -15,6 +15,7 @@ from documents.status import export, refresh
 from models.tables import Document
 from sheepdog.client import Client
 from sheepdog.db import session_scope
+from sheepdog.migrate import upgrade
 from sheepdog.settings import Settings
 from sheepdog.tokens import count_tokens
 from tests.fixtures.services import redis_db
@@ -23,12 +24,15 @@ SCAN_REDIS = redis_db(10)  # its intake messages must not reach the test workers
 
 
 @pytest.fixture
-def scan_settings(sqlite_url: str, tmp_path: Path) -> Iterator[Settings]:
+def scan_settings(tmp_path: Path) -> Iterator[Settings]:
+    # A database of its own: the test counts the queued rows its scans wrote.
+    database_url = f"sqlite:///{tmp_path / 'scan.db'}"
+    upgrade(database_url)
     r = redis.Redis.from_url(SCAN_REDIS)
     r.flushdb()
     yield Settings(
         redis_url=SCAN_REDIS,
-        database_url=sqlite_url,
+        database_url=database_url,
         documents_glob=f"{tmp_path}/**/*.md|notes/*.txt",
         documents_model="sheepdog-mini",
         documents_max_parts=2,
@@ -37,17 +41,22 @@ def scan_settings(sqlite_url: str, tmp_path: Path) -> Iterator[Settings]:
 
 
 def _queued_intake(settings: Settings) -> list[dict]:
-    """The intake items waiting in the broker (no worker consumes this Redis DB)."""
-    import base64
-    import json
+    """The documents' requests waiting for a batch: the producer writes each row before
+    `submit` returns (no worker runs here), in the shape of an intake item."""
+    from models.tables import Request
 
-    r = redis.Redis.from_url(settings.redis_url)
-    items: list[dict] = []
-    for raw in r.lrange("default", 0, -1):
-        msg = json.loads(raw)
-        args, _, _ = json.loads(base64.b64decode(msg["body"]))
-        items.extend(args[0])
-    return items
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(
+            select(Request).where(Request.tenant == "documents", Request.status == "queued")
+        ).all()
+        return [
+            {
+                "route": row.route,
+                "body": row.body,
+                "request": {"priority": row.priority, "metadata": row.metadata_ or {}},
+            }
+            for row in rows
+        ]
 
 
 def _rows(settings: Settings, tmp_path: Path) -> dict[str, Document]:
