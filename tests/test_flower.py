@@ -104,7 +104,7 @@ def test_flower_shows_workers_and_tasks_without_prompts(flower, stack_client) ->
             "priority": "high",
         }
     )
-    low = stack_client.submit(
+    stack_client.submit(
         {
             "model": "sheepdog-mini",
             "messages": [{"role": "user", "content": secret_prompt + " low"}],
