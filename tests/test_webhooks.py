@@ -28,7 +28,7 @@ from tests.fixtures.webhooks import Receiver
 from webhooks import endpoints
 from webhooks.crypto import new_key
 from webhooks.delivery import deliver_target, due_targets
-from webhooks.verify import WebhookVerificationError, verify_webhook
+from sheepdog_client import WebhookVerificationError, verify_webhook
 
 MODEL = "sheepdog-mini"
 

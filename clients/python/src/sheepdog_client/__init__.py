@@ -24,6 +24,7 @@ from sheepdog_client.errors import (
     WaitTimeout,
 )
 from sheepdog_client.models import CancelResult, Event, Page, RequestView, Usage
+from sheepdog_client.webhooks import WebhookVerificationError, verify_webhook
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,6 @@ __all__ = [
     "Unavailable",
     "Usage",
     "WaitTimeout",
+    "WebhookVerificationError",
+    "verify_webhook",
 ]

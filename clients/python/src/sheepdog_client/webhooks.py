@@ -1,8 +1,8 @@
 """Verify a Sheepdog webhook (Standard Webhooks) with the standard library only.
 
-Standalone on purpose: copy this file into a receiver, or into sheepdog-client as
-`sheepdog_client/webhooks.py`. `verify_webhook(headers, body, secret)` returns the parsed JSON
-payload or raises WebhookVerificationError."""
+The standard library only, so the file can also be copied into a receiver that does not install
+sheepdog-client. `verify_webhook(headers, body, secret)` returns the parsed JSON payload or raises
+WebhookVerificationError."""
 
 from __future__ import annotations
 
