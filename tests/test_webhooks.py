@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from sheepdog_client import WebhookVerificationError, verify_webhook
 from sqlalchemy import delete, select, update
 from standardwebhooks.webhooks import Webhook
 
@@ -28,7 +29,6 @@ from tests.fixtures.webhooks import Receiver
 from webhooks import endpoints
 from webhooks.crypto import new_key
 from webhooks.delivery import deliver_target, due_targets
-from sheepdog_client import WebhookVerificationError, verify_webhook
 
 MODEL = "sheepdog-mini"
 
