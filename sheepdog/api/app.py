@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sheepdog.api import native, openai_compat
+from sheepdog.api import native, openai_compat, webhook_routes
 from sheepdog.api.auth import Authenticator
 from sheepdog.api.batcher import SubmitBatcher
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
@@ -150,6 +150,12 @@ ROUTES = [
     Route("/v1/requests/{id}", native.get_one, methods=["GET"]),
     Route("/v1/requests/{id}/cancel", native.cancel, methods=["POST"]),
     Route("/v1/requests/{id}/events", native.events, methods=["GET"]),
+    Route("/v1/webhooks", webhook_routes.add, methods=["POST"]),
+    Route("/v1/webhooks", webhook_routes.list_all, methods=["GET"]),
+    Route("/v1/webhooks/rotate-secret", webhook_routes.rotate, methods=["POST"]),
+    Route("/v1/webhooks/failed", webhook_routes.failed, methods=["GET"]),
+    Route("/v1/webhooks/deliveries/{ref}/redeliver", webhook_routes.redeliver, methods=["POST"]),
+    Route("/v1/webhooks/{id}", webhook_routes.remove, methods=["DELETE"]),
 ]
 
 
