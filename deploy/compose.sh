@@ -138,6 +138,7 @@ cmd_up() {
 
 Sheepdog is up ($((SECONDS - t0)) s):
   Flower       http://127.0.0.1:${FLOWER_PORT:-5555}/   user $auth, password in $STATE_DIR/flower-auth
+  API          http://127.0.0.1:${API_PORT:-8080}/v1   (keys: docker-compose exec api sheepdog keys create --tenant T)
   Prometheus   http://127.0.0.1:${PROMETHEUS_PORT:-9090}/targets  (every worker's /metrics, scraped),
                http://127.0.0.1:${PROMETHEUS_PORT:-9090}/alerts   (deploy/prometheus/alerts.yml)
   Worker metrics, raw: docker-compose exec worker-stream python -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9808/metrics').read().decode())"
