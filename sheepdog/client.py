@@ -63,6 +63,17 @@ class Client:
         self._prices = prices
         self._app: Any = None
 
+    def warm_up(self) -> None:
+        """Do a first submit's one-off work now (a server calls this at start-up): build the
+        Celery app and open its broker connection, load the modules the record path imports
+        (seconds on a cold start), open a database connection. Errors are left to submit."""
+        import scheduler.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
+
+        with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+        with contextlib.suppress(Exception), session_scope(self.settings.database_url) as s:
+            s.execute(select(1))
+
     @property
     def celery(self) -> Any:
         """The Celery app used to send (built from this client's settings)."""

@@ -34,7 +34,9 @@ def succeeded(view: RequestView) -> RequestView:
 
 def test_stream_resumes_after_a_cut_connection(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
     tag = f"cut-{uuid.uuid4().hex[:8]}"
-    simulator.set_faults([{"match": tag, "chunk_delay_ms": 40}])
+    # The cuts need the answer still in flight when the client reads seq 3 and 8: chunks 200 ms
+    # apart keep it so for seconds, however late a loaded box lets the client read.
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
     key = api_server.key()
     with tcp_proxy(port_of(api_server.url)) as proxy, Client(proxy.url, api_key=key) as client:
         rid = client.submit(ask(f"{tag} a long answer please"), priority="high")

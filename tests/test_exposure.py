@@ -203,8 +203,13 @@ def retrying_intake(stack: Any, pg_url: str) -> Iterator[Any]:
         env={"SHEEPDOG_BROKER_PREFIX": prefix, "SHEEPDOG_DATABASE_URL": dead_db},
         name="retrying",
     )
+    # The intake message is what an autoretry re-sends: the producer sends one only when it
+    # does not write the rows itself (SHEEPDOG_PRODUCER_WRITES_ROWS=0).
     settings = Settings(
-        redis_url=stack.env["SHEEPDOG_REDIS_URL"], broker_prefix=prefix, database_url=pg_url
+        redis_url=stack.env["SHEEPDOG_REDIS_URL"],
+        broker_prefix=prefix,
+        database_url=pg_url,
+        producer_writes_rows=False,
     )
     yield Client(settings)
     worker.stop()

@@ -167,6 +167,8 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The first call must not pay the imports and connections of a cold start.
+        await run_in_threadpool(front.client.warm_up)
         yield
         await front.redis.aclose()
 
