@@ -128,6 +128,8 @@ def deliver_target(settings: Settings, target: str) -> TargetReport:
                 break
             results: list[tuple[Claimed, Outcome]] = []
             for item in claimed:
+                if not _renew(slot):  # expired (this process stalled): another may hold it
+                    break
                 outcome = send(settings, item)
                 results.append((item, outcome))
                 if outcome.kind not in ("delivered", "dead"):
@@ -140,24 +142,30 @@ def deliver_target(settings: Settings, target: str) -> TargetReport:
                     report.dead += 1
                 else:
                     report.failed += 1
-            if results[-1][1].kind not in ("delivered", "dead"):
-                break
+            if len(results) < len(claimed) or results[-1][1].kind not in ("delivered", "dead"):
+                break  # a failure, or the slot lost: the rest wait for their own time
             batch = min(batch * 2, max(1, settings.webhook_claim_batch))
-            try:
-                slot.reacquire()
-            except redis.exceptions.LockError:
-                break
     finally:
         with contextlib.suppress(redis.exceptions.LockError):  # expired: maybe retaken
             slot.release()
     return report
 
 
+def _renew(slot: Any) -> bool:
+    try:
+        slot.reacquire()
+        return True
+    except redis.exceptions.LockError:
+        return False
+
+
 def _take_slot(settings: Settings, target: str) -> Any:
     from sheepdog.redis_conn import get_redis
 
     client = get_redis(settings.redis_url)
-    ttl = lease_s(settings, settings.webhook_claim_batch)
+    # A slot lives for one send and is renewed before each, so a worker that dies holding it
+    # frees it within one send's time, not a whole batch's.
+    ttl = lease_s(settings, 1)
     for n in range(max(1, settings.webhook_endpoint_concurrency)):
         name = target if len(target) <= 64 else hashlib.sha256(target.encode()).hexdigest()
         lock = client.lock(keys.of(settings).webhook_slot(name, n), timeout=ttl)
