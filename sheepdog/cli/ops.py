@@ -163,7 +163,10 @@ def demo(
     db: Annotated[str, typer.Option(help="SQLite file for the demo.")] = "var/demo.db",
     redis_db: Annotated[int, typer.Option(help="Redis database number (flushed).")] = 2,
     docs: Annotated[str, typer.Option(help="Documents folder.")] = "samples/docs",
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 110.0,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Give up when the workload has not ended this long after start-up."),
+    ] = 110.0,
 ) -> None:
     """The whole system on one machine: simulator, workers, beat, a mixed workload, the bill."""
     from sheepdog.demo import run_demo
