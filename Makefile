@@ -26,7 +26,7 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix .
 
 typecheck: venv
-	$(VENV)/bin/mypy sheepdog models costs workers tasks scheduler streaming webhooks
+	$(VENV)/bin/mypy sheepdog workers tasks scheduler batch streaming intake lifecycle costs webhooks documents rules models core simulator
 	$(VENV)/bin/mypy clients/python/src/sheepdog_client
 
 # Test modules run in parallel, one module per process (pytest-xdist; tests/conftest.py orders

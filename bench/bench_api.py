@@ -44,8 +44,8 @@ from sheepdog_client import Client as HttpClient  # noqa: E402
 
 from bench import api_load  # noqa: E402
 from bench.bench_stream import cpu_s, drop_pg, new_pg, pct, start_worker  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
 from sheepdog.tenant_keys import create_key  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from pydantic import SecretStr  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from core.db import session_scope  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from models.tables import BatchJob, Request  # noqa: E402
-from sheepdog.db import session_scope  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
 from tests.fixtures.pg import create_database  # noqa: E402
@@ -83,8 +83,8 @@ def count(settings: Settings, **where: str) -> int:
 
 
 def wait_final(settings: Settings, n: int, timeout: float) -> None:
-    from scheduler.ingest import ingest
-    from scheduler.poll import poll
+    from batch.ingest import ingest
+    from batch.poll import poll
 
     deadline = time.monotonic() + timeout
     while count(settings, status="succeeded") + count(settings, status="failed") < n:
@@ -128,12 +128,12 @@ def submit_alone(settings: Settings, n: int, rows: list[tuple[str, str, str]]) -
 
 def phases(sim: SimulatorProcess, n: int, rows: list[tuple[str, str, str]]) -> None:
     """In-process phases: insert, flush, write rate, ingest."""
-    from scheduler.flush import flush
-    from scheduler.ingest import ingest
-    from scheduler.jsonl import write_job_file
-    from scheduler.poll import poll
+    from batch.flush import flush
+    from batch.ingest import ingest
+    from batch.jsonl import write_job_file
+    from batch.poll import poll
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     db = new_db()
     try:
@@ -282,8 +282,8 @@ MEMORY_CHILD = r"""
 import json, resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[1])
 from pydantic import SecretStr
-from sheepdog.settings import Settings
-from scheduler.ingest import ingest
+from core.settings import Settings
+from batch.ingest import ingest
 cfg = json.loads(sys.argv[2])
 settings = Settings().model_copy(update={**cfg, "openai_api_key": SecretStr(cfg["openai_api_key"])})
 tracemalloc.start()
@@ -300,10 +300,10 @@ def memory(sim: SimulatorProcess, mb: int, rows: list[tuple[str, str, str]]) -> 
     """Ingest an output file of `mb` MB (answers of ~4 KB) in a subprocess; its peak memory."""
     from openai import OpenAI
 
-    from scheduler.claim import claim
-    from scheduler.jobs import update_job
+    from batch.claim import claim
+    from batch.jobs import update_job
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     db = new_db()
     try:

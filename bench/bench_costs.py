@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 
+from core.db import get_engine, session_scope  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from costs.budgets import reserve, set_budget  # noqa: E402
+from models.migrate import upgrade  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
-from sheepdog.db import get_engine, session_scope  # noqa: E402
-from sheepdog.migrate import upgrade  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 BROKER = "redis://127.0.0.1:6379/12"

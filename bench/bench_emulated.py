@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from sheepdog.db import session_scope  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
+from core.db import session_scope  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
 from tests.fixtures.pg import create_database  # noqa: E402
@@ -53,9 +53,9 @@ def providers_file(sim: SimulatorProcess, name: str, rpm: int) -> str:
 
 def queue_job(settings: Settings, n: int, tag: str) -> str:
     """n queued low-priority rows, flushed into one emulated job; returns its id."""
-    from scheduler.flush import flush
+    from batch.flush import flush
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     client = Client(settings)
     items = [
@@ -77,7 +77,7 @@ def queue_job(settings: Settings, n: int, tag: str) -> str:
 
 
 def _run_executor(settings_json: str, job_id: str) -> None:
-    from scheduler.emulator import emulate
+    from batch.emulator import emulate
 
     report = emulate(job_id, Settings.model_validate_json(settings_json))
     assert report.outcome == "completed", report

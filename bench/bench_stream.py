@@ -60,12 +60,12 @@ from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from bench import relay_floor  # noqa: E402
+from core import keys  # noqa: E402
+from core.db import get_engine, session_scope  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from models.migrate import upgrade  # noqa: E402
 from models.tables import Request  # noqa: E402
-from sheepdog import keys  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
-from sheepdog.db import get_engine, session_scope  # noqa: E402
-from sheepdog.migrate import upgrade  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
 

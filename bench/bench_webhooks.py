@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from pydantic import SecretStr  # noqa: E402
 from sqlalchemy import func, select, update  # noqa: E402
 
+from core.db import session_scope  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from models.webhook_tables import WebhookDelivery  # noqa: E402
-from sheepdog.db import session_scope  # noqa: E402
-from sheepdog.settings import Settings  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
 from tests.fixtures.pg import create_database  # noqa: E402
@@ -123,11 +123,11 @@ def low(n: int, tenant: str) -> list[dict[str, Any]]:
 
 def ingest_rate(settings: Settings, n: int) -> float:
     """Insert n queued rows of tenant `bench`, flush, wait for the job, time the ingest."""
-    from scheduler.flush import flush
-    from scheduler.ingest import ingest
-    from scheduler.poll import poll
+    from batch.flush import flush
+    from batch.ingest import ingest
+    from batch.poll import poll
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     items = [Client(settings).prepare(r) for r in low(n, "bench")]
     for start in range(0, n, 500):

@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from sheepdog.settings import Settings
+from core.settings import Settings
 from workers.config import celery_config
 
 QUEUE = "floor"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from costs.budgets import effective_limits, everyone_budgeted, period_starts, spend
 from models.tables import Budget, CostEntry
-from sheepdog.settings import Settings
 
 
 def used_ratios(session: Session, settings: Settings) -> list[tuple[str, str, float]]:

@@ -26,14 +26,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from costs.caps import effective_max_tokens
-from costs.prices import PriceTable, Route, price_table
-from models.intake import IntakeItem
+from core.db import among, session_scope
+from core.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
+from core.settings import Settings
+from models.intake_message import IntakeItem
 from models.tables import Budget, CostEntry, Request, Reservation, utcnow
-from sheepdog.db import among, session_scope
-from sheepdog.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
-from sheepdog.settings import Settings
-from sheepdog.tokens import count_message_tokens
+from rules.caps import effective_max_tokens
+from rules.prices import PriceTable, Route, price_table
+from rules.tokens import count_message_tokens
 
 log = logging.getLogger("sheepdog.budgets")
 

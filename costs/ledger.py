@@ -17,9 +17,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from costs.budgets import HELD, SETTLED, settle
-from costs.prices import ModelPrice, PriceTable, Route, price_table
 from models.tables import CostEntry, Reservation, utcnow
-from sheepdog.tokens import count_message_tokens, count_tokens
+from rules.prices import ModelPrice, PriceTable, Route, price_table
+from rules.tokens import count_message_tokens, count_tokens
 
 
 @dataclass(frozen=True)

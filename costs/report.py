@@ -11,6 +11,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
 from costs.budgets import (
     HELD,
     Limits,
@@ -21,7 +22,6 @@ from costs.budgets import (
     spend,
 )
 from models.tables import CostEntry, Reservation, utcnow
-from sheepdog.settings import Settings
 
 GroupBy = Literal["model", "tenant", "route", "day"]
 GROUPS: tuple[GroupBy, ...] = ("model", "tenant", "route", "day")

@@ -17,15 +17,15 @@ from typing import Any
 import redis
 from sqlalchemy import func, select
 
-from costs.prices import PriceTable
+from core import keys
+from core.db import session_scope
+from core.errors import InvalidRequest
+from core.settings import Settings, get_settings
 from documents.files import SourceDocument, find_files, read_document
 from documents.split import part_budget, split_text
 from models.tables import Document, Request, utcnow
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.errors import InvalidRequest
-from sheepdog.settings import Settings, get_settings
-from sheepdog.tokens import count_tokens
+from rules.prices import PriceTable
+from rules.tokens import count_tokens
 
 log = logging.getLogger("sheepdog.documents")
 
@@ -138,7 +138,7 @@ def scan_documents(
     changed document (and of each whose previous version failed). Returns what it did.
 
     One scan runs at a time (a Redis lock); a second one returns at once with `skipped`."""
-    from sheepdog.redis_conn import get_redis
+    from core.redis_conn import get_redis
 
     settings = settings or get_settings()
     lock = get_redis(settings.redis_url).lock(keys.of(settings).documents_lock, timeout=LOCK_TTL_S)

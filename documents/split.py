@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sheepdog.tokens import count_message_tokens, count_tokens
+from rules.tokens import count_message_tokens, count_tokens
 
 SAFETY = 0.85  # token counts are local estimates: leave room for the provider's own count
 _PARAGRAPHS = re.compile(r"\n\s*\n")

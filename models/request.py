@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from core.errors import InvalidRequest
 from models.tables import USD, max_chars
-from sheepdog.errors import InvalidRequest
 
 MAX_CONTENT_CHARS = 2_000_000
 # What the `requests` columns can hold (PostgreSQL enforces them; SQLite does not): checked
@@ -267,8 +267,8 @@ class ChatRequest(BaseModel):
     @classmethod
     def _safe_webhook_url(cls, url: str | None) -> str | None:
         # Form and literal addresses here; the resolved address at every delivery.
-        from sheepdog.settings import get_settings
-        from webhooks.addresses import check_form
+        from core.settings import get_settings
+        from rules.addresses import check_form
 
         if url is not None:
             check_form(url, allow_private=get_settings().webhook_allow_private)
@@ -276,7 +276,7 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _fits_model(self, info: ValidationInfo) -> ChatRequest:
-        from sheepdog.tokens import count_message_tokens
+        from rules.tokens import count_message_tokens
 
         price = _price_table(info).get(self.model)
         if self.max_tokens is not None and self.max_tokens > price.max_output_tokens:
@@ -312,7 +312,7 @@ class ChatRequest(BaseModel):
 
 
 def _price_table(info: ValidationInfo) -> Any:
-    from costs.prices import price_table
+    from rules.prices import price_table
 
     context = info.context or {}
     return context.get("price_table") or price_table()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sheepdog.settings import Settings
+from core.settings import Settings
 
 
 def cron_schedule(expr: str) -> Any:

@@ -24,15 +24,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError as SQLOperationalError
 from sqlalchemy.orm import defer
 
-from costs.budgets import release_items, reserve
-from costs.caps import effective_max_tokens
-from costs.prices import PriceTable, price_table
-from models.intake import IntakeItem
-from models.request import ChatRequest, new_request_id, parse_request
-from models.tables import Request
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.errors import (
+from core import keys
+from core.db import session_scope
+from core.errors import (
     DATABASE_HINT,
     REDIS_HINT,
     IdempotencyConflict,
@@ -41,12 +35,18 @@ from sheepdog.errors import (
     SheepdogError,
     redact_url,
 )
-from sheepdog.intake import TRANSIENT, record_safely, release_keys
-from sheepdog.redis_conn import get_redis
-from sheepdog.routing import choose_route
-from sheepdog.settings import Settings, get_settings
-from sheepdog.tokens import count_message_tokens
-from sheepdog.views import RequestView
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from costs.budgets import release_items, reserve
+from lifecycle.record import TRANSIENT, record_safely, release_keys
+from models.intake_message import IntakeItem
+from models.request import ChatRequest, new_request_id, parse_request
+from models.tables import Request
+from models.views import RequestView
+from rules.caps import effective_max_tokens
+from rules.prices import PriceTable, price_table
+from rules.routing import choose_route
+from rules.tokens import count_message_tokens
 from webhooks.endpoints import require_signing_secrets
 
 INTAKE_BULK = 500  # low-priority requests per intake message
@@ -67,7 +67,7 @@ class Client:
         """Do a first submit's one-off work now (a server calls this at start-up): build the
         Celery app and open its broker connection, load the modules the record path imports
         (seconds on a cold start), open a database connection. Errors are left to submit."""
-        import scheduler.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
+        import batch.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
 
         with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
@@ -156,7 +156,7 @@ class Client:
             self._record(items)
 
     def _record(self, items: Sequence[IntakeItem]) -> None:
-        from scheduler.flush import count_up
+        from batch.flush import count_up
 
         try:
             with session_scope(self.settings.database_url) as session:

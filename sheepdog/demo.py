@@ -162,8 +162,8 @@ def _run(
 ) -> int:
     import redis
 
-    from sheepdog.migrate import upgrade
-    from sheepdog.settings import Settings
+    from core.settings import Settings
+    from models.migrate import upgrade
 
     base = Settings()
     var = (ROOT / db_path).parent if not db_path.is_absolute() else db_path.parent
@@ -383,8 +383,8 @@ def _follow_batch(settings: Any, n_docs: int, ticket_ids: list[str], deadline: f
     """Show progress until every low-priority request has ended; returns the documents' ids."""
     from sqlalchemy import func, select
 
+    from core.db import session_scope
     from models.tables import BatchJob, Document, Request
-    from sheepdog.db import session_scope
 
     final = ("succeeded", "failed", "cancelled")
     tickets = set(ticket_ids)
@@ -441,8 +441,8 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _show_documents(settings: Any) -> None:
+    from core.db import session_scope
     from documents.status import refresh
-    from sheepdog.db import session_scope
 
     with session_scope(settings.database_url) as session:
         views = refresh(session)
@@ -461,8 +461,8 @@ def _show_documents(settings: Any) -> None:
 def _final_check(settings: Any, ids: list[str]) -> bool:
     from sqlalchemy import func, select
 
+    from core.db import session_scope
     from models.tables import Request
-    from sheepdog.db import session_scope
 
     with session_scope(settings.database_url) as session:
         counts = dict(
@@ -511,8 +511,8 @@ def _show_costs(env: dict[str, str]) -> None:
         return
     from sqlalchemy import func, select
 
+    from core.db import session_scope
     from models.tables import CostEntry
-    from sheepdog.db import session_scope
 
     with session_scope(env["SHEEPDOG_DATABASE_URL"]) as session:
         rows = session.execute(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sheepdog.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("sheepdog.metrics")
 
@@ -158,10 +158,10 @@ class DatabaseCollector:
     def _observe_finished_streams(self) -> None:
         from sqlalchemy import select
 
+        from core import keys
+        from core.db import session_scope
+        from core.redis_conn import get_redis
         from models.tables import Request, utcnow
-        from sheepdog import keys
-        from sheepdog.db import session_scope
-        from sheepdog.redis_conn import get_redis
 
         until = utcnow() - timedelta(seconds=COMMIT_LAG_S)
         previous = _claim_range(
@@ -211,9 +211,9 @@ def database_families(settings: Settings) -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from sqlalchemy import func, select
 
+    from core.db import session_scope
     from costs.budget_usage import used_ratios
     from models.tables import BatchJob, CostEntry, Document, Request, utcnow
-    from sheepdog.db import session_scope
 
     requests = GaugeMetricFamily(
         "sheepdog_requests",

@@ -19,9 +19,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from core.db import session_scope
+from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
 from models.tables import ApiKey, utcnow
-from sheepdog.db import session_scope
-from sheepdog.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
 
 KEY_PREFIX = "sk-sd-"
 SHOWN_CHARS = 12  # what `keys list` shows of a key: enough to tell keys apart

@@ -20,7 +20,7 @@ from simulator.state import SimState, api, sim
 
 
 def _model_names() -> list[str]:
-    from costs.prices import price_table
+    from rules.prices import price_table
 
     return price_table().names()
 

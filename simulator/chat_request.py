@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sheepdog.tokens import count_message_tokens
+from rules.tokens import count_message_tokens
 from simulator.answers import Answer, generate
 from simulator.errors import ApiError, bad_request, model_not_found
 

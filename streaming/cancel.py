@@ -6,13 +6,14 @@ from enum import StrEnum
 
 from sqlalchemy import select
 
+from core import keys
+from core.db import session_scope
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from lifecycle.moves import move
 from models.request import check_request_id
+from models.status import Status, is_final
 from models.tables import Request
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status, is_final, move
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings, get_settings
 
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600  # longer than any queue wait; the flag is checked at start
 

@@ -23,13 +23,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from core import keys
+from core.db import session_scope
+from core.redis_conn import new_async_redis
+from core.settings import Settings
+from models.status import is_final
 from models.stream_message import StreamMessage, StreamUsage
 from models.tables import Request
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import is_final
-from sheepdog.redis_conn import new_async_redis
-from sheepdog.settings import Settings
 from streaming.publisher import FIELD
 
 BATCH = 1000

@@ -20,12 +20,13 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
+from core import keys
+from core.db import session_scope
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from lifecycle.moves import move
+from models.status import Status
 from models.tables import Request, utcnow
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status, move
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings, get_settings
 from streaming.runner import publish_error
 
 log = logging.getLogger("sheepdog.janitor")

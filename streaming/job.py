@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 
+from core.settings import Settings
 from models.stream_message import encode
 from models.tables import utcnow
-from sheepdog.settings import Settings
-from sheepdog.tokens import count_message_tokens, count_tokens
-from streaming import providers
+from rules.tokens import count_message_tokens, count_tokens
+from streaming import provider_calls as providers
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
 from streaming.publisher import fence_token
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sheepdog import keys
+from core import keys
 from streaming.drain import drain_forever
 
 log = logging.getLogger("sheepdog.streaming.lookups")

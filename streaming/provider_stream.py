@@ -22,7 +22,7 @@ import httpx2
 import openai
 import orjson
 
-from sheepdog.errors import scrub_secrets
+from core.errors import scrub_secrets
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 CHAT_PATH = "/chat/completions"

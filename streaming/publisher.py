@@ -19,8 +19,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from core import keys
 from models.stream_message import StreamMessage
-from sheepdog import keys
 from streaming.drain import drain_forever
 
 log = logging.getLogger("sheepdog.streaming.publisher")

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from models.intake import IntakeItem
+from core import keys
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from lifecycle.record import release_keys
+from models.intake_message import IntakeItem
+from models.status import Status
 from models.stream_message import StreamMessage, encode
-from sheepdog import keys
-from sheepdog.intake import release_keys
-from sheepdog.lifecycle import Status
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings, get_settings
 from streaming import store
 from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
 from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now

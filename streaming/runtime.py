@@ -23,9 +23,9 @@ import httpx2
 import openai
 import redis
 
-from sheepdog import keys
-from sheepdog.redis_conn import new_async_redis
-from sheepdog.settings import Settings
+from core import keys
+from core.redis_conn import new_async_redis
+from core.settings import Settings
 from streaming.job import LOST, StreamJob
 from streaming.lookups import Lookups
 from streaming.publisher import Publisher

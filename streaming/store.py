@@ -21,14 +21,15 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from core.db import is_postgres, session_scope
 from costs import ledger
 from costs.budgets import release
-from costs.prices import price_table
-from models.intake import IntakeItem
+from lifecycle.moves import move, move_each, move_returning
+from lifecycle.record import record_requests, record_unstorable, refusal, row_values
+from models.intake_message import IntakeItem
+from models.status import Status
 from models.tables import Request, utcnow
-from sheepdog.db import is_postgres, session_scope
-from sheepdog.intake import record_requests, record_unstorable, refusal, row_values
-from sheepdog.lifecycle import Status, move, move_each, move_returning
+from rules.prices import price_table
 from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size

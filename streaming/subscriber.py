@@ -28,12 +28,12 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
+from core import keys
+from core.errors import SheepdogError
+from core.redis_conn import get_redis, new_async_redis
+from core.settings import Settings, get_settings
 from models.stream_message import StreamMessage, StreamUsage
 from models.tables import Request
-from sheepdog import keys
-from sheepdog.errors import SheepdogError
-from sheepdog.redis_conn import get_redis, new_async_redis
-from sheepdog.settings import Settings, get_settings
 from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
@@ -159,7 +159,7 @@ class _Reader:
             )
 
     def load_row(self) -> Request | None:
-        from sheepdog.db import session_scope
+        from core.db import session_scope
 
         try:
             with session_scope(self.settings.database_url) as session:

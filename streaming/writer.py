@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from models.intake import IntakeItem
+from models.intake_message import IntakeItem
 from streaming import store
 
 log = logging.getLogger("sheepdog.streaming.writer")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from scheduler.emulator import emulate as run_emulate
-from scheduler.flush import flush as run_flush
-from scheduler.ingest import ingest as run_ingest
-from scheduler.poll import poll as run_poll
+from batch.emulator import emulate as run_emulate
+from batch.flush import flush as run_flush
+from batch.ingest import ingest as run_ingest
+from batch.poll import poll as run_poll
 from workers.app import app
 
 log = logging.getLogger("sheepdog.tasks.batch")

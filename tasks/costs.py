@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from core.db import session_scope
 from costs.budgets import release_stale
-from sheepdog.db import session_scope
 from workers.app import app
 
 log = logging.getLogger("sheepdog.tasks.costs")

@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from scheduler.flush import count_up
-from sheepdog.db import session_scope
-from sheepdog.intake import parse_items, record_safely, release_keys
-from sheepdog.settings import get_settings
+from batch.flush import count_up
+from core.db import session_scope
+from core.settings import get_settings
+from lifecycle.record import parse_items, record_safely, release_keys
 from workers.app import app
 
 log = logging.getLogger("sheepdog.tasks.intake")

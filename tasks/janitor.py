@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from scheduler.orphans import sweep_batched
-from sheepdog.settings import get_settings
+from batch.orphans import sweep_batched
+from core.settings import get_settings
 from streaming.janitor import sweep
 from workers.app import app
 

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sheepdog.settings import get_settings
+from core.settings import get_settings
 from streaming.runner import run_stream
 from streaming.runtime import get_runtime
 from streaming.store import Unavailable

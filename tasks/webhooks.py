@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from sheepdog import keys
-from sheepdog.settings import get_settings
+from core import keys
+from core.settings import get_settings
 from webhooks import outbox
 from webhooks.delivery import deliver_target, due_targets
 from workers.app import app
@@ -39,7 +39,7 @@ def deliver(target: str) -> dict[str, Any]:
 def kick() -> None:
     """Ask for a sweep soon: the first kick of a window schedules one at its end, so every
     commit made before then is seen; later kicks in the window add nothing."""
-    from sheepdog.redis_conn import get_redis
+    from core.redis_conn import get_redis
 
     settings = get_settings()
     window_ms = int(KICK_WINDOW_S * 1000)

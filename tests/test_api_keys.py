@@ -10,8 +10,8 @@ import sys
 
 from sqlalchemy import select
 
+from core.db import session_scope
 from models.tables import ApiKey
-from sheepdog.db import session_scope
 from sheepdog.tenant_keys import KEY_PREFIX, find_key
 from tests.fixtures.workers import ROOT
 

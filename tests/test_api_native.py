@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 import redis
 
-from sheepdog import keys
+from core import keys
 from tests.fixtures.api import ApiServer, new_tenant
 from tests.fixtures.workers import Stack
 
@@ -276,8 +276,8 @@ def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: Ap
     tenant's call still refuses that call alone."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from core.db import session_scope
     from costs.budgets import set_budget
-    from sheepdog.db import session_scope
 
     broke, fine = new_tenant(), new_tenant()
     with session_scope(api_server.settings.database_url) as session:

@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from core.db import session_scope
 from costs.budgets import set_budget
-from sheepdog.db import session_scope
 from tests.fixtures.api import ApiServer, new_tenant
 
 MODEL = "sheepdog-mini"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from costs.prices import price_table
+from rules.prices import price_table
 from tests.fixtures.workers import ROOT
 
 

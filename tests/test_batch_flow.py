@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import OpenAI
 from sqlalchemy import func, select, update
 
-from costs.prices import price_table
+from batch.flush import METADATA_KEY, find_provider_batch, flush
+from batch.ingest import ingest
+from batch.jobs import SimulatedCrash
+from batch.poll import poll
+from core.db import session_scope
 from models.tables import BatchJob, CostEntry
-from scheduler.flush import METADATA_KEY, find_provider_batch, flush
-from scheduler.ingest import ingest
-from scheduler.jobs import SimulatedCrash
-from scheduler.poll import poll
-from sheepdog.db import session_scope
-from sheepdog.provider import openai_client
+from rules.prices import price_table
 from tests.fixtures.batch import add_requests, drive, jobs, make_settings, rows
 
 MINI = "sheepdog-mini"
@@ -131,7 +131,9 @@ def test_cancelled_batch_requeues(settings: Any, simulator: Any) -> None:
     simulator.configure(batch_validate_s=3000.0)  # 3 s at the session's time scale
     ids = add_requests(settings, [(MINI, f"cancel q{i}") for i in range(6)])
     report = flush(settings)
-    openai_client(settings).batches.cancel(report.jobs[0].provider_batch_id)
+    OpenAI(
+        base_url=settings.openai_base_url, api_key=settings.api_key(), max_retries=0
+    ).batches.cancel(report.jobs[0].provider_batch_id)
     simulator.configure(batch_validate_s=10.0)
     drive(settings, ids)
     got = rows(settings, ids)
@@ -163,7 +165,7 @@ def test_crash_is_repaired_without_double_submit(settings: Any, point: str) -> N
     assert {r.status for r in rows(settings, ids).values()} == {"batched"}
     repaired = flush(settings)
     assert repaired.repaired == 1 and repaired.jobs[0].adopted == (point == "create")
-    client = openai_client(settings)
+    client = OpenAI(base_url=settings.openai_base_url, api_key=settings.api_key(), max_retries=0)
     matching = [
         b for b in client.batches.list(limit=100) if (b.metadata or {}).get(METADATA_KEY) == job.id
     ]

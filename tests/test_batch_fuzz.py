@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from scheduler.claim import claim
-from scheduler.ingest import _parse_validated, ingest, parse_line
-from scheduler.jobs import update_job
-from scheduler.jsonl import split_lines
-from sheepdog.db import session_scope
+from batch.claim import claim
+from batch.ingest import _parse_validated, ingest, parse_line
+from batch.jobs import update_job
+from batch.jsonl import split_lines
+from core.db import session_scope
 from tests.fixtures.batch import add_requests, make_settings, rows, wipe
 
 JSON = st.recursive(

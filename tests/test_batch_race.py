@@ -6,12 +6,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from openai import OpenAI
 from sqlalchemy import func, select
 
+from batch.flush import METADATA_KEY, FlushReport, flush
+from core.db import session_scope
 from models.tables import BatchJob, Request
-from scheduler.flush import METADATA_KEY, FlushReport, flush
-from sheepdog.db import session_scope
-from sheepdog.provider import openai_client
 from tests.fixtures.batch import add_requests, drive, make_settings, rows, wipe
 
 
@@ -62,7 +62,9 @@ def test_concurrent_flushes_claim_disjoint_rows(
         seen |= set(custom)
     provider_jobs = [
         (b.metadata or {}).get(METADATA_KEY)
-        for b in openai_client(settings).batches.list(limit=100)
+        for b in OpenAI(
+            base_url=settings.openai_base_url, api_key=settings.api_key(), max_retries=0
+        ).batches.list(limit=100)
     ]
     for job_id in job_ids:
         assert provider_jobs.count(job_id) == 1

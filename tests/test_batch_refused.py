@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from batch.flush import flush
+from core.db import session_scope
 from models.tables import BatchJob
-from scheduler.flush import flush
-from sheepdog.db import session_scope
 from tests.fixtures.batch import add_requests, make_settings, rows
 
 

@@ -139,8 +139,8 @@ def test_wheel_in_a_fresh_venv_streams_from_a_service_folder(
 def _row_text(api_server: ApiServer, request_id: str) -> str | None:
     from sqlalchemy import select
 
+    from core.db import session_scope
     from models.tables import Request
-    from sheepdog.db import session_scope
 
     with session_scope(api_server.settings.database_url) as session:
         return session.scalar(select(Request.text).where(Request.id == request_id))
@@ -269,8 +269,8 @@ def test_another_tenants_request_is_not_found(client: Client, api_server: ApiSer
 
 
 def test_budget_and_rate_refusals(api_server: ApiServer) -> None:
+    from core.db import session_scope
     from costs.budgets import set_budget
-    from sheepdog.db import session_scope
 
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     with session_scope(api_server.settings.database_url) as session:

@@ -11,17 +11,18 @@ from pathlib import Path
 import pytest
 import redis
 
+from core.db import session_scope
+from core.errors import BudgetExceeded, ServiceUnavailable
+from core.settings import Settings
 from costs import budgets
 from costs.budgets import budgeted_tenants, release_stale, reserve, worst_case
 from costs.ledger import Usage, record
-from costs.prices import price_table
-from models.intake import IntakeItem
+from lifecycle.moves import move, move_many
+from lifecycle.record import row_values
+from models.intake_message import IntakeItem
+from models.status import Status
+from rules.prices import price_table
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.errors import BudgetExceeded, ServiceUnavailable
-from sheepdog.intake import row_values
-from sheepdog.lifecycle import Status, move, move_many
-from sheepdog.settings import Settings
 from tests.fixtures.costs import budget, insert_rows, make_item, reservations
 from tests.fixtures.services import redis_db
 
@@ -33,7 +34,7 @@ def test_a_worst_case_is_prompt_plus_max_tokens_at_the_route_rate(tmp_path: Path
     prices = price_table()
     item = make_item(settings, "t", max_tokens=10_000)
     prompt = item.body["messages"]
-    from sheepdog.tokens import count_message_tokens
+    from rules.tokens import count_message_tokens
 
     expected = (Decimal(2) * count_message_tokens(prompt) + Decimal(8) * 10_000) / 1_000_000
     assert worst_case(item, prices) == expected

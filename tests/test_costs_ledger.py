@@ -6,12 +6,12 @@ from decimal import Decimal
 
 from sqlalchemy import select
 
+from core.db import session_scope
+from core.settings import Settings
 from costs.ledger import Usage, cost_of, estimated_usage, record
-from costs.prices import price_table
 from costs.report import cost_lines
 from models.tables import CostEntry
-from sheepdog.db import session_scope
-from sheepdog.settings import Settings
+from rules.prices import price_table
 from tests.fixtures.costs import insert_rows, make_item
 
 

@@ -15,13 +15,13 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from core.db import session_scope
+from core.settings import Settings, get_settings
 from costs.budgets import reserve
 from costs.ledger import Usage, record
 from costs.plot import plot_daily
 from costs.report import cost_lines, cost_report, daily_by_route
 from models.tables import CostEntry
-from sheepdog.db import session_scope
-from sheepdog.settings import Settings, get_settings
 from tests.fixtures.costs import budget, insert_rows, make_item
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,15 +9,15 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from core.db import session_scope
+from core.settings import Settings
 from documents.scan import scan_documents
 from documents.split import split_text
 from documents.status import export, refresh
+from models.migrate import upgrade
 from models.tables import Document
+from rules.tokens import count_tokens
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.migrate import upgrade
-from sheepdog.settings import Settings
-from sheepdog.tokens import count_tokens
 from tests.fixtures.services import redis_db
 
 SCAN_REDIS = redis_db(10)  # its intake messages must not reach the test workers
@@ -132,7 +132,7 @@ def test_scan_new_changed_unchanged_split_refused(scan_settings: Settings, tmp_p
 
 
 def test_a_second_scan_while_one_runs_is_skipped(scan_settings: Settings) -> None:
-    from sheepdog import keys
+    from core import keys
 
     r = redis.Redis.from_url(scan_settings.redis_url)
     r.set(keys.of(scan_settings).documents_lock, "someone", ex=30)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.db import session_scope
 from documents.scan import scan_documents
 from documents.status import DocumentView, export, refresh
 from models.tables import Request
-from sheepdog.db import session_scope
 from tests.fixtures.ends import assert_ended
 
 

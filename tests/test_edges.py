@@ -15,13 +15,13 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from core import keys
+from core.db import session_scope
+from core.errors import IdempotencyConflict, InvalidRequest
+from core.settings import Settings
+from core.strict_json import loads
 from models.request import ChatRequest, Message, parse_request
-from sheepdog import keys
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.errors import IdempotencyConflict, InvalidRequest
-from sheepdog.settings import Settings
-from sheepdog.strict_json import loads
 from tests.fixtures.batch import add_requests
 from tests.fixtures.workers import ROOT
 

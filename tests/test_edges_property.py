@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from core.errors import InvalidRequest
+from core.settings import Settings, get_settings
 from sheepdog.client import Client
-from sheepdog.errors import InvalidRequest
-from sheepdog.settings import Settings, get_settings
 
 MINI = "sheepdog-mini"
 ACCEPTED: list[str] = []

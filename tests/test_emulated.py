@@ -14,16 +14,16 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from batch.emulated import state_keys
+from batch.emulator import emulate
+from batch.flush import flush
+from batch.ingest import ingest
+from batch.poll import poll
+from core import keys
+from core.db import session_scope
 from costs.ledger import with_discount
-from costs.prices import price_table
 from models.tables import CostEntry
-from scheduler.emulated import state_keys
-from scheduler.emulator import emulate
-from scheduler.flush import flush
-from scheduler.ingest import ingest
-from scheduler.poll import poll
-from sheepdog import keys
-from sheepdog.db import session_scope
+from rules.prices import price_table
 from tests.fixtures.batch import add_requests, drive, jobs, rows
 from tests.fixtures.emulated import provider, settings_for, unique, write_providers
 from tests.fixtures.simulator import start_simulator

@@ -21,11 +21,11 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
-from costs.prices import price_table
+from core import keys
+from core.db import session_scope
+from core.settings import Settings
 from models.tables import BatchJob, CostEntry, Request
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.settings import Settings
+from rules.prices import price_table
 from tests.fixtures.emulated import max_in_window, provider, unique, write_providers
 from tests.fixtures.ends import assert_ended
 from tests.fixtures.pg import create_database, drop_database
@@ -107,8 +107,8 @@ def wait_ended(settings: Settings, ids: list[str], timeout: float) -> None:
 
 def queue_rows(settings: Settings, bodies: list[dict[str, Any]]) -> list[str]:
     """Queued low-priority rows in one transaction (so one flush takes them all)."""
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     client = Client(settings)
     items = [client.prepare({**b, "priority": "low"}) for b in bodies]

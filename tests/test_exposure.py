@@ -174,7 +174,7 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_worker_metrics_listen_on_loopback_by_default(stack: Any) -> None:
-    from sheepdog.settings import Settings
+    from core.settings import Settings
 
     assert Settings(_env_file=None).metrics_address == "127.0.0.1"  # type: ignore[call-arg]
     port = free_port()
@@ -192,8 +192,8 @@ def test_worker_metrics_listen_on_loopback_by_default(stack: Any) -> None:
 def retrying_intake(stack: Any, pg_url: str) -> Iterator[Any]:
     """A client and a worker of a deployment of their own whose worker cannot reach its
     database: every intake message fails with OperationalError and is retried."""
+    from core.settings import Settings
     from sheepdog.client import Client
-    from sheepdog.settings import Settings
 
     prefix = f"{stack.env['SHEEPDOG_BROKER_PREFIX']}retry-{uuid.uuid4().hex[:4]}:"
     dead_db = f"postgresql+psycopg://sheepdog@127.0.0.1:{free_port()}/nowhere"

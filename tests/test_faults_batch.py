@@ -20,15 +20,15 @@ import pytest
 from openai import OpenAI
 from sqlalchemy import delete, func, select, update
 
+from batch.claim import claim
+from batch.flush import METADATA_KEY, find_provider_batch, flush
+from batch.ingest import ingest
+from batch.jobs import SimulatedCrash
+from batch.poll import poll
+from core.db import session_scope
+from core.settings import Settings
+from lifecycle.record import record_requests
 from models.tables import BatchJob, CostEntry, Request, utcnow
-from scheduler.claim import claim
-from scheduler.flush import METADATA_KEY, find_provider_batch, flush
-from scheduler.ingest import ingest
-from scheduler.jobs import SimulatedCrash
-from scheduler.poll import poll
-from sheepdog.db import session_scope
-from sheepdog.intake import record_requests
-from sheepdog.settings import Settings
 from tests.fixtures.faults import Deployment, Figures, load_rows, tally, wait_final, wait_for
 from tests.fixtures.invariants import check_invariants
 from tests.fixtures.workers import ROOT
@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
 FLUSH_HARNESS = """
 import os, signal, sys
-import scheduler.flush as f
+import batch.flush as f
 point, claimed = sys.argv[1], []
 # Die at the point in this flush's own new job, not while it repairs an earlier killed one
 # (their locks expire when the test runs slowly).
@@ -55,7 +55,7 @@ f.flush()
 
 INGEST_HARNESS = """
 import os, signal, sys, threading
-import scheduler.ingest as ing
+import batch.ingest as ing
 after, done, lock = int(sys.argv[2]), [0], threading.Lock()
 commit = ing.Sink._transaction
 def _transaction(self, pending):

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from sheepdog import keys
-from sheepdog.errors import InvalidRequest
+from core import keys
+from core.errors import InvalidRequest
 from tests.fixtures.ends import assert_all_ended, assert_ended
 from tests.fixtures.faults import Deployment, Figures, load_rows, tally, wait_final, wait_for
 from tests.fixtures.invariants import check_invariants

@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 from sqlalchemy import select
 
+from core.db import session_scope
 from models.tables import BatchJob, CostEntry, Request
-from sheepdog.db import session_scope
 from tests.fixtures.faults import Deployment, Figures, tally, wait_final
 from tests.fixtures.invariants import check_invariants
 

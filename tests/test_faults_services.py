@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.errors import ServiceUnavailable
-from sheepdog.intake import record_requests
+from core import keys
+from core.db import session_scope
+from core.errors import ServiceUnavailable
+from lifecycle.record import record_requests
 from tests.fixtures.faults import (
     Deployment,
     Figures,

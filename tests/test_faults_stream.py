@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from sheepdog import keys
+from core import keys
 from streaming.subscriber import events
 from tests.fixtures.faults import Deployment, Figures, tally, wait_final, wait_for
 from tests.fixtures.invariants import check_invariants

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from sheepdog import keys
-from sheepdog.errors import ServiceUnavailable
+from core import keys
+from core.errors import ServiceUnavailable
 from tests.fixtures.faults import (
     Figures,
     PgCluster,

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from core.errors import InvalidRequest
 from models.request import ChatRequest, parse_request
 from sheepdog.cli.requests import read_request_file
-from sheepdog.errors import InvalidRequest
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30)
@@ -123,8 +123,8 @@ cli_args = st.lists(
 )
 @given(args=cli_args)
 def test_cli_submit_never_tracebacks(args: list[str], empty_redis: str, monkeypatch: Any) -> None:
+    from core.settings import get_settings
     from sheepdog.cli import _register, app
-    from sheepdog.settings import get_settings
 
     monkeypatch.setenv("SHEEPDOG_REDIS_URL", empty_redis)
     get_settings.cache_clear()

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from core.db import session_scope
+from core.errors import IdempotencyConflict
 from models.tables import Request
-from sheepdog.db import session_scope
-from sheepdog.errors import IdempotencyConflict
 
 
 def low(prompt: str, **extra: Any) -> dict[str, Any]:
@@ -78,8 +78,8 @@ def test_submit_many_in_bulk(stack_client, intake_worker, stack) -> None:  # typ
 
 
 def test_intake_on_sqlite(stack, sqlite_url) -> None:  # type: ignore[no-untyped-def]
+    from core.settings import Settings
     from sheepdog.client import Client
-    from sheepdog.settings import Settings
 
     # Queues of its own (a key prefix), so the PostgreSQL workers cannot take the message.
     prefix = stack.env["SHEEPDOG_BROKER_PREFIX"] + "sqlite:"
@@ -97,8 +97,8 @@ def test_intake_on_sqlite(stack, sqlite_url) -> None:  # type: ignore[no-untyped
 
 
 def test_redelivered_intake_inserts_nothing_twice(db_url: str) -> None:
+    from lifecycle.record import record_requests
     from sheepdog.client import Client
-    from sheepdog.intake import record_requests
 
     item = Client().prepare(low("again"))
     with session_scope(db_url) as session:

@@ -14,13 +14,13 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from batch.jobs import job_lock, release
+from core import keys
+from core.db import session_scope
+from core.ratelimit import Limits, RateLimiter
+from core.settings import Settings
 from models.tables import BatchJob
-from scheduler.jobs import job_lock, release
-from sheepdog import keys
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.ratelimit import Limits, RateLimiter
-from sheepdog.settings import Settings
 from streaming.janitor import sweep
 from streaming.subscriber import StreamTimeout, stream_text
 from tests.fixtures.pg import create_database, drop_database

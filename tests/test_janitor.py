@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from core.db import session_scope
+from lifecycle.moves import move
+from lifecycle.record import record_requests
+from models.status import Status
 from models.tables import Request, utcnow
-from sheepdog.db import session_scope
-from sheepdog.intake import record_requests
-from sheepdog.lifecycle import Status, move
 from streaming.janitor import sweep
 from streaming.subscriber import RESET, StreamFailed, events, stream_text
 from tests.fixtures.ends import assert_ended

@@ -11,10 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
+from core.db import session_scope
+from lifecycle.record import record_requests
+from models.status import Status
 from models.tables import Request, utcnow
-from sheepdog.db import session_scope
-from sheepdog.intake import record_requests
-from sheepdog.lifecycle import Status
 from simulator.server import free_port
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy import update
 
+from core.db import session_scope
+from core.settings import Settings
 from costs.budgets import set_budget
 from models.tables import BatchJob, CostEntry, utcnow
-from sheepdog.db import session_scope
 from sheepdog.metrics import database_families
-from sheepdog.settings import Settings
 
 
 def samples(settings: Settings, name: str) -> dict[tuple[tuple[str, str], ...], float]:

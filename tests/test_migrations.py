@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from core.db import get_engine
+from models.migrate import upgrade
 from models.tables import Base
-from sheepdog.db import get_engine
-from sheepdog.migrate import upgrade
 from tests.fixtures.pg import throwaway_database
 
 TABLES = {"requests", "batch_jobs", "documents", "cost_ledger", "budgets", "budget_reservations"}

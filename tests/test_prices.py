@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from costs.prices import load_price_table, parse_price_file
+from rules.prices import load_price_table, parse_price_file
 
 
 def test_defaults_have_the_models_users_name_most() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sheepdog.providers import load_providers, resolve_batch_mode
-from sheepdog.settings import Settings
+from core.providers import load_providers, resolve_batch_mode
+from core.settings import Settings
 
 FILE = """
 [providers.main]
@@ -54,8 +54,8 @@ def test_model_map_and_keys(providers_file: Path) -> None:
 def test_auto_batch_mode_is_probed_once_and_remembered(
     providers_file: Path, redis_url: str
 ) -> None:
-    from sheepdog import keys
-    from sheepdog.redis_conn import get_redis
+    from core import keys
+    from core.redis_conn import get_redis
 
     settings = Settings(providers_file=str(providers_file), redis_url=redis_url)
     providers = load_providers(settings)

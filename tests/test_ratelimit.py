@@ -8,8 +8,8 @@ import uuid
 
 import redis
 
-from sheepdog.keys import Keys
-from sheepdog.ratelimit import Limits, RateLimiter
+from core.keys import Keys
+from core.ratelimit import Limits, RateLimiter
 
 
 def starts_under(

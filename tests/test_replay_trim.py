@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from sheepdog import keys
+from core import keys
 from streaming.subscriber import stream_text
 
 

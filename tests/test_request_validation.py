@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 import redis
 
+from core.errors import InvalidRequest
 from models.request import MAX_CONTENT_CHARS, ChatRequest, Priority, parse_request
-from sheepdog.errors import InvalidRequest
 
 GOOD = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -125,8 +125,8 @@ def test_client_refuses_bad_batch_and_enqueues_nothing(
 ) -> None:
     import uuid
 
+    from core.settings import Settings
     from sheepdog.client import Client
-    from sheepdog.settings import Settings
 
     # A deployment of its own (key prefix): anything it enqueued would be under that prefix.
     prefix = f"t-val-{uuid.uuid4().hex[:8]}:"

@@ -10,8 +10,8 @@ import pytest
 from kombu import Connection, Exchange, Producer
 from sqlalchemy import select
 
+from core.db import session_scope
 from models.tables import Request
-from sheepdog.db import session_scope
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def lone_worker(stack):  # type: ignore[no-untyped-def]
 
 
 def test_a_pickled_message_is_refused(lone_worker, stack) -> None:  # type: ignore[no-untyped-def]
+    from core.settings import Settings
     from sheepdog.client import Client
-    from sheepdog.settings import Settings
 
     proc, redis_url = lone_worker
     item = Client(Settings(redis_url=redis_url)).prepare(
@@ -79,8 +79,8 @@ def test_request_ids_are_random_and_unguessable() -> None:
 
 
 def test_the_api_key_never_travels_in_a_task_message(settings_env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from core.settings import Settings
     from sheepdog.client import Client
-    from sheepdog.settings import Settings
 
     secret = "sk-do-not-leak-" + uuid.uuid4().hex
     monkeypatch.setenv("SHEEPDOG_OPENAI_API_KEY", secret)

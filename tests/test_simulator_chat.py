@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from sheepdog.tokens import count_message_tokens, count_tokens
+from rules.tokens import count_message_tokens, count_tokens
 from tests.fixtures.simulator import start_simulator
 
 MODEL = "gpt-4.1-mini"
@@ -44,7 +44,7 @@ def raw_sse(sim, body: dict[str, object]) -> list[str]:  # type: ignore[no-untyp
 
 
 def test_models_lists_the_price_table(openai_client: OpenAI) -> None:
-    from costs.prices import price_table
+    from rules.prices import price_table
 
     ids = [model.id for model in openai_client.models.list()]
     assert ids == price_table().names()

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from core import keys
+from core.db import session_scope
 from models.tables import CostEntry, Request
-from sheepdog import keys
-from sheepdog.db import session_scope
 from streaming.subscriber import RESET, Reset, StreamFailed, events, stream_text
 from tests.fixtures.ends import assert_ended
 from tests.fixtures.streaming import StreamDeployment

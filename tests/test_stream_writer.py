@@ -15,12 +15,12 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from models.intake import IntakeItem
+from core.db import session_scope
+from core.settings import Settings
+from models.intake_message import IntakeItem
+from models.status import Status
 from models.tables import Request
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status
-from sheepdog.settings import Settings
 from streaming import store
 from streaming.writer import Writer
 from tests.fixtures.faults import free_port

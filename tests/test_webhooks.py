@@ -17,13 +17,14 @@ from sheepdog_client import WebhookVerificationError, verify_webhook
 from sqlalchemy import delete, select, update
 from standardwebhooks.webhooks import Webhook
 
+from core.db import session_scope
+from core.errors import InvalidRequest
+from core.settings import Settings, get_settings
+from lifecycle.moves import move
 from models.request import parse_request
+from models.status import Status
 from models.tables import utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
-from sheepdog.db import session_scope
-from sheepdog.errors import InvalidRequest
-from sheepdog.lifecycle import Status, move
-from sheepdog.settings import Settings, get_settings
 from tests.fixtures.batch import add_requests, drive, make_settings
 from tests.fixtures.webhooks import Receiver
 from webhooks import endpoints
@@ -116,7 +117,7 @@ def test_batch_ingest_writes_the_outbox_and_every_event_arrives_signed(
     assert own_events[0]["data"]["id"] == ids[-1]
     with session_scope(settings.database_url) as session:
         from models.tables import Request
-        from sheepdog.views import RequestView
+        from models.views import RequestView
 
         row = session.get(Request, ids[0])
         assert row is not None

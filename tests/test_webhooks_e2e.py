@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from core.db import session_scope
+from core.settings import Settings, get_settings
 from models.webhook_tables import WebhookDelivery
 from sheepdog.client import Client
-from sheepdog.db import session_scope
-from sheepdog.settings import Settings, get_settings
 from tests.fixtures.webhooks import Receiver
 from tests.fixtures.workers import Proc, Stack
 from webhooks import endpoints

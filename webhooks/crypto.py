@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from sheepdog.errors import SheepdogError
-from sheepdog.settings import Settings
+from core.errors import SheepdogError
+from core.settings import Settings
 
 KEY_HINT = "set SHEEPDOG_WEBHOOK_SECRET_KEY (`sheepdog webhooks keygen` prints a new key)"
 

@@ -29,14 +29,14 @@ import redis
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from core import keys
+from core.db import is_postgres, session_scope
+from core.settings import Settings
 from models.tables import Request, utcnow
+from models.views import RequestView
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
-from sheepdog import keys
-from sheepdog.db import is_postgres, session_scope
-from sheepdog.settings import Settings
-from sheepdog.views import RequestView
+from rules.addresses import UnsafeURL
 from webhooks import crypto
-from webhooks.addresses import UnsafeURL
 from webhooks.outbox import REQUEST_TARGET, envelope
 from webhooks.sender import post
 from webhooks.signing import signed_headers
@@ -160,7 +160,7 @@ def _renew(slot: Any) -> bool:
 
 
 def _take_slot(settings: Settings, target: str) -> Any:
-    from sheepdog.redis_conn import get_redis
+    from core.redis_conn import get_redis
 
     client = get_redis(settings.redis_url)
     # A slot lives for one send and is renewed before each, so a worker that dies holding it

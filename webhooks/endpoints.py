@@ -14,13 +14,13 @@ from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from models.intake import IntakeItem
+from core.errors import InvalidRequest, SheepdogError
+from core.settings import Settings
+from models.intake_message import IntakeItem
 from models.tables import utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
-from sheepdog.errors import InvalidRequest, SheepdogError
-from sheepdog.settings import Settings
+from rules.addresses import HostNotFound, UnsafeURL, check_form, resolve
 from webhooks import crypto
-from webhooks.addresses import HostNotFound, UnsafeURL, check_form, resolve
 from webhooks.outbox import EVENTS
 from webhooks.signing import new_secret
 
@@ -215,7 +215,7 @@ def require_signing_secrets(settings: Settings, items: Sequence[IntakeItem]) -> 
     }
     if not tenants:
         return
-    from sheepdog.db import session_scope
+    from core.db import session_scope
 
     with session_scope(settings.database_url) as session:
         have = set(

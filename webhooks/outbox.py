@@ -22,10 +22,10 @@ from sqlalchemy import ColumnElement, Text, and_, cast, event, func, literal, or
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core.db import among, is_postgres
+from core.settings import get_settings
 from models.tables import Request, UTCDateTime, utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
-from sheepdog.db import among, is_postgres
-from sheepdog.settings import get_settings
 
 log = logging.getLogger("sheepdog.webhooks")
 

@@ -10,7 +10,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from webhooks.addresses import IPAddress, parse_url, port_of, resolve
+from rules.addresses import IPAddress, parse_url, port_of, resolve
 
 
 @dataclass(frozen=True)

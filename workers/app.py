@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from sheepdog.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from workers.config import celery_config
 
 

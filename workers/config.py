@@ -6,7 +6,7 @@ from typing import Any
 
 from kombu import Queue
 
-from sheepdog.settings import Settings
+from core.settings import Settings
 
 QUEUES = ("stream", "default", "batch", "webhooks")
 

@@ -20,7 +20,7 @@ log = logging.getLogger("sheepdog.worker")
 @worker_process_init.connect
 def _fresh_connections_after_fork(**_: Any) -> None:
     # A forked child must not reuse the parent's database sockets.
-    from sheepdog.db import get_engine
+    from core.db import get_engine
 
     get_engine().dispose(close=False)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
+from core.db import get_engine, normalize_url
 from models.tables import Base
-from sheepdog.db import get_engine, normalize_url
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,7 +15,7 @@ target_metadata = Base.metadata
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        from sheepdog.settings import get_settings
+        from core.settings import get_settings
 
         url = get_settings().database_url
     return normalize_url(url)

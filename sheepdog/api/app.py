@@ -26,6 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from core.db import check_database
+from core.errors import SheepdogError
+from core.redis_conn import new_async_redis
+from core.settings import Settings, get_settings
 from sheepdog.api import native, openai_compat, webhook_routes
 from sheepdog.api.auth import Authenticator
 from sheepdog.api.batcher import SubmitBatcher
@@ -33,10 +37,6 @@ from sheepdog.api.errors import ApiError, error_body, from_sheepdog
 from sheepdog.api.metrics import ApiMetrics, MetricsMiddleware
 from sheepdog.api.tenancy import Tenancy
 from sheepdog.client import Client
-from sheepdog.db import check_database
-from sheepdog.errors import SheepdogError
-from sheepdog.redis_conn import new_async_redis
-from sheepdog.settings import Settings, get_settings
 
 log = logging.getLogger("sheepdog.api")
 INLINE_VALIDATION_BYTES = 64 * 1024  # bodies up to this are validated on the event loop

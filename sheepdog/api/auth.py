@@ -8,10 +8,10 @@ import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from sheepdog import keys
+from core import keys
+from core.ratelimit import AsyncRateLimiter, Limits
+from core.settings import Settings
 from sheepdog.api.errors import ApiError
-from sheepdog.ratelimit import AsyncRateLimiter, Limits
-from sheepdog.settings import Settings
 from sheepdog.tenant_keys import KeyCache, KeyInfo
 
 NO_AUTH_TENANT = "default"

@@ -11,9 +11,9 @@ import asyncio
 
 from starlette.concurrency import run_in_threadpool
 
+from core.errors import SheepdogError
 from models.request import ChatRequest
 from sheepdog.api.tenancy import Tenancy
-from sheepdog.errors import SheepdogError
 
 ROUND_MAX = 2000  # requests per round at most (bounds one round's latency)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from sheepdog.errors import (
+from core.errors import (
     BudgetExceeded,
     IdempotencyConflict,
     InvalidRequest,

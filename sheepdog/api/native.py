@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from models.status import Status
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
 from sheepdog.api.tenancy import public
-from sheepdog.lifecycle import Status
 from streaming.follow import Tick, follow
 
 if TYPE_CHECKING:

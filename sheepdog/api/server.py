@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from sheepdog.errors import SheepdogError, scrub_secrets
+from core.errors import SheepdogError, scrub_secrets
 
 
 class _ScrubKeys(logging.Filter):
@@ -33,7 +33,7 @@ def serve(address: str, port: int, processes: int = 1, no_auth: bool = False) ->
     os.environ["SHEEPDOG_API_ADDRESS"] = address
     os.environ["SHEEPDOG_API_PORT"] = str(port)
     os.environ["SHEEPDOG_API_NO_AUTH"] = "1" if no_auth else "0"
-    from sheepdog.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     prepare_multiprocess(processes > 1)

@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
+from core import keys
+from core.errors import BudgetExceeded, InvalidRequest, SheepdogError
+from core.redis_conn import get_redis
 from models.request import ChatRequest, Priority, parse_request
-from sheepdog import keys
+from models.views import RequestView
 from sheepdog.client import Client
-from sheepdog.errors import BudgetExceeded, InvalidRequest, SheepdogError
-from sheepdog.redis_conn import get_redis
-from sheepdog.views import RequestView
 
 OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
 DEFAULT_TENANT = "default"

@@ -19,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from core.db import session_scope
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError
-from sheepdog.db import session_scope
 from webhooks import endpoints
 from webhooks.endpoints import WebhookError
 

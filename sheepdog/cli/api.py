@@ -49,7 +49,7 @@ def keys_create(
     ] = None,
 ) -> None:
     """Make a key; prints it once (only its hash is stored)."""
-    from sheepdog.settings import get_settings
+    from core.settings import get_settings
     from sheepdog.tenant_keys import create_key
 
     with edge():
@@ -63,7 +63,7 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
 ) -> None:
     """List keys (id, tenant, name, first characters, state); never the keys."""
-    from sheepdog.settings import get_settings
+    from core.settings import get_settings
     from sheepdog.tenant_keys import list_keys
 
     with edge():
@@ -89,7 +89,7 @@ def keys_list(
 
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (keys list).")]) -> None:
     """Revoke a key: calls with it answer 401 (within SHEEPDOG_API_KEY_CACHE_S)."""
-    from sheepdog.settings import get_settings
+    from core.settings import get_settings
     from sheepdog.tenant_keys import revoke_key
 
     with edge():

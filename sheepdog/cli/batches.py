@@ -31,9 +31,9 @@ def job_rows(limit: int, open_only: bool = False) -> list[dict[str, Any]]:
     """The newest batch jobs as plain dicts (what `batches --json` prints)."""
     from sqlalchemy import select
 
+    from batch.jobs import FINAL
+    from core.db import check_database, session_scope
     from models.tables import BatchJob
-    from scheduler.jobs import FINAL
-    from sheepdog.db import check_database, session_scope
 
     check_database()
     with session_scope() as session:
@@ -113,9 +113,9 @@ def flush(
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 0,
 ) -> None:
     """Submit every queued low-priority request now (as the beat and threshold flushes do)."""
-    from scheduler.flush import flush as run_flush
-    from sheepdog.db import check_database
-    from sheepdog.settings import get_settings
+    from batch.flush import flush as run_flush
+    from core.db import check_database
+    from core.settings import get_settings
 
     with edge():
         check_database()
@@ -132,8 +132,8 @@ def _wait_ingested(job_ids: list[str], timeout: float | None) -> None:
     """Poll the jobs until each is ingested (the workers' poll and ingest do the work)."""
     from sqlalchemy import select
 
+    from core.db import session_scope
     from models.tables import BatchJob
-    from sheepdog.db import session_scope
 
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = set(job_ids)

@@ -55,9 +55,9 @@ def costs(
     """Requests, tokens, cost, savings against the standard rate, and budget use."""
     if ctx.invoked_subcommand is not None:
         return
+    from core.db import check_database, session_scope
+    from core.settings import get_settings
     from costs.report import GROUPS, cost_report, daily_by_route
-    from sheepdog.db import check_database, session_scope
-    from sheepdog.settings import get_settings
 
     if by not in GROUPS:
         fail(f"--by: unknown grouping {by!r}; use one of {', '.join(GROUPS)}")
@@ -160,9 +160,9 @@ def budget_set(
     ] = None,
 ) -> None:
     """Create or change a tenant's budget; options left out keep their value."""
+    from core.db import check_database, session_scope
+    from core.settings import get_settings
     from costs.budgets import set_budget
-    from sheepdog.db import check_database, session_scope
-    from sheepdog.settings import get_settings
 
     if daily is None and monthly is None and allow_downgrade is None:
         fail("give --daily, --monthly and/or --allow-downgrade")
@@ -198,9 +198,9 @@ def budget_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
     """Every tenant budget (and the settings default, if any)."""
+    from core.db import check_database, session_scope
+    from core.settings import get_settings
     from costs.budgets import list_budgets
-    from sheepdog.db import check_database, session_scope
-    from sheepdog.settings import get_settings
 
     settings = get_settings()
     with edge():
@@ -247,9 +247,9 @@ def budget_release_stale(
     hours: Annotated[float, typer.Option(help="Held longer than this many hours.")] = 1.0,
 ) -> None:
     """Release reservations whose request never reached a worker or ended unsettled."""
+    from core.db import check_database, session_scope
+    from core.settings import get_settings
     from costs.budgets import release_stale
-    from sheepdog.db import check_database, session_scope
-    from sheepdog.settings import get_settings
 
     url = get_settings().database_url
     with edge():

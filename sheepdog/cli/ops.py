@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
+from core.settings import get_settings
 from sheepdog.cli.output import edge, fail, print_json
-from sheepdog.settings import get_settings
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +51,7 @@ def flower(
     ] = False,
 ) -> None:
     """Run Flower on Sheepdog's Celery app, behind basic auth (SHEEPDOG_FLOWER_BASIC_AUTH)."""
-    from sheepdog.redis_conn import check_redis
+    from core.redis_conn import check_redis
 
     secret = get_settings().flower_basic_auth
     auth = secret.get_secret_value() if secret else ""
@@ -103,8 +103,8 @@ def documents_scan(
 
 
 def _views() -> list:
+    from core.db import check_database, session_scope
     from documents.status import refresh
-    from sheepdog.db import check_database, session_scope
 
     check_database()
     with session_scope() as session:

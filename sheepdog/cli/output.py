@@ -10,7 +10,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from sheepdog.errors import SheepdogError
+from core.errors import SheepdogError
 
 T = TypeVar("T")
 

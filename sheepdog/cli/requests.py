@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from core.errors import InvalidRequest
 from sheepdog.cli.output import edge, fail, print_json
-from sheepdog.errors import InvalidRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def read_request_file(path: Path) -> list[dict[str, Any]]:
 
     Any readable file works: a regular file, `/dev/null` (no requests), a pipe or process
     substitution (`--file <(...)`), or `-` for standard input."""
-    from sheepdog.strict_json import loads
+    from core.strict_json import loads
 
     if str(path) != "-" and not path.exists():
         raise InvalidRequest(f"no such file: {path}")
@@ -194,8 +194,8 @@ def status(
 def _summary() -> dict[str, Any]:
     from sqlalchemy import func, select
 
+    from core.db import check_database, session_scope
     from models.tables import Request
-    from sheepdog.db import check_database, session_scope
 
     check_database()
     with session_scope() as session:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
+from core.settings import get_settings
 from sheepdog.cli.output import edge, fail
-from sheepdog.settings import get_settings
 
 POOLS = ("threads", "prefork", "solo", "gevent")
 
@@ -43,7 +43,7 @@ def worker(
     ] = 0,
 ) -> None:
     """Run a Celery worker on the given queues."""
-    from sheepdog.redis_conn import check_redis
+    from core.redis_conn import check_redis
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - {"stream", "default", "batch", "webhooks"})
@@ -100,7 +100,7 @@ def beat(
     ),
 ) -> None:
     """Run Celery beat (flush, poll, janitor, nightly documents). Safe to run twice."""
-    from sheepdog.redis_conn import check_redis
+    from core.redis_conn import check_redis
 
     with edge():
         check_redis()
@@ -113,7 +113,7 @@ def db_upgrade(
     url: Annotated[str | None, typer.Option(help="Database URL (default: settings).")] = None,
 ) -> None:
     """Apply the Alembic migrations up to the newest."""
-    from sheepdog.migrate import upgrade
+    from models.migrate import upgrade
 
     with edge():
         upgrade(url)

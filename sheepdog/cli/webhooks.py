@@ -40,8 +40,8 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _session() -> Iterator[tuple[Session, Any]]:
-    from sheepdog.db import check_database, session_scope
-    from sheepdog.settings import get_settings
+    from core.db import check_database, session_scope
+    from core.settings import get_settings
 
     settings = get_settings()
     with edge():

@@ -8,7 +8,7 @@ import ipaddress
 import socket
 from urllib.parse import SplitResult, urlsplit
 
-from sheepdog.errors import SheepdogError
+from core.errors import SheepdogError
 
 MAX_URL_CHARS = 2000
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

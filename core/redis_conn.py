@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
-from sheepdog.errors import REDIS_HINT, ServiceUnavailable, redact_url
+from core.errors import REDIS_HINT, ServiceUnavailable, redact_url
 
 POOL_SIZE = 400
 ASYNC_POOL_SIZE = 64
@@ -17,7 +17,7 @@ ASYNC_POOL_SIZE = 64
 
 def _url(url: str | None) -> str:
     if url is None:
-        from sheepdog.settings import get_settings
+        from core.settings import get_settings
 
         url = get_settings().redis_url
     return url

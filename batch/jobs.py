@@ -14,12 +14,12 @@ import redis
 from redis.lock import Lock
 from sqlalchemy import update
 
+from core import keys
+from core.db import session_scope
+from core.providers import ProviderConfig, load_providers
+from core.redis_conn import get_redis
+from core.settings import Settings
 from models.tables import BatchJob, utcnow
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.providers import ProviderConfig, load_providers
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings
 
 PREPARING = "preparing"
 OPEN = frozenset({"validating", "in_progress", "finalizing", "cancelling"})

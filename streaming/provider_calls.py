@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import openai
 
-from sheepdog.providers import load_providers
-from sheepdog.ratelimit import AsyncRateLimiter, Limits
-from sheepdog.tokens import count_message_tokens
+from core.providers import load_providers
+from core.ratelimit import AsyncRateLimiter, Limits
+from rules.tokens import count_message_tokens
 from streaming.provider_stream import Fatal, Retryable
 
 if TYPE_CHECKING:

@@ -20,14 +20,15 @@ from typing import Any
 import orjson
 from sqlalchemy import select, update
 
+from batch.jobs import celery_for, mark_empty, update_job
+from batch.jsonl import encode_line
+from core import keys
+from core.db import session_scope
+from core.redis_conn import get_redis
+from core.settings import Settings
+from lifecycle.moves import move_each
+from models.status import Status
 from models.tables import BatchJob, Request, utcnow
-from scheduler.jobs import celery_for, mark_empty, update_job
-from scheduler.jsonl import encode_line
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status, move_each
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings
 
 log = logging.getLogger("sheepdog.batch.emulated")
 

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from sheepdog.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 30

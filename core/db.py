@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sheepdog.errors import DATABASE_HINT, ServiceUnavailable, redact_url
+from core.errors import DATABASE_HINT, ServiceUnavailable, redact_url
 
 
 def normalize_url(url: str) -> str:
@@ -48,7 +48,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def get_engine(url: str | None = None) -> Engine:
     """The engine for `url` (default: settings), one per URL per process."""
     if url is None:
-        from sheepdog.settings import get_settings
+        from core.settings import get_settings
 
         url = get_settings().database_url
     url = normalize_url(url)

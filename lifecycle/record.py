@@ -17,12 +17,12 @@ from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from models.intake import IntakeItem
+from core import keys
+from core.redis_conn import get_redis
+from core.settings import Settings
+from models.intake_message import IntakeItem
+from models.status import Status
 from models.tables import Request, max_chars, utcnow
-from sheepdog import keys
-from sheepdog.lifecycle import Status
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings
 
 log = logging.getLogger("sheepdog.intake")
 

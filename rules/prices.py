@@ -91,6 +91,6 @@ def load_price_table(path: str | None = None) -> PriceTable:
 
 def price_table() -> PriceTable:
     """The price table named by settings (SHEEPDOG_PRICE_TABLE_FILE) or the default."""
-    from sheepdog.settings import get_settings
+    from core.settings import get_settings
 
     return load_price_table(get_settings().price_table_file)

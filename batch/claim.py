@@ -18,10 +18,11 @@ from typing import Any
 from sqlalchemy import LargeBinary, Text, cast, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import Settings
+from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
+from models.status import Status
 from models.tables import BatchJob, Request, utcnow
-from sheepdog.lifecycle import Status, move_many
-from sheepdog.settings import Settings
 
 log = logging.getLogger("sheepdog.batch.claim")
 

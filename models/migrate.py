@@ -22,7 +22,7 @@ def alembic_config(url: str | None = None) -> Config:
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     """Bring the database at `url` (default: settings) up to `revision`."""
-    from sheepdog.db import check_database
+    from core.db import check_database
 
     check_database(url)
     command.upgrade(alembic_config(url), revision)

@@ -20,10 +20,9 @@ from typing import Any
 import openai
 from sqlalchemy import select, update
 
-from models.tables import BatchJob, Request, utcnow
-from scheduler.claim import Group, claim
-from scheduler.emulated import EMULATED, submit_emulated
-from scheduler.jobs import (
+from batch.claim import Group, claim
+from batch.emulated import EMULATED, submit_emulated
+from batch.jobs import (
     FINAL,
     PREPARING,
     celery_for,
@@ -35,14 +34,16 @@ from scheduler.jobs import (
     release,
     update_job,
 )
-from scheduler.jsonl import write_job_file
-from sheepdog import keys
-from sheepdog.db import analyze, session_scope
-from sheepdog.errors import scrub_secrets
-from sheepdog.lifecycle import Status, move_each, move_many
-from sheepdog.providers import client_for, load_providers, resolve_batch_mode
-from sheepdog.redis_conn import get_redis
-from sheepdog.settings import Settings, get_settings
+from batch.jsonl import write_job_file
+from core import keys
+from core.db import analyze, session_scope
+from core.errors import scrub_secrets
+from core.providers import client_for, load_providers, resolve_batch_mode
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from lifecycle.moves import move_each, move_many
+from models.status import Status
+from models.tables import BatchJob, Request, utcnow
 
 log = logging.getLogger("sheepdog.batch.flush")
 

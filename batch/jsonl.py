@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.batch_lines import CHAT_URL, InputLine
+from models.status import Status
 from models.tables import Request
-from sheepdog.lifecycle import Status
 
 READ_CHUNK = 1 << 16
 MAX_LINE_BYTES = 64 << 20  # a result line longer than this is dropped as malformed

@@ -12,14 +12,14 @@ from typing import Any
 import openai
 from sqlalchemy import or_, select
 
+from batch import emulated
+from batch.emulated import EMULATED
+from batch.flush import repair_preparing
+from batch.jobs import FINAL, OPEN, provider_of, update_job
+from core.db import session_scope
+from core.providers import client_for
+from core.settings import Settings, get_settings
 from models.tables import BatchJob, utcnow
-from scheduler import emulated
-from scheduler.emulated import EMULATED
-from scheduler.flush import repair_preparing
-from scheduler.jobs import FINAL, OPEN, provider_of, update_job
-from sheepdog.db import session_scope
-from sheepdog.providers import client_for
-from sheepdog.settings import Settings, get_settings
 
 log = logging.getLogger("sheepdog.batch.poll")
 

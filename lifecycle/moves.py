@@ -1,4 +1,5 @@
-"""The request status machine: the only code that writes `requests.status`.
+"""Request status moves: the only code that writes `requests.status`, and what an end does
+(budget released, webhooks written) in the same transaction. The machine itself: models/status.py.
 
 Every move is a conditional UPDATE (`WHERE status IN <legal sources>`), so two workers racing
 on one request cannot both move it, and a move that is no longer legal changes nothing.
@@ -7,39 +8,13 @@ on one request cannot both move it, and a move that is no longer legal changes n
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, FromClause, Update, bindparam, func, literal_column, update
 from sqlalchemy.orm import Session
 
+from models.status import FINAL, SOURCES, IllegalTransition, Status
 from models.tables import Request, utcnow
-
-
-class Status(StrEnum):
-    QUEUED = "queued"
-    STREAMING = "streaming"
-    BATCHED = "batched"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
-
-# to-status -> the statuses it may be reached from
-SOURCES: Mapping[Status, frozenset[Status]] = {
-    Status.QUEUED: frozenset({Status.STREAMING, Status.BATCHED}),  # retry / requeue
-    Status.STREAMING: frozenset({Status.QUEUED, Status.STREAMING}),  # start / heartbeat owner
-    Status.BATCHED: frozenset({Status.QUEUED}),
-    Status.SUCCEEDED: frozenset({Status.STREAMING, Status.BATCHED}),
-    Status.FAILED: frozenset({Status.QUEUED, Status.STREAMING, Status.BATCHED}),
-    Status.CANCELLED: frozenset({Status.QUEUED, Status.STREAMING, Status.BATCHED}),
-}
-
-
-class IllegalTransition(ValueError):
-    pass
 
 
 def _sources(to: Status, from_: Iterable[Status] | None) -> list[str]:
@@ -235,7 +210,3 @@ def _update_from(
     if to in FINAL:
         values.setdefault("finished_at", func.now())
     return stmt.values(status=to.value, **values).execution_options(synchronize_session=False)
-
-
-def is_final(status: str) -> bool:
-    return status in FINAL

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import ROUND_FLOOR, Decimal
 
-from costs.prices import MILLION, ModelPrice, Route
-from sheepdog.errors import InvalidRequest
+from core.errors import InvalidRequest
+from rules.prices import MILLION, ModelPrice, Route
 
 
 def max_tokens_for_cap(

@@ -17,11 +17,11 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
+from batch.ingest import requeue_or_fail
+from core.db import session_scope
+from core.settings import Settings
+from models.status import Status
 from models.tables import BatchJob, Request, utcnow
-from scheduler.ingest import requeue_or_fail
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status
-from sheepdog.settings import Settings
 
 log = logging.getLogger("sheepdog.batch.orphans")
 

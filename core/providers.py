@@ -32,7 +32,7 @@ from typing import Literal
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from sheepdog.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 BatchMode = Literal["native", "emulated", "auto"]
 
@@ -160,8 +160,8 @@ def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = Non
     has no Batch API) and remember the answer in Redis for a day, for every worker."""
     if provider.batch_mode != "auto":
         return provider.batch_mode
-    from sheepdog import keys
-    from sheepdog.redis_conn import get_redis
+    from core import keys
+    from core.redis_conn import get_redis
 
     settings = settings or get_settings()
     r = get_redis(settings.redis_url)

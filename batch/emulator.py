@@ -29,8 +29,7 @@ import openai
 import orjson
 from sqlalchemy import select, update
 
-from models.tables import BatchJob, Request, utcnow
-from scheduler.emulated import (
+from batch.emulated import (
     APPEND,
     EXHAUSTED,
     REFRESH,
@@ -41,16 +40,17 @@ from scheduler.emulated import (
     output_line,
     state_keys,
 )
-from scheduler.jobs import provider_of
-from scheduler.jsonl import encode_line
-from sheepdog import keys
-from sheepdog.db import session_scope
-from sheepdog.lifecycle import Status
-from sheepdog.providers import ProviderConfig, async_client_for
-from sheepdog.ratelimit import AsyncRateLimiter, Limits
-from sheepdog.redis_conn import get_redis, new_async_redis
-from sheepdog.settings import Settings, get_settings
-from sheepdog.tokens import count_message_tokens
+from batch.jobs import provider_of
+from batch.jsonl import encode_line
+from core import keys
+from core.db import session_scope
+from core.providers import ProviderConfig, async_client_for
+from core.ratelimit import AsyncRateLimiter, Limits
+from core.redis_conn import get_redis, new_async_redis
+from core.settings import Settings, get_settings
+from models.status import Status
+from models.tables import BatchJob, Request, utcnow
+from rules.tokens import count_message_tokens
 from streaming.provider_stream import retry_after_s
 
 log = logging.getLogger("sheepdog.batch.emulator")

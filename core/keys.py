@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sheepdog.settings import Settings
+    from core.settings import Settings
 
 PREFIX = "sheepdog"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from core.settings import Settings
 from models.request import ChatRequest, Priority
-from sheepdog.settings import Settings
 
 
 def choose_route(request: ChatRequest, settings: Settings) -> tuple[str, bool]:

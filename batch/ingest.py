@@ -39,20 +39,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import OperationalError
 
+from batch import emulated
+from batch.claim import begin_write
+from batch.emulated import EMULATED
+from batch.jobs import FINAL, discount_for, job_lock, provider_of, release
+from batch.jsonl import READ_CHUNK, file_lines, job_path, split_lines
+from core.db import among, get_engine, is_postgres, session_scope
+from core.providers import ProviderConfig, client_for
+from core.settings import Settings, get_settings
 from costs.ledger import Usage, record, record_moved, with_discount
-from costs.prices import PriceTable, load_price_table
+from lifecycle.moves import move_each, move_from_statement
 from models.batch_lines import BatchErrorItem, CompletionBody, ErrorObject, OutputLine
+from models.status import Status
 from models.tables import BatchJob, Request, utcnow
-from scheduler import emulated
-from scheduler.claim import begin_write
-from scheduler.emulated import EMULATED
-from scheduler.jobs import FINAL, discount_for, job_lock, provider_of, release
-from scheduler.jsonl import READ_CHUNK, file_lines, job_path, split_lines
-from sheepdog.db import among, get_engine, is_postgres, session_scope
-from sheepdog.lifecycle import Status, move_each, move_from_statement
-from sheepdog.providers import ProviderConfig, client_for
-from sheepdog.settings import Settings, get_settings
-from sheepdog.tokens import count_message_tokens, count_tokens
+from rules.prices import PriceTable, load_price_table
+from rules.tokens import count_message_tokens, count_tokens
 from webhooks.outbox import batch_ended, request_ended
 
 log = logging.getLogger("sheepdog.batch.ingest")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
-from sheepdog import keys
+from core import keys
 
 # Shared by the scripts: Redis' own clock in microseconds, a key's theoretical arrival time
 # (never in the past), and storing one (%d keeps every microsecond: a plain number would be

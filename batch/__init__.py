@@ -1,0 +1,1 @@
+"""The batch path: claim, JSONL, submit, poll, ingest, and the emulated executor."""

@@ -1,0 +1,1 @@
+"""The ground floor: settings, Redis keys, connections, errors, provider config."""

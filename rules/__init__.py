@@ -1,0 +1,1 @@
+"""Rules that need no service: routing, the deadline horizon, prices, caps, token estimates."""
