@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 from sqlalchemy import select, update
 
-from batch.jobs import celery_for, mark_empty, update_job
+from batch.jobs import mark_empty, update_job
 from batch.jsonl import encode_line
 from core import keys
+from core.celery_app import EMULATE_TASK, celery_for
 from core.db import session_scope
 from core.redis_conn import get_redis
 from core.settings import Settings
@@ -113,7 +114,7 @@ def submit_emulated(settings: Settings, job_id: str, model: str) -> Submitted:
 
 def send(settings: Settings, job_id: str) -> None:
     """Send the job's executor task (a no-op at the worker if a live executor holds it)."""
-    celery_for(settings).send_task("sheepdog.batch.emulate", args=[job_id])
+    celery_for(settings).send_task(EMULATE_TASK, args=[job_id])
 
 
 def heartbeat_alive(settings: Settings, job_id: str) -> bool:

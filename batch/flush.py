@@ -25,7 +25,6 @@ from batch.emulated import EMULATED, submit_emulated
 from batch.jobs import (
     FINAL,
     PREPARING,
-    celery_for,
     crash_point,
     holding,
     job_lock,
@@ -36,11 +35,13 @@ from batch.jobs import (
 )
 from batch.jsonl import write_job_file
 from core import keys
+from core.celery_app import FLUSH_TASK, celery_for
 from core.db import analyze, session_scope
 from core.errors import scrub_secrets
 from core.providers import client_for, load_providers, resolve_batch_mode
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
+from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each, move_many
 from models.status import Status
 from models.tables import BatchJob, Request, utcnow
@@ -354,13 +355,7 @@ def _escalate(settings: Settings, request_ids: list[str]) -> None:
     app = celery_for(settings)
     with app.producer_or_acquire() as producer:
         for rid in request_ids:
-            app.send_task(
-                "sheepdog.stream",
-                kwargs={"request_id": rid},
-                kwargsrepr=f"{{request_id: {rid}, escalated}}",
-                priority=5,
-                producer=producer,
-            )
+            send_stream(app, rid, why="escalated", producer=producer)
     log.info(
         "escalated %d request(s) to the stream path: deadline before the batch window",
         len(request_ids),
@@ -387,6 +382,6 @@ def count_up(settings: Settings, n: int) -> bool:
     step = settings.batch_flush_threshold
     if total // step <= (total - n) // step:
         return False
-    celery_for(settings).send_task("sheepdog.batch.flush", kwargs={"reason": "threshold"})
+    celery_for(settings).send_task(FLUSH_TASK, kwargs={"reason": "threshold"})
     log.info("queued low-priority requests passed %d: flush sent", total // step * step)
     return True

@@ -133,13 +133,6 @@ def mark_empty(settings: Settings, job_id: str) -> None:
     )
 
 
-def celery_for(settings: Settings) -> Any:
-    """The Celery app publishing to `settings`' broker (URL and key prefix)."""
-    from workers.app import app_for
-
-    return app_for(settings)
-
-
 def provider_of(settings: Settings, name: str | None, model: str) -> ProviderConfig:
     """The provider a job was recorded with; the model's provider when that name is no
     longer configured (KeyError when no provider serves the model)."""

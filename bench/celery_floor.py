@@ -14,8 +14,8 @@ import redis
 from celery import Celery
 from kombu import Queue
 
+from core.celery_app import celery_config
 from core.settings import Settings
-from workers.config import celery_config
 
 QUEUE = "floor"
 RESULTS = "bench:celery-floor"

@@ -153,9 +153,9 @@ def scan_documents(
 
 def _scan(settings: Settings, patterns: str | None, root: Path | None, client: Any) -> ScanReport:
     from documents.status import refresh
-    from sheepdog.client import Client
+    from intake.submit import Submitter
 
-    client = client or Client(settings)
+    client = client or Submitter(settings)
     prices: PriceTable = client.prices
     prices.get(settings.documents_model)  # unknown model: fail the scan with the reason
     report = ScanReport()

@@ -15,9 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from core.errors import InvalidRequest
@@ -156,14 +154,6 @@ class ChatRequest(BaseModel):
             raise ValueError(f"unknown priority {value!r} (expected high, normal or low)")
         return value
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, model: str, info: ValidationInfo) -> str:
-        table = _price_table(info)
-        if model not in table:
-            raise ValueError(f"unknown model {model!r} (known: {', '.join(table.names())})")
-        return model
-
     @field_validator("messages")
     @classmethod
     def _not_empty(cls, messages: list[Message]) -> list[Message]:
@@ -263,35 +253,6 @@ class ChatRequest(BaseModel):
             _no_surrogates(text)
         return value
 
-    @field_validator("webhook_url")
-    @classmethod
-    def _safe_webhook_url(cls, url: str | None) -> str | None:
-        # Form and literal addresses here; the resolved address at every delivery.
-        from core.settings import get_settings
-        from rules.addresses import check_form
-
-        if url is not None:
-            check_form(url, allow_private=get_settings().webhook_allow_private)
-        return url
-
-    @model_validator(mode="after")
-    def _fits_model(self, info: ValidationInfo) -> ChatRequest:
-        from rules.tokens import count_message_tokens
-
-        price = _price_table(info).get(self.model)
-        if self.max_tokens is not None and self.max_tokens > price.max_output_tokens:
-            raise ValueError(
-                f"max_tokens {self.max_tokens} exceeds {self.model}'s output limit of "
-                f"{price.max_output_tokens}"
-            )
-        prompt = count_message_tokens(m.model_dump() for m in self.messages)
-        if prompt >= price.context_window:
-            raise ValueError(
-                f"the messages are about {prompt:,} tokens, too long for {self.model}'s context "
-                f"window of {price.context_window:,}"
-            )
-        return self
-
     @property
     def tenant(self) -> str:
         return self.metadata.get("tenant", "default")
@@ -311,13 +272,6 @@ class ChatRequest(BaseModel):
         return body
 
 
-def _price_table(info: ValidationInfo) -> Any:
-    from rules.prices import price_table
-
-    context = info.context or {}
-    return context.get("price_table") or price_table()
-
-
 def _loc_part(part: object) -> str:
     text = str(part)
     if isinstance(part, int) or (text.isidentifier() and len(text) <= 40):
@@ -335,11 +289,12 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def parse_request(data: object, *, context: dict[str, Any] | None = None) -> ChatRequest:
-    """Validate one request; raise InvalidRequest with a one-line reason."""
+def validate_request(data: object) -> ChatRequest:
+    """Validate one request against the schema; raise InvalidRequest with a one-line reason.
+    The edge's whole check, with the model's limits, is rules/admission.py's parse_request."""
     if not isinstance(data, dict | ChatRequest):
         raise InvalidRequest(f"invalid request: expected an object, got {type(data).__name__}")
     try:
-        return ChatRequest.model_validate(data, context=context)
+        return ChatRequest.model_validate(data)
     except ValidationError as err:
         raise InvalidRequest(format_validation_error(err)) from None

@@ -21,9 +21,11 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from core import keys
+from core.celery_app import celery_for
 from core.db import session_scope
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
+from lifecycle.dispatch import send_stream
 from lifecycle.moves import move
 from models.status import Status
 from models.tables import Request, utcnow
@@ -58,12 +60,8 @@ def sweep(settings: Settings | None = None, app: Any = None) -> SweepReport:
         redis.eval(_RELEASE, 1, lock, token)
 
 
-def _send(app: Any, request_id: str) -> None:
-    if app is None:
-        from workers.app import app as default_app
-
-        app = default_app
-    app.send_task("sheepdog.stream", kwargs={"request_id": request_id}, queue="stream")
+def _send(settings: Settings, app: Any, request_id: str) -> None:
+    send_stream(app or celery_for(settings), request_id, why="re-sent: its worker died")
 
 
 def _sweep(settings: Settings, app: Any) -> SweepReport:
@@ -111,7 +109,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
             # Fences the lost attempt off: from here Redis refuses its messages, as the row
             # refuses its writes.
             publish_error(settings, rid, "", type_="reset", attempts=attempts + 1)
-            _send(app, rid)
+            _send(settings, app, rid)
             report.requeued += 1
             log.warning(
                 "%s: no heartbeat since before %s; requeued (attempt %d)",
@@ -148,7 +146,7 @@ def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
             nx=True,
             ex=int(settings.stream_queued_timeout_s),
         ):
-            _send(app, rid)
+            _send(settings, app, rid)
             resent += 1
     if resent:
         log.warning(

@@ -9,23 +9,25 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import shared_task
+
 from batch.emulator import emulate as run_emulate
 from batch.flush import flush as run_flush
 from batch.ingest import ingest as run_ingest
 from batch.poll import poll as run_poll
-from workers.app import app
+from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.batch")
 
 
-@app.task(name="sheepdog.batch.flush", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.batch.flush", acks_late=True)
 def flush(reason: str = "beat") -> dict[str, Any]:
     """Claim queued low-priority requests and submit them as provider batches."""
     report = run_flush()
     return {"reason": reason, "claimed": report.claimed, "jobs": [j.job_id for j in report.jobs]}
 
 
-@app.task(name="sheepdog.batch.poll", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.batch.poll", acks_late=True)
 def poll() -> dict[str, Any]:
     """Refresh open jobs; send an ingest for each job whose results are ready."""
     report = run_poll()
@@ -34,7 +36,7 @@ def poll() -> dict[str, Any]:
     return {"checked": report.checked, "ingest": report.to_ingest}
 
 
-@app.task(name="sheepdog.batch.ingest", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.batch.ingest", acks_late=True)
 def ingest(job_id: str) -> dict[str, Any]:
     """Write a final job's results into its requests (re-runnable after a crash)."""
     report = run_ingest(job_id)
@@ -49,7 +51,7 @@ def ingest(job_id: str) -> dict[str, Any]:
     }
 
 
-@app.task(name="sheepdog.batch.emulate", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.batch.emulate", acks_late=True)
 def emulate(job_id: str) -> dict[str, Any]:
     """Run an emulated job's lines (provider without a Batch API); ingest it when it ends.
     A second message for a job a live executor holds returns at once (`busy`)."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 
+from celery import shared_task
+
 from core.db import session_scope
 from costs.budgets import release_stale
-from workers.app import app
+from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.costs")
 
 
-@app.task(name="sheepdog.costs.release_stale", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.costs.release_stale", acks_late=True)
 def release_stale_reservations() -> int:
     """Release reservations held over an hour whose request never arrived or already ended.
     Idempotent: a released reservation is not held any more."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from workers.app import app
+from celery import shared_task
+
+from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.documents")
 
 
-@app.task(name="sheepdog.documents.scan", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.documents.scan", acks_late=True)
 def scan() -> dict[str, Any]:
     """Run the documents scan (safe to run twice: one at a time, idempotency keys per part)."""
     from documents.scan import scan_documents

@@ -5,20 +5,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import shared_task
 from sqlalchemy.exc import OperationalError
 
 from batch.flush import count_up
 from core.db import session_scope
 from core.settings import get_settings
 from lifecycle.record import parse_items, record_safely, release_keys
-from workers.app import app
+from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.intake")
 
 
 # A database that is away must not cost the requests this message carries (a failed task is
 # acknowledged): the message is sent again, with backoff, until the database is back.
-@app.task(
+@shared_task(
+    base=SheepdogTask,
     name="sheepdog.intake",
     acks_late=True,
     autoretry_for=(OperationalError,),

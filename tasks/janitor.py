@@ -4,18 +4,21 @@ batched requests whose job can no longer end them."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
+
+from celery import shared_task
 
 from batch.orphans import sweep_batched
 from core.settings import get_settings
 from streaming.janitor import sweep
-from workers.app import app
+from tasks.task_base import SheepdogTask
 
 
-@app.task(name="sheepdog.janitor", acks_late=True)
-def janitor() -> dict[str, int | bool]:
+@shared_task(base=SheepdogTask, name="sheepdog.janitor", acks_late=True, bind=True)
+def janitor(self: Any) -> dict[str, int | bool]:
     """Requeue streams whose worker stopped heart-beating; resend lost queued streams; take
     back batched rows whose job is gone or already ingested."""
-    report: dict[str, int | bool] = asdict(sweep(app=app))
+    report: dict[str, int | bool] = asdict(sweep(app=self.app))
     orphans = sweep_batched(get_settings())
     report["batched_requeued"] = orphans.requeued
     report["batched_failed"] = orphans.failed

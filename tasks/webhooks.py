@@ -8,16 +8,18 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from celery import shared_task
+
 from core import keys
 from core.settings import get_settings
+from tasks.task_base import SheepdogTask
 from webhooks import outbox
 from webhooks.delivery import deliver_target, due_targets
-from workers.app import app
 
 KICK_WINDOW_S = 0.05
 
 
-@app.task(name="sheepdog.webhooks.sweep", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.webhooks.sweep", acks_late=True)
 def sweep() -> int:
     """Send one delivery task per target with due deliveries (each exits at once when the
     target's slots are all busy). Safe to run twice: deliveries are leased."""
@@ -28,7 +30,7 @@ def sweep() -> int:
     return len(targets)
 
 
-@app.task(name="sheepdog.webhooks.deliver", acks_late=True)
+@shared_task(base=SheepdogTask, name="sheepdog.webhooks.deliver", acks_late=True)
 def deliver(target: str) -> dict[str, Any]:
     """Deliver a target's due rows (webhooks/delivery.py)."""
     report = asdict(deliver_target(get_settings(), target))

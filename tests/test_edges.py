@@ -20,7 +20,8 @@ from core.db import session_scope
 from core.errors import IdempotencyConflict, InvalidRequest
 from core.settings import Settings
 from core.strict_json import loads
-from models.request import ChatRequest, Message, parse_request
+from models.request import ChatRequest, Message
+from rules.admission import parse_request
 from sheepdog.client import Client
 from tests.fixtures.batch import add_requests
 from tests.fixtures.workers import ROOT

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from core.errors import InvalidRequest
-from models.request import ChatRequest, parse_request
+from models.request import ChatRequest
+from rules.admission import parse_request
 from sheepdog.cli.requests import read_request_file
 
 json_scalars = st.one_of(

@@ -14,7 +14,7 @@ from core.db import session_scope
 from core.settings import Settings
 from costs.budgets import set_budget
 from models.tables import BatchJob, CostEntry, utcnow
-from sheepdog.metrics import database_families
+from workers.metrics import database_families
 
 
 def samples(settings: Settings, name: str) -> dict[tuple[tuple[str, str], ...], float]:

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from core.errors import InvalidRequest
-from models.request import MAX_CONTENT_CHARS, ChatRequest, Priority, parse_request
+from models.request import MAX_CONTENT_CHARS, ChatRequest, Priority
+from rules.admission import parse_request
 
 GOOD = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hello"}]}
 

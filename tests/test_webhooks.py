@@ -21,10 +21,10 @@ from core.db import session_scope
 from core.errors import InvalidRequest
 from core.settings import Settings, get_settings
 from lifecycle.moves import move
-from models.request import parse_request
 from models.status import Status
 from models.tables import utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
+from rules.admission import parse_request
 from tests.fixtures.batch import add_requests, drive, make_settings
 from tests.fixtures.webhooks import Receiver
 from webhooks import endpoints
@@ -286,7 +286,7 @@ def test_a_request_url_needs_its_tenant_secret(settings: Settings) -> None:
 def test_metrics_count_deliveries_and_the_oldest_pending(
     settings: Settings, receiver: Receiver
 ) -> None:
-    from sheepdog.metrics import database_families
+    from workers.metrics import database_families
 
     def samples() -> dict[tuple[str, tuple[str, ...]], float]:
         out = {}

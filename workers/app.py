@@ -1,40 +1,52 @@
-"""The Celery app every worker, beat and producer shares."""
+"""The Celery app of a worker, beat or Flower: built when one starts, never at import.
+
+`worker_app()` takes the process's app for its broker (core/celery_app.py, the one every path
+sends with), gives it what only a worker needs (the task modules, the beat schedule, the broker
+fix, the signal handlers) and makes it the process's current app. `celery -A workers.app`
+finds it as the module's `app`, built on that first look."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
+from core.celery_app import celery_for
 from core.settings import Settings, get_settings
-from workers.config import celery_config
+
+# Every module that defines tasks; the worker imports them at start.
+TASK_MODULES = [
+    "tasks.intake",
+    "tasks.costs",
+    "tasks.stream",
+    "tasks.batch",
+    "tasks.documents",
+    "tasks.janitor",
+    "tasks.webhooks",
+]
 
 
-def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from `settings` (default: the process's), beat schedule included."""
-    settings = settings or get_settings()
-    celery = Celery("sheepdog", task_cls="workers.task_base:SheepdogTask")
-    celery.config_from_object(celery_config(settings))
+def worker_app(settings: Settings | None = None) -> Celery:
+    """The app a worker, beat or Flower runs, for `settings` (default: the process's)."""
     from scheduler.beat import beat_schedule
+    from workers import broker_fix, signals
 
-    celery.conf.beat_schedule = beat_schedule(settings)
-    return celery
-
-
-app = create_app()
-
-_others: dict[tuple[str, str], Celery] = {}
-
-
-def app_for(settings: Settings) -> Celery:
-    """The Celery app that sends to `settings`' broker: the process's own when it matches,
-    else one built (once) for that broker and key prefix."""
-    key = (settings.redis_url, settings.broker_prefix)
-    own = (app.conf.broker_url, app.conf.broker_transport_options.get("global_keyprefix", ""))
-    if key == own:
-        return app
-    if key not in _others:
-        _others[key] = create_app(settings)
-    return _others[key]
+    settings = settings or get_settings()
+    app = celery_for(settings)
+    if not app.conf.get("sheepdog_worker"):
+        app.conf.update(
+            imports=TASK_MODULES,
+            beat_schedule=beat_schedule(settings),
+            sheepdog_worker=True,
+        )
+        broker_fix.install()
+        signals.connect()
+    app.set_current()
+    return app
 
 
-import workers.broker_fix  # noqa: E402  (a worker survives a lost broker)
-import workers.signals  # noqa: E402,F401  (connects worker signal handlers)
+def __getattr__(name: str) -> Any:
+    # `celery -A workers.app …` (the compose health check, the tests' workers) reads `app`.
+    if name == "app":
+        return worker_app()
+    raise AttributeError(name)

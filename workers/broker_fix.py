@@ -34,9 +34,6 @@ def _connparams_of_live_transport(self: Any, asynchronous: bool = False) -> Any:
     return _connparams(self, asynchronous=asynchronous)
 
 
-kombu_redis.Channel._connparams = _connparams_of_live_transport  # type: ignore[method-assign]
-
-
 # kombu builds a new redis-py client object for every command that is not handed one (each
 # publish, each event flush, each QoS append and ack): ~0.3 ms of Python apiece here, building
 # the client's table of ~170 response callbacks, on the producer's path to LPUSH and on the
@@ -56,4 +53,8 @@ def _conn_or_reuse(self: Any, client: Any = None) -> Iterator[Any]:
     yield cached
 
 
-kombu_redis.Channel.conn_or_acquire = _conn_or_reuse  # type: ignore[method-assign]
+def install() -> None:
+    """Patch kombu's Redis channel, for this process: called when a worker, beat or Flower
+    starts (workers/app.py), never at import."""
+    kombu_redis.Channel._connparams = _connparams_of_live_transport  # type: ignore[method-assign]
+    kombu_redis.Channel.conn_or_acquire = _conn_or_reuse  # type: ignore[method-assign]

@@ -5,16 +5,12 @@ Built by `create_app()` (uvicorn's factory, once per process); nothing happens a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ipaddress
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
@@ -26,73 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.db import check_database
 from core.errors import SheepdogError
-from core.redis_conn import new_async_redis
 from core.settings import Settings, get_settings
 from sheepdog.api import native, openai_compat, webhook_routes
-from sheepdog.api.auth import Authenticator
-from sheepdog.api.batcher import SubmitBatcher
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
-from sheepdog.api.metrics import ApiMetrics, MetricsMiddleware
-from sheepdog.api.tenancy import Tenancy
-from sheepdog.client import Client
+from sheepdog.api.front import Front, is_loopback
+from sheepdog.api.metrics import MetricsMiddleware
+from workers import broker_fix
 
 log = logging.getLogger("sheepdog.api")
-INLINE_VALIDATION_BYTES = 64 * 1024  # bodies up to this are validated on the event loop
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-class Front:
-    """What every handler shares in one process."""
-
-    def __init__(self, settings: Settings, no_auth: bool) -> None:
-        self.settings = settings
-        self.client = Client(settings)
-        self.tenancy = Tenancy(self.client)
-        self.metrics = ApiMetrics()
-        self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
-        self.auth = Authenticator(settings, self.redis, no_auth)
-        self.batcher = SubmitBatcher(self.tenancy)
-        self._ready: tuple[float, dict[str, str]] | None = None
-
-    async def submit(self, tenant: str, items: list[object], as_list: bool, size: int) -> list[str]:
-        """Validate (a large body in a thread: token counting is CPU), then enqueue with the
-        calls arriving meanwhile (api/batcher.py)."""
-        if size > INLINE_VALIDATION_BYTES:
-            requests = await run_in_threadpool(self.tenancy.validate, tenant, items, as_list)
-        else:
-            requests = self.tenancy.validate(tenant, items, as_list)
-        return await self.batcher.submit(tenant, requests)
-
-    async def readiness(self) -> dict[str, str]:
-        """ "ok" or the one-line reason for Redis and the database (cached for a moment)."""
-        now = time.monotonic()
-        if self._ready is not None and self._ready[0] > now:
-            return self._ready[1]
-        state: dict[str, str] = {}
-        try:
-            await asyncio.wait_for(self.redis.ping(), 2.0)
-            state["redis"] = "ok"
-        except (redis.RedisError, OSError, TimeoutError):
-            state["redis"] = "unreachable"
-        try:
-            await asyncio.wait_for(
-                run_in_threadpool(check_database, self.settings.database_url), 5.0
-            )
-            state["database"] = "ok"
-        except (SheepdogError, TimeoutError):
-            state["database"] = "unreachable"
-        self._ready = (now + self.settings.api_ready_cache_s, state)
-        return state
 
 
 async def healthz(request: Request) -> Response:
@@ -167,6 +105,8 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # A long-lived Sheepdog process, as a worker is: the broker fix's publish path too.
+        broker_fix.install()
         # The first call must not pay the imports and connections of a cold start.
         await run_in_threadpool(front.client.warm_up)
         yield

@@ -28,7 +28,7 @@ from sheepdog.api.tenancy import public
 from streaming.follow import Tick, follow
 
 if TYPE_CHECKING:
-    from sheepdog.api.app import Front
+    from sheepdog.api.front import Front
 
 MAX_LIST = 500
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

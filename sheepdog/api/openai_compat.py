@@ -30,7 +30,7 @@ from sheepdog.api.openai_body import ChatBody, parse_chat_body, to_request
 from streaming.follow import Tick, follow
 
 if TYPE_CHECKING:
-    from sheepdog.api.app import Front
+    from sheepdog.api.front import Front
 
 ENDPOINT = "/v1/chat/completions"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

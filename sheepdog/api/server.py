@@ -25,8 +25,8 @@ def serve(address: str, port: int, processes: int = 1, no_auth: bool = False) ->
     """Serve until stopped. Settings reach every process through the environment."""
     import uvicorn
 
-    from sheepdog.api.app import is_loopback
-    from sheepdog.metrics import prepare_multiprocess
+    from sheepdog.api.front import is_loopback
+    from workers.metrics import prepare_multiprocess
 
     if no_auth and not is_loopback(address):
         raise SheepdogError(f"--no-auth serves only a loopback address, not {address}")

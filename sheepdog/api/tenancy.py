@@ -21,8 +21,9 @@ import orjson
 from core import keys
 from core.errors import BudgetExceeded, InvalidRequest, SheepdogError
 from core.redis_conn import get_redis
-from models.request import ChatRequest, Priority, parse_request
+from models.request import ChatRequest, Priority
 from models.views import RequestView
+from rules.admission import parse_request
 from sheepdog.client import Client
 
 OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
@@ -67,11 +68,10 @@ class Tenancy:
     def validate(self, tenant: str, requests: list[object], as_list: bool) -> list[ChatRequest]:
         """Each request as submitted for `tenant`, validated (no I/O); InvalidRequest names the
         bad item's index when the body was a list."""
-        context = {"price_table": self.client.prices}
         out = []
         for index, request in enumerate(requests):
             try:
-                out.append(parse_request(in_tenant(request, tenant), context=context))
+                out.append(parse_request(in_tenant(request, tenant), prices=self.client.prices))
             except InvalidRequest as err:
                 raise InvalidRequest(f"request {index}: {err}" if as_list else str(err)) from None
         return out

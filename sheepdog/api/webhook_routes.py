@@ -28,7 +28,7 @@ from webhooks.endpoints import WebhookError
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sheepdog.api.app import Front
+    from sheepdog.api.front import Front
 
 T = TypeVar("T")
 

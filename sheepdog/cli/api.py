@@ -27,7 +27,7 @@ def api(
     ] = False,
 ) -> None:
     """Serve the HTTP front door (OpenAI-compatible and Sheepdog's own API)."""
-    from sheepdog.api.app import is_loopback
+    from sheepdog.api.front import is_loopback
     from sheepdog.api.server import serve
 
     if no_auth and not is_loopback(address):

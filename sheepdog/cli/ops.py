@@ -68,7 +68,9 @@ def flower(
         os.environ["FLOWER_BASIC_AUTH"] = auth
     with edge():
         check_redis()
-    from workers.app import app
+    from workers.app import worker_app
+
+    app = worker_app()
 
     app.start(argv=["flower", f"--port={port}", f"--address={address}"])
 

@@ -71,7 +71,9 @@ def worker(
             for i in range(1, processes + 1)
         ]
         raise typer.Exit(run_processes(commands))
-    from workers.app import app
+    from workers.app import worker_app
+
+    app = worker_app()
 
     argv = [
         "worker",
@@ -104,7 +106,9 @@ def beat(
 
     with edge():
         check_redis()
-    from workers.app import app
+    from workers.app import worker_app
+
+    app = worker_app()
 
     app.start(argv=["beat", f"--loglevel={loglevel}", f"--schedule={schedule_file}"])
 

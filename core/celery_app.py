@@ -1,25 +1,26 @@
-"""Celery configuration: JSON only, explicit queues and routes, late acks, events on."""
+"""The Celery app a process sends with, and the configuration every Sheepdog app shares: JSON
+only, explicit queues and routes, late acks, events on.
+
+`celery_for(settings)` builds an app on its first call (never at import) that registers no task,
+connects no signal and is not made the process's current app, so a host process that is itself
+a Celery app is left alone. A worker, beat or Flower builds its own on start (workers/app.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
 from kombu import Queue
 
 from core.settings import Settings
 
 QUEUES = ("stream", "default", "batch", "webhooks")
 
-# Every module that defines tasks; the worker imports them at start.
-TASK_MODULES = [
-    "tasks.intake",
-    "tasks.costs",
-    "tasks.stream",
-    "tasks.batch",
-    "tasks.documents",
-    "tasks.janitor",
-    "tasks.webhooks",
-]
+# Task names (../shared/DESIGN.md): what producers send and tasks/ registers.
+STREAM_TASK = "sheepdog.stream"
+INTAKE_TASK = "sheepdog.intake"
+FLUSH_TASK = "sheepdog.batch.flush"
+EMULATE_TASK = "sheepdog.batch.emulate"
 
 
 def route_task(name: str, *_: Any, **__: Any) -> dict[str, str]:
@@ -75,7 +76,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
-        "imports": TASK_MODULES,
         "timezone": "UTC",
         "enable_utc": True,
     }
+
+
+_apps: dict[tuple[str, str], Celery] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """The process's Celery app for `settings`' broker (URL and key prefix), built once."""
+    key = (settings.redis_url, settings.broker_prefix)
+    app = _apps.get(key)
+    if app is None:
+        app = Celery("sheepdog", set_as_current=False)
+        app.config_from_object(celery_config(settings))
+        app = _apps.setdefault(key, app)
+    return app

@@ -1,0 +1,260 @@
+"""Submitting requests: validate, route, cap, hold the budget, claim idempotency keys, then
+send the messages and write the rows. The in-deployment client (sheepdog/client.py), the HTTP
+front door and the nightly document job all submit through `Submitter`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+from kombu.exceptions import BatchPublishError
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import select
+
+from core import keys
+from core.celery_app import INTAKE_TASK, celery_for
+from core.db import session_scope
+from core.errors import (
+    DATABASE_HINT,
+    REDIS_HINT,
+    IdempotencyConflict,
+    InvalidRequest,
+    ServiceUnavailable,
+    redact_url,
+)
+from core.redis_conn import get_redis
+from core.settings import Settings, get_settings
+from costs.budgets import release_items, reserve
+from lifecycle.dispatch import send_stream
+from lifecycle.record import TRANSIENT, record_safely, release_keys
+from models.intake_message import IntakeItem
+from models.request import ChatRequest, new_request_id
+from rules.admission import parse_request
+from rules.caps import effective_max_tokens
+from rules.prices import PriceTable, price_table
+from rules.routing import choose_route
+from rules.tokens import count_message_tokens
+from webhooks.endpoints import require_signing_secrets
+
+INTAKE_BULK = 500  # low-priority requests per intake message
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+
+RequestLike = ChatRequest | dict[str, Any]
+
+
+class Submitter:
+    """Validate and enqueue requests (all or nothing per call)."""
+
+    def __init__(self, settings: Settings | None = None, prices: PriceTable | None = None):
+        self.settings = settings or get_settings()
+        self._prices = prices
+        self._app: Any = None
+
+    def warm_up(self) -> None:
+        """Do a first submit's one-off work now (a server calls this at start-up): build the
+        Celery app and open its broker connection, load the modules the record path imports
+        (seconds on a cold start), open a database connection. Errors are left to submit."""
+        import batch.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
+
+        with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+        with contextlib.suppress(Exception), session_scope(self.settings.database_url) as s:
+            s.execute(select(1))
+
+    @property
+    def celery(self) -> Any:
+        """The Celery app used to send (built from this client's settings)."""
+        if self._app is None:
+            self._app = celery_for(self.settings)
+        return self._app
+
+    @property
+    def prices(self) -> PriceTable:
+        return self._prices or price_table()
+
+    # -- submit -----------------------------------------------------------------------------
+
+    def prepare(self, request: RequestLike) -> IntakeItem:
+        """Validate one request and build its intake message (no I/O)."""
+        req = parse_request(request, prices=self.prices)
+        route, escalated = choose_route(req, self.settings)
+        price = self.prices.get(req.model)
+        body = req.provider_body()
+        prompt_tokens = count_message_tokens(body["messages"])
+        max_tokens = effective_max_tokens(
+            price,
+            req.model,
+            prompt_tokens,
+            req.max_tokens,
+            req.max_cost_usd,
+            "batch" if route == "batch" else "stream",
+        )
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        return IntakeItem(
+            id=new_request_id(),
+            route=route,  # type: ignore[arg-type]
+            escalated=escalated,
+            request=req.model_dump(mode="json", exclude_none=True),
+            body=body,
+            submitted_at=datetime.now(UTC),
+        )
+
+    def submit(self, request: RequestLike) -> str:
+        """Validate and enqueue one request; returns its id. A resubmit with the same
+        idempotency key returns the first request's id and enqueues nothing."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Iterable[RequestLike]) -> list[str]:
+        """Validate every request first (all or nothing), then enqueue them in bulk.
+
+        Low-priority requests travel INTAKE_BULK to a message; streaming ones one each."""
+        items: list[IntakeItem] = []
+        for index, request in enumerate(requests):
+            try:
+                items.append(self.prepare(request))
+            except InvalidRequest as err:
+                raise InvalidRequest(f"request {index}: {err}") if index else err from None
+        require_signing_secrets(self.settings, items)
+        ids = [item.id for item in items]
+        fresh = self._claim_idempotency_keys(items, ids)
+        try:  # budgets (costs/budgets.py): hold each worst case; may refuse or downgrade
+            fresh = reserve(fresh, self.settings, self.prices)
+        except BaseException:
+            self._release_idempotency_keys(fresh)
+            raise
+        self._enqueue(fresh)
+        return ids
+
+    def _enqueue(self, items: Sequence[IntakeItem]) -> None:
+        """Send the stream messages, then write every row (the first durable copy) before the
+        ids go back: a Redis that loses its data after this cannot lose a request (the janitor
+        re-sends stream rows left queued; beat batches the low ones from the table)."""
+        writes_rows = self.settings.producer_writes_rows
+        try:
+            self._send([i for i in items if i.route == "stream"] if writes_rows else items)
+        except (KombuOperationalError, BatchPublishError, redis.ConnectionError, OSError) as err:
+            self._release_idempotency_keys(items)
+            release_items(items, self.settings)
+            raise self._redis_down() from err
+        if writes_rows:
+            self._record(items)
+
+    def _record(self, items: Sequence[IntakeItem]) -> None:
+        from batch.flush import count_up
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                recorded = record_safely(session, items)
+        except TRANSIENT as err:
+            # Not recorded: the stream messages already sent must not run (their cancel flags
+            # stop them before they start), and nothing else was enqueued.
+            self._cancel_unrecorded([i for i in items if i.route == "stream"])
+            self._release_idempotency_keys(items)
+            with contextlib.suppress(Exception):
+                release_items(items, self.settings)
+            raise ServiceUnavailable(
+                "the database", redact_url(self.settings.database_url), DATABASE_HINT
+            ) from err
+        release_keys(self.settings, recorded.unkeyed)
+        failed = set(recorded.failed)
+        with contextlib.suppress(redis.RedisError):  # else the next flush interval batches them
+            count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
+
+    def _cancel_unrecorded(self, items: Sequence[IntakeItem]) -> None:
+        from streaming.cancel import CANCEL_FLAG_TTL_S
+
+        with (
+            contextlib.suppress(redis.RedisError),
+            get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe,
+        ):
+            for item in items:
+                pipe.set(keys.of(self.settings).cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
+            pipe.execute()
+
+    def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:
+        """Claim each item's idempotency key (value: `<id> <fingerprint of the request>`). A key
+        held for the same request answers its first id and the item is not sent; one held for
+        a different request is an IdempotencyConflict, and nothing of this call is kept."""
+        keyed = [(i, item) for i, item in enumerate(items) if item.request.get("idempotency_key")]
+        if not keyed:
+            return items
+        prints = [_fingerprint(item) for _, item in keyed]
+        try:
+            with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
+                for (_, item), fp in zip(keyed, prints, strict=True):
+                    pipe.set(
+                        keys.of(self.settings).idempotency(item.request["idempotency_key"]),
+                        f"{item.id} {fp}",
+                        nx=True,
+                        ex=IDEMPOTENCY_TTL_S,
+                        get=True,
+                    )
+                previous = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise self._redis_down() from err
+        skip: set[int] = set()
+        seen: dict[str, tuple[str, str]] = {}
+        conflict: IdempotencyConflict | None = None
+        for (index, item), fp, prior in zip(keyed, prints, previous, strict=True):
+            key = item.request["idempotency_key"]
+            if prior is not None:
+                first_id, _, first_fp = prior.decode().partition(" ")
+            elif key in seen:  # the same key twice in one call
+                first_id, first_fp = seen[key]
+            else:
+                seen[key] = (item.id, fp)
+                continue
+            if first_fp and first_fp != fp:  # (a bare id: a key stored before fingerprints)
+                conflict = conflict or IdempotencyConflict(key, first_id)
+            ids[index] = first_id
+            skip.add(index)
+        if conflict is not None:
+            # Let go of the keys this call claimed: nothing of it is sent.
+            mine = {first_id for first_id, _ in seen.values()}
+            self._release_idempotency_keys([item for _, item in keyed if item.id in mine])
+            raise conflict
+        return [item for i, item in enumerate(items) if i not in skip]
+
+    def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
+        names = [
+            keys.of(self.settings).idempotency(item.request["idempotency_key"])
+            for item in items
+            if item.request.get("idempotency_key")
+        ]
+        if names:
+            with contextlib.suppress(redis.RedisError):
+                get_redis(self.settings.redis_url).delete(*names)
+
+    def _send(self, items: Sequence[IntakeItem]) -> None:
+        if not items:
+            return
+        app = self.celery
+        low = [item for item in items if item.route == "batch"]
+        streams = [item for item in items if item.route == "stream"]
+        # One pipeline for the whole burst: a message costs one round trip to Redis less each
+        # (~0.3 ms of a stream message's ~0.8 ms here); the task-sent events still go one by one.
+        with app.producer_or_acquire() as producer, producer.batch():
+            for start in range(0, len(low), INTAKE_BULK):
+                chunk = low[start : start + INTAKE_BULK]
+                app.send_task(
+                    INTAKE_TASK,
+                    args=[[item.model_dump(mode="json") for item in chunk]],
+                    argsrepr=f"[{len(chunk)} requests: {chunk[0].id}..{chunk[-1].id}]",
+                    producer=producer,
+                )
+            for item in streams:
+                send_stream(app, item.id, item=item, producer=producer)
+
+    def _redis_down(self) -> ServiceUnavailable:
+        return ServiceUnavailable("Redis", redact_url(self.settings.redis_url), REDIS_HINT)
+
+
+def _fingerprint(item: IntakeItem) -> str:
+    """What makes two submits the same request: the validated request, keys sorted."""
+    return hashlib.sha256(orjson.dumps(item.request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]

@@ -1,0 +1,42 @@
+"""Sending the stream task: the one place it is sent from.
+
+Three senders use it: the producer (a new request, its intake message in the task), a flush that
+escalates a low-priority request whose deadline cannot wait for a batch, and the janitor that
+re-sends a dead worker's stream. Flower shows ids, priority and model, never the prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.celery_app import STREAM_TASK
+from models.intake_message import IntakeItem
+
+HIGH, NORMAL = 0, 5  # Redis broker priorities: 0 is served first
+
+
+def send_stream(
+    app: Any,
+    request_id: str,
+    *,
+    item: IntakeItem | None = None,
+    why: str = "",
+    producer: Any = None,
+) -> None:
+    """Send `request_id`'s stream task; with `item`, the request itself rides along (a row the
+    producer could not write is recorded by the worker from it)."""
+    kwargs: dict[str, Any] = {"request_id": request_id}
+    if item is not None:
+        kwargs["item"] = item.model_dump(mode="json")
+        shown = item.argsrepr()
+        priority = HIGH if item.request.get("priority") == "high" else NORMAL
+    else:
+        shown = f"id={request_id}" + (f" {why}" if why else "")
+        priority = NORMAL
+    app.send_task(
+        STREAM_TASK,
+        kwargs=kwargs,
+        argsrepr=shown,
+        kwargsrepr="{}",
+        priority=priority,
+        producer=producer,
+    )

@@ -1,0 +1,50 @@
+"""The edge's one check of a request: the schema (models/request.py), then the rules that need
+no service: a model the price table knows, its output limit and context window, and a webhook
+URL's form."""
+
+from __future__ import annotations
+
+from core.errors import InvalidRequest, SheepdogError
+from core.settings import get_settings
+from models.request import ChatRequest, validate_request
+from rules.addresses import check_form
+from rules.prices import PriceTable, price_table
+from rules.tokens import count_message_tokens
+
+
+def parse_request(data: object, *, prices: PriceTable | None = None) -> ChatRequest:
+    """Validate one request; raise InvalidRequest with a one-line reason naming each problem."""
+    request = validate_request(data)
+    problems = [*_webhook_problems(request), *_model_problems(request, prices or price_table())]
+    if problems:
+        raise InvalidRequest("invalid request: " + "; ".join(problems))
+    return request
+
+
+def _webhook_problems(request: ChatRequest) -> list[str]:
+    # Form and literal addresses here; the resolved address at every delivery.
+    if request.webhook_url is None:
+        return []
+    try:
+        check_form(request.webhook_url, allow_private=get_settings().webhook_allow_private)
+    except SheepdogError as err:
+        return [f"webhook_url: {err}"]
+    return []
+
+
+def _model_problems(request: ChatRequest, prices: PriceTable) -> list[str]:
+    if request.model not in prices:
+        return [f"model: unknown model {request.model!r} (known: {', '.join(prices.names())})"]
+    price = prices.get(request.model)
+    if request.max_tokens is not None and request.max_tokens > price.max_output_tokens:
+        return [
+            f"max_tokens {request.max_tokens} exceeds {request.model}'s output limit of "
+            f"{price.max_output_tokens}"
+        ]
+    prompt = count_message_tokens(m.model_dump() for m in request.messages)
+    if prompt >= price.context_window:
+        return [
+            f"the messages are about {prompt:,} tokens, too long for {request.model}'s "
+            f"context window of {price.context_window:,}"
+        ]
+    return []
