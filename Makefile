@@ -17,9 +17,12 @@ $(UV):
 venv: $(UV)
 	$(UV) sync --frozen --quiet
 
+# ruff, and the floors: import-linter checks the contract in pyproject.toml (layers, the
+# simulator apart, no module cycles).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 fmt: venv
 	$(VENV)/bin/ruff format .
@@ -34,7 +37,7 @@ typecheck: venv
 # start-up and on real services. Then the few tests marked `serial` run alone.
 # PYTEST_WORKERS=0 runs the first pass one test after another too.
 PYTEST_WORKERS ?= 3
-test: lint
+test: lint typecheck
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
 	$(VENV)/bin/pytest -q -m serial || [ $$? -eq 5 ]  # 5: no test is marked serial
 
