@@ -104,7 +104,6 @@ def test_status_of_an_unknown_request(sqlite_url: str) -> None:
     assert "invalid request id 'req_nope'" in one_line_error(result)
 
 
-@pytest.mark.unit
 def test_plot_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
     """matplotlib is the `plot` extra: without it `costs --plot` is one line naming the extra
     (checked before the database is opened: this one does not exist)."""
