@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 PY := $(VENV)/bin/python
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv test lint fmt typecheck demo bench compose-check compose-up compose-smoke compose-down compose-clean clean
+.PHONY: venv test unit lint fmt typecheck demo bench compose-check compose-up compose-smoke compose-down compose-clean clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ PYTEST_WORKERS ?= 3
 test: lint typecheck
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"
 	$(VENV)/bin/pytest -q -m serial || [ $$? -eq 5 ]  # 5: no test is marked serial
+
+# Only the tests marked `unit` (pure logic: parsing, money, validation, routing): seconds, and no
+# Redis, PostgreSQL or simulator needed. One test: .venv/bin/pytest tests/test_prices.py::test_override_file
+unit: venv
+	$(VENV)/bin/pytest -q -m unit
 
 demo: venv
 	$(VENV)/bin/sheepdog demo

@@ -1,4 +1,8 @@
-"""`sheepdog costs --plot FILE.png`: cost and savings per day by route (matplotlib, Agg)."""
+"""`sheepdog costs --plot FILE.png`: cost and savings per day by route (matplotlib, Agg).
+
+matplotlib is the `plot` extra (`pip install 'sheepdog[plot]'`), not a dependency of every
+worker; without it the plot is refused with one line saying what to install.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,24 @@ from pathlib import Path
 from costs.report import Line
 
 ROUTE_COLOURS = {"stream": "#4c72b0", "batch": "#55a868"}
+MISSING_MATPLOTLIB = "--plot needs matplotlib, the plot extra: pip install 'sheepdog[plot]'"
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+def require_matplotlib() -> None:
+    """Raise PlotUnavailable (saying what to install) when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotUnavailable(MISSING_MATPLOTLIB) from None
 
 
 def plot_daily(rows: list[tuple[str, str, Line]], path: Path) -> Path:
     """Write a PNG: stacked cost per day by route above, savings per day by route below."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot

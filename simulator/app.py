@@ -13,21 +13,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from simulator import admin, batches, chat, files
+from simulator.batch_store import BatchStore
 from simulator.config import SimulatorConfig
 from simulator.errors import ApiError, json_response
 from simulator.guard import BodyLimit
+from simulator.models import MODELS
 from simulator.state import SimState, api, sim
-
-
-def _model_names() -> list[str]:
-    from rules.prices import price_table
-
-    return price_table().names()
 
 
 @api()
 async def list_models(request: Request) -> Response:
-    """``GET /v1/models``: the models of the price table."""
+    """``GET /v1/models``: the models this simulator serves."""
     created = int(sim(request).stats.started_at)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "sheepdog-simulator"}
@@ -68,10 +64,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: SimulatorConfig | None = None, models: list[str] | None = None) -> Starlette:
-    """The simulator app for ``config``; ``models`` defaults to the price table's names."""
-    state = SimState(config or SimulatorConfig(), models if models is not None else _model_names())
+    """The simulator app for ``config``; ``models`` defaults to ``simulator.models.MODELS``."""
+    state = SimState(config or SimulatorConfig(), models if models is not None else list(MODELS))
     state.files = files.FileStore(state.data_dir)
-    state.batches = batches.BatchStore()
+    state.batches = BatchStore()
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

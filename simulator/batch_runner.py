@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import orjson
 
-from simulator.batches import BatchJob
+from simulator.batch_store import BatchJob
 from simulator.chat_request import completion_body, error_line_body, parse_chat_request
 from simulator.errors import ApiError, bad_request
 from simulator.faults import BatchPlan

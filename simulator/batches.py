@@ -10,58 +10,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from simulator.config import FaultRule
-from simulator.errors import ApiError, bad_request, json_response, not_found
+from simulator.batch_runner import run_batch
+from simulator.batch_store import FINAL, BatchJob, BatchStore
+from simulator.errors import ApiError, bad_request, json_response
 from simulator.faults import FAULT_HEADER, parse_fault_header
 from simulator.files import page, parse_limit
 from simulator.ids import new_id, now
 from simulator.state import SimState, api, sim
 
 ENDPOINTS = {"/v1/chat/completions"}
-FINAL = {"completed", "failed", "expired", "cancelled"}
-
-
-class BatchJob:
-    """One batch: its API object plus what the runner needs."""
-
-    def __init__(self, obj: dict[str, Any], faults: list[FaultRule], deadline: float) -> None:
-        self.obj = obj
-        self.faults = faults
-        self.deadline = deadline  # time.monotonic() at which the window ends
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def id(self) -> str:
-        return str(self.obj["id"])
-
-    @property
-    def status(self) -> str:
-        return str(self.obj["status"])
-
-    def set_status(self, status: str, stamp: str | None = None) -> None:
-        """Move to ``status`` and set its timestamp field (``<stamp>_at``)."""
-        self.obj["status"] = status
-        self.obj[f"{stamp or status}_at"] = now()
-
-
-class BatchStore:
-    """Batches by id, in creation order; each has a runner task while it is not final."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, BatchJob] = {}
-
-    def get(self, batch_id: str) -> BatchJob:
-        try:
-            return self.jobs[batch_id]
-        except KeyError:
-            raise not_found(f"No batch found with id '{batch_id}'.", param="batch_id") from None
-
-    async def close(self) -> None:
-        """Stop every runner (at application shutdown)."""
-        tasks = [job.task for job in self.jobs.values() if job.task and not job.task.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def store(request: Request) -> BatchStore:
@@ -86,8 +43,6 @@ def _check_metadata(metadata: object) -> dict[str, str] | None:
 @api(batch_api=True)
 async def create_batch(request: Request) -> Response:
     """``POST /v1/batches``: checks the request, then starts the lifecycle in the background."""
-    from simulator.batch_runner import run_batch
-
     state = sim(request)
     try:
         body = orjson.loads(await request.body())

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rules.tokens import count_message_tokens
 from simulator.answers import Answer, generate
 from simulator.errors import ApiError, bad_request, model_not_found
+from simulator.tokens import count_message_tokens
 
 
 @dataclass(slots=True)

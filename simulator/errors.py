@@ -67,7 +67,7 @@ def not_found(message: str, *, param: str | None = None, code: str | None = None
 
 
 def model_not_found(model: object) -> ApiError:
-    """A 404 for a model the price table does not list."""
+    """A 404 for a model the simulator does not serve."""
     return ApiError(
         404,
         f"The model `{model}` does not exist or you do not have access to it.",

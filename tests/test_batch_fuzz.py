@@ -72,6 +72,7 @@ def line_for(cid: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
     return st.one_of(structured, structured, junk, truncated)
 
 
+@pytest.mark.unit
 @given(st.lists(line_for(st.sampled_from(["req_a", "req_b", "zzz"])), max_size=20))
 @hsettings(max_examples=300, deadline=None)
 def test_parse_line_never_raises_nor_invents_answers(lines: list[bytes]) -> None:
@@ -103,6 +104,7 @@ ODD_ANSWERS = st.builds(
 )
 
 
+@pytest.mark.unit
 @given(st.lists(line_for(st.sampled_from(["req_a", "zzz"])) | ODD_ANSWERS, max_size=20))
 @hsettings(max_examples=300, deadline=None)
 def test_fast_path_agrees_with_the_models(lines: list[bytes]) -> None:
@@ -111,6 +113,7 @@ def test_fast_path_agrees_with_the_models(lines: list[bytes]) -> None:
         assert parse_line(raw) == _parse_validated(raw), raw
 
 
+@pytest.mark.unit
 @given(st.lists(st.binary(max_size=30), max_size=10), st.integers(1, 7))
 def test_split_lines_matches_splitlines(parts: list[bytes], size: int) -> None:
     data = b"".join(parts)

@@ -102,3 +102,22 @@ def test_status_of_an_unknown_request(sqlite_url: str) -> None:
     assert f"no request {unknown}" in one_line_error(result)
     result = sheepdog("status", "req_nope", "--json", env={"SHEEPDOG_DATABASE_URL": sqlite_url})
     assert "invalid request id 'req_nope'" in one_line_error(result)
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
+    """matplotlib is the `plot` extra: without it `costs --plot` is one line naming the extra
+    (checked before the database is opened: this one does not exist)."""
+    hide = "import sys; sys.modules['matplotlib'] = None; from sheepdog.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+    env["SHEEPDOG_DATABASE_URL"] = "postgresql://nobody:secret@127.0.0.1:5999/none"
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "costs", "--plot", str(tmp_path / "c.png")],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
+    line = one_line_error(result)
+    assert "matplotlib" in line and "sheepdog[plot]" in line
+    assert not (tmp_path / "c.png").exists()

@@ -130,6 +130,7 @@ def test_async_stream_resumes_after_a_cut(api_server: ApiServer, simulator) -> N
 # -- the pieces without a server: the SSE format and the error table --------------------------
 
 
+@pytest.mark.unit
 def test_sse_decoder_follows_the_format() -> None:
     from sheepdog_client._sse import SSEDecoder
 
@@ -157,6 +158,7 @@ def test_sse_decoder_follows_the_format() -> None:
     assert decoder.feed("") is None
 
 
+@pytest.mark.unit
 def test_error_answers_map_to_the_exception_classes() -> None:
     from sheepdog_client import (
         AuthenticationError,

@@ -29,6 +29,7 @@ from tests.fixtures.services import redis_db
 BROKER_DB = redis_db(4)  # no worker listens here: sent tasks stay put; flushed
 
 
+@pytest.mark.unit
 def test_a_worst_case_is_prompt_plus_max_tokens_at_the_route_rate(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path}/x.db")
     prices = price_table()

@@ -65,6 +65,7 @@ def _rows(settings: Settings, tmp_path: Path) -> dict[str, Document]:
         return {Path(d.path).name: d for d in docs}
 
 
+@pytest.mark.unit
 def test_split_text_respects_budget_and_keeps_every_word() -> None:
     text = "\n\n".join(" ".join(f"w{p}_{i}" for i in range(70)) for p in range(10))
     parts = split_text(text, 150)

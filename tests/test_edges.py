@@ -66,6 +66,7 @@ def assert_refused(out: Any, *words: str) -> None:
         assert word in err, err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("line", "why"),
     [
@@ -122,6 +123,7 @@ def test_cli_argv_edges(idle: Any) -> None:
     assert enqueued(r, settings.broker_prefix) == 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("change", "why"),
     [
@@ -145,6 +147,7 @@ def test_request_edges_are_refused(change: dict[str, Any], why: str) -> None:
     assert why in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_model_construct_is_no_way_around_validation() -> None:
     forged = ChatRequest.model_construct(
         model=MINI, messages=[Message.model_construct(role="robot", content="")], max_tokens=-3

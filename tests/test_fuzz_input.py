@@ -56,6 +56,7 @@ payloads = st.one_of(
 )
 
 
+@pytest.mark.unit
 @settings(max_examples=400, deadline=None)
 @given(payloads)
 def test_parse_request_accepts_or_explains(payload: Any) -> None:
@@ -68,6 +69,7 @@ def test_parse_request_accepts_or_explains(payload: Any) -> None:
         assert isinstance(req, ChatRequest)
 
 
+@pytest.mark.unit
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -9,6 +9,8 @@ import pytest
 
 from rules.prices import load_price_table, parse_price_file
 
+pytestmark = pytest.mark.unit  # pure arithmetic and file parsing
+
 
 def test_defaults_have_the_models_users_name_most() -> None:
     table = load_price_table()

@@ -69,6 +69,7 @@ def test_auto_batch_mode_is_probed_once_and_remembered(
     )
 
 
+@pytest.mark.unit
 def test_default_provider_from_settings() -> None:
     settings = Settings(openai_base_url="http://127.0.0.1:1/v1", openai_api_key="sk-x")
     provider = load_providers(settings).for_model("anything")

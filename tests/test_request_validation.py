@@ -19,6 +19,7 @@ def bad(**changes: object) -> dict[str, object]:
     return {**GOOD, **changes}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
@@ -76,18 +77,21 @@ def test_bad_input_is_refused_with_its_reason(payload: object, message: str) -> 
     assert "\n" not in text
 
 
+@pytest.mark.unit
 def test_past_deadline_names_the_time() -> None:
     when = datetime(2020, 1, 1, tzinfo=UTC)
     with pytest.raises(InvalidRequest, match=r"deadline 2020-01-01T00:00:00\+00:00 is in the past"):
         parse_request(bad(deadline=when.isoformat()))
 
 
+@pytest.mark.unit
 def test_prompt_too_long_for_the_context_window() -> None:
     words = " ".join(["word"] * 9000)  # sheepdog-mini has an 8,192-token window
     with pytest.raises(InvalidRequest, match="too long for sheepdog-mini's context window"):
         parse_request(bad(messages=[{"role": "user", "content": words}]))
 
 
+@pytest.mark.unit
 def test_good_request_and_defaults() -> None:
     req = parse_request(bad(max_cost_usd="0.5", metadata={"tenant": "acme"}))
     assert isinstance(req, ChatRequest)

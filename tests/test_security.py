@@ -70,6 +70,7 @@ def test_a_pickled_message_is_refused(lone_worker, stack) -> None:  # type: igno
         assert session.scalar(select(Request).where(Request.id == item.id)) is None
 
 
+@pytest.mark.unit
 def test_request_ids_are_random_and_unguessable() -> None:
     from models.request import new_request_id
 

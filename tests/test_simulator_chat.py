@@ -43,6 +43,26 @@ def raw_sse(sim, body: dict[str, object]) -> list[str]:  # type: ignore[no-untyp
     return [event[len("data: ") :] for event in text.split("\n\n") if event]
 
 
+@pytest.mark.unit
+def test_simulator_models_are_the_price_table() -> None:
+    """The simulator keeps its own list (it imports nothing of Sheepdog); it must stay in step."""
+    from rules.prices import load_price_table
+    from simulator.models import MODELS
+
+    assert list(MODELS) == load_price_table().names()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["", "Hello, world!", "naïve café: 3.14 -- ok?", "a\nb\tc"])
+def test_simulator_counts_tokens_as_sheepdog_estimates(text: str) -> None:
+    """The simulator's usage and Sheepdog's estimate count the same way (two copies, one rule)."""
+    from simulator import tokens
+
+    messages = [{"role": "system", "content": text}, {"role": "user", "content": text * 3}]
+    assert tokens.count_tokens(text) == count_tokens(text)
+    assert tokens.count_message_tokens(messages) == count_message_tokens(messages)
+
+
 def test_models_lists_the_price_table(openai_client: OpenAI) -> None:
     from rules.prices import price_table
 

@@ -168,6 +168,7 @@ def test_startup_faults_from_config_file_and_key(tmp_path) -> None:  # type: ign
             OpenAI(base_url=sim.base_url, api_key="sk-other", max_retries=0).models.list()
 
 
+@pytest.mark.unit
 def test_cli_options_override_config_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from simulator.__main__ import parse_args
 

@@ -223,6 +223,7 @@ def bare_runtime() -> Any:
     return runtime
 
 
+@pytest.mark.unit
 def test_a_second_job_for_an_id_does_not_hide_the_first() -> None:
     runtime = bare_runtime()
     try:
@@ -237,6 +238,7 @@ def test_a_second_job_for_an_id_does_not_hide_the_first() -> None:
         runtime.loop.close()
 
 
+@pytest.mark.unit
 def test_heartbeat_refreshes_only_streams_that_progress() -> None:
     from streaming.job import Grant
     from streaming.runtime import progressing

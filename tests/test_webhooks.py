@@ -231,6 +231,7 @@ def test_rotation_sends_both_signatures(settings: Settings, receiver: Receiver) 
         verify_webhook({**headers, "webhook-timestamp": "1"}, body, new)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "url",
     [

@@ -61,6 +61,8 @@ def costs(
 
     if by not in GROUPS:
         fail(f"--by: unknown grouping {by!r}; use one of {', '.join(GROUPS)}")
+    if plot is not None:
+        _require_plot()
     start = parse_since(since) if since else datetime.now(UTC) - timedelta(days=DEFAULT_DAYS)
     settings = get_settings()
     with edge():
@@ -78,6 +80,16 @@ def costs(
     _print_report(report)
     if plot is not None:
         typer.echo(f"plot written to {plot}")
+
+
+def _require_plot() -> None:
+    """Refuse --plot before any work when matplotlib (the `plot` extra) is missing."""
+    from costs.plot import PlotUnavailable, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except PlotUnavailable as err:
+        fail(str(err))
 
 
 def _print_report(report: Any) -> None:

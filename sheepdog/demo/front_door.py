@@ -3,13 +3,16 @@ answer streamed through it with the official openai SDK (only base_url and api_k
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+
+from sheepdog.demo.console import console
+from sheepdog.demo.processes import SHEEPDOG, Children
 
 
-def _wait_healthy(url: str, proc: Any, log: Path, timeout: float = 60) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -25,22 +28,20 @@ def _wait_healthy(url: str, proc: Any, log: Path, timeout: float = 60) -> None:
     raise RuntimeError(f"the API did not start (see {log}):\n{tail}")
 
 
-def start_front_door(children: Any, env: dict[str, str], logs: Path, port: int) -> str:
-    """Start `sheepdog api --no-auth` (loopback, no keys: tenant "default"); its URL."""
-    from sheepdog.demo import SHEEPDOG
-
+def start_front_door(children: Children, env: dict[str, str], logs: Path, port: int) -> str:
+    """Start `sheepdog api --no-auth` (loopback, no keys: tenant "default"); its URL. Not waited
+    for here: it starts while the live streams run."""
     argv = [*SHEEPDOG, "api", "--port", str(port), "--no-auth"]
     children.spawn("api", argv, env, logs / "api.log")
     return f"http://127.0.0.1:{port}"
 
 
-def stream_through_front_door(children: Any, url: str, logs: Path, model: str, console: Any) -> str:
+def stream_through_front_door(children: Children, url: str, logs: Path, model: str) -> str:
     """Stream one answer through the API with the openai SDK and print it; returns the request
     id (the response id)."""
     import openai
 
-    api = next(proc for name, proc in children.procs if name == "api")
-    _wait_healthy(url, api, logs / "api.log")
+    _wait_healthy(url, children.get("api"), logs / "api.log")
     prompt = "Write one sentence about a sheepdog, sent through the front door."
     console.print(f"[dim]openai.OpenAI(base_url='{url}/v1', api_key='unused')[/]")
     console.print(f"[cyan]> {prompt}[/]")
