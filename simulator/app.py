@@ -64,8 +64,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: SimulatorConfig | None = None, models: list[str] | None = None) -> Starlette:
-    """The simulator app for ``config``; ``models`` defaults to ``simulator.models.MODELS``."""
-    state = SimState(config or SimulatorConfig(), models if models is not None else list(MODELS))
+    """The simulator app for ``config``; the models served: ``models``, else ``config.models``,
+    else ``simulator.models.MODELS``."""
+    config = config or SimulatorConfig()
+    served = models if models is not None else config.models
+    state = SimState(config, list(served) if served is not None else list(MODELS))
     state.files = files.FileStore(state.data_dir)
     state.batches = BatchStore()
 

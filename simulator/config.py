@@ -72,6 +72,8 @@ class SimulatorConfig(BaseModel):
     reject_stream_options: bool = False
     answer_tokens: tuple[int, int] = (20, 60)
     data_dir: str | None = None
+    # The models served; None: simulator/models.py's list (a provider serves its own models).
+    models: list[str] | None = None
     faults: list[FaultRule] = Field(default_factory=list)
 
     # Batch timing in provider seconds, divided by time_scale.
