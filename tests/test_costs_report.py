@@ -109,9 +109,9 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, pg_url: str) -> Iterator[dict[str, 
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    from sheepdog.cli import _register, app
+    from sheepdog.cli import build_app
 
-    _register()
+    app = build_app()
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output
 

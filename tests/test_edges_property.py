@@ -145,10 +145,10 @@ def test_client_accepts_or_refuses_in_one_line(deployment: Any, payload: Any) ->
 def test_cli_accepts_or_refuses_in_one_line(
     deployment: Any, args: list[str], lines: list[str], tmp_path: Path
 ) -> None:
-    from sheepdog.cli import _register, app
+    from sheepdog.cli import build_app
 
     conf, r = deployment
-    _register()
+    app = build_app()
     path = tmp_path / f"{uuid.uuid4().hex}.jsonl"
     path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
     for argv in (["submit", *args], ["submit", "--file", str(path)]):

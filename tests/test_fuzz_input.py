@@ -127,11 +127,11 @@ cli_args = st.lists(
 @given(args=cli_args)
 def test_cli_submit_never_tracebacks(args: list[str], empty_redis: str, monkeypatch: Any) -> None:
     from core.settings import get_settings
-    from sheepdog.cli import _register, app
+    from sheepdog.cli import build_app
 
     monkeypatch.setenv("SHEEPDOG_REDIS_URL", empty_redis)
     get_settings.cache_clear()
-    _register()
+    app = build_app()
     r = redis.Redis.from_url(empty_redis)
     before = r.dbsize()
     result = CliRunner().invoke(app, ["submit", *args])
