@@ -71,7 +71,7 @@ class PriceTable(BaseModel):
 
 
 def parse_price_file(path: Path) -> PriceTable:
-    """Read a TOML price file (see costs/prices.toml for the shape)."""
+    """Read a TOML price file (see rules/prices.toml for the shape)."""
     raw = tomllib.loads(path.read_text())
     discount = raw.get("default_batch_discount", "0.5")
     models = {
