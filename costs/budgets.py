@@ -29,10 +29,11 @@ from sqlalchemy.orm import Session
 from core.db import among, session_scope
 from core.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
 from core.settings import Settings
-from models.intake_message import IntakeItem
+from models.intake_message import IntakeItem, Route
 from models.tables import Budget, CostEntry, Request, Reservation, utcnow
 from rules.caps import effective_max_tokens
-from rules.prices import PriceTable, Route, price_table
+from rules.prices import PriceTable, price_table
+from rules.routing import batch_horizon
 from rules.tokens import count_message_tokens
 
 log = logging.getLogger("sheepdog.budgets")
@@ -334,13 +335,10 @@ def _can_downgrade(item: IntakeItem, settings: Settings) -> bool:
     deadline = item.request.get("deadline")
     if deadline is None:
         return True
-    worst = datetime.now(UTC) + timedelta(
-        seconds=settings.batch_flush_interval_s + settings.batch_window_s
-    )
     when = datetime.fromisoformat(deadline) if isinstance(deadline, str) else deadline
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return bool(when >= worst)
+    return bool(when >= batch_horizon(settings))
 
 
 def downgrade(item: IntakeItem, prices: PriceTable, rederive: bool = True) -> IntakeItem:
