@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.db import is_postgres, session_scope
 from costs import ledger
-from costs.budgets import release
+from costs.reservations import release
 from lifecycle.moves import move, move_each, move_returning
 from lifecycle.record import record_requests, record_unstorable, refusal, row_values
 from models.intake_message import IntakeItem
