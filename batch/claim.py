@@ -12,7 +12,6 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import LargeBinary, Text, cast, func, insert, select, update
@@ -23,6 +22,7 @@ from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import Status
 from models.tables import BatchJob, Request, utcnow
+from rules.routing import batch_horizon
 
 log = logging.getLogger("sheepdog.batch.claim")
 
@@ -103,11 +103,6 @@ def split(
     return groups, too_large
 
 
-def deadline_horizon(settings: Settings, now: datetime | None = None) -> datetime:
-    """A queued request due before this instant cannot wait for a batch submitted now."""
-    return (now or datetime.now(UTC)) + timedelta(seconds=settings.batch_window_s)
-
-
 def claim(
     session: Session,
     settings: Settings,
@@ -126,7 +121,9 @@ def claim(
     due = session.scalars(
         lock_rows(
             select(Request.id).where(
-                base, Request.deadline.is_not(None), Request.deadline < deadline_horizon(settings)
+                base,
+                Request.deadline.is_not(None),
+                Request.deadline < batch_horizon(settings, flushing=True),
             ),
             session,
         )

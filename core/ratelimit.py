@@ -82,7 +82,9 @@ return slot - now
 
 
 @dataclass(frozen=True)
-class Limits:
+class RateLimits:
+    """A limiter's rates (None: that dimension is not limited)."""
+
     requests_per_minute: int | None
     tokens_per_minute: int | None
     # Requests that may start at once above the rate (GCRA's burst tolerance; 0 for providers,
@@ -99,11 +101,15 @@ class Limits:
         return per_req, per_tok
 
 
+# The old name, kept while batch/emulator.py still imports it (costs/ has its own budget limits).
+Limits = RateLimits
+
+
 class RateLimiter:
     """Blocking limiter for one provider (thread-safe; shares state through Redis)."""
 
     def __init__(
-        self, client: redis.Redis, provider: str, limits: Limits, names: keys.Keys
+        self, client: redis.Redis, provider: str, limits: RateLimits, names: keys.Keys
     ) -> None:
         self.provider = provider
         self.limits = limits
@@ -137,7 +143,7 @@ class AsyncRateLimiter:
     """The asyncio twin of RateLimiter (same keys, same script)."""
 
     def __init__(
-        self, client: aioredis.Redis, provider: str, limits: Limits, names: keys.Keys
+        self, client: aioredis.Redis, provider: str, limits: RateLimits, names: keys.Keys
     ) -> None:
         self.provider = provider
         self.limits = limits

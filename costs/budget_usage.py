@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
-from costs.budgets import effective_limits, everyone_budgeted, period_starts, spend
+from costs.budget_limits import effective_limits, everyone_budgeted, period_starts, spend
 from models.tables import Budget, CostEntry
 
 

@@ -16,9 +16,10 @@ from sqlalchemy import CTE, FromClause, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from costs.budgets import HELD, SETTLED, settle
+from costs.reservations import HELD, SETTLED, settle
+from models.intake_message import Route
 from models.tables import CostEntry, Reservation, utcnow
-from rules.prices import ModelPrice, PriceTable, Route, price_table
+from rules.prices import ModelPrice, PriceTable, price_table
 from rules.tokens import count_message_tokens, count_tokens
 
 

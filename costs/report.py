@@ -12,15 +12,15 @@ from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
-from costs.budgets import (
-    HELD,
-    Limits,
+from costs.budget_limits import (
+    BudgetLimits,
     effective_limits,
     everyone_budgeted,
     list_budgets,
     period_starts,
     spend,
 )
+from costs.reservations import HELD
 from models.tables import CostEntry, Reservation, utcnow
 
 GroupBy = Literal["model", "tenant", "route", "day"]
@@ -194,7 +194,9 @@ def budget_use(
         tenants |= set(
             session.scalars(select(Reservation.tenant).where(Reservation.state == HELD).distinct())
         )
-    limits: list[Limits] = [effective_limits(rows.get(t), t, settings) for t in sorted(tenants)]
+    limits: list[BudgetLimits] = [
+        effective_limits(rows.get(t), t, settings) for t in sorted(tenants)
+    ]
     limits = [x for x in limits if x.any]
     spent = spend(session, [x.tenant for x in limits], now)
     out = []

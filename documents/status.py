@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from documents.files import display_path
+from models.status import FINAL, Status
 from models.tables import Document, Request
 
 EXPORT_FIELDS = ("path", "title", "hash", "status", "parts", "error", "summary")
@@ -58,14 +59,13 @@ def derive(doc: Document, requests: Iterable[Request]) -> tuple[str, int, str | 
         if part not in best or rank.get(req.status, 0) > rank.get(best[part].status, 0):
             best[part] = req
     wanted = range(1, max(doc.parts, 1) + 1)
-    done = sum(1 for p in wanted if p in best and best[p].status == "succeeded")
+    done = sum(1 for p in wanted if p in best and best[p].status == Status.SUCCEEDED)
     if done == len(wanted):
         summary = "\n\n".join((best[p].text or "").strip() for p in wanted)
         return "succeeded", done, None, summary
-    ended = [best[p] for p in wanted if p in best and best[p].status in ("failed", "cancelled")]
-    if ended and all(
-        p in best and best[p].status in ("succeeded", "failed", "cancelled") for p in wanted
-    ):
+    failed = (Status.FAILED, Status.CANCELLED)
+    ended = [best[p] for p in wanted if p in best and best[p].status in failed]
+    if ended and all(p in best and best[p].status in FINAL for p in wanted):
         reason = ended[0].error or ended[0].status
         return "failed", done, f"part {ended[0].document_part or 1}: {reason}", None
     return "pending", done, None, None

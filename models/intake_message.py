@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+# The two paths a request can take (rules/routing.py chooses; rules/prices.py prices each).
+Route = Literal["stream", "batch"]
+
 
 class IntakeItem(BaseModel):
     """One validated request as the producer sends it to a worker."""
@@ -14,7 +17,7 @@ class IntakeItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
-    route: Literal["stream", "batch"]
+    route: Route
     escalated: bool = False
     downgraded: bool = False  # a budget moved this normal-priority request to the batch path
     request: dict[str, Any]  # ChatRequest in JSON mode

@@ -5,7 +5,8 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 from core.errors import InvalidRequest
-from rules.prices import MILLION, ModelPrice, Route
+from models.intake_message import Route
+from rules.prices import MILLION, ModelPrice, cost_usd
 
 
 def max_tokens_for_cap(
@@ -14,8 +15,8 @@ def max_tokens_for_cap(
     """The most output tokens that keep prompt + output within `cap_usd` on `route`.
 
     Raises InvalidRequest when the cap does not even cover the prompt and one output token."""
-    rate_in, rate_out = price.rates(route)
-    prompt_cost = rate_in * prompt_tokens / MILLION
+    _, rate_out = price.rates(route)
+    prompt_cost = cost_usd(price, prompt_tokens, 0, route)
     left = cap_usd - prompt_cost
     if rate_out == 0:
         return price.max_output_tokens

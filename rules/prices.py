@@ -6,14 +6,13 @@ import tomllib
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.intake_message import Route
+
 DEFAULT_PRICE_FILE = Path(__file__).with_name("prices.toml")
 MILLION = Decimal(1_000_000)
-
-Route = Literal["stream", "batch"]
 
 
 class ModelPrice(BaseModel):
@@ -40,8 +39,15 @@ class ModelPrice(BaseModel):
 
     def cost(self, prompt_tokens: int, completion_tokens: int, route: Route) -> Decimal:
         """Exact USD cost of a usage on a route."""
-        rate_in, rate_out = self.rates(route)
-        return (rate_in * prompt_tokens + rate_out * completion_tokens) / MILLION
+        return cost_usd(self, prompt_tokens, completion_tokens, route)
+
+
+def cost_usd(
+    price: ModelPrice, prompt_tokens: int, completion_tokens: int, route: Route
+) -> Decimal:
+    """Exact USD cost of a usage at `price` on `route`: every price is computed here."""
+    rate_in, rate_out = price.rates(route)
+    return (rate_in * prompt_tokens + rate_out * completion_tokens) / MILLION
 
 
 class PriceTable(BaseModel):

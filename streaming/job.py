@@ -9,29 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final, Literal
 
 import httpx2
 
 from core.settings import Settings
+from models.status import Status
 from models.stream_message import encode
 from models.tables import utcnow
+from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens, count_tokens
-from streaming import provider_calls as providers
+from streaming.job_services import JobServices
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
 from streaming.publisher import fence_token
 
-if TYPE_CHECKING:
-    from streaming.runtime import Runtime
-
 log = logging.getLogger("sheepdog.streaming")
 
-CANCELLED = "cancelled"
-LOST = "lost"  # the row was taken back by the janitor, or the claim failed
+CANCELLED: Final = Status.CANCELLED
+LOST: Final = "lost"  # the row was taken back by the janitor, or the claim failed
+
+StopReason = Literal[Status.CANCELLED, "lost"]
+# How a job ends: a final status of its row, or lost (the row is another worker's now).
+Ending = Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, "lost"]
 
 
 class LogLost(Exception):
@@ -48,10 +50,10 @@ class Grant:
 
 
 @dataclass(slots=True)
-class Outcome:
-    """How the job ended (the task thread writes it to the row)."""
+class StreamResult:
+    """How the job ended and what it streamed (the task thread writes it to the row)."""
 
-    kind: str  # "succeeded" | "failed" | CANCELLED | LOST
+    kind: Ending
     text: str
     finish_reason: str | None = None
     prompt_tokens: int | None = None
@@ -62,22 +64,21 @@ class Outcome:
     provider_calls: int = 0
 
 
-def backoff_s(attempt: int, settings: Settings) -> float:
-    """Exponential backoff with full jitter (attempt counts from 1)."""
-    cap = min(settings.stream_backoff_max_s, settings.stream_backoff_base_s * 2 ** (attempt - 1))
-    return random.uniform(cap / 2, cap)
+def retry_delay_s(attempt: int, settings: Settings) -> float:
+    """The wait before retry `attempt` (counted from 1) when the provider named none."""
+    return backoff_s(attempt, settings.stream_backoff_base_s, settings.stream_backoff_max_s)
 
 
 @dataclass(eq=False)
 class StreamJob:
     """A request being streamed by this process."""
 
-    runtime: Runtime
+    services: JobServices  # the runtime's
     request_id: str
     body: dict[str, Any]
     grant_future: asyncio.Future[Grant | None]
-    task: asyncio.Task[Outcome] | None = None
-    stop_reason: str | None = None
+    task: asyncio.Task[StreamResult] | None = None
+    stop_reason: StopReason | None = None
     grant: Grant | None = None
     seq: int = 0
     parts: list[str] = field(default_factory=list)
@@ -104,7 +105,7 @@ class StreamJob:
 
     # -- control (loop thread) -----------------------------------------------------------
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         """Abort the stream (cancel request or lost ownership); its HTTP response is closed."""
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -139,7 +140,7 @@ class StreamJob:
     def _put(self, type_: Any, **fields: Any) -> None:
         assert self.grant is not None  # only a job that owns the row publishes
         payload = encode(self.request_id, self.seq, type_, **fields)
-        self.runtime.publisher.put(self.request_id, payload, self.token)
+        self.services.publisher.put(self.request_id, payload, self.token)
         self.seq += 1
 
     async def final(self, type_: Any, **fields: Any) -> None:
@@ -147,9 +148,9 @@ class StreamJob:
         assert self.grant is not None
         payload = encode(self.request_id, self.seq, type_, **fields)
         self.seq += 1
-        seq = await self.runtime.publisher.send(self.request_id, payload, self.token)
+        seq = await self.services.publisher.send(self.request_id, payload, self.token)
         if seq >= 0:  # the log ended with this attempt's message: the row holds the answer
-            await self.runtime.publisher.shorten(self.request_id)
+            await self.services.publisher.shorten(self.request_id)
 
     def _reset(self) -> None:
         if self.shown:
@@ -197,8 +198,8 @@ class StreamJob:
 
     # -- the run -----------------------------------------------------------------------------
 
-    async def run(self) -> Outcome:
-        """Stream with retries; always returns an Outcome (after the grant has arrived)."""
+    async def run(self) -> StreamResult:
+        """Stream with retries; always returns a StreamResult (after the grant has arrived)."""
         self.task = asyncio.current_task()  # type: ignore[assignment]
         try:
             if self.stop_reason is not None:
@@ -210,10 +211,10 @@ class StreamJob:
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise  # the loop is shutting down
-            return Outcome(self.stop_reason, "".join(self.parts), provider_calls=self.calls)
+            return StreamResult(self.stop_reason, "".join(self.parts), provider_calls=self.calls)
 
-    async def _attempts(self) -> Outcome:
-        settings = self.runtime.settings
+    async def _attempts(self) -> StreamResult:
+        settings = self.services.settings
         # The provider has provider_timeout_s to start answering (a busy one is slow, not
         # stalled); stream_once watches the idle limit between chunks itself.
         timeout = httpx2.Timeout(settings.provider_timeout_s)
@@ -227,7 +228,7 @@ class StreamJob:
             self.calls += 1
             self.live_for(in_flight_s)
             try:
-                client = await providers.before_call(self.runtime, self.body)  # rate limit
+                client = await self.services.providers.before_call(self.body)  # rate limit
                 self.live_for(in_flight_s)
                 end = await stream_once(
                     client,
@@ -254,11 +255,13 @@ class StreamJob:
             except Fatal as err:
                 return self._failed(err.reason)
             except Retryable as err:
-                await providers.after_retryable(self.runtime, self.body, err)
+                await self.services.providers.after_retryable(self.body, err)
                 if attempt >= settings.stream_max_attempts:
                     return self._failed(f"{err.reason} (gave up after {attempt} attempts)")
                 delay = (
-                    err.retry_after if err.retry_after is not None else backoff_s(attempt, settings)
+                    err.retry_after
+                    if err.retry_after is not None
+                    else retry_delay_s(attempt, settings)
                 )
                 log.warning(
                     "%s: attempt %d failed (%s); retrying in %.2fs",
@@ -291,7 +294,7 @@ class StreamJob:
             self.parts.clear()
             self.tokens = 0
 
-    def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> Outcome:
+    def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> StreamResult:
         text = "".join(self.parts)
         if usage is not None:
             prompt, completion, estimated = (
@@ -302,8 +305,8 @@ class StreamJob:
         else:
             prompt = count_message_tokens(self.body.get("messages") or [])
             completion, estimated = max(self.tokens, count_tokens(text)), True
-        return Outcome(
-            "succeeded",
+        return StreamResult(
+            Status.SUCCEEDED,
             text,
             finish_reason=finish_reason,
             prompt_tokens=prompt,
@@ -313,9 +316,9 @@ class StreamJob:
             provider_calls=self.calls,
         )
 
-    def _failed(self, reason: str) -> Outcome:
-        return Outcome(
-            "failed",
+    def _failed(self, reason: str) -> StreamResult:
+        return StreamResult(
+            Status.FAILED,
             "".join(self.parts),
             error=reason,
             first_token_at=self.first_token_at,

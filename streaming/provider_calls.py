@@ -1,29 +1,28 @@
 """Which provider a stream calls, and its shared rate limit.
 
-The provider of a request's model gives the client (the runtime's own for the implicit
-`default` provider, else one AsyncOpenAI per provider on the runtime's loop) and, when the
-provider has limits, the Redis-shared limiter every call attempt acquires first (one request
-plus the prompt estimate and the answer limit). A 429's Retry-After penalizes the limiter, so
-every worker on every host backs off together.
+The provider of a request's model gives the client (one AsyncOpenAI per provider on the
+runtime's loop) and, when the provider has limits, the Redis-shared limiter every call attempt
+acquires first (one request plus the prompt estimate and the answer limit). A 429's Retry-After
+penalizes the limiter, so every worker on every host backs off together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx2
 import openai
+import redis.asyncio as aioredis
 
-from core.providers import load_providers
-from core.ratelimit import AsyncRateLimiter, Limits
+from core import keys
+from core.providers import ProviderConfig, async_client_for, load_providers
+from core.ratelimit import AsyncRateLimiter, RateLimits
+from core.settings import Settings
 from rules.tokens import count_message_tokens
 from streaming.provider_stream import Fatal, Retryable
 
-if TYPE_CHECKING:
-    from streaming.runtime import Runtime
-
 DEFAULT_ANSWER_TOKENS = 1024  # token estimate of a request without max_tokens
+MAX_CONNECTIONS = 4000  # per provider and process: every stream of the loop may be in flight
 
 
 @dataclass(frozen=True)
@@ -32,55 +31,56 @@ class Access:
     limiter: AsyncRateLimiter | None
 
 
-def access(runtime: Runtime, model: str) -> Access:
-    """The client and limiter for `model` (made once per runtime and provider)."""
-    cache: dict[str, Access] = runtime.__dict__.setdefault("_provider_access", {})
-    found = cache.get(model)
-    if found is not None:
+class ProviderClients:
+    """The client and limiter of each provider, made once per runtime loop (on that loop)."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, names: keys.Keys) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.names = names
+        self._by_model: dict[str, Access] = {}
+        self._by_provider: dict[str, Access] = {}
+
+    def warm_up(self) -> None:
+        """Make every configured provider's client now rather than at its first stream."""
+        for provider in load_providers(self.settings).providers:
+            self._of(provider)
+
+    def access(self, model: str) -> Access:
+        """The client and limiter for `model`; Fatal when no provider serves it."""
+        found = self._by_model.get(model)
+        if found is not None:
+            return found
+        try:
+            provider = load_providers(self.settings).for_model(model)
+        except KeyError as err:
+            raise Fatal(str(err.args[0])) from None
+        found = self._by_model[model] = self._of(provider)
         return found
-    settings = runtime.settings
-    try:
-        provider = load_providers(settings).for_model(model)
-    except KeyError as err:
-        raise Fatal(str(err.args[0])) from None
-    by_name = cache.get(f"provider:{provider.name}")
-    if by_name is None:
-        if provider.name == "default" and not settings.providers_file:
-            client = runtime.openai
-        else:
-            from streaming.runtime import MAX_CONNECTIONS
 
-            limits = httpx2.Limits(
-                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
-            )
-            client = openai.AsyncOpenAI(  # as the runtime's own client (streaming/runtime.py)
-                api_key=provider.key(),
-                base_url=provider.base_url,
-                timeout=provider.timeout_s,
-                max_retries=0,  # streaming/job.py owns the retries
-                http_client=openai.DefaultAioHttpClient(limits=limits, timeout=provider.timeout_s),
-            )
-        limiter = None
-        if provider.rate_limited:
-            rates = Limits(provider.requests_per_minute, provider.tokens_per_minute)
-            limiter = AsyncRateLimiter(runtime.redis, provider.name, rates, runtime.names)
-        by_name = cache[f"provider:{provider.name}"] = Access(client, limiter)
-    cache[model] = by_name
-    return by_name
+    def _of(self, provider: ProviderConfig) -> Access:
+        found = self._by_provider.get(provider.name)
+        if found is None:
+            # SDK retries are off: streaming/job.py owns the retries.
+            client = async_client_for(provider, max_connections=MAX_CONNECTIONS)
+            limiter = None
+            if provider.rate_limited:
+                rates = RateLimits(provider.requests_per_minute, provider.tokens_per_minute)
+                limiter = AsyncRateLimiter(self.redis, provider.name, rates, self.names)
+            found = self._by_provider[provider.name] = Access(client, limiter)
+        return found
 
+    async def before_call(self, body: dict[str, Any]) -> openai.AsyncOpenAI:
+        """Wait for the provider's rate limit (if any); the client to call."""
+        found = self.access(str(body.get("model") or ""))
+        if found.limiter is not None:
+            answer = body.get("max_completion_tokens") or body.get("max_tokens")
+            tokens = count_message_tokens(body.get("messages") or [])
+            await found.limiter.acquire(tokens + int(answer or DEFAULT_ANSWER_TOKENS))
+        return found.client
 
-async def before_call(runtime: Runtime, body: dict[str, Any]) -> openai.AsyncOpenAI:
-    """Wait for the provider's rate limit (if any); the client to call."""
-    found = access(runtime, str(body.get("model") or ""))
-    if found.limiter is not None:
-        answer = body.get("max_completion_tokens") or body.get("max_tokens")
-        tokens = count_message_tokens(body.get("messages") or [])
-        await found.limiter.acquire(tokens + int(answer or DEFAULT_ANSWER_TOKENS))
-    return found.client
-
-
-async def after_retryable(runtime: Runtime, body: dict[str, Any], err: Retryable) -> None:
-    """A failed attempt that named a Retry-After holds back every worker's calls for it."""
-    found = access(runtime, str(body.get("model") or ""))
-    if found.limiter is not None and err.retry_after is not None:
-        await found.limiter.penalize(err.retry_after)
+    async def after_retryable(self, body: dict[str, Any], err: Retryable) -> None:
+        """A failed attempt that named a Retry-After holds back every worker's calls for it."""
+        found = self.access(str(body.get("model") or ""))
+        if found.limiter is not None and err.retry_after is not None:
+            await found.limiter.penalize(err.retry_after)

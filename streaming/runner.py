@@ -26,7 +26,7 @@ from models.intake_message import IntakeItem
 from models.status import Status
 from models.stream_message import StreamMessage, encode
 from streaming import store
-from streaming.job import CANCELLED, LOST, Grant, Outcome, StreamJob
+from streaming.job import CANCELLED, LOST, Grant, StreamJob, StreamResult
 from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now
 from streaming.runtime import Runtime, get_runtime
 
@@ -130,10 +130,10 @@ async def serve(
     job.live_until = max(job.live_until, time.monotonic() + runtime.settings.heartbeat_timeout_s)
     await _grant(runtime, job, claim)
     try:
-        outcome: Outcome = await streaming
+        outcome: StreamResult = await streaming
     except Exception as err:  # a bug must not leave the row streaming until the janitor
         log.exception("%s: stream crashed", job.request_id)
-        outcome = Outcome("failed", "".join(job.parts), error=f"internal error: {err}")
+        outcome = StreamResult(Status.FAILED, "".join(job.parts), error=f"internal error: {err}")
     return await _finish(runtime, job, claim, outcome)
 
 
@@ -188,11 +188,13 @@ async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
         job.resolve(grant)
 
 
-async def _finish(runtime: Runtime, job: StreamJob, claim: store.Claim, outcome: Outcome) -> str:
+async def _finish(
+    runtime: Runtime, job: StreamJob, claim: store.Claim, outcome: StreamResult
+) -> str:
     if outcome.kind == LOST:
         log.warning("%s: lost the row to another worker; left to it", job.request_id)
         return LOST
-    if outcome.kind == "succeeded":
+    if outcome.kind == Status.SUCCEEDED:
         end = store.End(
             Status.SUCCEEDED,
             outcome.text,

@@ -1,10 +1,10 @@
 """The per-process streaming runtime: ONE asyncio loop in a background thread.
 
 Celery's threads pool gives each stream a thin thread that only hands the request to this loop
-and waits. The loop holds every provider connection (AsyncOpenAI), the batching publisher, the
-batching database writer (claims and ends), the cancel listener and the batched heartbeat, so a
-thousand streams cost a thousand sockets and coroutines rather than a thousand threads
-contending for the GIL and the connection pool.
+and waits. The loop holds every provider connection (AsyncOpenAI, streaming/provider_calls.py),
+the batching publisher, the batching database writer (claims and ends), the cancel listener and
+the batched heartbeat, so a thousand streams cost a thousand sockets and coroutines rather than
+a thousand threads contending for the GIL and the connection pool.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import httpx2
-import openai
 import redis
 
 from core import keys
 from core.redis_conn import new_async_redis
 from core.settings import Settings
-from streaming.job import LOST, StreamJob
+from streaming.job import CANCELLED, LOST, StreamJob
 from streaming.lookups import Lookups
+from streaming.provider_calls import ProviderClients
 from streaming.publisher import Publisher
 from streaming.store import touch_heartbeats
 from streaming.writer import Writer
@@ -35,7 +34,6 @@ from streaming.writer import Writer
 log = logging.getLogger("sheepdog.streaming.runtime")
 
 T = TypeVar("T")
-MAX_CONNECTIONS = 4000
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -68,19 +66,9 @@ class Runtime:
     async def _setup(self) -> None:
         s = self.settings
         self.redis = new_async_redis(s.redis_url)
-        limits = httpx2.Limits(
-            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
-        )
-        self.openai = openai.AsyncOpenAI(
-            api_key=s.api_key(),
-            base_url=s.openai_base_url,
-            timeout=s.provider_timeout_s,
-            max_retries=0,  # this path owns its retries (streaming/job.py)
-            # aiohttp under the SDK (its `aiohttp` extra): the HTTP/1.1 parsing of every chunk is
-            # C (llhttp) rather than pure-Python h11, the largest per-chunk cost of the loop.
-            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=s.provider_timeout_s),
-        )
         self.names = keys.of(s)
+        self.providers = ProviderClients(s, self.redis, self.names)
+        self.providers.warm_up()
         self.publisher = Publisher(
             self.redis, s.replay_ttl_s, self.names, self._log_lost, s.replay_done_ttl_s
         )
@@ -149,7 +137,7 @@ class Runtime:
                     job = self.jobs.get(rid)
                     if job is not None:
                         log.info("%s: cancel requested; stopping the stream", rid)
-                        job.stop("cancelled")
+                        job.stop(CANCELLED)
             except asyncio.CancelledError:
                 raise
             except (redis.RedisError, OSError) as err:

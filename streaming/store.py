@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session
 
 from core.db import is_postgres, session_scope
 from costs import ledger
-from costs.budgets import release
+from costs.reservations import release
 from lifecycle.moves import move, move_each, move_returning
 from lifecycle.record import record_requests, record_unstorable, refusal, row_values
 from models.intake_message import IntakeItem
 from models.status import Status
 from models.tables import Request, utcnow
-from rules.prices import price_table
+from rules.prices import cost_usd, price_table
 from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
@@ -267,12 +267,13 @@ def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
     )
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
+def stream_cost(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
     """Cost at the standard (stream) rate; None for a model missing from the price table."""
     try:
-        return price_table().get(model).cost(prompt_tokens, completion_tokens, "stream")
+        price = price_table().get(model)
     except KeyError:
         return None
+    return cost_usd(price, prompt_tokens, completion_tokens, "stream")
 
 
 def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | None:
@@ -280,7 +281,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
     transaction. Raises Fenced when the row is no longer this worker's; returns the cost."""
     cost = None
     if end.prompt_tokens is not None and end.completion_tokens is not None:
-        cost = cost_usd(claim.model, end.prompt_tokens, end.completion_tokens)
+        cost = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens)
     with _session(db_url) as session:
         moved = move(
             session,
@@ -348,7 +349,7 @@ def finish_many(
                 continue
             cost = None
             if end.prompt_tokens is not None and end.completion_tokens is not None:
-                cost = cost_usd(claim.model, end.prompt_tokens, end.completion_tokens)
+                cost = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens)
             result[rid] = cost
             by_status.setdefault(end.status, []).append(
                 {

@@ -32,6 +32,7 @@ from core import keys
 from core.errors import SheepdogError
 from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
+from models.status import FINAL, Status
 from models.stream_message import StreamMessage, StreamUsage
 from models.tables import Request
 from streaming.publisher import FIELD
@@ -119,17 +120,17 @@ class _Reader:
 
     def from_gap(self, row: Request | None) -> bool:
         """After a gap: the row's answer once it has ended (True), else False (wait more)."""
-        if row is None or row.status not in ("succeeded", "failed", "cancelled"):
+        if row is None or row.status not in FINAL:
             return False
         self.from_row(row)
         return True
 
     def from_row(self, row: Request | None) -> None:
         """A finished request whose replay log has expired: its stored answer."""
-        if row is None or row.status not in ("succeeded", "failed", "cancelled"):
+        if row is None or row.status not in FINAL:
             return
         rid = self.request_id
-        if row.status == "succeeded":
+        if row.status == Status.SUCCEEDED:
             if row.text:
                 self.pending.append(
                     StreamMessage(request_id=rid, seq=0, type="token", text=row.text)

@@ -14,9 +14,11 @@ import redis
 from core.db import session_scope
 from core.errors import BudgetExceeded, ServiceUnavailable
 from core.settings import Settings
-from costs import budgets
-from costs.budgets import budgeted_tenants, release_stale, reserve, worst_case
+from costs import budget_limits, budgets
+from costs.budget_limits import budgeted_tenants
+from costs.budgets import reserve, worst_case
 from costs.ledger import Usage, record
+from costs.reservations import release_stale
 from lifecycle.moves import move, move_many
 from lifecycle.record import row_values
 from models.intake_message import IntakeItem
@@ -139,9 +141,9 @@ def test_record_settles_and_lifecycle_releases(db_url: str, tenant: str) -> None
     assert spend.held_usd == rows[streaming].amount_usd
 
 
-def _spend(url: str, tenant: str) -> budgets.Spend:
+def _spend(url: str, tenant: str) -> budget_limits.Spend:
     with session_scope(url) as session:
-        return budgets.spend(session, [tenant])[tenant]
+        return budget_limits.spend(session, [tenant])[tenant]
 
 
 def test_concurrent_submits_never_pass_the_budget(db_url: str, tenant: str) -> None:
@@ -183,14 +185,14 @@ def test_settings_default_budget_applies_to_every_tenant(db_url: str, tenant: st
 def test_unbudgeted_tenants_never_touch_the_database(tmp_path: Path, tenant: str) -> None:
     down = Settings(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
     items = [make_item(down, tenant) for _ in range(3)]
-    budgets._budgeted[down.database_url] = (math.inf, frozenset({"someone-else"}))
+    budget_limits._budgeted[down.database_url] = (math.inf, frozenset({"someone-else"}))
     try:
         assert reserve(items, down) is items  # the cached set answers: no DB round trip
-        budgets._budgeted[down.database_url] = (math.inf, frozenset({tenant}))
+        budget_limits._budgeted[down.database_url] = (math.inf, frozenset({tenant}))
         with pytest.raises(ServiceUnavailable, match="cannot reach the database"):
             reserve(items, down)
     finally:
-        budgets.forget_budgets(down)
+        budget_limits.forget_budgets(down)
     fresh = Settings(database_url=f"sqlite:///{tmp_path}/not-migrated.db")
     assert budgeted_tenants(fresh) == frozenset()  # no budgets table: nobody has a budget
 

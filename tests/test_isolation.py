@@ -17,7 +17,7 @@ from sqlalchemy import select
 from batch.jobs import job_lock, release
 from core import keys
 from core.db import session_scope
-from core.ratelimit import Limits, RateLimiter
+from core.ratelimit import RateLimiter, RateLimits
 from core.settings import Settings
 from models.tables import BatchJob
 from sheepdog.client import Client
@@ -199,7 +199,7 @@ def test_locks_and_rate_limits_are_per_deployment(sides: tuple[Side, Side]) -> N
     finally:
         release(lock_a)
 
-    limits = Limits(60, None)
+    limits = RateLimits(60, None)
     limiter_a = RateLimiter(r, "default", limits, a.names)
     limiter_b = RateLimiter(r, "default", limits, b.names)
     limiter_a.penalize(30)  # a 429 with Retry-After: 30 at A's provider

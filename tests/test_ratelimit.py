@@ -9,7 +9,7 @@ import uuid
 import redis
 
 from core.keys import Keys
-from core.ratelimit import Limits, RateLimiter
+from core.ratelimit import RateLimiter, RateLimits
 
 
 def starts_under(
@@ -45,7 +45,8 @@ def max_in_window(stamps: list[float], window: float) -> int:
 
 def test_requests_per_minute_is_never_exceeded(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    limiter = RateLimiter(client, f"p-{uuid.uuid4().hex[:6]}", Limits(1200, None), Keys())  # 20/s
+    rates = RateLimits(1200, None)  # 20/s
+    limiter = RateLimiter(client, f"p-{uuid.uuid4().hex[:6]}", rates, Keys())
     stamps = starts_under(limiter, threads=8, seconds=1.5)
     # any 1-second window: at most 20 + 1 starts
     assert max_in_window(stamps, 1.0) <= 21
@@ -55,7 +56,7 @@ def test_requests_per_minute_is_never_exceeded(redis_url: str) -> None:
 def test_tokens_per_minute(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     limiter = RateLimiter(
-        client, f"p-{uuid.uuid4().hex[:6]}", Limits(None, 60_000), Keys()
+        client, f"p-{uuid.uuid4().hex[:6]}", RateLimits(None, 60_000), Keys()
     )  # 1,000/s
     stamps = starts_under(limiter, threads=4, seconds=1.2, tokens=100)  # => 10 requests/s
     assert max_in_window(stamps, 1.0) <= 11
@@ -64,8 +65,8 @@ def test_tokens_per_minute(redis_url: str) -> None:
 def test_penalize_holds_every_caller(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     name = f"p-{uuid.uuid4().hex[:6]}"
-    limiter = RateLimiter(client, name, Limits(6000, None), Keys())
-    other = RateLimiter(redis.Redis.from_url(redis_url), name, Limits(6000, None), Keys())
+    limiter = RateLimiter(client, name, RateLimits(6000, None), Keys())
+    other = RateLimiter(redis.Redis.from_url(redis_url), name, RateLimits(6000, None), Keys())
     assert limiter.try_acquire(1) == 0
     limiter.penalize(0.5)
     wait = other.try_acquire(1)

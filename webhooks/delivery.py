@@ -17,12 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.client import HTTPException
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import redis
@@ -36,6 +35,7 @@ from models.tables import Request, utcnow
 from models.views import RequestView
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
 from rules.addresses import UnsafeURL
+from rules.backoff import backoff_s
 from webhooks import crypto
 from webhooks.outbox import REQUEST_TARGET, envelope
 from webhooks.sender import post
@@ -56,9 +56,15 @@ class Claimed:
     secrets: list[str]
 
 
+# delivered: a 2xx; retry: send again later; dead: never again; gone: a 410 (endpoint disabled)
+SendKind = Literal["delivered", "retry", "dead", "gone"]
+
+
 @dataclass
-class Outcome:
-    kind: str  # delivered | retry | dead | gone
+class SendResult:
+    """What one POST of a delivery came to."""
+
+    kind: SendKind
     error: str | None = None
     status_code: int | None = None
 
@@ -77,11 +83,9 @@ def lease_s(settings: Settings, rows: int = 1) -> float:
     return rows * 4 * settings.webhook_timeout_s + 10
 
 
-def backoff_s(settings: Settings, attempts: int) -> float:
-    """Exponential, capped, with jitter (half fixed, half random) so retries spread out."""
-    base, cap = settings.webhook_backoff_base_s, settings.webhook_backoff_max_s
-    ceiling = min(cap, base * 2 ** max(attempts - 1, 0))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+def retry_delay_s(settings: Settings, attempts: int) -> float:
+    """The wait before a failed delivery is sent again."""
+    return backoff_s(attempts, settings.webhook_backoff_base_s, settings.webhook_backoff_max_s)
 
 
 def _due(now: datetime) -> list[Any]:
@@ -126,7 +130,7 @@ def deliver_target(settings: Settings, target: str) -> TargetReport:
             claimed = claim(settings, target, batch)
             if not claimed:
                 break
-            results: list[tuple[Claimed, Outcome]] = []
+            results: list[tuple[Claimed, SendResult]] = []
             for item in claimed:
                 if not _renew(slot):  # expired (this process stalled): another may hold it
                     break
@@ -203,14 +207,14 @@ def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
         )
         problem, url = _destination(session, rows[0])  # one endpoint, or one URL
         if problem is not None or url is None:
-            _settle(session, settings, [(r, Outcome("dead", problem)) for r in rows])
+            _settle(session, settings, [(r, SendResult("dead", problem)) for r in rows])
             return []
         try:  # a request-level URL may be named by several tenants: each signs its own
             secrets = {
                 t: signing_secrets(session, settings, t, now) for t in {r.tenant for r in rows}
             }
         except crypto.WebhookKeyError as err:
-            _settle(session, settings, [(r, Outcome("retry", str(err))) for r in rows])
+            _settle(session, settings, [(r, SendResult("retry", str(err))) for r in rows])
             return []
         unsigned = [r for r in rows if not secrets[r.tenant]]
         _settle(
@@ -219,7 +223,7 @@ def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
             [
                 (
                     r,
-                    Outcome(
+                    SendResult(
                         "dead",
                         f"tenant {r.tenant!r} has no webhook signing secret "
                         "(sheepdog webhooks rotate-secret creates one; then redeliver)",
@@ -281,7 +285,7 @@ def _render(session: Session, rows: list[WebhookDelivery]) -> None:
         )
 
 
-def send(settings: Settings, claimed: Claimed) -> Outcome:
+def send(settings: Settings, claimed: Claimed) -> SendResult:
     """POST one claimed delivery, signed now; what happened (nothing recorded yet)."""
     headers = signed_headers(claimed.secrets, claimed.webhook_id, int(time.time()), claimed.body)
     try:
@@ -294,18 +298,20 @@ def send(settings: Settings, claimed: Claimed) -> Outcome:
             max_response_bytes=settings.webhook_max_response_bytes,
         )
     except UnsafeURL as err:
-        return Outcome("dead", str(err))
+        return SendResult("dead", str(err))
     except (OSError, HTTPException) as err:  # TimeoutError and HostNotFound are OSErrors
-        return Outcome("retry", f"{type(err).__name__}: {err}"[:500])
+        return SendResult("retry", f"{type(err).__name__}: {err}"[:500])
     status = response.status
     if 200 <= status < 300:
-        return Outcome("delivered", status_code=status)
+        return SendResult("delivered", status_code=status)
     text = response.body[:200].decode("utf-8", "replace").replace("\n", " ")
     error = f"HTTP {status}" + (f": {text}" if text else "")
-    return Outcome("gone" if status == 410 else "retry", error, status)
+    return SendResult("gone" if status == 410 else "retry", error, status)
 
 
-def record(settings: Settings, results: list[tuple[Claimed, Outcome]], unsent: list[int]) -> None:
+def record(
+    settings: Settings, results: list[tuple[Claimed, SendResult]], unsent: list[int]
+) -> None:
     """Record a batch's outcomes in one transaction, and free the rows not sent."""
     d = WebhookDelivery
     with session_scope(settings.database_url) as session:
@@ -324,7 +330,7 @@ def record(settings: Settings, results: list[tuple[Claimed, Outcome]], unsent: l
 
 
 def _settle(
-    session: Session, settings: Settings, outcomes: list[tuple[WebhookDelivery, Outcome]]
+    session: Session, settings: Settings, outcomes: list[tuple[WebhookDelivery, SendResult]]
 ) -> None:
     now = utcnow()
     delivered = [r.id for r, o in outcomes if o.kind == "delivered"]
@@ -368,7 +374,7 @@ def _settle(
         elif outcome.kind == "dead":
             values["status"] = "dead"
         else:
-            when = now + timedelta(seconds=backoff_s(settings, attempts))
+            when = now + timedelta(seconds=retry_delay_s(settings, attempts))
             if when > row.expires_at:
                 values.update(
                     status="dead", last_error=f"{outcome.error} (gave up after {attempts} attempts)"

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.db import among, is_postgres
 from core.settings import get_settings
+from models.status import FINAL, Status
 from models.tables import Request, UTCDateTime, utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
 
@@ -39,6 +40,8 @@ BATCH_EVENT_OF = {
     "expired": "batch.expired",
     "cancelled": "batch.expired",
 }
+# A request's final statuses in the order a batch event counts them (succeeded, failed, ...).
+ENDED = tuple(s.value for s in Status if s in FINAL)
 REQUEST_TARGET = "request"  # `target` of a delivery to the request's own webhook_url
 COLUMNS = (
     "webhook_id",
@@ -174,15 +177,13 @@ def batch_ended(session: Session, job_id: str, job_status: str) -> int:
     rows = session.execute(
         select(req.id, req.tenant, req.status, req.cost_usd).where(
             req.batch_job_id == job_id,
-            req.status.in_(("succeeded", "failed", "cancelled")),
+            req.status.in_(ENDED),
             req.tenant.in_({t for _, t in endpoints}),
         )
     ).all()
     per_tenant: dict[str, dict[str, Any]] = {}
     for rid, tenant, status, cost in rows:
-        summary = per_tenant.setdefault(
-            tenant, {"succeeded": [], "failed": [], "cancelled": [], "cost": Decimal(0)}
-        )
+        summary = per_tenant.setdefault(tenant, {**{s: [] for s in ENDED}, "cost": Decimal(0)})
         summary[status].append(rid)
         summary["cost"] += cost or Decimal(0)
     now = utcnow()
@@ -198,7 +199,7 @@ def batch_ended(session: Session, job_id: str, job_status: str) -> int:
             "id": job_id,
             "status": job_status,
             "tenant": tenant,
-            "counts": {k: len(ended[k]) for k in ("succeeded", "failed", "cancelled")},
+            "counts": {k: len(ended[k]) for k in ENDED},
             "cost_usd": format(ended["cost"].normalize(), "f"),
             "succeeded_ids": sorted(ended["succeeded"]),
             "failed_ids": sorted(ended["failed"] + ended["cancelled"]),

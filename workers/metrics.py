@@ -161,6 +161,7 @@ class DatabaseCollector:
         from core import keys
         from core.db import session_scope
         from core.redis_conn import get_redis
+        from models.status import Status
         from models.tables import Request, utcnow
 
         until = utcnow() - timedelta(seconds=COMMIT_LAG_S)
@@ -179,7 +180,7 @@ class DatabaseCollector:
                     Request.finished_at,
                 ).where(
                     Request.route == "stream",
-                    Request.status == "succeeded",
+                    Request.status == Status.SUCCEEDED,
                     Request.finished_at > previous,
                     Request.finished_at <= until,
                 )

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from core import keys
-from core.ratelimit import AsyncRateLimiter, Limits
+from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
 from sheepdog.api.errors import ApiError
 from sheepdog.tenant_keys import KeyCache, KeyInfo
@@ -72,7 +72,7 @@ class Authenticator:
             return
         limiter = self._limiters.get(info.id)
         if limiter is None or limiter.limits.requests_per_minute != rpm:
-            limits = Limits(rpm, None, burst=self.settings.api_rate_limit_burst)
+            limits = RateLimits(rpm, None, burst=self.settings.api_rate_limit_burst)
             limiter = AsyncRateLimiter(
                 self._redis, f"api-key:{info.id}", limits, keys.of(self.settings)
             )
