@@ -32,33 +32,16 @@ from costs.budget_limits import (
     BudgetLimits,
     Spend,
     effective_limits,
-    list_budgets,
     needs_budget,
-    set_budget,
     spend,
 )
-from costs.reservations import HELD, release, release_stale
+from costs.reservations import HELD, release
 from models.intake_message import IntakeItem, Route
 from models.tables import Budget, Reservation, utcnow
 from rules.caps import effective_max_tokens
 from rules.prices import PriceTable, price_table
 from rules.routing import batch_horizon
 from rules.tokens import count_message_tokens
-
-# list_budgets and set_budget live in costs/budget_limits.py, release and release_stale in
-# costs/reservations.py: still importable from here for the callers outside costs/ (lifecycle,
-# tasks, the CLI) until they import them from their homes.
-__all__ = [
-    "downgrade",
-    "list_budgets",
-    "money",
-    "release",
-    "release_items",
-    "release_stale",
-    "reserve",
-    "set_budget",
-    "worst_case",
-]
 
 log = logging.getLogger("sheepdog.budgets")
 

@@ -30,7 +30,7 @@ def _sources(to: Status, from_: Iterable[Status] | None) -> list[str]:
 def _release_budgets(session: Session, to: Status, request_ids: Sequence[str]) -> None:
     # A failed or cancelled request spends nothing more: free what its budget reservation holds.
     if to in (Status.FAILED, Status.CANCELLED) and request_ids:
-        from costs.budgets import release
+        from costs.reservations import release
 
         release(session, request_ids)
 

@@ -212,7 +212,7 @@ def record_safely(session: Session, items: Sequence[IntakeItem]) -> Recorded:
         out.failed.append(item.id)
     refused = sorted({*out.failed, *(item.id for item in out.unkeyed)})
     if refused:
-        from costs.budgets import release
+        from costs.reservations import release
 
         release(session, refused)  # a request that failed spends nothing
     return out

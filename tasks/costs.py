@@ -7,7 +7,7 @@ import logging
 from celery import shared_task
 
 from core.db import session_scope
-from costs.budgets import release_stale
+from costs.reservations import release_stale
 from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.costs")

@@ -277,7 +277,7 @@ def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: Ap
     from concurrent.futures import ThreadPoolExecutor
 
     from core.db import session_scope
-    from costs.budgets import set_budget
+    from costs.budget_limits import set_budget
 
     broke, fine = new_tenant(), new_tenant()
     with session_scope(api_server.settings.database_url) as session:

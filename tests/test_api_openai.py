@@ -13,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from core.db import session_scope
-from costs.budgets import set_budget
+from costs.budget_limits import set_budget
 from tests.fixtures.api import ApiServer, new_tenant
 
 MODEL = "sheepdog-mini"

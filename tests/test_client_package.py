@@ -270,7 +270,7 @@ def test_another_tenants_request_is_not_found(client: Client, api_server: ApiSer
 
 def test_budget_and_rate_refusals(api_server: ApiServer) -> None:
     from core.db import session_scope
-    from costs.budgets import set_budget
+    from costs.budget_limits import set_budget
 
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     with session_scope(api_server.settings.database_url) as session:

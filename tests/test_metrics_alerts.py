@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from core.db import session_scope
 from core.settings import Settings
-from costs.budgets import set_budget
+from costs.budget_limits import set_budget
 from models.tables import BatchJob, CostEntry, utcnow
 from workers.metrics import database_families
 

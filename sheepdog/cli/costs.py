@@ -174,7 +174,7 @@ def budget_set(
     """Create or change a tenant's budget; options left out keep their value."""
     from core.db import check_database, session_scope
     from core.settings import get_settings
-    from costs.budgets import set_budget
+    from costs.budget_limits import set_budget
 
     if daily is None and monthly is None and allow_downgrade is None:
         fail("give --daily, --monthly and/or --allow-downgrade")
@@ -212,7 +212,7 @@ def budget_list(
     """Every tenant budget (and the settings default, if any)."""
     from core.db import check_database, session_scope
     from core.settings import get_settings
-    from costs.budgets import list_budgets
+    from costs.budget_limits import list_budgets
 
     settings = get_settings()
     with edge():
@@ -261,7 +261,7 @@ def budget_release_stale(
     """Release reservations whose request never reached a worker or ended unsettled."""
     from core.db import check_database, session_scope
     from core.settings import get_settings
-    from costs.budgets import release_stale
+    from costs.reservations import release_stale
 
     url = get_settings().database_url
     with edge():
