@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core.db import among, session_scope
+from core.db import among, begin_write, session_scope
 from core.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
 from core.settings import Settings
 from models.intake_message import IntakeItem
@@ -239,7 +239,7 @@ def _reserve_in(
     out = list(items)
     now = utcnow()
     rows: list[dict[str, Any]] = []
-    _begin_write(session)
+    begin_write(session)  # SQLite: the writer lock before reading what is spent, not at insert
     for tenant in sorted(groups):  # one lock order for every producer: no deadlocks
         limits = effective_limits(_lock_budget(session, tenant), tenant, settings)
         if not limits.any:
@@ -262,12 +262,6 @@ def _reserve_in(
     if rows:
         session.execute(insert(Reservation), rows)
     return out
-
-
-def _begin_write(session: Session) -> None:
-    if session.get_bind().dialect.name == "sqlite":
-        # Take the single writer lock before reading what is spent, not at the first insert.
-        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _lock_budget(session: Session, tenant: str) -> Budget | None:
