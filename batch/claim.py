@@ -17,10 +17,11 @@ from typing import Any
 from sqlalchemy import LargeBinary, Text, cast, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from core.db import begin_write
 from core.settings import Settings
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
-from models.status import Status
+from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
 from rules.routing import batch_horizon
 
@@ -32,14 +33,6 @@ LINE_OVERHEAD = len('{"custom_id":"","method":"POST","url":"","body":}\n') + len
 
 def new_job_id() -> str:
     return "bj_" + secrets.token_hex(12)
-
-
-def begin_write(session: Session) -> None:
-    """Start the session's transaction as a writer. On SQLite this takes the single write lock
-    now (BEGIN IMMEDIATE), so a read-then-write cannot interleave with another writer; on
-    PostgreSQL row locks (FOR UPDATE) do that job. Call first thing in a fresh session."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def lock_rows(stmt: Any, session: Session) -> Any:
@@ -68,8 +61,8 @@ class Group:
 
 
 @dataclass
-class Claim:
-    """What one claim did."""
+class ClaimedRows:
+    """What one claim did: the rows it grouped into jobs, failed as too large, or escalated."""
 
     groups: list[Group] = field(default_factory=list)
     too_large: list[str] = field(default_factory=list)
@@ -108,7 +101,7 @@ def claim(
     settings: Settings,
     *,
     on_groups: Callable[[list[Group]], None] | None = None,
-) -> Claim:
+) -> ClaimedRows:
     """Claim queued batch rows into new `preparing` jobs (the caller commits).
 
     Rows whose deadline falls before a batch submitted now could end are not claimed but moved
@@ -116,7 +109,7 @@ def claim(
     `on_groups` runs before the rows move (e.g. to take each job's lock before anyone can see
     the job)."""
     begin_write(session)
-    result = Claim()
+    result = ClaimedRows()
     base = (Request.status == Status.QUEUED.value) & (Request.route == "batch")
     due = session.scalars(
         lock_rows(
@@ -168,7 +161,7 @@ def claim(
             {
                 "id": g.job_id,
                 "model": g.model,
-                "status": "preparing",
+                "status": BatchStatus.PREPARING.value,  # a new job: the machine's start
                 "request_count": len(g.ids),
                 "input_bytes": g.bytes,
                 "created_at": now,

@@ -18,19 +18,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import openai
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from batch.claim import Group, claim
-from batch.emulated import EMULATED, submit_emulated
+from batch.emulated_job import EMULATED, submit_emulated
+from batch.job_status import move_job, move_job_now
 from batch.jobs import (
-    FINAL,
-    PREPARING,
     crash_point,
     holding,
     job_lock,
     mark_empty,
     provider_of,
-    release,
+    unlock,
     update_job,
 )
 from batch.jsonl import write_job_file
@@ -43,7 +42,7 @@ from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each, move_many
-from models.status import Status
+from models.status import BATCH_FINAL, BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
 
 log = logging.getLogger("sheepdog.batch.flush")
@@ -136,13 +135,13 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
                 log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
                 continue
             finally:
-                release(locks.pop(g.job_id))
+                unlock(locks.pop(g.job_id))
             if job is not None:
                 report.failed += job[1]
                 report.jobs.append(job[0])
     finally:
         for lock in locks.values():
-            release(lock)
+            unlock(lock)
     if report.claimed or report.jobs or report.escalated:
         log.info("flush: %s", report.summary())
     return report
@@ -154,7 +153,9 @@ def repair_preparing(
     """Finish every `preparing` job no live process holds: adopt or (re)submit it."""
     with session_scope(settings.database_url) as session:
         ids = session.scalars(
-            select(BatchJob.id).where(BatchJob.status == PREPARING).order_by(BatchJob.created_at)
+            select(BatchJob.id)
+            .where(BatchJob.status == BatchStatus.PREPARING.value)
+            .order_by(BatchJob.created_at)
         ).all()
     repaired = 0
     for job_id in ids:
@@ -195,16 +196,15 @@ def give_up_job(settings: Settings, job_id: str, err: openai.APIStatusError) -> 
             )
         ).all()
         failed = move_many(session, ids, Status.FAILED, from_=[Status.BATCHED], error=reason)
-        session.execute(
-            update(BatchJob)
-            .where(BatchJob.id == job_id)
-            .values(
-                status="failed",
-                errors={"object": "list", "data": [{"code": "submit_refused", "message": reason}]},
-                finished_at=now,
-                ingested_at=now,
-                updated_at=now,
-            )
+        move_job(
+            session,
+            job_id,
+            BatchStatus.FAILED,
+            from_=[BatchStatus.PREPARING],
+            errors={"object": "list", "data": [{"code": "submit_refused", "message": reason}]},
+            finished_at=now,
+            ingested_at=now,
+            updated_at=now,
         )
     log.error("job %s: %s; %d requests failed", job_id, reason, failed)
     return failed
@@ -217,7 +217,7 @@ def submit_job(
     Returns (report, requests failed as unwritable), or None when the job is not preparing."""
     with session_scope(settings.database_url) as session:
         job = session.get(BatchJob, job_id)
-        if job is None or job.status != PREPARING:
+        if job is None or job.status != BatchStatus.PREPARING:
             return None
         model, input_file_id, created_at = job.model, job.input_file_id, job.created_at
         recorded_provider, recorded_mode = job.provider, job.mode
@@ -316,19 +316,20 @@ def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
     # refreshes a final job, so its result files must be recorded here or the ingest finds none
     # and sends every request to the provider a second time.
     ended: dict[str, Any] = {}
-    if batch.status in FINAL:
+    if batch.status in BATCH_FINAL:
         ended = {
             "output_file_id": batch.output_file_id,
             "error_file_id": batch.error_file_id,
             "errors": batch.errors.model_dump(mode="json") if batch.errors else None,
             "finished_at": utcnow(),
         }
-    update_job(
+    move_job_now(
         settings,
         job_id,
+        batch.status,
+        from_=[BatchStatus.PREPARING],
         provider_batch_id=batch.id,
         input_file_id=batch.input_file_id,
-        status=batch.status,
         submitted_at=datetime.fromtimestamp(batch.created_at, UTC),
         completed_count=counts.completed if counts else 0,
         failed_count=counts.failed if counts else 0,

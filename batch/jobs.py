@@ -1,5 +1,5 @@
-"""Shared pieces of the batch path: job statuses, the per-job lock, updates to a job row, and
-the Celery app used to send follow-up tasks."""
+"""Shared pieces of the batch path: the per-job lock and its renewal, updates to a job row, and
+a job's provider and discount. Job statuses: models/status.py, moved by batch/job_status.py."""
 
 from __future__ import annotations
 
@@ -14,16 +14,20 @@ import redis
 from redis.lock import Lock
 from sqlalchemy import update
 
+from batch.job_status import move_job, move_job_now
 from core import keys
 from core.db import session_scope
 from core.providers import ProviderConfig, load_providers
 from core.redis_conn import get_redis
 from core.settings import Settings
+from models.status import BATCH_FINAL, BatchStatus
 from models.tables import BatchJob, utcnow
 
-PREPARING = "preparing"
-OPEN = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
-FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+FINAL = BATCH_FINAL  # for callers above the batch path (the CLI)
+
+
+class LostLock(RuntimeError):
+    """The job lock expired and another process took the job over."""
 
 
 class SimulatedCrash(RuntimeError):
@@ -94,9 +98,22 @@ def job_lock(settings: Settings, job_id: str) -> KeptLock:
     return lock
 
 
-def release(lock: Any) -> None:
+def unlock(lock: Any) -> None:
+    """Free a job lock; one already expired or unreachable is left to its TTL."""
     with contextlib.suppress(redis.exceptions.LockError, redis.RedisError):
         lock.release()
+
+
+def keep_lock(lock: Any, job_id: str) -> None:
+    """Renew a long ingest's job lock; if it expired, take it again unless someone else has,
+    in which case raise LostLock (they carry on from the same files)."""
+    if getattr(lock, "lost", False):
+        raise LostLock(f"job {job_id}: lock taken over by another ingest")
+    try:
+        lock.reacquire()
+    except redis.exceptions.LockError:
+        if not lock.acquire():
+            raise LostLock(f"job {job_id}: lock taken over by another ingest") from None
 
 
 @contextlib.contextmanager
@@ -108,12 +125,16 @@ def holding(settings: Settings, job_id: str) -> Iterator[bool]:
         yield taken
     finally:
         if taken:
-            release(lock)
+            unlock(lock)
 
 
 def update_job(settings: Settings, job_id: str, **values: Any) -> None:
-    """Write fields of one job row in a transaction of its own."""
+    """Write fields of one job row in a transaction of its own. A `status` among them moves
+    the job through `move_job` (from any legal source; nothing written when none holds)."""
     with session_scope(settings.database_url) as session:
+        if "status" in values:
+            move_job(session, job_id, values.pop("status"), **values)
+            return
         session.execute(
             update(BatchJob).where(BatchJob.id == job_id).values(updated_at=utcnow(), **values)
         )
@@ -122,10 +143,11 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
 def mark_empty(settings: Settings, job_id: str) -> None:
     """End a job none of whose requests could become a line: failed, and nothing to ingest."""
     now = utcnow()
-    update_job(
+    move_job_now(
         settings,
         job_id,
-        status="failed",
+        BatchStatus.FAILED,
+        from_=[BatchStatus.PREPARING],
         request_count=0,
         errors={"data": [{"code": "empty", "message": "no request could be written"}]},
         finished_at=now,

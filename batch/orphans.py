@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
-from batch.ingest import requeue_or_fail
+from batch.leftovers import requeue_or_fail
 from core.db import session_scope
 from core.settings import Settings
 from models.status import Status

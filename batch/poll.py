@@ -12,14 +12,16 @@ from typing import Any
 import openai
 from sqlalchemy import or_, select
 
-from batch import emulated
-from batch.emulated import EMULATED
+from batch import emulated_job
+from batch.emulated_job import EMULATED
 from batch.flush import repair_preparing
-from batch.jobs import FINAL, OPEN, provider_of, update_job
+from batch.job_status import move_job_now
+from batch.jobs import provider_of
 from core.db import session_scope
 from core.providers import client_for
 from core.settings import Settings, get_settings
-from models.tables import BatchJob, utcnow
+from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
+from models.tables import BatchJob
 
 log = logging.getLogger("sheepdog.batch.poll")
 
@@ -35,10 +37,10 @@ class PollReport:
 
 
 def batch_values(batch: Any) -> dict[str, Any]:
-    """batch_jobs columns from a provider Batch object."""
+    """batch_jobs columns, but the status, from a provider Batch object (a final status's
+    finished_at is stamped by the move)."""
     counts = batch.request_counts
     values: dict[str, Any] = {
-        "status": batch.status,
         "output_file_id": batch.output_file_id,
         "error_file_id": batch.error_file_id,
         "completed_count": counts.completed if counts else 0,
@@ -48,8 +50,6 @@ def batch_values(batch: Any) -> dict[str, Any]:
         values["request_count"] = counts.total
     if batch.errors is not None:
         values["errors"] = batch.errors.model_dump(mode="json")
-    if batch.status in FINAL:
-        values["finished_at"] = utcnow()
     return values
 
 
@@ -68,7 +68,7 @@ def poll(settings: Settings | None = None) -> PollReport:
                 BatchJob.model,
             )
             .where(
-                BatchJob.status.in_(OPEN),
+                BatchJob.status.in_(sorted(s.value for s in BATCH_OPEN)),
                 BatchJob.provider_batch_id.is_not(None),
                 BatchJob.mode != EMULATED,
             )
@@ -76,7 +76,7 @@ def poll(settings: Settings | None = None) -> PollReport:
         ).all()
     max_wait = timedelta(seconds=settings.batch_max_wait_s)
     now = datetime.now(UTC)
-    resent, cancelled = emulated.watch(settings, max_wait, now)
+    resent, cancelled = emulated_job.watch(settings, max_wait, now)
     report.resent += resent
     report.cancelled.extend(cancelled)
     for job_id, batch_id, old_status, submitted_at, provider, model in jobs:
@@ -86,8 +86,8 @@ def poll(settings: Settings | None = None) -> PollReport:
             client = client_for(provider_of(settings, provider, model))
             batch = client.batches.retrieve(batch_id)
             if (
-                batch.status in OPEN
-                and batch.status != "cancelling"
+                batch.status in BATCH_OPEN
+                and batch.status != BatchStatus.CANCELLING
                 and submitted_at is not None
                 and now - submitted_at > max_wait
             ):
@@ -99,7 +99,7 @@ def poll(settings: Settings | None = None) -> PollReport:
         except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
             continue
-        update_job(settings, job_id, **batch_values(batch))
+        move_job_now(settings, job_id, batch.status, **batch_values(batch))
         if batch.status != old_status:
             report.changed += 1
             log.info("job %s: %s -> %s", job_id, old_status, batch.status)
@@ -108,7 +108,7 @@ def poll(settings: Settings | None = None) -> PollReport:
             session.scalars(
                 select(BatchJob.id)
                 .where(
-                    BatchJob.status.in_(FINAL),
+                    BatchJob.status.in_(sorted(s.value for s in BATCH_FINAL)),
                     BatchJob.ingested_at.is_(None),
                     or_(BatchJob.provider_batch_id.is_not(None), BatchJob.mode == EMULATED),
                 )

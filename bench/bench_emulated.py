@@ -77,7 +77,7 @@ def queue_job(settings: Settings, n: int, tag: str) -> str:
 
 
 def _run_executor(settings_json: str, job_id: str) -> None:
-    from batch.emulator import emulate
+    from batch.emulated_executor import emulate
 
     report = emulate(job_id, Settings.model_validate_json(settings_json))
     assert report.outcome == "completed", report

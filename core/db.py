@@ -87,6 +87,15 @@ def is_postgres(session_or_engine: Session | Engine) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+def begin_write(session: Session) -> None:
+    """Start the session's transaction as a writer. On SQLite this takes the single write lock
+    now (BEGIN IMMEDIATE), so a read-then-write cannot interleave with another writer; on
+    PostgreSQL row locks (FOR UPDATE) do that job, and this does nothing. Call first thing in a
+    fresh session."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def among(session: Session, column: Any, ids: Sequence[str]) -> ColumnElement[bool]:
     """`column IN ids`; on PostgreSQL one array parameter (`= ANY(...)`) instead of thousands
     of placeholders, which is cheaper to send and to plan."""

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core.db import session_scope
+from core.db import begin_write, session_scope
 from core.errors import DATABASE_HINT, BudgetExceeded, ServiceUnavailable, redact_url
 from core.settings import Settings
 from costs.budget_limits import (
@@ -86,7 +86,7 @@ def _reserve_in(
     out = list(items)
     now = utcnow()
     rows: list[dict[str, Any]] = []
-    _begin_write(session)
+    begin_write(session)  # SQLite: the writer lock before reading what is spent, not at insert
     for tenant in sorted(groups):  # one lock order for every producer: no deadlocks
         limits = effective_limits(_lock_budget(session, tenant), tenant, settings)
         if not limits.any:
@@ -109,12 +109,6 @@ def _reserve_in(
     if rows:
         session.execute(insert(Reservation), rows)
     return out
-
-
-def _begin_write(session: Session) -> None:
-    if session.get_bind().dialect.name == "sqlite":
-        # Take the single writer lock before reading what is spent, not at the first insert.
-        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _lock_budget(session: Session, tenant: str) -> Budget | None:

@@ -36,3 +36,58 @@ class IllegalTransition(ValueError):
 
 def is_final(status: str) -> bool:
     return status in FINAL
+
+
+class BatchStatus(StrEnum):
+    """A batch job's status: the provider's own, plus `preparing` (claimed, not yet created at
+    the provider). An emulated job runs through the same statuses."""
+
+    PREPARING = "preparing"
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+BATCH_OPEN = frozenset(
+    {
+        BatchStatus.VALIDATING,
+        BatchStatus.IN_PROGRESS,
+        BatchStatus.FINALIZING,
+        BatchStatus.CANCELLING,
+    }
+)
+BATCH_FINAL = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+# A poll samples the provider's lifecycle, so it may see any later status than the last one
+# (validating -> completed); an open status may be written again (fresh counts). Nothing
+# leaves a final status, nothing goes back, and `preparing` is only ever inserted.
+_BEFORE_CANCELLING = frozenset(
+    {
+        BatchStatus.PREPARING,
+        BatchStatus.VALIDATING,
+        BatchStatus.IN_PROGRESS,
+        BatchStatus.FINALIZING,
+    }
+)
+# to-status -> the statuses it may be reached from
+BATCH_SOURCES: Mapping[BatchStatus, frozenset[BatchStatus]] = {
+    BatchStatus.PREPARING: frozenset(),
+    BatchStatus.VALIDATING: frozenset({BatchStatus.PREPARING, BatchStatus.VALIDATING}),
+    BatchStatus.IN_PROGRESS: frozenset(
+        {BatchStatus.PREPARING, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS}
+    ),
+    BatchStatus.FINALIZING: _BEFORE_CANCELLING,
+    BatchStatus.CANCELLING: _BEFORE_CANCELLING | {BatchStatus.CANCELLING},
+    **{final: _BEFORE_CANCELLING | {BatchStatus.CANCELLING} for final in BATCH_FINAL},
+}
+
+
+def is_batch_final(status: str) -> bool:
+    return status in BATCH_FINAL

@@ -75,6 +75,21 @@ class PriceTable(BaseModel):
         """Exact USD cost of a usage of `model` on `route`."""
         return self.get(model).cost(prompt_tokens, completion_tokens, route)
 
+    def cost_of(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        route: Route,
+        batch_discount: Decimal | None = None,
+    ) -> Decimal:
+        """`cost`, at `batch_discount` when given: a provider's own batch discount, not the
+        table's (an emulated batch runs at the standard rate: 0)."""
+        price = self.get(model)
+        if batch_discount is not None and batch_discount != price.batch_discount:
+            price = price.model_copy(update={"batch_discount": batch_discount})
+        return price.cost(prompt_tokens, completion_tokens, route)
+
 
 def parse_price_file(path: Path) -> PriceTable:
     """Read a TOML price file (see rules/prices.toml for the shape)."""

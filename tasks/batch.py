@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import shared_task
 
-from batch.emulator import emulate as run_emulate
+from batch.emulated_executor import emulate as run_emulate
 from batch.flush import flush as run_flush
 from batch.ingest import ingest as run_ingest
 from batch.poll import poll as run_poll

@@ -12,9 +12,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from batch.claim import claim
-from batch.ingest import _parse_validated, ingest, parse_line
-from batch.jobs import update_job
+from batch.ingest import ingest
+from batch.job_status import move_job_now
 from batch.jsonl import split_lines
+from batch.results import _parse_validated, parse_line
 from core.db import session_scope
 from tests.fixtures.batch import add_requests, make_settings, rows, wipe
 
@@ -139,10 +140,10 @@ def test_fuzzed_output_files_never_crash_ingest(fuzz_settings: Any, data: st.Dat
     ids = add_requests(settings, [("sheepdog-mini", f"fuzz {i}") for i in range(4)])
     with session_scope(settings.database_url) as session:
         (group,) = claim(session, settings).groups
-    update_job(
+    move_job_now(
         settings,
         group.job_id,
-        status=data.draw(st.sampled_from(["completed", "expired"])),
+        data.draw(st.sampled_from(["completed", "expired"])),
         provider_batch_id=f"batch_fz_{group.job_id}",
     )
     cid = st.sampled_from([*ids, "req_unknown"])

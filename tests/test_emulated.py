@@ -14,8 +14,8 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from batch.emulated import state_keys
-from batch.emulator import emulate
+from batch.emulated_executor import emulate
+from batch.emulated_job import state_keys
 from batch.flush import flush
 from batch.ingest import ingest
 from batch.poll import poll

@@ -56,15 +56,16 @@ f.flush()
 INGEST_HARNESS = """
 import os, signal, sys, threading
 import batch.ingest as ing
+import batch.sink as sink
 after, done, lock = int(sys.argv[2]), [0], threading.Lock()
-commit = ing.Sink._transaction
+commit = sink.Sink._transaction
 def _transaction(self, pending):
     commit(self, pending)
     with lock:
         done[0] += 1
         if done[0] >= after:
             os.kill(os.getpid(), signal.SIGKILL)
-ing.Sink._transaction = _transaction
+sink.Sink._transaction = _transaction
 ing.ingest(sys.argv[1])
 """
 

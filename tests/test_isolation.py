@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from batch.jobs import job_lock, release
+from batch.jobs import job_lock, unlock
 from core import keys
 from core.db import session_scope
 from core.ratelimit import RateLimiter, RateLimits
@@ -195,9 +195,9 @@ def test_locks_and_rate_limits_are_per_deployment(sides: tuple[Side, Side]) -> N
     assert lock_a.acquire()
     try:
         assert lock_b.acquire()  # the same job id in another deployment is another job
-        release(lock_b)
+        unlock(lock_b)
     finally:
-        release(lock_a)
+        unlock(lock_a)
 
     limits = RateLimits(60, None)
     limiter_a = RateLimiter(r, "default", limits, a.names)

@@ -1,5 +1,5 @@
 """The emulated batch executor: a job's lines as plain chat completions, under the provider's
-rate limits, checkpointed line by line in Redis (see scheduler/emulated.py for the state).
+rate limits, checkpointed line by line in Redis (see batch/emulated_job.py for the state).
 
 One pacer coroutine hands out calls: it takes the next line, waits for a free slot (at most
 emulated_concurrency calls in flight) and for the provider's shared limiter (one request plus the
@@ -21,24 +21,25 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 import orjson
-from sqlalchemy import select, update
 
-from batch.emulated import (
+from batch.emulated_job import (
     APPEND,
     EXHAUSTED,
     REFRESH,
     RELEASE,
     RUNNING,
     STATE_TTL_S,
+    end_job,
     error_line,
     output_line,
+    pending_rows,
     state_keys,
+    write_counts,
 )
 from batch.jobs import provider_of
 from batch.jsonl import encode_line
@@ -48,14 +49,13 @@ from core.providers import ProviderConfig, async_client_for
 from core.ratelimit import AsyncRateLimiter, Limits
 from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
-from models.status import Status
-from models.tables import BatchJob, Request, utcnow
+from models.status import BatchStatus
+from models.tables import BatchJob
 from rules.tokens import count_message_tokens
 from streaming.provider_stream import retry_after_s
 
 log = logging.getLogger("sheepdog.batch.emulator")
 
-PAGE = 1000  # rows read from the database at a time
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 BACKOFF_MAX_S = 30.0
 NO_STREAM = ("stream", "stream_options")
@@ -106,11 +106,11 @@ def emulate(job_id: str, settings: Settings | None = None) -> EmulateReport:
     try:
         with session_scope(settings.database_url) as session:
             job = session.get(BatchJob, job_id)
-            if job is None or job.status not in (RUNNING, "cancelling"):
+            if job is None or job.status not in (RUNNING, BatchStatus.CANCELLING):
                 return EmulateReport(job_id, "idle")
             status, model, provider_name = job.status, job.model, job.provider
-        if status == "cancelling":
-            _end_job(settings, job_id, "cancelling", "cancelled", {})
+        if status == BatchStatus.CANCELLING:
+            end_job(settings, job_id, BatchStatus.CANCELLING, BatchStatus.CANCELLED, {})
             return EmulateReport(job_id, "cancelled")
         provider = provider_of(settings, provider_name, model)
         run = Executor(settings, job_id, provider, token)
@@ -172,8 +172,9 @@ class Executor:
         outcome = self.stop_reason or "completed"
         if outcome in ("completed", "cancelled"):
             counts = await self._counts()
-            frm = RUNNING if outcome == "completed" else "cancelling"
-            await asyncio.to_thread(_end_job, s, self.job_id, frm, outcome, counts)
+            frm = RUNNING if outcome == "completed" else BatchStatus.CANCELLING
+            to = BatchStatus(outcome)  # completed | cancelled
+            await asyncio.to_thread(end_job, s, self.job_id, frm, to, counts)
         await self.redis.aclose()
         report = EmulateReport(
             self.job_id, outcome, self.calls, self.written, time.monotonic() - started
@@ -194,7 +195,7 @@ class Executor:
         while self.stop_reason is None:
             if not self.ready and not self.source_done:
                 self._take(
-                    await asyncio.to_thread(_page, self.settings, self.job_id, self.after_id)
+                    await asyncio.to_thread(pending_rows, self.settings, self.job_id, self.after_id)
                 )
                 continue
             if not self.ready:
@@ -330,8 +331,8 @@ class Executor:
 
     async def _progress(self) -> None:
         counts = await self._counts()
-        status = await asyncio.to_thread(_write_counts, self.settings, self.job_id, counts)
-        if status == "cancelling":
+        status = await asyncio.to_thread(write_counts, self.settings, self.job_id, counts)
+        if status == BatchStatus.CANCELLING:
             self._stop("cancelled", "job cancelled")
         elif status != RUNNING:
             self._stop("stopped", f"job is {status}")
@@ -357,45 +358,3 @@ def _error_body(err: openai.APIStatusError) -> Any:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body
     return {"error": {"code": f"http_{err.status_code}", "message": str(err.message)}}
-
-
-def _page(settings: Settings, job_id: str, after_id: str) -> list[tuple[str, Any]]:
-    """The next rows of the job still waiting for a result (keyset by id)."""
-    with session_scope(settings.database_url) as session:
-        rows: Iterable[Any] = session.execute(
-            select(Request.id, Request.body)
-            .where(
-                Request.batch_job_id == job_id,
-                Request.status == Status.BATCHED.value,
-                Request.id > after_id,
-            )
-            .order_by(Request.id)
-            .limit(PAGE)
-        ).all()
-        return [(rid, body) for rid, body in rows]
-
-
-def _write_counts(settings: Settings, job_id: str, counts: dict[str, int]) -> str:
-    """Write request_counts while the job runs; returns the job's status."""
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(BatchJob)
-            .where(BatchJob.id == job_id, BatchJob.status == RUNNING)
-            .values(
-                completed_count=counts.get("completed", 0),
-                failed_count=counts.get("failed", 0),
-                updated_at=utcnow(),
-            )
-        )
-        return str(session.scalar(select(BatchJob.status).where(BatchJob.id == job_id)))
-
-
-def _end_job(settings: Settings, job_id: str, frm: str, to: str, counts: dict[str, int]) -> None:
-    values: dict[str, Any] = {"status": to, "finished_at": utcnow(), "updated_at": utcnow()}
-    if counts:
-        values["completed_count"] = counts.get("completed", 0)
-        values["failed_count"] = counts.get("failed", 0)
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(BatchJob).where(BatchJob.id == job_id, BatchJob.status == frm).values(**values)
-        )

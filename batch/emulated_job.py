@@ -1,5 +1,6 @@
-"""Emulated batch jobs, the synchronous side: submit a job to the executor, keep its state in
-Redis, let the poll watch it, and give the ingest its result lines.
+"""Emulated batch jobs, the records side: submit a job to its executor
+(batch/emulated_executor.py, which makes the calls), keep its state in Redis and its row in the
+database, let the poll watch it, and give the ingest its result lines.
 
 For a provider without a Batch API the job's `batched` rows are the input (the database is the
 "input file": any worker on any host reads it) and a Redis list is the output "file": each
@@ -12,7 +13,7 @@ with a TTL; the poll re-sends `sheepdog.batch.emulate` for a running job whose h
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import orjson
 from sqlalchemy import select, update
 
-from batch.jobs import mark_empty, update_job
+from batch.job_status import move_job_now
+from batch.jobs import mark_empty
 from batch.jsonl import encode_line
 from core import keys
 from core.celery_app import EMULATE_TASK, celery_for
@@ -28,15 +30,16 @@ from core.db import session_scope
 from core.redis_conn import get_redis
 from core.settings import Settings
 from lifecycle.moves import move_each
-from models.status import Status
+from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
 
 log = logging.getLogger("sheepdog.batch.emulated")
 
 EMULATED = "emulated"
-RUNNING = "in_progress"
+RUNNING = BatchStatus.IN_PROGRESS  # an emulated job's status while its executor works
 STATE_TTL_S = 7 * 24 * 3600  # output kept this long if the job is never ingested
 READ_CHUNK_LINES = 1000
+PAGE = 1000  # rows the executor reads from the database at a time
 EXHAUSTED = "emulated_retries_exhausted"  # error code of a line whose retries ran out
 
 # KEYS: done, lines, counts; ARGV: custom_id, line, counter, ttl ms. 1 when appended.
@@ -104,8 +107,14 @@ def submit_emulated(settings: Settings, job_id: str, model: str) -> Submitted:
     if lines == 0:
         mark_empty(settings, job_id)
         return Submitted(0, 0, len(rejected))
-    update_job(
-        settings, job_id, status=RUNNING, request_count=lines, input_bytes=size, submitted_at=now
+    move_job_now(
+        settings,
+        job_id,
+        RUNNING,
+        from_=[BatchStatus.PREPARING],
+        request_count=lines,
+        input_bytes=size,
+        submitted_at=now,
     )
     send(settings, job_id)
     log.info("job %s: %d lines of %s handed to the emulated executor", job_id, lines, model)
@@ -129,7 +138,8 @@ def watch(settings: Settings, max_wait: timedelta, now: datetime) -> tuple[int, 
     with session_scope(settings.database_url) as session:
         jobs = session.execute(
             select(BatchJob.id, BatchJob.status, BatchJob.submitted_at).where(
-                BatchJob.mode == EMULATED, BatchJob.status.in_([RUNNING, "cancelling"])
+                BatchJob.mode == EMULATED,
+                BatchJob.status.in_([RUNNING.value, BatchStatus.CANCELLING.value]),
             )
         ).all()
     r = get_redis(settings.redis_url)
@@ -138,18 +148,10 @@ def watch(settings: Settings, max_wait: timedelta, now: datetime) -> tuple[int, 
     for job_id, status, submitted_at in jobs:
         alive = heartbeat_alive(settings, job_id)
         overdue = submitted_at is not None and now - submitted_at > max_wait
-        if overdue or (status == "cancelling" and not alive):
+        if overdue or (status == BatchStatus.CANCELLING and not alive):
             # A live executor sees `cancelling` and ends the job; a dead one cannot.
-            to = "cancelling" if alive else "cancelled"
-            values: dict[str, Any] = {"status": to, "updated_at": utcnow()}
-            if to == "cancelled":
-                values["finished_at"] = utcnow()
-            with session_scope(settings.database_url) as session:
-                session.execute(
-                    update(BatchJob)
-                    .where(BatchJob.id == job_id, BatchJob.status == status)
-                    .values(**values)
-                )
+            to = BatchStatus.CANCELLING if alive else BatchStatus.CANCELLED
+            move_job_now(settings, job_id, to, from_=[BatchStatus(status)])
             if status == RUNNING:
                 log.warning(
                     "job %s: emulated job open longer than %s, cancelling", job_id, max_wait
@@ -216,3 +218,48 @@ def _line_id() -> str:
     import secrets
 
     return "batch_req_" + secrets.token_hex(12)
+
+
+# -- the executor's reads and writes of the job's rows ---------------------------------------
+
+
+def pending_rows(settings: Settings, job_id: str, after_id: str) -> list[tuple[str, Any]]:
+    """The next rows of the job still waiting for a result (keyset by id)."""
+    with session_scope(settings.database_url) as session:
+        rows: Iterable[Any] = session.execute(
+            select(Request.id, Request.body)
+            .where(
+                Request.batch_job_id == job_id,
+                Request.status == Status.BATCHED.value,
+                Request.id > after_id,
+            )
+            .order_by(Request.id)
+            .limit(PAGE)
+        ).all()
+        return [(rid, body) for rid, body in rows]
+
+
+def write_counts(settings: Settings, job_id: str, counts: dict[str, int]) -> str:
+    """Write request_counts while the job runs; returns the job's status."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(BatchJob)
+            .where(BatchJob.id == job_id, BatchJob.status == RUNNING.value)
+            .values(
+                completed_count=counts.get("completed", 0),
+                failed_count=counts.get("failed", 0),
+                updated_at=utcnow(),
+            )
+        )
+        return str(session.scalar(select(BatchJob.status).where(BatchJob.id == job_id)))
+
+
+def end_job(
+    settings: Settings, job_id: str, frm: BatchStatus, to: BatchStatus, counts: dict[str, int]
+) -> None:
+    """End a run: `frm` -> `to` with the final request counts (when given)."""
+    values = {
+        "completed_count": counts.get("completed", 0),
+        "failed_count": counts.get("failed", 0),
+    }
+    move_job_now(settings, job_id, to, from_=[frm], **(values if counts else {}))
