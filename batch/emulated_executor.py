@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections import deque
@@ -46,11 +45,12 @@ from batch.jsonl import encode_line
 from core import keys
 from core.db import session_scope
 from core.providers import ProviderConfig, async_client_for
-from core.ratelimit import AsyncRateLimiter, Limits
+from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
 from models.status import BatchStatus
 from models.tables import BatchJob
+from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens
 from streaming.provider_stream import retry_after_s
 
@@ -88,9 +88,8 @@ def token_estimate(body: dict[str, Any], default_max_tokens: int) -> int:
 
 
 def backoff(attempt: int, base: float) -> float:
-    """Exponential backoff with full jitter (attempt counts from 1)."""
-    cap = min(BACKOFF_MAX_S, base * 2 ** (attempt - 1))
-    return random.uniform(cap / 2, cap)
+    """The wait before attempt `attempt + 1` of a line (rules/backoff.py, capped here)."""
+    return backoff_s(attempt, base, BACKOFF_MAX_S)
 
 
 def emulate(job_id: str, settings: Settings | None = None) -> EmulateReport:
@@ -144,7 +143,7 @@ class Executor:
             AsyncRateLimiter(
                 self.redis,
                 self.provider.name,
-                Limits(self.provider.requests_per_minute, self.provider.tokens_per_minute),
+                RateLimits(self.provider.requests_per_minute, self.provider.tokens_per_minute),
                 keys.of(s),
             )
             if self.provider.rate_limited

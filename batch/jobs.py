@@ -20,10 +20,8 @@ from core.db import session_scope
 from core.providers import ProviderConfig, load_providers
 from core.redis_conn import get_redis
 from core.settings import Settings
-from models.status import BATCH_FINAL, BatchStatus
+from models.status import BatchStatus
 from models.tables import BatchJob, utcnow
-
-FINAL = BATCH_FINAL  # for callers above the batch path (the CLI)
 
 
 class LostLock(RuntimeError):

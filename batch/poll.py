@@ -23,6 +23,8 @@ from core.settings import Settings, get_settings
 from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
 from models.tables import BatchJob
 
+KNOWN = frozenset(s.value for s in BatchStatus)
+
 log = logging.getLogger("sheepdog.batch.poll")
 
 
@@ -98,6 +100,11 @@ def poll(settings: Settings | None = None) -> PollReport:
                 report.cancelled.append(job_id)
         except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
+            continue
+        if batch.status not in KNOWN:  # a relay's own word: keep polling, move nothing
+            log.warning(
+                "job %s: provider status %r is not a Batch API status", job_id, batch.status
+            )
             continue
         move_job_now(settings, job_id, batch.status, **batch_values(batch))
         if batch.status != old_status:

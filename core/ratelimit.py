@@ -101,10 +101,6 @@ class RateLimits:
         return per_req, per_tok
 
 
-# The old name, kept while batch/emulator.py still imports it (costs/ has its own budget limits).
-Limits = RateLimits
-
-
 class RateLimiter:
     """Blocking limiter for one provider (thread-safe; shares state through Redis)."""
 

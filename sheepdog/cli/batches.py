@@ -31,8 +31,8 @@ def job_rows(limit: int, open_only: bool = False) -> list[dict[str, Any]]:
     """The newest batch jobs as plain dicts (what `batches --json` prints)."""
     from sqlalchemy import select
 
-    from batch.jobs import FINAL
     from core.db import check_database, session_scope
+    from models.status import BATCH_FINAL as FINAL
     from models.tables import BatchJob
 
     check_database()
