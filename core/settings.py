@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("SHEEPDOG_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
     provider_timeout_s: float = 60.0
-    providers_file: str | None = None  # TOML of named providers; see sheepdog/providers.py
+    providers_file: str | None = None  # TOML of named providers; see core/providers.py
     default_batch_mode: str = "auto"  # native | emulated | auto, for the implicit provider
     price_table_file: str | None = None
 

@@ -1,4 +1,4 @@
-"""How much of each budget is used: the figure the budget alerts watch (sheepdog/metrics.py)."""
+"""How much of each budget is used: the figure the budget alerts watch (workers/metrics.py)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ HAS_DOCUMENT = text("document_id IS NOT NULL")
 class Request(Base):
     """One chat-completion request from intake to its end (succeeded, failed or cancelled).
 
-    Only sheepdog.lifecycle writes `status`."""
+    Only lifecycle/moves.py writes `status`."""
 
     __tablename__ = "requests"
     # Partial indexes keep the bulk moves cheap: a row moving to an end status, or a row with

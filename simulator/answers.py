@@ -2,7 +2,7 @@
 
 The seed is a sha256 of model, messages, temperature, max tokens and stop, so a batch line and a
 streamed request with the same body get the same text. Each piece is one token as
-``sheepdog.tokens.count_tokens`` counts it: a word and the following space.
+the simulator's token count (simulator/tokens.py) counts it: a word and the following space.
 """
 
 from __future__ import annotations

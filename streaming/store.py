@@ -1,6 +1,6 @@
 """The streaming path's database work: claim a row, keep its heartbeat, write its end.
 
-Status changes go through sheepdog.lifecycle; the claim (queued -> streaming) is the lock that
+Status changes go through lifecycle/moves.py; the claim (queued -> streaming) is the lock that
 stops a redelivered or resent task from running a request twice. `attempts` is the fencing
 token: the janitor bumps it when it takes a request back, so a worker that lost its request
 cannot write the row's end or its heartbeat any more.

@@ -1,4 +1,4 @@
-"""Batch-path tasks (queue `batch`), thin: each calls a plain function in scheduler/.
+"""Batch-path tasks (queue `batch`), thin: each calls a plain function in batch/.
 
 All four are safe to run twice at once (beat may double-fire, a message may be re-delivered):
 the claim is atomic, submits and ingests hold a per-job lock, and every write is conditional.

@@ -1,13 +1,13 @@
 """The outbox: delivery rows written in the transaction that ends a request or a batch job.
 
-The lifecycle (sheepdog/lifecycle.py) calls `request_ended` after every move to an end status,
+The lifecycle (lifecycle/moves.py) calls `request_ended` after every move to an end status,
 the batch ingest calls it after its bulk moves and `batch_ended` when it marks a job ingested.
 Each is set-based (one INSERT ... SELECT per target kind) and first asks which tenants use
 webhooks at all (a tiny table): with none, nothing more runs. A row is unique by (subject,
 event, target), so writing the same end twice adds nothing.
 
 A request event's payload is left null here: the row it describes is final and no longer
-changes, so the first delivery attempt renders it (sheepdog/views.py RequestView) and stores it;
+changes, so the first delivery attempt renders it (models/views.py RequestView) and stores it;
 copying every answer's text into the outbox would double what a batch ingest writes."""
 
 from __future__ import annotations

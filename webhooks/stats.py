@@ -1,4 +1,4 @@
-"""Webhook metrics from the outbox (sheepdog/metrics.py's database collector adds them)."""
+"""Webhook metrics from the outbox (workers/metrics.py's database collector adds them)."""
 
 from __future__ import annotations
 
