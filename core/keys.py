@@ -79,14 +79,6 @@ class Keys:
         return f"{self.base}:cancel"
 
     @property
-    def flush_lock(self) -> str:
-        return f"{self.base}:lock:flush"
-
-    @property
-    def poll_lock(self) -> str:
-        return f"{self.base}:lock:poll"
-
-    @property
     def janitor_lock(self) -> str:
         return f"{self.base}:lock:janitor"
 

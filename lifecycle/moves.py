@@ -153,28 +153,6 @@ def move_each(
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def move_from(
-    session: Session,
-    source: FromClause,
-    to: Status,
-    *,
-    columns: Sequence[str],
-    from_: Iterable[Status] | None = None,
-    where: ColumnElement[bool] | None = None,
-    returning: Sequence[Any] = (),
-    **fixed: Any,
-) -> list[Any]:
-    """Move every request listed in `source` (a table with `id` and `columns`, e.g. a temporary
-    table filled by COPY) to `to`, setting those columns from it (and `fixed` values), in one
-    UPDATE ... FROM: one new row version per request instead of one for the values and one for
-    the status. Returns the moved rows: (id, *returning) each."""
-    stmt = _update_from(source, to, columns, from_, where, fixed)
-    moved = list(session.execute(stmt.returning(Request.id, *returning)).all())
-    _release_budgets(session, to, [row[0] for row in moved])
-    _announce(session, to, [row[0] for row in moved])
-    return moved
-
-
 def move_from_statement(
     source: FromClause,
     to: Status,
@@ -184,12 +162,13 @@ def move_from_statement(
     where: ColumnElement[bool] | None = None,
     **fixed: Any,
 ) -> Update:
-    """The UPDATE ... FROM of `move_from`, unexecuted, for a caller that chains more work on
-    the moved rows in the same statement (a data-modifying CTE). Only for moves that release
+    """Move every request listed in `source` (a table with `id` and `columns`, e.g. a temporary
+    table filled by COPY): one UPDATE ... FROM, unexecuted, for a caller that chains more work
+    on the moved rows in the same statement (a data-modifying CTE). Only for moves that release
     no budget (to succeeded): the caller settles them, and writes their webhooks
     (webhooks.outbox.request_ended) in the same transaction."""
     if to in (Status.FAILED, Status.CANCELLED):
-        raise IllegalTransition(f"{to}: use move_from, which releases the budgets")
+        raise IllegalTransition(f"{to}: use move_many or move_each, which release the budgets")
     return _update_from(source, to, columns, from_, where, fixed)
 
 

@@ -16,7 +16,7 @@ from simulator.errors import ApiError, bad_request, json_response
 from simulator.faults import FAULT_HEADER, parse_fault_header
 from simulator.files import page, parse_limit
 from simulator.ids import new_id, now
-from simulator.state import SimState, api, sim
+from simulator.state import api, sim
 
 ENDPOINTS = {"/v1/chat/completions"}
 
@@ -130,9 +130,3 @@ async def cancel_batch(request: Request) -> Response:
         raise ApiError(409, f"Cannot cancel a batch with status '{job.status}'.")
     job.set_status("cancelling")
     return json_response(job.obj)
-
-
-def batch_state(state: SimState) -> BatchStore:
-    """The batch store of a simulator state."""
-    batches: BatchStore = state.batches
-    return batches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -32,16 +32,3 @@ def edge() -> Iterator[None]:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str, sort_keys=False) + "\n")
-
-
-def guarded(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorator form of edge()."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        with edge():
-            return fn(*args, **kwargs)
-        raise AssertionError("unreachable")
-
-    return wrapper
