@@ -3,29 +3,19 @@ answer streamed through it with the official openai SDK (only base_url and api_k
 
 from __future__ import annotations
 
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 from sheepdog.demo.console import console
-from sheepdog.demo.processes import SHEEPDOG, Children
+from sheepdog.demo.processes import SHEEPDOG, Children, wait_until
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise RuntimeError(f"the API did not start (see {log}):\n{tail}")
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def start_front_door(children: Children, env: dict[str, str], logs: Path, port: int) -> str:
@@ -41,7 +31,7 @@ def stream_through_front_door(children: Children, url: str, logs: Path, model: s
     id (the response id)."""
     import openai
 
-    _wait_healthy(url, children.get("api"), logs / "api.log")
+    wait_until(lambda: _healthy(url), children.get("api"), logs / "api.log", 60)
     prompt = "Write one sentence about a sheepdog, sent through the front door."
     console.print(f"[dim]openai.OpenAI(base_url='{url}/v1', api_key='unused')[/]")
     console.print(f"[cyan]> {prompt}[/]")

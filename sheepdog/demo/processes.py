@@ -63,9 +63,18 @@ def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 def wait_for_log(log: Path, marker: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     """Return once `marker` is in the child's log; raise with the log's tail if it never is."""
+    wait_until(
+        lambda: log.exists() and marker in log.read_text(errors="replace"), proc, log, timeout
+    )
+
+
+def wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    """Return once `ready()`; raise with the child's log tail if it exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and marker in log.read_text(errors="replace"):
+        if ready():
             return
         if proc.poll() is not None:
             break
