@@ -84,9 +84,13 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, Any], n: int):
+Rows = list[list[str]]
+
+
+def ttft_rows(lat: dict[str, list[float]]) -> Rows:
+    """Time to first token added by each path, against the direct SDK stream."""
     d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
-    rows = [["", "baseline, same run", "through the front door", "target"]]
+    rows = []
     for name, label in (("local", "in-deployment client"), ("door", "front door (HTTP SSE)")):
         p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
         rows.append(
@@ -97,65 +101,67 @@ def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, A
                 "+4 / +12 ms" if name == "door" else "",
             ]
         )
+    post = f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}"
+    rows.append(["  of which POST /v1/requests → 202, p50 / p99", "", post, ""])
+    return rows
 
-    rows.append(
-        [
-            "  of which POST /v1/requests → 202, p50 / p99",
-            "",
-            f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}",
-            "",
-        ]
-    )
+
+def intake_rows(intake: dict[str, Any]) -> Rows:
+    """Low-priority intake over HTTP, against the in-deployment client."""
 
     def rate(x: dict[str, Any]) -> float:
         return float(x["accepted"]) / x["wall"]
 
     one, bulk = intake["http_one"], intake["http_bulk"]
     lo, lb = intake["local_one"], intake["local_bulk"]
-    rows.append(
+    return [
         [
             "low intake, 1 a call: accepted/s, p99 accept",
             f"in-deployment submit, 1 process: {rate(lo):,.0f}/s, p99 {ms(pct(lo['lat'], 0.99))}",
             f"{rate(one):,.0f}/s (x{rate(one) / rate(lo):.2f}), p99 {ms(pct(one['lat'], 0.99))},"
             f" {one['refused']} refused",
             "≥ 3,000/s, p99 ≤ 25 ms",
-        ]
-    )
-    rows.append(
+        ],
         [
             "low intake, bulk lists: accepted/s",
             f"in-deployment submit_many: {rate(lb):,.0f}/s",
             f"{rate(bulk):,.0f}/s (x{rate(bulk) / rate(lb):.2f}), {bulk['refused']} refused",
             "",
-        ]
-    )
+        ],
+    ]
+
+
+def stream_rows(conc: dict[str, Any], n: int) -> Rows:
+    """n event streams at once, against the simulator alone and the in-deployment followers."""
     events = conc["tokens"] + n
-    rows.append(
+    return [
         [
             f"{n:,} SSE streams x 50 chunks 100 ms apart: wall",
             f"simulator alone {conc['sim_wall']:.2f} s",
             f"{conc['wall']:.2f} s (x{conc['wall'] / conc['sim_wall']:.2f})",
             "x1.3",
-        ]
-    )
-    rows.append(
+        ],
         [
             "  same streams without the front door",
             "in-deployment submit_many + astream followers",
             f"{conc['local_wall']:.2f} s (x{conc['local_wall'] / conc['sim_wall']:.2f})",
             "",
-        ]
-    )
-    rows.append(["  lost", "", f"{conc['lost']}", "0"])
-    rows.append(
+        ],
+        ["  lost", "", f"{conc['lost']}", "0"],
         [
             "  API CPU per relayed event",
             "",
             f"{conc['api_cpu_s'] / max(events, 1) * 1e6:.0f} µs ({conc['api_cpu_s']:.2f} s)",
             "",
-        ]
-    )
-    return rows
+        ],
+    ]
+
+
+def table(
+    lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, Any], n: int
+) -> Rows:
+    header = ["", "baseline, same run", "through the front door", "target"]
+    return [header, *ttft_rows(lat), *intake_rows(intake), *stream_rows(conc, n)]
 
 
 def main() -> None:

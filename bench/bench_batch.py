@@ -178,8 +178,6 @@ def round_trip(sim: SimulatorProcess, n: int, rows: list[Measure]) -> None:
     """submit_many -> worker intake -> beat flush/poll -> ingest, through real processes."""
     import redis
 
-    from sheepdog.client import Client
-
     db = new_db()
     redis.Redis.from_url(REDIS).flushdb()
     workdir = tempfile.mkdtemp(prefix="bench-rt-")
@@ -195,38 +193,45 @@ def round_trip(sim: SimulatorProcess, n: int, rows: list[Measure]) -> None:
     procs = start_round_trip(env, Path(workdir))
     try:
         time.sleep(4)  # workers up
-        settings = sim_settings(REDIS, db, sim, batch_workdir=workdir)
-        client = Client(settings)
-        batch = requests(n, "roundtrip")
-        t0 = time.perf_counter()
-        client.submit_many(batch)
-        submit_s = time.perf_counter() - t0
-        rows.append(
-            (
-                "submit_many, inside the round trip",
-                f"{n / submit_s:,.0f} req/s",
-                "same 2 cores as workers, beat, simulator",
-            )
-        )
-        while count(settings) < n:
-            time.sleep(0.05)
-        recorded_s = time.perf_counter() - t0
-        rows.append(("intake recorded by workers", f"{n / recorded_s:,.0f} req/s", ""))
-        deadline = time.monotonic() + 600
-        while ended(settings) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError("round trip did not finish in 600 s")
-            time.sleep(0.2)
-        total = time.perf_counter() - t0
-        with session_scope(db) as session:
-            njobs = session.scalar(select(func.count()).select_from(BatchJob))
-        ok = count(settings, status="succeeded")
-        rows.append(
-            ("round trip (submit -> all ended)", f"{total:.1f} s", f"< 60 s; {ok} ok, {njobs} jobs")
-        )
+        time_round_trip(sim_settings(REDIS, db, sim, batch_workdir=workdir), n, rows)
     finally:
         stop(procs)
         drop_db(db)
+
+
+def time_round_trip(settings: Settings, n: int, rows: list[Measure]) -> None:
+    """submit_many of n requests, then the time until the workers recorded them and until
+    every one ended."""
+    from sheepdog.client import Client
+
+    client = Client(settings)
+    batch = requests(n, "roundtrip")
+    t0 = time.perf_counter()
+    client.submit_many(batch)
+    submit_s = time.perf_counter() - t0
+    rows.append(
+        (
+            "submit_many, inside the round trip",
+            f"{n / submit_s:,.0f} req/s",
+            "same 2 cores as workers, beat, simulator",
+        )
+    )
+    while count(settings) < n:
+        time.sleep(0.05)
+    recorded_s = time.perf_counter() - t0
+    rows.append(("intake recorded by workers", f"{n / recorded_s:,.0f} req/s", ""))
+    deadline = time.monotonic() + 600
+    while ended(settings) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("round trip did not finish in 600 s")
+        time.sleep(0.2)
+    total = time.perf_counter() - t0
+    with session_scope(settings.database_url) as session:
+        njobs = session.scalar(select(func.count()).select_from(BatchJob))
+    ok = count(settings, status="succeeded")
+    rows.append(
+        ("round trip (submit -> all ended)", f"{total:.1f} s", f"< 60 s; {ok} ok, {njobs} jobs")
+    )
 
 
 def main() -> None:

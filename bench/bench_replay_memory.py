@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from bench.stack import redis_db, spawn_stream_worker, worker_env  # noqa: E402
+from bench.stack import Proc, redis_db, spawn_stream_worker, worker_env  # noqa: E402
 from core.db import session_scope  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from models.tables import Request  # noqa: E402
@@ -45,6 +45,23 @@ DONE_TTL_S = 2
 def used(r: redis.Redis) -> int:
     time.sleep(1)  # let lazy frees and the allocator settle
     return int(r.info("memory")["used_memory"])
+
+
+def wait_succeeded(db_url: str, ids: list[str], worker: Proc, name: str, log: Path) -> None:
+    """Until every request has succeeded (RuntimeError after 600 s, or if the worker dies)."""
+    deadline = time.monotonic() + 600
+    while True:
+        with session_scope(db_url) as session:
+            ended = session.scalar(
+                select(func.count())
+                .select_from(Request)
+                .where(Request.id.in_(ids), Request.status == "succeeded")
+            )
+        if ended == len(ids):
+            return
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError(f"{name}: {ended}/{len(ids)} ended; see {log}")
+        time.sleep(0.5)
 
 
 def phase(
@@ -77,19 +94,7 @@ def phase(
                 for i in range(n)
             ]
         )
-        deadline = time.monotonic() + 600
-        while True:
-            with session_scope(db_url) as session:
-                ended = session.scalar(
-                    select(func.count())
-                    .select_from(Request)
-                    .where(Request.id.in_(ids), Request.status == "succeeded")
-                )
-            if ended == n:
-                break
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"{name}: {ended}/{n} ended; see {log}")
-            time.sleep(0.5)
+        wait_succeeded(db_url, ids, worker, name, log)
         at_end = used(r) - before
         time.sleep(DONE_TTL_S + 2)
         later = used(r) - before
