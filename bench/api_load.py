@@ -13,14 +13,12 @@ import orjson
 from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI
 from sheepdog_client import Client as HttpClient
 
+from bench.bodies import chat_body
 from sheepdog.client import Client as InDeployment
-
-MODEL = "sheepdog-mini"
 
 
 def body(i: int, tag: str, priority: str = "high") -> dict[str, Any]:
-    prompt = f"bench {tag} {i}"
-    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "priority": priority}
+    return {**chat_body(i, tag), "priority": priority}
 
 
 # -- 1. time to first token -------------------------------------------------------------------
@@ -35,7 +33,7 @@ def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: i
     for i in range(n):
         t0 = time.perf_counter()
         with sdk.chat.completions.with_streaming_response.create(
-            **{k: v for k, v in body(i, tag + "d").items() if k != "priority"}, stream=True
+            **chat_body(i, tag + "d"), stream=True
         ) as resp:
             lines = resp.iter_lines()
             for line in lines:
@@ -135,7 +133,7 @@ async def _direct_streams(sim_url: str, sim_key: str, n: int, tag: str) -> tuple
     async def one(sdk: AsyncOpenAI, i: int) -> int:
         chunks = 0
         async with sdk.chat.completions.with_streaming_response.create(
-            **{k: v for k, v in body(i, tag).items() if k != "priority"}, stream=True
+            **chat_body(i, tag), stream=True
         ) as resp:
             async for data in resp.iter_bytes():
                 chunks += data.count(b'"content":"')

@@ -24,10 +24,8 @@ to change it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,24 +41,29 @@ import redis  # noqa: E402
 from sheepdog_client import Client as HttpClient  # noqa: E402
 
 from bench import api_load  # noqa: E402
-from bench.bench_stream import cpu_s, drop_pg, new_pg, pct, start_worker  # noqa: E402
+from bench.cpu import tree_cpu  # noqa: E402
+from bench.report import pct, print_grid  # noqa: E402
+from bench.stack import (  # noqa: E402
+    Proc,
+    spawn,
+    start_stream_worker,
+    stop,
+    stream_simulator,
+    worker_env,
+)
 from core.settings import Settings  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
 from sheepdog.tenant_keys import create_key  # noqa: E402
-from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
+from tests.fixtures.pg import create_database, drop_database  # noqa: E402
 
 REDIS = os.environ.get("SHEEPDOG_BENCH_API_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
-def start_api(
-    env: dict[str, str], logdir: Path, processes: int
-) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(env: dict[str, str], logdir: Path, processes: int) -> tuple[Proc, str]:
     port = 18000 + secrets.randbelow(2000)
-    log = (logdir / "api.log").open("wb")
     cmd = [sys.executable, "-m", "sheepdog", "api", "--port", str(port)]
-    cmd += ["--processes", str(processes)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = spawn([*cmd, "--processes", str(processes)], env, logdir / "api.log")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180  # its processes take a while to start on a loaded box
     while time.monotonic() < deadline:
@@ -77,35 +80,17 @@ def start_api(
     raise RuntimeError("sheepdog api not ready after 180 s")
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (the API's worker processes)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
-    return out
-
-
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):  # a process that has just ended
-            total += cpu_s(p)
-    return total
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, Any], n: int):
+Rows = list[list[str]]
+
+
+def ttft_rows(lat: dict[str, list[float]]) -> Rows:
+    """Time to first token added by each path, against the direct SDK stream."""
     d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
-    rows = [["", "baseline, same run", "through the front door", "target"]]
+    rows = []
     for name, label in (("local", "in-deployment client"), ("door", "front door (HTTP SSE)")):
         p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
         rows.append(
@@ -116,65 +101,67 @@ def table(lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, A
                 "+4 / +12 ms" if name == "door" else "",
             ]
         )
+    post = f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}"
+    rows.append(["  of which POST /v1/requests → 202, p50 / p99", "", post, ""])
+    return rows
 
-    rows.append(
-        [
-            "  of which POST /v1/requests → 202, p50 / p99",
-            "",
-            f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}",
-            "",
-        ]
-    )
+
+def intake_rows(intake: dict[str, Any]) -> Rows:
+    """Low-priority intake over HTTP, against the in-deployment client."""
 
     def rate(x: dict[str, Any]) -> float:
         return float(x["accepted"]) / x["wall"]
 
     one, bulk = intake["http_one"], intake["http_bulk"]
     lo, lb = intake["local_one"], intake["local_bulk"]
-    rows.append(
+    return [
         [
             "low intake, 1 a call: accepted/s, p99 accept",
             f"in-deployment submit, 1 process: {rate(lo):,.0f}/s, p99 {ms(pct(lo['lat'], 0.99))}",
             f"{rate(one):,.0f}/s (x{rate(one) / rate(lo):.2f}), p99 {ms(pct(one['lat'], 0.99))},"
             f" {one['refused']} refused",
             "≥ 3,000/s, p99 ≤ 25 ms",
-        ]
-    )
-    rows.append(
+        ],
         [
             "low intake, bulk lists: accepted/s",
             f"in-deployment submit_many: {rate(lb):,.0f}/s",
             f"{rate(bulk):,.0f}/s (x{rate(bulk) / rate(lb):.2f}), {bulk['refused']} refused",
             "",
-        ]
-    )
+        ],
+    ]
+
+
+def stream_rows(conc: dict[str, Any], n: int) -> Rows:
+    """n event streams at once, against the simulator alone and the in-deployment followers."""
     events = conc["tokens"] + n
-    rows.append(
+    return [
         [
             f"{n:,} SSE streams x 50 chunks 100 ms apart: wall",
             f"simulator alone {conc['sim_wall']:.2f} s",
             f"{conc['wall']:.2f} s (x{conc['wall'] / conc['sim_wall']:.2f})",
             "x1.3",
-        ]
-    )
-    rows.append(
+        ],
         [
             "  same streams without the front door",
             "in-deployment submit_many + astream followers",
             f"{conc['local_wall']:.2f} s (x{conc['local_wall'] / conc['sim_wall']:.2f})",
             "",
-        ]
-    )
-    rows.append(["  lost", "", f"{conc['lost']}", "0"])
-    rows.append(
+        ],
+        ["  lost", "", f"{conc['lost']}", "0"],
         [
             "  API CPU per relayed event",
             "",
             f"{conc['api_cpu_s'] / max(events, 1) * 1e6:.0f} µs ({conc['api_cpu_s']:.2f} s)",
             "",
-        ]
-    )
-    return rows
+        ],
+    ]
+
+
+def table(
+    lat: dict[str, list[float]], intake: dict[str, Any], conc: dict[str, Any], n: int
+) -> Rows:
+    header = ["", "baseline, same run", "through the front door", "target"]
+    return [header, *ttft_rows(lat), *intake_rows(intake), *stream_rows(conc, n)]
 
 
 def main() -> None:
@@ -187,30 +174,16 @@ def main() -> None:
     parser.add_argument("--api-processes", type=int, default=2)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-api-"))
-    db_url = new_pg()
+    db_url = create_database("sheepdog_bstream")
     redis.Redis.from_url(REDIS).flushdb()
-    config = SimulatorConfig(
-        api_key="sk-bench",
-        ttft_ms=20,
-        chunk_delay_ms=5,
-        answer_tokens=(20, 20),
-        data_dir=str(workdir / "sim"),
-    )
     tag = secrets.token_hex(3)
-    procs: list[subprocess.Popen[bytes]] = []
-    with SimulatorProcess(config) as sim:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
-        env.update(
-            SHEEPDOG_REDIS_URL=REDIS,
-            SHEEPDOG_DATABASE_URL=db_url,
-            SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
-            SHEEPDOG_OPENAI_API_KEY=sim.api_key,
-            SHEEPDOG_METRICS_PORT="0",
-        )
+    procs: list[Proc] = []
+    with SimulatorProcess(stream_simulator(workdir)) as sim:
+        env = worker_env(REDIS, db_url, sim, SHEEPDOG_METRICS_PORT="0")
         settings = Settings(redis_url=REDIS, database_url=db_url)
         local = Client(settings)
         try:
-            procs.append(start_worker(env, workdir))
+            procs.append(start_stream_worker(env, workdir))
             api, url = start_api(env, workdir, args.api_processes)
             procs.append(api)
             key, _ = create_key(db_url, "bench")
@@ -225,20 +198,14 @@ def main() -> None:
             )
             print(f"streams done ({args.streams})", flush=True)
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(30)
-    drop_pg(db_url)
+            stop(procs, 30)
+    drop_database(db_url)
     redis.Redis.from_url(REDIS).flushdb()
-    rows = table(lat, intake, conc, args.streams)
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    print(
+    title = (
         f"\nfront door ({os.cpu_count()} cores, {args.api_processes} API process(es), 1 stream"
         f" worker process, {args.requests} TTFT samples, {args.intake} intake requests)"
     )
-    for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print_grid(title, table(lat, intake, conc, args.streams))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python bench/bench_costs.py [--requests 5000]``.
 Needs Redis and PostgreSQL (the same ones the tests use); makes a throwaway database and sends
-to Redis database 12, which no worker reads (it is flushed before and after).
+to Redis database 12 (of SHEEPDOG_BENCH_REDIS_URL's server, default the local one), which no
+worker reads (it is flushed before and after).
 
 Rows of the table:
 1. reserve(), unbudgeted tenant: the cost every submit pays when no budget applies (cached);
@@ -14,44 +15,35 @@ Rows of the table:
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 
-from core.db import get_engine, session_scope  # noqa: E402
+from bench.bodies import low_requests  # noqa: E402
+from bench.stack import redis_db  # noqa: E402
+from core.db import session_scope  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from costs.budgets import reserve, set_budget  # noqa: E402
-from models.migrate import upgrade  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
+from tests.fixtures.pg import create_database, drop_database  # noqa: E402
 
-ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-BROKER = "redis://127.0.0.1:6379/12"
+BROKER = redis_db(12)
 
 
 def requests(n: int, tenant: str) -> list[dict[str, object]]:
-    return [
-        {
-            "model": "sheepdog-mini",
-            "messages": [{"role": "user", "content": f"summarise item {i} of the nightly run"}],
-            "priority": "low",
-            "max_tokens": 200,
-            "metadata": {"tenant": tenant},
-        }
-        for i in range(n)
-    ]
+    return low_requests(n, "summarise item {i} of the nightly run", max_tokens=200, tenant=tenant)
 
 
-def timed(fn: object) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
-    fn()  # type: ignore[operator]
+    fn()
     return time.perf_counter() - start
 
 
@@ -59,13 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
     n = parser.parse_args().requests
-    name = f"sheepdog_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    url = create_database("sheepdog_bench")
     broker = redis.Redis.from_url(BROKER)
     try:
-        upgrade(url)
         broker.flushdb()
         settings = Settings(database_url=url, redis_url=BROKER)
         with session_scope(url) as session:
@@ -85,9 +73,7 @@ def main() -> None:
             print(f"{label:<30} {n:>9} {seconds:>9.3f} {n / seconds:>10,.0f}")
     finally:
         broker.flushdb()
-        get_engine(url).dispose()
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(url)
 
 
 if __name__ == "__main__":

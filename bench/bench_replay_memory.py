@@ -17,9 +17,7 @@ same: the logs are needed while streams run) and held TTL_DONE + 3 s later. Figu
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,42 +26,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from core.db import get_engine, session_scope  # noqa: E402
+from bench.stack import Proc, redis_db, spawn_stream_worker, worker_env  # noqa: E402
+from core.db import session_scope  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from models.migrate import upgrade  # noqa: E402
 from models.tables import Request  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
+from tests.fixtures.pg import create_database, drop_database  # noqa: E402
 
-ADMIN = os.environ.get("SHEEPDOG_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-SERVER = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-REDIS = f"{SERVER}/13"
+REDIS = redis_db(13)
 DONE_TTL_S = 2
-
-
-def new_pg() -> str:
-    name = f"sheepdog_bmem_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
-    upgrade(url)
-    return url
-
-
-def drop_pg(url: str) -> None:
-    get_engine(url).dispose()
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 def used(r: redis.Redis) -> int:
     time.sleep(1)  # let lazy frees and the allocator settle
     return int(r.info("memory")["used_memory"])
+
+
+def wait_succeeded(db_url: str, ids: list[str], worker: Proc, name: str, log: Path) -> None:
+    """Until every request has succeeded (RuntimeError after 600 s, or if the worker dies)."""
+    deadline = time.monotonic() + 600
+    while True:
+        with session_scope(db_url) as session:
+            ended = session.scalar(
+                select(func.count())
+                .select_from(Request)
+                .where(Request.id.in_(ids), Request.status == "succeeded")
+            )
+        if ended == len(ids):
+            return
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError(f"{name}: {ended}/{len(ids)} ended; see {log}")
+        time.sleep(0.5)
 
 
 def phase(
@@ -72,11 +70,8 @@ def phase(
     r = redis.Redis.from_url(REDIS)
     prefix = f"bmem-{name}:"
     env = {**env, "SHEEPDOG_BROKER_PREFIX": prefix, "SHEEPDOG_REPLAY_DONE_TTL_S": str(done_ttl)}
-    log = (logdir / f"{name}.log").open("wb")
-    cmd = [sys.executable, "-m", "sheepdog", "worker", "--queues", "stream", "--loglevel"]
-    worker = subprocess.Popen(
-        [*cmd, "WARNING", "--processes", "1"], cwd=ROOT, env=env, stdout=log, stderr=log
-    )
+    log = logdir / f"{name}.log"
+    worker = spawn_stream_worker(env, log)
     settings = Settings(
         redis_url=REDIS,
         broker_prefix=prefix,
@@ -99,19 +94,7 @@ def phase(
                 for i in range(n)
             ]
         )
-        deadline = time.monotonic() + 600
-        while True:
-            with session_scope(db_url) as session:
-                ended = session.scalar(
-                    select(func.count())
-                    .select_from(Request)
-                    .where(Request.id.in_(ids), Request.status == "succeeded")
-                )
-            if ended == n:
-                break
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"{name}: {ended}/{n} ended; see {log.name}")
-            time.sleep(0.5)
+        wait_succeeded(db_url, ids, worker, name, log)
         at_end = used(r) - before
         time.sleep(DONE_TTL_S + 2)
         later = used(r) - before
@@ -129,24 +112,17 @@ def main() -> None:
     args = parser.parse_args()
     r = redis.Redis.from_url(REDIS)
     r.flushdb()
-    db_url = new_pg()
+    db_url = create_database("sheepdog_bmem")
     config = SimulatorConfig(
         api_key="sk-bench-mem", answer_tokens=(args.tokens, args.tokens), chunk_delay_ms=10
     )
     with SimulatorProcess(config) as sim, tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
-        env.update(
-            SHEEPDOG_REDIS_URL=REDIS,
-            SHEEPDOG_DATABASE_URL=db_url,
-            SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
-            SHEEPDOG_OPENAI_API_KEY=sim.api_key,
-            SHEEPDOG_METRICS_PORT="0",
-        )
+        env = worker_env(REDIS, db_url, sim, SHEEPDOG_METRICS_PORT="0")
         try:
             base = phase("baseline", 3600, args.streams, env, db_url, Path(tmp))
             trim = phase("trimmed", DONE_TTL_S, args.streams, env, db_url, Path(tmp))
         finally:
-            drop_pg(db_url)
+            drop_database(db_url)
             r.flushdb()
     print(f"\nRedis memory held by replay logs, MB per 1,000 streams of {args.tokens} tokens")
     print(f"({args.streams} streams a phase, one worker, same run)\n")

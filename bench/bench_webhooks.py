@@ -20,7 +20,6 @@ import argparse
 import http.client
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,10 +35,13 @@ sys.path.insert(0, str(ROOT))
 from pydantic import SecretStr  # noqa: E402
 from sqlalchemy import func, select, update  # noqa: E402
 
+from bench import stack  # noqa: E402
+from bench.batch_steps import ingest_timed, record, wait_ingestable  # noqa: E402
+from bench.bodies import low_requests  # noqa: E402
+from bench.report import Measure, pct, print_measures  # noqa: E402
 from core.db import session_scope  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from models.webhook_tables import WebhookDelivery  # noqa: E402
-from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.server import SimulatorProcess  # noqa: E402
 from tests.fixtures.pg import create_database  # noqa: E402
 from tests.fixtures.pg import drop_database as drop_db  # noqa: E402
@@ -47,7 +49,7 @@ from webhooks.crypto import new_key  # noqa: E402
 
 REDIS = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 KEY = new_key()
-Row = tuple[str, str, str]
+QUIET = ("--without-gossip", "--without-mingle")
 
 
 class Sink:
@@ -88,16 +90,13 @@ class Sink:
 
 
 def settings_for(db: str, sim: SimulatorProcess, workdir: str) -> Settings:
-    return Settings().model_copy(
-        update={
-            "database_url": db,
-            "redis_url": REDIS,
-            "openai_base_url": sim.base_url,
-            "openai_api_key": SecretStr(sim.api_key),
-            "batch_workdir": workdir,
-            "webhook_secret_key": SecretStr(KEY),
-            "webhook_allow_private": True,
-        }
+    return stack.sim_settings(
+        REDIS,
+        db,
+        sim,
+        batch_workdir=workdir,
+        webhook_secret_key=SecretStr(KEY),
+        webhook_allow_private=True,
     )
 
 
@@ -108,43 +107,20 @@ def register(settings: Settings, tenant: str, url: str) -> str:
         return add_endpoint(session, settings, tenant, url).endpoint.id
 
 
-def low(n: int, tenant: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "model": "sheepdog-mini",
-            "messages": [{"role": "user", "content": f"question {i}, briefly"}],
-            "priority": "low",
-            "max_tokens": 40,
-            "metadata": {"tenant": tenant},
-        }
-        for i in range(n)
-    ]
-
-
 def ingest_rate(settings: Settings, n: int) -> float:
     """Insert n queued rows of tenant `bench`, flush, wait for the job, time the ingest."""
     from batch.flush import flush
-    from batch.ingest import ingest
-    from batch.poll import poll
-    from lifecycle.record import record_requests
     from sheepdog.client import Client
 
-    items = [Client(settings).prepare(r) for r in low(n, "bench")]
-    for start in range(0, n, 500):
-        with session_scope(settings.database_url) as session:
-            record_requests(session, items[start : start + 500])
+    client = Client(settings)
+    requests = low_requests(n, "question {i}, briefly", tenant="bench")
+    record(settings.database_url, [client.prepare(r) for r in requests])
     jobs = flush(settings).jobs
-    ready: list[str] = []
-    deadline = time.monotonic() + 300
-    while len(ready) < len(jobs) and time.monotonic() < deadline:
-        ready = poll(settings).to_ingest
-        time.sleep(0.1)
-    t = time.perf_counter()
-    done = sum(ingest(job_id, settings).succeeded for job_id in ready)
-    return done / (time.perf_counter() - t)
+    done, seconds = ingest_timed(settings, wait_ingestable(settings, len(jobs)))
+    return done / seconds
 
 
-def ingest_phase(sim: SimulatorProcess, n: int, sink: Sink, rows: list[Row]) -> str:
+def ingest_phase(sim: SimulatorProcess, n: int, sink: Sink, rows: list[Measure]) -> str:
     """Returns the database of the last subscribed run (its outbox feeds the delivery phase).
     Each mode runs twice, interleaved, in a fresh database; the better run counts (the box is
     shared, so one run alone says little)."""
@@ -184,36 +160,21 @@ def ingest_phase(sim: SimulatorProcess, n: int, sink: Sink, rows: list[Row]) -> 
 
 
 def worker_env(db: str, sim: SimulatorProcess, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
-    env.update(
-        SHEEPDOG_REDIS_URL=REDIS,
-        SHEEPDOG_DATABASE_URL=db,
-        SHEEPDOG_OPENAI_BASE_URL=sim.base_url,
-        SHEEPDOG_OPENAI_API_KEY=sim.api_key,
+    return stack.worker_env(
+        REDIS,
+        db,
+        sim,
         SHEEPDOG_WEBHOOK_SECRET_KEY=KEY,
         SHEEPDOG_WEBHOOK_ALLOW_PRIVATE="true",
         SHEEPDOG_METRICS_PORT="0",
         SHEEPDOG_BROKER_PREFIX=f"bench-wh-{os.getpid()}:",
         **extra,
     )
-    return env
 
 
-def start(env: dict[str, str], logdir: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", *args]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=(logdir / f"{name}.log").open("wb"), stderr=subprocess.STDOUT
-    )
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+def hooks_worker(env: dict[str, str], logdir: Path, name: str) -> stack.Proc:
+    """A `webhooks` worker, threads pool, 8."""
+    return stack.start_worker(env, logdir, name, "webhooks", "threads", 8, *QUIET)
 
 
 def plain_rate(sink: Sink, n: int) -> float:
@@ -228,7 +189,42 @@ def plain_rate(sink: Sink, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Row]) -> None:
+def spread(db: str, settings: Settings, sink: Sink, endpoints: int) -> None:
+    """The same outbox rows, pending again, spread over `endpoints` endpoints."""
+    with session_scope(db) as session:
+        ids = [register(settings, "bench", sink.url) for _ in range(endpoints - 1)]
+        first = session.scalar(select(WebhookDelivery.endpoint_id).limit(1))
+        ids.append(first or "")
+        session.execute(
+            update(WebhookDelivery).values(status="pending", attempts=0, leased_until=None)
+        )
+        for i, eid in enumerate(ids):
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id % endpoints == i)
+                .values(endpoint_id=eid, target=eid)
+            )
+
+
+def drain_rate(
+    db: str, sim: SimulatorProcess, sink: Sink, endpoints: int, total: int, logdir: Path
+) -> float:
+    """Messages a second a webhooks worker (and beat) delivers until `total` have arrived."""
+    env = worker_env(db, sim, SHEEPDOG_WEBHOOK_SWEEP_INTERVAL_S="0.2")
+    procs = [hooks_worker(env, logdir, f"hooks{endpoints}")]
+    try:
+        time.sleep(4)
+        procs.append(stack.start_beat(env, logdir, f"beat{endpoints}"))
+        t = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while sink.count() < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sink.count() / (time.perf_counter() - t)
+    finally:
+        stack.stop(procs)
+
+
+def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Measure]) -> None:
     settings = settings_for(db, sim, tempfile.mkdtemp())
     with session_scope(db) as session:
         total = int(session.scalar(select(func.count()).select_from(WebhookDelivery)) or 0)
@@ -236,58 +232,9 @@ def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Row]) 
     rows.append(("plain POSTs, one thread (baseline)", f"{floor:,.0f} msg/s", "no DB, unsigned"))
     logdir = Path(tempfile.mkdtemp(prefix="bench-wh-logs-"))
     for endpoints in (1, 8):
-        with session_scope(db) as session:  # spread the same rows over `endpoints` endpoints
-            ids = [register(settings, "bench", sink.url) for _ in range(endpoints - 1)]
-            first = session.scalar(select(WebhookDelivery.endpoint_id).limit(1))
-            ids.append(first or "")
-            session.execute(
-                update(WebhookDelivery).values(status="pending", attempts=0, leased_until=None)
-            )
-            for i, eid in enumerate(ids):
-                session.execute(
-                    update(WebhookDelivery)
-                    .where(WebhookDelivery.id % endpoints == i)
-                    .values(endpoint_id=eid, target=eid)
-                )
+        spread(db, settings, sink, endpoints)
         sink.arrived.clear()
-        env = worker_env(db, sim, SHEEPDOG_WEBHOOK_SWEEP_INTERVAL_S="0.2")
-        procs = [
-            start(
-                env,
-                logdir,
-                f"hooks{endpoints}",
-                "worker",
-                "-Q",
-                "webhooks",
-                "-P",
-                "threads",
-                "-c",
-                "8",
-                "-n",
-                f"hooks{endpoints}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ),
-        ]
-        try:
-            time.sleep(4)
-            procs.append(
-                start(
-                    env,
-                    logdir,
-                    f"beat{endpoints}",
-                    "beat",
-                    "--schedule",
-                    str(logdir / f"beat{endpoints}-schedule"),
-                )
-            )
-            t = time.perf_counter()
-            deadline = time.monotonic() + 600
-            while sink.count() < total and time.monotonic() < deadline:
-                time.sleep(0.05)
-            rate = sink.count() / (time.perf_counter() - t)
-        finally:
-            stop(procs)
+        rate = drain_rate(db, sim, sink, endpoints, total, logdir)
         rows.append(
             (
                 f"worker deliveries, {endpoints} endpoint(s)",
@@ -297,9 +244,36 @@ def delivery_phase(db: str, sim: SimulatorProcess, sink: Sink, rows: list[Row]) 
         )
 
 
-def latency_phase(sim: SimulatorProcess, n: int, rows: list[Row]) -> None:
+def trickle(settings: Settings, prefix: str, n: int) -> None:
+    """n stream requests of tenant `lat`, 20 ms apart (a steady trickle, not one burst)."""
     from sheepdog.client import Client
 
+    client = Client(settings.model_copy(update={"broker_prefix": prefix}))
+    for i in range(n):
+        client.submit(
+            {
+                "model": "sheepdog-mini",
+                "messages": [{"role": "user", "content": f"latency {i}"}],
+                "max_tokens": 10,
+                "metadata": {"tenant": "lat"},
+            }
+        )
+        time.sleep(0.02)
+
+
+def lags_ms(sink: Sink) -> list[float]:
+    """For each webhook received: ms from its request's end (finished_at) to its arrival."""
+    import orjson
+
+    lags = []
+    for key, arrived in sink.arrived.items():
+        data = orjson.loads(sink.bodies[key])["data"]
+        finished = datetime.fromisoformat(data["finished_at"]).replace(tzinfo=UTC)
+        lags.append((arrived - finished.timestamp()) * 1000)
+    return lags
+
+
+def latency_phase(sim: SimulatorProcess, n: int, rows: list[Measure]) -> None:
     db = create_database("sheepdog_bench_wh")
     sink = Sink()
     settings = settings_for(db, sim, tempfile.mkdtemp())
@@ -307,76 +281,25 @@ def latency_phase(sim: SimulatorProcess, n: int, rows: list[Row]) -> None:
     logdir = Path(tempfile.mkdtemp(prefix="bench-wh-lat-"))
     env = worker_env(db, sim)
     procs = [
-        start(
-            env,
-            logdir,
-            "stream",
-            "worker",
-            "-Q",
-            "stream,default",
-            "-P",
-            "threads",
-            "-c",
-            "50",
-            "-n",
-            "stream@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ),
-        start(
-            env,
-            logdir,
-            "hooks",
-            "worker",
-            "-Q",
-            "webhooks",
-            "-P",
-            "threads",
-            "-c",
-            "8",
-            "-n",
-            "hooks@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ),
-        start(env, logdir, "beat", "beat", "--schedule", str(logdir / "beat-schedule")),
+        stack.start_worker(env, logdir, "stream", "stream,default", "threads", 50, *QUIET),
+        hooks_worker(env, logdir, "hooks"),
+        stack.start_beat(env, logdir),
     ]
     try:
         time.sleep(5)
-        client = Client(
-            settings.model_copy(update={"broker_prefix": env["SHEEPDOG_BROKER_PREFIX"]})
-        )
-        for i in range(n):
-            client.submit(
-                {
-                    "model": "sheepdog-mini",
-                    "messages": [{"role": "user", "content": f"latency {i}"}],
-                    "max_tokens": 10,
-                    "metadata": {"tenant": "lat"},
-                }
-            )
-            time.sleep(0.02)  # a steady trickle, not one burst
+        trickle(settings, env["SHEEPDOG_BROKER_PREFIX"], n)
         deadline = time.monotonic() + 120
         while sink.count() < n and time.monotonic() < deadline:
             time.sleep(0.05)
-        import orjson
-
-        lags = []
-        for key, arrived in sink.arrived.items():
-            data = orjson.loads(sink.bodies[key])["data"]
-            finished = datetime.fromisoformat(data["finished_at"]).replace(tzinfo=UTC)
-            lags.append((arrived - finished.timestamp()) * 1000)
+        lags = lags_ms(sink)
     finally:
-        stop(procs)
+        stack.stop(procs)
         drop_db(db)
-    lags.sort()
-    p50 = statistics.median(lags)
-    p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
     sweep_ms = Settings().webhook_sweep_interval_s * 1000
     rows.append(
         (
             "request end -> webhook, p50 / p99",
-            f"{p50:,.0f} / {p99:,.0f} ms",
+            f"{statistics.median(lags):,.0f} / {pct(lags, 0.99):,.0f} ms",
             f"{len(lags)} stream requests; beat sweep alone: up to {sweep_ms:,.0f} ms",
         )
     )
@@ -389,16 +312,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of: ingest,delivery,latency")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    rows: list[Row] = []
-    config = SimulatorConfig(
-        api_key="sk-bench",
-        time_scale=1_000_000.0,
-        batch_window_s=1e9,
-        answer_tokens=(20, 40),
-        data_dir=tempfile.mkdtemp(prefix="bench-sim-"),
-    )
+    rows: list[Measure] = []
     sink = Sink()
-    with SimulatorProcess(config) as sim:
+    with SimulatorProcess(stack.batch_simulator()) as sim:
         db = ""
         if "ingest" not in skip:
             db = ingest_phase(sim, args.requests, sink, rows)
@@ -410,12 +326,7 @@ def main() -> None:
                 drop_db(db)
         if "latency" not in skip:
             latency_phase(sim, args.latency, rows)
-    width = max(len(r[0]) for r in rows)
-    print(f"\nwebhooks, {args.requests:,} batch requests, PostgreSQL\n")
-    print(f"{'measure':<{width}}  {'result':>18}  note")
-    print(f"{'-' * width}  {'-' * 18}  {'-' * 30}")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>18}  {note}")
+    print_measures(f"webhooks, {args.requests:,} batch requests, PostgreSQL", rows)
 
 
 if __name__ == "__main__":
