@@ -30,7 +30,8 @@ from bench.bodies import low_requests  # noqa: E402
 from bench.stack import redis_db  # noqa: E402
 from core.db import session_scope  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from costs.budgets import reserve, set_budget  # noqa: E402
+from costs.budget_limits import set_budget  # noqa: E402
+from costs.budgets import reserve  # noqa: E402
 from sheepdog.client import Client  # noqa: E402
 from tests.fixtures.pg import create_database, drop_database  # noqa: E402
 
