@@ -1,1 +1,1 @@
-"""costs."""
+"""Money spent: the ledger, budgets and their reservations, the savings report."""

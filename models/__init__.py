@@ -1,1 +1,1 @@
-"""models."""
+"""The core's shapes: pydantic schemas, SQLAlchemy tables, the status machines, migrations."""

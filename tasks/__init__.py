@@ -1,1 +1,1 @@
-"""tasks."""
+"""Celery tasks, thin: each loads ids, calls a path, records the outcome."""
