@@ -134,7 +134,6 @@ def test_the_key_never_leaks_and_prompts_are_not_logged(
 VETTED = {
     ("lifecycle/record.py", "COPY intake_rows"): "column names from the Request table",
     ("lifecycle/record.py", "INSERT INTO requests"): "column names from the Request table",
-    ("batch/ingest.py", "COPY batch_results"): "RESULT_COLUMNS, a module constant",
     ("costs/ledger.py", "CREATE TEMP TABLE ledger_in"): "COLUMNS, a module constant",
     ("costs/ledger.py", "COPY ledger_in"): "COLUMNS, a module constant",
     ("costs/ledger.py", "INSERT INTO cost_ledger"): "COLUMNS, a module constant",
