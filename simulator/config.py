@@ -76,6 +76,15 @@ class SimulatorConfig(BaseModel):
     models: list[str] | None = None
     faults: list[FaultRule] = Field(default_factory=list)
 
+    # Service tiers (simulator/tiers.py): those offered; any other is served as `default`.
+    service_tiers: list[Literal["flex", "priority"]] = Field(
+        default_factory=lambda: ["flex", "priority"]
+    )
+    flex_capacity: int | None = Field(default=None, ge=0)  # flex calls at once; None: no limit
+    flex_slowdown: float = Field(default=3.0, ge=1)  # flex delays are these times the standard
+    flex_ttft_ms: float = Field(default=20.0, ge=0)  # and its first token waits this much more
+    priority_speedup: float = Field(default=2.0, ge=1)  # priority delays divided by this
+
     # Batch timing in provider seconds, divided by time_scale.
     batch_validate_s: float = Field(default=10.0, ge=0)
     batch_seconds_per_line: float = Field(default=0.2, ge=0)
