@@ -90,3 +90,87 @@ def test_ledger_rows_by_served_tier(db_url: str, tenant: str) -> None:
         "batch": (Decimal(5), ten),
         "priority": (Decimal("17.5"), ten),
     }
+
+
+@pytest.fixture
+def fresh_db(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    """A database of this test's own: the lane report sums the whole ledger."""
+    from models.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path}/lanes.db"
+    upgrade(url)
+    return url
+
+
+def one_of_each(url: str) -> None:
+    usages = [
+        Usage(f"req_{n:032x}", "t", "gpt-4.1", route, 1_000_000, 1_000_000, tier=tier)  # type: ignore[arg-type]
+        for n, (route, tier) in enumerate(
+            [
+                ("stream", "standard"),
+                ("stream", "flex"),
+                ("stream", "priority"),
+                ("batch", "batch"),
+                ("stream", "flex"),
+            ]
+        )
+    ]
+    with session_scope(url) as session:
+        record(session, usages)
+
+
+def test_savings_report_has_a_column_per_lane_and_the_counterfactual(fresh_db: str) -> None:
+    from costs.lanes_report import lane_summary
+    from costs.report import cost_lines
+
+    one_of_each(fresh_db)
+    with session_scope(fresh_db) as session:
+        summary = lane_summary(session, None)
+        by_lane = {line.key: line for line in cost_lines(session, None, "lane")}
+    assert {k: (v.requests, v.cost_usd) for k, v in summary.lanes.items()} == {
+        "stream": (1, Decimal(10)),
+        "flex": (2, Decimal(10)),
+        "priority": (1, Decimal("17.5")),
+        "batch": (1, Decimal(5)),
+    }
+    assert summary.paid_usd == Decimal("42.5")
+    assert summary.all_standard_usd == Decimal(50)
+    assert summary.all_priority_usd == Decimal("87.5")
+    assert summary.saved_usd == Decimal("7.5")
+    assert set(by_lane) == {"stream", "flex", "priority", "batch"}
+    assert by_lane["flex"].savings_usd == Decimal(10)
+
+
+def test_cli_costs_by_lane_json_and_plot(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from core.settings import get_settings
+    from sheepdog.cli import build_app
+
+    one_of_each(fresh_db)
+    monkeypatch.setenv("SHEEPDOG_DATABASE_URL", fresh_db)
+    monkeypatch.setenv("COLUMNS", "200")  # the table on one line a row
+    get_settings.cache_clear()
+    try:
+        plot = tmp_path / "lanes.png"
+        result = CliRunner().invoke(
+            build_app(), ["costs", "--by", "lane", "--json", "--plot", str(plot)]
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["lanes"]["flex"] == {"requests": 2, "cost_usd": "10"}
+        assert report["counterfactual"] == {
+            "paid_usd": "42.5",
+            "all_standard_usd": "50",
+            "all_priority_usd": "87.5",
+            "saved_usd": "7.5",
+        }
+        assert plot.read_bytes().startswith(b"\x89PNG")
+        table = CliRunner().invoke(build_app(), ["costs", "--by", "lane"])
+        assert table.exit_code == 0 and "all priority" in table.output
+    finally:
+        get_settings.cache_clear()
