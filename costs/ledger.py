@@ -34,11 +34,11 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
-    # The tier that served the call (the response's), whose rate is billed; None: the route's.
-    tier: Tier | None = None
     # The provider's own batch discount when it is not the price table's (an emulated batch
     # runs at the standard rate: 0). None: the price table's.
     batch_discount: Decimal | None = None
+    # The tier that served the call (the response's), whose rate is billed; None: the route's.
+    tier: Tier | None = None
 
 
 def estimated_usage(
