@@ -69,6 +69,7 @@ class ClaimedRows:
     groups: list[Group] = field(default_factory=list)
     too_large: list[str] = field(default_factory=list)
     escalated: list[str] = field(default_factory=list)
+    flex: set[str] = field(default_factory=set)  # the escalated ones that took the flex lane
 
     @property
     def claimed(self) -> int:
@@ -82,9 +83,9 @@ ESCALATED = {
 }
 
 
-def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) -> None:
+def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) -> set[str]:
     """Move rows whose deadline a batch submitted now would miss to the stream path, on the
-    cheapest lane that still meets it (flex when their provider sells it)."""
+    cheapest lane that still meets it (flex when their provider sells it); the flex ones."""
     prices = price_table()
     by_lane: dict[str, list[str]] = {}
     for rid, model, deadline in due:
@@ -102,6 +103,7 @@ def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) ->
             )
             .execution_options(synchronize_session=False)
         )
+    return set(by_lane.get("flex", ()))
 
 
 def split(
@@ -153,7 +155,7 @@ def claim(
         )
     ).all()
     if due:
-        _escalate_rows(session, settings, due, base)
+        result.flex = _escalate_rows(session, settings, due, base)
         result.escalated = [row.id for row in due]
     rows = session.execute(
         lock_rows(

@@ -53,7 +53,7 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         group = [m for m in moves if m["lane"] == lane]
         if group:
             moved += move_each(session, group, Status.QUEUED, from_=[Status.BATCHED])
-    _send_after_commit(session, settings, [m["id"] for m in moves])
+    _send_after_commit(session, settings, [(m["id"], m["lane"]) for m in moves])
     return [r for r in rows if r[0] not in due], moved
 
 
@@ -84,11 +84,11 @@ def _short(why: str) -> str:
     return SHORT.get(code, why[:80])
 
 
-def _send_after_commit(session: Session, settings: Settings, ids: list[str]) -> None:
+def _send_after_commit(session: Session, settings: Settings, ids: list[tuple[str, str]]) -> None:
     """Queue `ids`' stream tasks for when the session commits: a task that ran before would
     find its row still batched. A send that fails is left to the janitor, which re-sends
     stream rows left queued."""
-    pending: list[str] | None = session.info.get(PENDING)
+    pending: list[tuple[str, str]] | None = session.info.get(PENDING)
     if pending is not None:
         pending.extend(ids)
         return
@@ -99,8 +99,8 @@ def _send_after_commit(session: Session, settings: Settings, ids: list[str]) -> 
         with contextlib.suppress(Exception):
             app = celery_for(settings)
             with app.producer_or_acquire() as producer:
-                for rid in names:
-                    send_stream(app, rid, why="salvaged", producer=producer)
+                for rid, lane in names:
+                    send_stream(app, rid, why="salvaged", producer=producer, lane=lane)
         log.info("salvaged %d request(s) from a batch to the stream path", len(names))
 
     def forget(done: Session) -> None:

@@ -1,6 +1,6 @@
 """Benchmark of the four lanes: a mixed day against the simulator, scaled to run in minutes.
 
-Run: ``.venv/bin/python bench/bench_lanes.py [--requests 2000] [--window-s 120]``.
+Run: ``.venv/bin/python bench/bench_lanes.py [--requests 2000] [--window-s 240]``.
 Needs Redis (SHEEPDOG_BENCH_REDIS_URL, default the local server's database 13) and PostgreSQL;
 makes a throwaway database per run and starts its own simulator, worker and beat.
 
@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from simulator.server import SimulatorProcess  # noqa: E402
 from tests.fixtures.pg import create_database, drop_database  # noqa: E402
 
 REDIS = os.environ.get("SHEEPDOG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
-FLEX_LEAD_S = 20.0
+FLEX_LEAD_S = 40.0
 LANES = ("priority", "stream", "flex", "batch")
 
 
@@ -69,7 +70,7 @@ def run(sim: SimulatorProcess, args: argparse.Namespace, tiers: str, tag: str) -
         "SHEEPDOG_BATCH_FLUSH_INTERVAL_S": "2",
         "SHEEPDOG_BATCH_POLL_INTERVAL_S": "1",
         "SHEEPDOG_FLEX_MIN_LEAD_S": str(FLEX_LEAD_S),
-        "SHEEPDOG_FLEX_FALLBACK_LEAD_S": "8",
+        "SHEEPDOG_FLEX_FALLBACK_LEAD_S": "15",
         "SHEEPDOG_STREAM_BACKOFF_MAX_S": "2",
         "SHEEPDOG_METRICS_PORT": "0",
     }
@@ -93,8 +94,10 @@ def run(sim: SimulatorProcess, args: argparse.Namespace, tiers: str, tag: str) -
         client.result(warm, wait=120)  # the worker consumes
         requests = day(args.requests, args.window_s, FLEX_LEAD_S)
         client.submit_many(requests)
+        refused = sim.stats()["counters"].get("errors.429", 0)
         seconds = wait_all(db, args.requests + 1, args.window_s * 3 + 120)
         out = result(db, seconds)
+        out = replace(out, flex_429s=sim.stats()["counters"].get("errors.429", 0) - refused)
         if args.plot and tag == "four":
             plot(db, Path(args.plot))
         return out
@@ -120,7 +123,8 @@ def money(value: Decimal) -> str:
 
 def table(four: DayResult, two: DayResult) -> None:
     base = four.all_standard
-    header = ["day", "cost", "vs all-standard", *LANES, "succeeded", "deadlines met", "took"]
+    header = ["day", "cost", "vs all-standard", *LANES, "flex→stream", "flex 429s"]
+    header += ["succeeded", "deadlines met", "took"]
     rows = [header]
     for name, r in (("four lanes", four), ("two lanes (today)", two)):
         rows.append(
@@ -129,6 +133,8 @@ def table(four: DayResult, two: DayResult) -> None:
                 money(r.paid),
                 f"{r.paid / base:.3f}",
                 *(str(r.by_lane.get(lane, 0)) for lane in LANES),
+                str(r.fell_back),
+                str(r.flex_429s),
                 f"{r.succeeded}/{r.requests}",
                 f"{r.deadlines_met}/{r.with_deadline}",
                 f"{r.seconds:.0f}s",
@@ -140,6 +146,9 @@ def table(four: DayResult, two: DayResult) -> None:
     rows.append(["all priority (same tokens)", money(priority), f"{priority / base:.3f}", *empty])
     print()
     print_grid(f"a mixed day of {four.requests - 1:,} requests (+1 warm-up), cost by lanes", rows)
+    for name, r in (("four lanes", four), ("two lanes", two)):
+        if r.missed:
+            print(f"{name}: deadlines missed by lane: {r.missed}")
     saved = two.paid - four.paid
     print(f"\nfour lanes vs two: {money(saved)} less ({saved / two.paid:.1%} of today's cost)")
 
@@ -147,7 +156,7 @@ def table(four: DayResult, two: DayResult) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--window-s", type=float, default=120.0)
+    parser.add_argument("--window-s", type=float, default=240.0)
     parser.add_argument("--flex-capacity", type=int, default=40)
     parser.add_argument("--plot", help="write the four-lane day's cost plot (PNG) here")
     args = parser.parse_args()

@@ -92,10 +92,13 @@ class DayResult:
     with_deadline: int
     deadlines_met: int
     by_lane: dict[str, int]
+    missed: dict[str, int]  # deadlines missed, by the lane the request ended on
+    fell_back: int  # flex requests moved to the standard lane (flex refused near the deadline)
     paid: Decimal
     all_standard: Decimal
     all_priority: Decimal
     seconds: float
+    flex_429s: int = 0  # flex calls the simulator refused for capacity
 
 
 def wait_all(db: str, n: int, timeout_s: float) -> float:
@@ -121,12 +124,21 @@ def result(db: str, seconds: float) -> DayResult:
         rows = session.execute(
             select(Request.status, Request.lane, Request.deadline, Request.finished_at)
         ).all()
+        fell_back = session.scalar(
+            select(func.count())
+            .select_from(Request)
+            .where(Request.lane_reason.like("%moved to stream%"))
+        )
         summary = lane_summary(session, None)
         ledgered = session.scalar(select(func.count()).select_from(CostEntry))
     by_lane: dict[str, int] = {}
     for _, lane, _, _ in rows:
         by_lane[lane or "?"] = by_lane.get(lane or "?", 0) + 1
     timed = [(d, f) for _, _, d, f in rows if d is not None]
+    missed: dict[str, int] = {}
+    for _, lane, d, f in rows:
+        if d is not None and (f is None or f > d):
+            missed[lane or "?"] = missed.get(lane or "?", 0) + 1
     assert int(ledgered or 0) == sum(1 for s, *_ in rows if s == "succeeded")
     return DayResult(
         requests=len(rows),
@@ -134,6 +146,8 @@ def result(db: str, seconds: float) -> DayResult:
         with_deadline=len(timed),
         deadlines_met=sum(1 for d, f in timed if f is not None and f <= d),
         by_lane=by_lane,
+        missed=missed,
+        fell_back=int(fell_back or 0),
         paid=summary.paid_usd,
         all_standard=summary.all_standard_usd,
         all_priority=summary.all_priority_usd,
