@@ -18,12 +18,14 @@ from sqlalchemy import LargeBinary, Text, cast, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.db import begin_write
+from core.providers import tiers_for
 from core.settings import Settings
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
-from rules.routing import batch_horizon
+from rules.prices import price_table
+from rules.routing import batch_horizon, cheapest_lane
 
 log = logging.getLogger("sheepdog.batch.claim")
 
@@ -67,10 +69,41 @@ class ClaimedRows:
     groups: list[Group] = field(default_factory=list)
     too_large: list[str] = field(default_factory=list)
     escalated: list[str] = field(default_factory=list)
+    flex: set[str] = field(default_factory=set)  # the escalated ones that took the flex lane
 
     @property
     def claimed(self) -> int:
         return sum(len(g.ids) for g in self.groups)
+
+
+# One reason a lane (one UPDATE a lane, however many rows): a deadline a batch would miss.
+ESCALATED = {
+    "flex": "escalated at the flush: flex at the batch rate, the deadline cannot wait a batch",
+    "stream": "escalated at the flush: stream, the deadline is too close for batch or flex",
+}
+
+
+def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) -> set[str]:
+    """Move rows whose deadline a batch submitted now would miss to the stream path, on the
+    cheapest lane that still meets it (flex when their provider sells it); the flex ones."""
+    prices = price_table()
+    by_lane: dict[str, list[str]] = {}
+    for rid, model, deadline in due:
+        price = prices.get(model) if model in prices else None
+        tiers = tiers_for(model, settings)
+        choice = cheapest_lane(deadline, settings, tiers, price, flushing=True)
+        by_lane.setdefault(choice.lane, []).append(rid)
+    for lane, ids in by_lane.items():
+        reason = ESCALATED.get(lane, ESCALATED["stream"])
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(ids), base)
+            .values(
+                route="stream", lane=lane, lane_reason=reason, escalated=True, updated_at=utcnow()
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return set(by_lane.get("flex", ()))
 
 
 def split(
@@ -111,9 +144,9 @@ def claim(
     begin_write(session)
     result = ClaimedRows()
     base = (Request.status == Status.QUEUED.value) & (Request.route == "batch")
-    due = session.scalars(
+    due = session.execute(
         lock_rows(
-            select(Request.id).where(
+            select(Request.id, Request.model, Request.deadline).where(
                 base,
                 Request.deadline.is_not(None),
                 Request.deadline < batch_horizon(settings, flushing=True),
@@ -122,13 +155,8 @@ def claim(
         )
     ).all()
     if due:
-        session.execute(
-            update(Request)
-            .where(Request.id.in_(due), base)
-            .values(route="stream", escalated=True, updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        result.escalated = list(due)
+        result.flex = _escalate_rows(session, settings, due, base)
+        result.escalated = [row.id for row in due]
     rows = session.execute(
         lock_rows(
             select(Request.id, Request.model, _body_bytes(session))

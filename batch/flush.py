@@ -13,6 +13,7 @@ lock (Redis, with a TTL) keeps a live submitter and a repairer from both creatin
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -121,7 +122,7 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
             analyze(settings.database_url, "requests")
         report.failed += len(result.too_large)
         report.escalated = len(result.escalated)
-        _escalate(settings, result.escalated)
+        _escalate(settings, result.escalated, result.flex)
         _count_down(settings, result.claimed + len(result.escalated) + len(result.too_large))
         crash_point(crash_after, "claim")
         for g in result.groups:
@@ -349,14 +350,16 @@ def find_provider_batch(client: openai.OpenAI, job_id: str, created_at: datetime
     return None
 
 
-def _escalate(settings: Settings, request_ids: list[str]) -> None:
-    """Send escalated requests to the stream queue (their rows already say route stream)."""
+def _escalate(settings: Settings, request_ids: list[str], flex: Collection[str] = ()) -> None:
+    """Send escalated requests to the stream queue (their rows already say route stream and
+    their lane; `flex` the ones on the flex lane)."""
     if not request_ids:
         return
     app = celery_for(settings)
     with app.producer_or_acquire() as producer:
         for rid in request_ids:
-            send_stream(app, rid, why="escalated", producer=producer)
+            lane = "flex" if rid in flex else "stream"
+            send_stream(app, rid, why="escalated", producer=producer, lane=lane)
     log.info(
         "escalated %d request(s) to the stream path: deadline before the batch window",
         len(request_ids),

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from batch.salvage import salvage
 from core.db import begin_write, session_scope
 from core.settings import Settings
 from lifecycle.moves import move_each
@@ -27,11 +28,14 @@ LEFTOVER_REASON: Mapping[str, str] = {
 def requeue_or_fail(
     session: Session, settings: Settings, rows: Iterable[tuple[str, int, str]]
 ) -> tuple[int, int]:
-    """Send (id, attempts, reason) rows back to `queued` for the next batch, or fail those
-    that have used their batch_max_attempts. Returns (requeued, failed)."""
+    """Send (id, attempts, reason) rows whose deadline cannot wait for another batch window to
+    a stream lane (batch/salvage.py: flex when sold), the others back to `queued` for the next
+    batch, or fail those that have used their batch_max_attempts. Returns (requeued, failed);
+    requeued counts the salvaged ones."""
+    rest, salvaged = salvage(session, settings, list(rows))
     again: list[dict[str, Any]] = []
     final: list[dict[str, Any]] = []
-    for request_id, attempts, reason in rows:
+    for request_id, attempts, reason in rest:
         if attempts < settings.batch_max_attempts:
             again.append({"id": request_id, "batch_job_id": None, "error": f"retrying: {reason}"})
         else:
@@ -40,7 +44,7 @@ def requeue_or_fail(
             )
     requeued = move_each(session, again, Status.QUEUED, from_=[Status.BATCHED])
     failed = move_each(session, final, Status.FAILED, from_=[Status.BATCHED])
-    return requeued, failed
+    return requeued + salvaged, failed
 
 
 def leftover_reason(status: str, errors: dict[str, Any] | None) -> str:

@@ -18,6 +18,10 @@ SHEEPDOG_OPENAI_API_KEY, serving every model. A file looks like:
     models = ["deepseek-v3.2"]
     batch_mode = "auto"                   # probe once: a 404 on /v1/batches means emulated
     batch_discount = 0                    # the relay bills batch lines at the standard rate
+
+`service_tiers` lists the tiers a provider sells besides the standard one ("flex", "priority");
+the default is none, so a relay keeps the stream and batch lanes only. The implicit provider
+takes them from SHEEPDOG_OPENAI_SERVICE_TIERS (comma-separated).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from core.settings import Settings, get_settings
 
 BatchMode = Literal["native", "emulated", "auto"]
+ServiceTier = Literal["flex", "priority"]
 
 
 class ProviderConfig(BaseModel):
@@ -52,6 +57,7 @@ class ProviderConfig(BaseModel):
     requests_per_minute: int | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)
     batch_discount: Decimal | None = Field(default=None, ge=0, le=1)
+    service_tiers: tuple[ServiceTier, ...] = ()  # none: the stream and batch lanes only
     timeout_s: float = 60.0
 
     def key(self) -> str:
@@ -93,6 +99,14 @@ class Providers(BaseModel):
         raise KeyError(f"unknown provider {name!r}")
 
 
+def tiers_for(model: str, settings: Settings | None = None) -> frozenset[str]:
+    """The service tiers the provider of `model` sells (empty when none serves it)."""
+    try:
+        return frozenset(load_providers(settings).for_model(model).service_tiers)
+    except KeyError:
+        return frozenset()
+
+
 def parse_providers_file(path: Path, settings: Settings) -> Providers:
     raw = tomllib.loads(path.read_text())
     entries = raw.get("providers", {})
@@ -117,6 +131,9 @@ def default_providers(settings: Settings) -> Providers:
                 base_url=settings.openai_base_url,
                 api_key=settings.openai_api_key,
                 batch_mode=settings.default_batch_mode,  # type: ignore[arg-type]
+                service_tiers=tuple(  # type: ignore[arg-type]
+                    t.strip() for t in settings.openai_service_tiers.split(",") if t.strip()
+                ),
                 timeout_s=settings.provider_timeout_s,
             ),
         )

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     provider_timeout_s: float = 60.0
     providers_file: str | None = None  # TOML of named providers; see core/providers.py
     default_batch_mode: str = "auto"  # native | emulated | auto, for the implicit provider
+    openai_service_tiers: str = ""  # the implicit provider's tiers: "flex,priority"; none
     price_table_file: str | None = None
 
     # Operations
@@ -54,6 +55,12 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     stream_queued_timeout_s: float = 300.0  # janitor resends stream rows queued this long
+
+    # Lanes (rules/routing.py, streaming/lanes.py)
+    flex_min_lead_s: float = 300.0  # a deadline this close or closer does not take flex
+    flex_fallback_lead_s: float = 60.0  # a flex request moves to standard this before its deadline
+    flex_timeout_s: float = 900.0  # the SDK's long timeout for a flex call (OpenAI: 15 min)
+    flex_max_attempts: int = 30  # flex 429s before moving to standard, deadline or not
     # The producer writes each request's row before submit returns (the first durable copy:
     # Redis may lose its data without losing a request). Off: the queue message is the only
     # copy until a worker records it (run Redis with appendonly then).

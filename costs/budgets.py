@@ -51,11 +51,11 @@ log = logging.getLogger("sheepdog.budgets")
 
 def worst_case(item: IntakeItem, prices: PriceTable, route: Route | None = None) -> Decimal:
     """The most `item` can cost: its prompt estimate plus max_tokens (the model's output limit
-    when unset) at its route's rate."""
+    when unset) at its lane's rate (or `route`'s)."""
     price = prices.get(item.body["model"])
     prompt = count_message_tokens(item.body["messages"])
     out = item.body.get("max_tokens") or price.max_output_tokens
-    return price.cost(prompt, int(out), route or item.route)
+    return price.cost(prompt, int(out), route or item.lane_or_route)
 
 
 def reserve(
@@ -196,7 +196,14 @@ def downgrade(item: IntakeItem, prices: PriceTable, rederive: bool = True) -> In
         )
         if tokens is not None:
             body["max_tokens"] = tokens
-    return item.model_copy(update={"route": "batch", "body": body, "downgraded": True})
+    update = {
+        "route": "batch",
+        "lane": "batch",
+        "lane_reason": "normal: batch, downgraded by the tenant's budget",
+        "body": body,
+        "downgraded": True,
+    }
+    return item.model_copy(update=update)
 
 
 def money(value: Decimal, rounding: str = ROUND_HALF_EVEN) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from costs.reservations import HELD, SETTLED, settle
 from models.intake_message import Route
 from models.tables import CostEntry, Reservation, utcnow
-from rules.prices import ModelPrice, PriceTable, price_table
+from rules.prices import ModelPrice, PriceTable, Tier, price_table, tier_of
 from rules.tokens import count_message_tokens, count_tokens
 
 
@@ -37,6 +37,8 @@ class Usage:
     # The provider's own batch discount when it is not the price table's (an emulated batch
     # runs at the standard rate: 0). None: the price table's.
     batch_discount: Decimal | None = None
+    # The tier that served the call (the response's), whose rate is billed; None: the route's.
+    tier: Tier | None = None
 
 
 def estimated_usage(
@@ -67,6 +69,7 @@ COLUMNS = (
     "tenant",
     "model",
     "route",
+    "tier",
     "prompt_tokens",
     "completion_tokens",
     "cost_usd",
@@ -76,11 +79,17 @@ COLUMNS = (
 )
 
 
+def tier_billed(usage: Usage) -> Tier:
+    """The tier a usage is billed at: the one that served it, else its route's."""
+    return usage.tier or tier_of(usage.route)
+
+
 def cost_of(usage: Usage, prices: PriceTable | None = None) -> tuple[Decimal, Decimal]:
-    """(actual cost on the usage's route, what it would have cost at the standard rate)."""
+    """(actual cost at the tier that served the usage, what it would have cost at the
+    standard rate)."""
     table = prices or price_table()
     price = with_discount(table.get(usage.model), usage.batch_discount)
-    actual = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.route)
+    actual = price.cost(usage.prompt_tokens, usage.completion_tokens, tier_billed(usage))
     standard = price.cost(usage.prompt_tokens, usage.completion_tokens, "stream")
     return actual, standard
 
@@ -105,7 +114,7 @@ def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None 
     for usage in usages:
         key = (
             usage.model,
-            usage.route,
+            tier_billed(usage),
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.batch_discount,
@@ -120,6 +129,7 @@ def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None 
                 "tenant": usage.tenant,
                 "model": usage.model,
                 "route": usage.route,
+                "tier": tier_billed(usage),
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,
                 "cost_usd": actual,
@@ -190,6 +200,7 @@ def record_moved(
                 moved.c.tenant,
                 literal(model),
                 literal(route),
+                literal(tier_of(route)),
                 usage.prompt_tokens,
                 usage.completion_tokens,
                 usage.cost_usd,

@@ -1,4 +1,4 @@
-"""`sheepdog costs --plot FILE.png`: cost and savings per day by route (matplotlib, Agg).
+"""`sheepdog costs --plot FILE.png`: cost and savings per day by lane (matplotlib, Agg).
 
 matplotlib is the `plot` extra (`pip install 'sheepdog[plot]'`), not a dependency of every
 worker; without it the plot is refused with one line saying what to install.
@@ -10,7 +10,13 @@ from pathlib import Path
 
 from costs.report import Line
 
-ROUTE_COLOURS = {"stream": "#4c72b0", "batch": "#55a868"}
+ROUTE_COLOURS = {
+    "priority": "#c44e52",
+    "stream": "#4c72b0",
+    "flex": "#dd8452",
+    "batch": "#55a868",
+}
+ORDER = ("priority", "stream", "flex", "batch")
 MISSING_MATPLOTLIB = "--plot needs matplotlib, the plot extra: pip install 'sheepdog[plot]'"
 
 
@@ -27,7 +33,8 @@ def require_matplotlib() -> None:
 
 
 def plot_daily(rows: list[tuple[str, str, Line]], path: Path) -> Path:
-    """Write a PNG: stacked cost per day by route above, savings per day by route below."""
+    """Write a PNG: stacked cost per day by lane (or route) above, with what the same requests
+    would have cost at the standard rate as a line; savings per day by lane below."""
     require_matplotlib()
     import matplotlib
 
@@ -35,7 +42,9 @@ def plot_daily(rows: list[tuple[str, str, Line]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     days = sorted({day for day, _, _ in rows})
-    routes = sorted({route for _, route, _ in rows}, key=lambda r: (r != "stream", r))
+    routes = sorted(
+        {route for _, route, _ in rows}, key=lambda r: (ORDER.index(r) if r in ORDER else 9, r)
+    )
     index = {day: i for i, day in enumerate(days)}
     cost = {r: [0.0] * len(days) for r in routes}
     saved = {r: [0.0] * len(days) for r in routes}
@@ -50,8 +59,13 @@ def plot_daily(rows: list[tuple[str, str, Line]], path: Path) -> Path:
         colour = ROUTE_COLOURS.get(route)
         top.bar(x, cost[route], bottom=base, label=route, color=colour)
         base = [b + c for b, c in zip(base, cost[route], strict=True)]
+    standard = [0.0] * len(days)
+    for day, _, line in rows:
+        standard[index[day]] += float(line.standard_cost_usd)
+    if days:
+        top.plot(x, standard, "k--", marker="o", label="all standard")
     top.set_ylabel("cost (USD)")
-    top.set_title("Sheepdog: cost per day by route")
+    top.set_title("Sheepdog: cost per day by lane")
     if routes:
         top.legend(loc="upper left")
     base = [0.0] * len(days)
@@ -59,7 +73,7 @@ def plot_daily(rows: list[tuple[str, str, Line]], path: Path) -> Path:
         bottom.bar(x, saved[route], bottom=base, label=route, color=ROUTE_COLOURS.get(route))
         base = [b + s for b, s in zip(base, saved[route], strict=True)]
     bottom.set_ylabel("saved vs standard rate (USD)")
-    bottom.set_title("savings per day by route")
+    bottom.set_title("savings per day by lane")
     bottom.set_xticks(x, days, rotation=45, ha="right")
     if not days:
         top.text(0.5, 0.5, "no costs recorded in this period", ha="center", transform=top.transAxes)

@@ -20,11 +20,12 @@ from costs.budget_limits import (
     period_starts,
     spend,
 )
+from costs.lanes_report import LANE_OF_TIER, LaneSummary, lane_summary
 from costs.reservations import HELD
 from models.tables import CostEntry, Reservation, utcnow
 
-GroupBy = Literal["model", "tenant", "route", "day"]
-GROUPS: tuple[GroupBy, ...] = ("model", "tenant", "route", "day")
+GroupBy = Literal["model", "tenant", "route", "lane", "day"]
+GROUPS: tuple[GroupBy, ...] = ("model", "tenant", "route", "lane", "day")
 SCALE = Decimal("1e-10")  # the ledger columns' scale; SQLite sums them as floats
 
 
@@ -116,6 +117,7 @@ class CostReport:
     lines: list[Line]
     total: Line
     budgets: list[BudgetUse] = field(default_factory=list)
+    lanes: LaneSummary = field(default_factory=LaneSummary)
 
     def to_json(self) -> dict[str, Any]:
         """One JSON-ready object; USD amounts are exact decimal strings."""
@@ -125,6 +127,7 @@ class CostReport:
             "rows": [line.to_json() for line in self.lines],
             "totals": self.total.to_json(),
             "budgets": [b.to_json() for b in self.budgets],
+            **self.lanes.to_json(),
         }
 
 
@@ -138,7 +141,17 @@ def day_of(session: Session, column: Any) -> ColumnElement[str]:
 def _group_column(session: Session, by: GroupBy) -> Any:
     if by == "day":
         return day_of(session, CostEntry.created_at)
+    if by == "lane":
+        return _lane_column()
     return {"model": CostEntry.model, "tenant": CostEntry.tenant, "route": CostEntry.route}[by]
+
+
+def _lane_column() -> Any:
+    """The lane of a ledger entry, from the tier it was billed at."""
+    return case(
+        *((CostEntry.tier == tier, lane) for tier, lane in LANE_OF_TIER.items()),
+        else_=CostEntry.tier,
+    )
 
 
 def cost_lines(session: Session, since: datetime | None, by: GroupBy) -> list[Line]:
@@ -222,19 +235,23 @@ def cost_report(
 ) -> CostReport:
     """The whole report: lines per group, totals, and budget use."""
     lines = cost_lines(session, since, by)
-    return CostReport(since, by, lines, total_of(lines), budget_use(session, settings, utcnow()))
+    budgets = budget_use(session, settings, utcnow())
+    return CostReport(since, by, lines, total_of(lines), budgets, lane_summary(session, since))
 
 
-def daily_by_route(session: Session, since: datetime | None) -> list[tuple[str, str, Line]]:
-    """(day, route, line) for the plot: cost and standard cost per UTC day and route."""
+def daily_by_route(
+    session: Session, since: datetime | None, *, by: Literal["route", "lane"] = "route"
+) -> list[tuple[str, str, Line]]:
+    """(day, route or lane, line) for the plot: cost and standard cost per UTC day and group."""
     day = day_of(session, CostEntry.created_at).label("day")
+    group = (_lane_column() if by == "lane" else CostEntry.route).label("group")
     stmt = select(
         day,
-        CostEntry.route,
+        group,
         func.count(),
         func.sum(CostEntry.cost_usd),
         func.sum(CostEntry.standard_cost_usd),
-    ).group_by(day, CostEntry.route)
+    ).group_by(day, group)
     if since is not None:
         stmt = stmt.where(CostEntry.created_at >= since)
     out = [

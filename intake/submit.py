@@ -27,6 +27,7 @@ from core.errors import (
     ServiceUnavailable,
     redact_url,
 )
+from core.providers import tiers_for
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from costs.budgets import release_items, reserve
@@ -37,7 +38,7 @@ from models.request import ChatRequest, new_request_id
 from rules.admission import parse_request
 from rules.caps import effective_max_tokens
 from rules.prices import PriceTable, price_table
-from rules.routing import choose_route
+from rules.routing import choose_lane
 from rules.tokens import count_message_tokens
 from webhooks.endpoints import require_signing_secrets
 
@@ -54,6 +55,7 @@ class Submitter:
         self.settings = settings or get_settings()
         self._prices = prices
         self._app: Any = None
+        self._tier_cache: dict[str, frozenset[str]] = {}
 
     def warm_up(self) -> None:
         """Do a first submit's one-off work now (a server calls this at start-up): build the
@@ -82,7 +84,7 @@ class Submitter:
     def prepare(self, request: RequestLike) -> IntakeItem:
         """Validate one request and build its intake message (no I/O)."""
         req = parse_request(request, prices=self.prices)
-        route, escalated = choose_route(req, self.settings)
+        lane = choose_lane(req, self.settings, self._tiers(req.model), self.prices)
         price = self.prices.get(req.model)
         body = req.provider_body()
         prompt_tokens = count_message_tokens(body["messages"])
@@ -92,18 +94,27 @@ class Submitter:
             prompt_tokens,
             req.max_tokens,
             req.max_cost_usd,
-            "batch" if route == "batch" else "stream",
+            lane.lane,
         )
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         return IntakeItem(
             id=new_request_id(),
-            route=route,  # type: ignore[arg-type]
-            escalated=escalated,
+            route=lane.route,
+            lane=lane.lane,
+            lane_reason=lane.reason,
+            escalated=lane.escalated,
             request=req.model_dump(mode="json", exclude_none=True),
             body=body,
             submitted_at=datetime.now(UTC),
         )
+
+    def _tiers(self, model: str) -> frozenset[str]:
+        """The service tiers of `model`'s provider (providers are configuration: kept)."""
+        found = self._tier_cache.get(model)
+        if found is None:
+            found = self._tier_cache[model] = tiers_for(model, self.settings)
+        return found
 
     def submit(self, request: RequestLike) -> str:
         """Validate and enqueue one request; returns its id. A resubmit with the same

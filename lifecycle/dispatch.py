@@ -11,7 +11,10 @@ from typing import Any
 from core.celery_app import STREAM_TASK
 from models.intake_message import IntakeItem
 
-HIGH, NORMAL = 0, 5  # Redis broker priorities: 0 is served first
+# Redis broker priorities: 0 is served first. Flex goes last: its deadline is minutes away at
+# least, and a flex task holds a worker thread through its 429 backoffs, so the streams that
+# cannot wait are taken before it.
+HIGH, NORMAL, FLEX = 0, 5, 9
 
 
 def send_stream(
@@ -21,17 +24,22 @@ def send_stream(
     item: IntakeItem | None = None,
     why: str = "",
     producer: Any = None,
+    lane: str | None = None,
 ) -> None:
     """Send `request_id`'s stream task; with `item`, the request itself rides along (a row the
-    producer could not write is recorded by the worker from it)."""
+    producer could not write is recorded by the worker from it). A flex request (`lane`, or
+    the item's) is sent at the lowest priority."""
     kwargs: dict[str, Any] = {"request_id": request_id}
     if item is not None:
         kwargs["item"] = item.model_dump(mode="json")
         shown = item.argsrepr()
         priority = HIGH if item.request.get("priority") == "high" else NORMAL
+        lane = item.lane
     else:
         shown = f"id={request_id}" + (f" {why}" if why else "")
         priority = NORMAL
+    if lane == "flex":
+        priority = FLEX
     app.send_task(
         STREAM_TASK,
         kwargs=kwargs,

@@ -41,6 +41,8 @@ def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, An
         "tenant": metadata.get("tenant", "default"),
         "priority": str(request.get("priority", "normal")),
         "route": item.route,
+        "lane": item.lane_or_route,
+        "lane_reason": item.lane_reason[: max_chars("lane_reason")] or None,
         "escalated": item.escalated,
         "model": item.body["model"],
         "body": item.body,

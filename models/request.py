@@ -8,7 +8,7 @@ import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from core.errors import InvalidRequest
@@ -146,6 +147,8 @@ class ChatRequest(BaseModel):
         default=None, min_length=1, max_length=max_chars("idempotency_key")
     )
     webhook_url: str | None = None  # told when this request ends (signed, webhooks/)
+    # A high request may ask for the priority lane (rules/routing.py; the provider must sell it).
+    lane: Literal["priority"] | None = None
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -252,6 +255,12 @@ class ChatRequest(BaseModel):
             _no_surrogates(key)
             _no_surrogates(text)
         return value
+
+    @model_validator(mode="after")
+    def _priority_lane_is_for_high(self) -> ChatRequest:
+        if self.lane == "priority" and self.priority is not Priority.HIGH:
+            raise ValueError(f"lane 'priority' is for priority high, not {self.priority.value}")
+        return self
 
     @property
     def tenant(self) -> str:

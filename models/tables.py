@@ -156,6 +156,9 @@ class Request(Base):
     tenant: Mapped[str] = mapped_column(String(100), default="default")
     priority: Mapped[str] = mapped_column(String(8))
     route: Mapped[str] = mapped_column(String(8))
+    # priority | stream | flex | batch (null: a row from before lanes, its route's lane)
+    lane: Mapped[str | None] = mapped_column(String(8))
+    lane_reason: Mapped[str | None] = mapped_column(String(200))  # why the router chose it
     model: Mapped[str] = mapped_column(String(100))
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
@@ -204,6 +207,8 @@ class CostEntry(Base):
     tenant: Mapped[str] = mapped_column(String(100))
     model: Mapped[str] = mapped_column(String(100))
     route: Mapped[str] = mapped_column(String(8))
+    # The tier that served the call (its rate is cost_usd): standard | batch | flex | priority.
+    tier: Mapped[str] = mapped_column(String(8), default="standard", server_default="standard")
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal]

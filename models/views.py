@@ -26,6 +26,8 @@ class RequestView(BaseModel):
     status: str
     priority: str
     route: str
+    lane: str | None = None  # priority | stream | flex | batch (None: not yet recorded)
+    lane_reason: str | None = None  # why the router chose it, or why the request left it
     escalated: bool
     model: str
     tenant: str
@@ -61,6 +63,8 @@ class RequestView(BaseModel):
             status=row.status,
             priority=row.priority,
             route=row.route,
+            lane=row.lane or row.route,
+            lane_reason=row.lane_reason,
             escalated=row.escalated,
             model=row.model,
             tenant=row.tenant,

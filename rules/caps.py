@@ -5,12 +5,11 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 from core.errors import InvalidRequest
-from models.intake_message import Route
-from rules.prices import MILLION, ModelPrice, cost_usd
+from rules.prices import MILLION, ModelPrice, Priced, cost_usd
 
 
 def max_tokens_for_cap(
-    price: ModelPrice, model: str, prompt_tokens: int, cap_usd: Decimal, route: Route
+    price: ModelPrice, model: str, prompt_tokens: int, cap_usd: Decimal, route: Priced
 ) -> int:
     """The most output tokens that keep prompt + output within `cap_usd` on `route`.
 
@@ -35,7 +34,7 @@ def effective_max_tokens(
     prompt_tokens: int,
     max_tokens: int | None,
     cap_usd: Decimal | None,
-    route: Route,
+    route: Priced,
 ) -> int | None:
     """The tighter of the caller's max_tokens and the cost cap's (None: no limit asked)."""
     if cap_usd is None:

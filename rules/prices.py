@@ -1,4 +1,6 @@
-"""The price table: per-model USD rates (standard and batch) loaded from TOML, in Decimal."""
+"""The price table: per-model USD rates per tier (standard, batch, flex, priority) loaded from
+TOML, in Decimal. A lane is priced at its tier (`tier_of`); a call is billed at the tier that
+served it."""
 
 from __future__ import annotations
 
@@ -6,13 +8,35 @@ import tomllib
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.intake_message import Route
+from models.intake_message import Lane, Route
 
 DEFAULT_PRICE_FILE = Path(__file__).with_name("prices.toml")
 MILLION = Decimal(1_000_000)
+
+Tier = Literal["standard", "batch", "flex", "priority"]
+TIERS: tuple[Tier, ...] = get_args(Tier)
+# What a rate is asked for by: a tier, or a path or lane named after its tier.
+Priced = Tier | Route | Lane
+_TIER_OF: dict[str, Tier] = {"stream": "standard", **{t: t for t in TIERS}}
+
+
+def tier_of(what: Priced) -> Tier:
+    """The tier a path or lane is priced at (`stream` is the standard tier)."""
+    return _TIER_OF[what]
+
+
+def served_tier(name: object) -> Tier:
+    """The tier to bill from a response's `service_tier`: flex or priority when the provider
+    says so; standard for `default`, `auto`, nothing (a relay that names no tier) or else."""
+    if name == "flex":
+        return "flex"
+    if name == "priority":
+        return "priority"
+    return "standard"
 
 
 class ModelPrice(BaseModel):
@@ -23,30 +47,57 @@ class ModelPrice(BaseModel):
     input_per_million: Decimal = Field(ge=0)
     output_per_million: Decimal = Field(ge=0)
     batch_discount: Decimal = Field(default=Decimal("0.5"), ge=0, le=1)
+    # Flex is billed at the batch rate unless the file says otherwise.
+    flex_discount: Decimal | None = Field(default=None, ge=0, le=1)
+    # Priority: its own rates, else the standard ones times `priority_factor`.
+    priority_input_per_million: Decimal | None = Field(default=None, ge=0)
+    priority_output_per_million: Decimal | None = Field(default=None, ge=0)
+    priority_factor: Decimal = Field(default=Decimal("1.75"), ge=1)
     context_window: int = Field(default=128_000, gt=0)
     max_output_tokens: int = Field(default=16_384, gt=0)
 
-    @field_validator("input_per_million", "output_per_million", "batch_discount", mode="before")
+    @field_validator(
+        "input_per_million",
+        "output_per_million",
+        "batch_discount",
+        "flex_discount",
+        "priority_input_per_million",
+        "priority_output_per_million",
+        "priority_factor",
+        mode="before",
+    )
     @classmethod
     def _exact(cls, value: object) -> object:
         # Floats from TOML would carry binary noise into every sum; go through str.
         return str(value) if isinstance(value, float) else value
 
-    def rates(self, route: Route) -> tuple[Decimal, Decimal]:
-        """(input, output) USD per 1M tokens on the given route."""
-        factor = Decimal(1) - self.batch_discount if route == "batch" else Decimal(1)
+    def rates(self, what: Priced) -> tuple[Decimal, Decimal]:
+        """(input, output) USD per 1M tokens at a tier (or a path or lane's tier)."""
+        tier = tier_of(what)
+        if tier == "priority":
+            return (
+                self.priority_input_per_million or self.input_per_million * self.priority_factor,
+                self.priority_output_per_million or self.output_per_million * self.priority_factor,
+            )
+        discount = {
+            "standard": Decimal(0),
+            "batch": self.batch_discount,
+            "flex": self.batch_discount if self.flex_discount is None else self.flex_discount,
+        }[tier]
+        factor = Decimal(1) - discount
         return self.input_per_million * factor, self.output_per_million * factor
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, route: Route) -> Decimal:
-        """Exact USD cost of a usage on a route."""
-        return cost_usd(self, prompt_tokens, completion_tokens, route)
+    def cost(self, prompt_tokens: int, completion_tokens: int, what: Priced) -> Decimal:
+        """Exact USD cost of a usage at a tier (or a path or lane's tier)."""
+        return cost_usd(self, prompt_tokens, completion_tokens, what)
 
 
 def cost_usd(
-    price: ModelPrice, prompt_tokens: int, completion_tokens: int, route: Route
+    price: ModelPrice, prompt_tokens: int, completion_tokens: int, what: Priced
 ) -> Decimal:
-    """Exact USD cost of a usage at `price` on `route`: every price is computed here."""
-    rate_in, rate_out = price.rates(route)
+    """Exact USD cost of a usage at `price` and a tier (or a path or lane's tier): every
+    price is computed here."""
+    rate_in, rate_out = price.rates(what)
     return (rate_in * prompt_tokens + rate_out * completion_tokens) / MILLION
 
 
@@ -71,9 +122,9 @@ class PriceTable(BaseModel):
     def names(self) -> list[str]:
         return sorted(self.models)
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, route: Route) -> Decimal:
-        """Exact USD cost of a usage of `model` on `route`."""
-        return self.get(model).cost(prompt_tokens, completion_tokens, route)
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, what: Priced) -> Decimal:
+        """Exact USD cost of a usage of `model` at a tier (or a path or lane's tier)."""
+        return self.get(model).cost(prompt_tokens, completion_tokens, what)
 
     def cost_of(
         self,
@@ -94,9 +145,12 @@ class PriceTable(BaseModel):
 def parse_price_file(path: Path) -> PriceTable:
     """Read a TOML price file (see rules/prices.toml for the shape)."""
     raw = tomllib.loads(path.read_text())
-    discount = raw.get("default_batch_discount", "0.5")
+    defaults = {
+        "batch_discount": str(raw.get("default_batch_discount", "0.5")),
+        "priority_factor": str(raw.get("default_priority_factor", "1.75")),
+    }
     models = {
-        name: ModelPrice.model_validate({"batch_discount": str(discount), **entry})
+        name: ModelPrice.model_validate({**defaults, **entry})
         for name, entry in raw.get("models", {}).items()
     }
     if not models:

@@ -32,6 +32,11 @@ RUNTIME_FIELDS = {
     "batch_max_lines",
     "max_file_bytes",
     "max_body_bytes",
+    "service_tiers",
+    "flex_capacity",
+    "flex_slowdown",
+    "flex_ttft_ms",
+    "priority_speedup",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from simulator.faults import FAULT_HEADER, ChatFaults, parse_fault_header
 from simulator.ids import new_id, now
 from simulator.state import api, sim
 from simulator.stats import Stats
+from simulator.tiers import pace, parse_tier, served_tier
 
 DONE = b"data: [DONE]\n\n"
 CUT_MESSAGE = "ASGI callable returned without completing response."
@@ -59,6 +61,7 @@ async def chat_completions(request: Request) -> Response:
     extra = parse_fault_header(request.headers.get(FAULT_HEADER))
     chat = parse_chat_request(body, state.models)
     config = state.config
+    tier = served_tier(parse_tier(body), config)
     if config.reject_stream_options and chat.has_stream_options:
         raise bad_request(
             "Unrecognized request argument supplied: stream_options",
@@ -73,17 +76,28 @@ async def chat_completions(request: Request) -> Response:
     if faults.status is not None:
         stats.count(f"faults.status.{faults.status}")
         raise fault_error(faults.status, faults.message, faults.retry_after_s)
+    if tier == "flex":
+        state.flex.take(config.flex_capacity)  # 429 when flex capacity has run out
+    stats.count(f"chat.tier.{tier}")
+    pace(faults, tier, config)
     answer = chat.answer(config.answer_tokens)
     completion_id = new_id("chatcmpl-")
     if chat.stream:
         stats.count("chat.streams")
-        return ChatStream(chat, answer, faults, completion_id, stats)  # type: ignore[return-value]
-    delay = faults.ttft_ms + faults.chunk_delay_ms * max(len(answer.pieces) - 1, 0)
-    if delay:
-        await asyncio.sleep(delay / 1000)
+        stream = ChatStream(chat, answer, faults, completion_id, stats, tier)
+        if tier == "flex":
+            stream.on_end = state.flex.give_back
+        return stream  # type: ignore[return-value]
+    try:
+        delay = faults.ttft_ms + faults.chunk_delay_ms * max(len(answer.pieces) - 1, 0)
+        if delay:
+            await asyncio.sleep(delay / 1000)
+    finally:
+        if tier == "flex":
+            state.flex.give_back()
     stats.count("chat.completion_tokens", len(answer.pieces))
     return json_response(
-        completion_body(chat, answer, completion_id, now()),
+        completion_body(chat, answer, completion_id, now(), tier),
         headers={"x-request-id": new_id("req_")},
     )
 
@@ -92,7 +106,9 @@ def _is_stream(body: object) -> bool:
     return isinstance(body, dict) and bool(body.get("stream"))
 
 
-def _chunk_parts(chat: ChatRequest, completion_id: str, created: int) -> tuple[bytes, bytes]:
+def _chunk_parts(
+    chat: ChatRequest, completion_id: str, created: int, tier: str
+) -> tuple[bytes, bytes]:
     """(head, tail) of an SSE chunk line; the choices/usage part goes in between."""
     head = orjson.dumps(
         {
@@ -100,6 +116,7 @@ def _chunk_parts(chat: ChatRequest, completion_id: str, created: int) -> tuple[b
             "object": "chat.completion.chunk",
             "created": created,
             "model": chat.model,
+            "service_tier": tier,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
     )
@@ -123,12 +140,15 @@ class ChatStream:
         faults: ChatFaults,
         completion_id: str,
         stats: Stats,
+        tier: str = "default",
     ) -> None:
         self.chat = chat
         self.answer = answer
         self.faults = faults
         self.completion_id = completion_id
         self.stats = stats
+        self.tier = tier
+        self.on_end: Callable[[], None] | None = None  # a flex stream gives its slot back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -143,10 +163,12 @@ class ChatStream:
             await self._run(send, gone)
         finally:
             watcher.cancel()
+            if self.on_end is not None:
+                self.on_end()
 
     async def _run(self, send: Send, gone: asyncio.Event) -> None:
         chat, faults, answer = self.chat, self.faults, self.answer
-        head, tail = _chunk_parts(chat, self.completion_id, now())
+        head, tail = _chunk_parts(chat, self.completion_id, now(), self.tier)
         await send(
             {
                 "type": "http.response.start",
@@ -191,7 +213,7 @@ class ChatStream:
         finish_reason = None if faults.no_finish_reason else answer.finish_reason
         end = head + _choice({}, finish_reason) + tail
         if chat.include_usage:
-            used = orjson.dumps(usage(chat.prompt_tokens(), len(answer.pieces)))
+            used = orjson.dumps(usage(chat.prompt_tokens(), len(answer.pieces), self.tier))
             end += head + b"[]" + b',"usage":' + used + b"}\n\n"
         await send({"type": "http.response.body", "body": end + DONE, "more_body": False})
 

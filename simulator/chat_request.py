@@ -124,7 +124,7 @@ def parse_chat_request(body: object, known_models: set[str] | frozenset[str]) ->
 
 
 def completion_body(
-    request: ChatRequest, answer: Answer, completion_id: str, created: int
+    request: ChatRequest, answer: Answer, completion_id: str, created: int, tier: str = "default"
 ) -> dict[str, Any]:
     """A ``chat.completion`` object for an answer."""
     prompt = request.prompt_tokens()
@@ -147,8 +147,8 @@ def completion_body(
                 "finish_reason": answer.finish_reason,
             }
         ],
-        "usage": usage(prompt, completion),
-        "service_tier": "default",
+        "usage": usage(prompt, completion, tier),
+        "service_tier": tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
@@ -156,8 +156,8 @@ def completion_body(
 SYSTEM_FINGERPRINT = "fp_sheepdog_sim"
 
 
-def usage(prompt: int, completion: int) -> dict[str, Any]:
-    """A usage object."""
+def usage(prompt: int, completion: int, tier: str = "default") -> dict[str, Any]:
+    """A usage object (naming the tier that served the call, for the bill)."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -169,6 +169,7 @@ def usage(prompt: int, completion: int) -> dict[str, Any]:
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
         },
+        "service_tier": tier,
     }
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BatchFault = Literal["fail_validation", "expire", "lose_lines", "error_lines"]
+ServedTier = Literal["flex", "priority"]
+OFFERED_TIERS: tuple[ServedTier, ...] = ("flex", "priority")
 
 
 class FaultRule(BaseModel):
@@ -75,6 +77,13 @@ class SimulatorConfig(BaseModel):
     # The models served; None: simulator/models.py's list (a provider serves its own models).
     models: list[str] | None = None
     faults: list[FaultRule] = Field(default_factory=list)
+
+    # Service tiers (simulator/tiers.py): those offered; any other is served as `default`.
+    service_tiers: list[ServedTier] = Field(default_factory=lambda: list(OFFERED_TIERS))
+    flex_capacity: int | None = Field(default=None, ge=0)  # flex calls at once; None: no limit
+    flex_slowdown: float = Field(default=3.0, ge=1)  # flex delays are these times the standard
+    flex_ttft_ms: float = Field(default=20.0, ge=0)  # and its first token waits this much more
+    priority_speedup: float = Field(default=2.0, ge=1)  # priority delays divided by this
 
     # Batch timing in provider seconds, divided by time_scale.
     batch_validate_s: float = Field(default=10.0, ge=0)

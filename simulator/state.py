@@ -13,6 +13,7 @@ from simulator.config import SimulatorConfig
 from simulator.errors import ApiError
 from simulator.faults import FaultEngine
 from simulator.stats import Stats
+from simulator.tiers import FlexSlots
 
 
 class SimState:
@@ -23,6 +24,7 @@ class SimState:
         self.config = config
         self.engine = FaultEngine(config.faults)
         self.stats = Stats()
+        self.flex = FlexSlots()
         self.models = frozenset(models)
         self.model_list = list(models)
         self.data_dir = config.resolved_data_dir()

@@ -23,6 +23,7 @@ from models.tables import utcnow
 from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens, count_tokens
 from streaming.job_services import JobServices
+from streaming.lanes import LaneRun
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
 from streaming.publisher import fence_token
 
@@ -62,6 +63,9 @@ class StreamResult:
     error: str | None = None
     first_token_at: datetime | None = None
     provider_calls: int = 0
+    service_tier: str | None = None  # what the provider says served the call
+    lane: str | None = None  # the lane it ended on, and why, when it left its own
+    lane_reason: str | None = None
 
 
 def retry_delay_s(attempt: int, settings: Settings) -> float:
@@ -98,6 +102,7 @@ class StreamJob:
     finished: bool = False
     restarts: int = 0  # answers started again in a new replay log (Redis lost the old one)
     relog: bool = False  # set when Redis lost the log: the next chunk restarts the answer
+    lanes: LaneRun | None = None  # the lane (service tier, flex fallback); None: standard
 
     def live_for(self, seconds: float) -> None:
         """Count the job as making progress for `seconds` from now (a state change)."""
@@ -215,26 +220,29 @@ class StreamJob:
 
     async def _attempts(self) -> StreamResult:
         settings = self.services.settings
-        # The provider has provider_timeout_s to start answering (a busy one is slow, not
-        # stalled); stream_once watches the idle limit between chunks itself.
-        timeout = httpx2.Timeout(settings.provider_timeout_s)
+        lanes = self.lanes or LaneRun(settings)
         include_usage = True
         attempt = 0
-        # An attempt in flight counts as progress within its own timeouts (connect and first
-        # byte, then the idle limit between chunks; the heartbeat sees the chunks themselves).
-        in_flight_s = settings.provider_timeout_s + settings.stream_idle_timeout_s
         while True:
             attempt += 1
             self.calls += 1
+            if lanes.flex and lanes.at_risk():
+                lanes.fall_back("too close to the deadline for flex")
+            # The provider has the lane's timeout to start answering (a busy one is slow, not
+            # stalled; flex the SDK's long one); stream_once watches the idle limit itself.
+            timeout_s = lanes.timeout_s()
+            # An attempt in flight counts as progress within its own timeouts (connect and
+            # first byte, then the idle limit between chunks; the heartbeat sees the chunks).
+            in_flight_s = timeout_s + settings.stream_idle_timeout_s
             self.live_for(in_flight_s)
             try:
                 client = await self.services.providers.before_call(self.body)  # rate limit
                 self.live_for(in_flight_s)
                 end = await stream_once(
                     client,
-                    self.body,
+                    lanes.body(self.body),
                     include_usage=include_usage,
-                    timeout=timeout,
+                    timeout=httpx2.Timeout(timeout_s),
                     idle_timeout_s=settings.stream_idle_timeout_s,
                     on_text=self._on_text,
                 )
@@ -255,6 +263,16 @@ class StreamJob:
             except Fatal as err:
                 return self._failed(err.reason)
             except Retryable as err:
+                if lanes.flex and err.status == 429:
+                    # Flex capacity, not a fault: not one of the attempts, nor the shared
+                    # limiter's business; tried again while the deadline allows.
+                    attempt -= 1
+                    self._grant_then_reset()
+                    wait = lanes.after_flex_429(err.retry_after)
+                    if wait is not None:
+                        self.live_for(wait + in_flight_s)
+                        await asyncio.sleep(wait)
+                    continue
                 await self.services.providers.after_retryable(self.body, err)
                 if attempt >= settings.stream_max_attempts:
                     return self._failed(f"{err.reason} (gave up after {attempt} attempts)")
@@ -274,7 +292,11 @@ class StreamJob:
                 self.live_for(delay + in_flight_s)
                 await asyncio.sleep(delay)
                 continue
-            return self._succeeded(end.finish_reason, end.usage)
+            result = self._succeeded(end.finish_reason, end.usage)
+            result.service_tier = end.service_tier
+            if lanes.moved is not None:
+                result.lane, result.lane_reason = lanes.lane, lanes.moved
+            return result
 
     def _restart_log(self) -> None:
         # A new log needs no reset: nothing of it was shown. The new token fences off the old
@@ -317,10 +339,14 @@ class StreamJob:
         )
 
     def _failed(self, reason: str) -> StreamResult:
+        lanes = self.lanes
+        moved = lanes is not None and lanes.moved is not None
         return StreamResult(
             Status.FAILED,
             "".join(self.parts),
             error=reason,
             first_token_at=self.first_token_at,
             provider_calls=self.calls,
+            lane=lanes.lane if lanes is not None and moved else None,
+            lane_reason=lanes.moved if lanes is not None else None,
         )

@@ -32,10 +32,13 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 class Retryable(Exception):
     """Worth another attempt: connection trouble, 429, 5xx, a cut or stalled stream."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.status = status  # the provider's HTTP status, when it answered one
 
 
 class Fatal(Exception):
@@ -52,10 +55,12 @@ class RejectsStreamOptions(Fatal):
 
 @dataclass(slots=True)
 class AttemptEnd:
-    """How an attempt ended without error (`finish_reason` None: the provider named none)."""
+    """How an attempt ended without error (`finish_reason` None: the provider named none;
+    `service_tier` None: nor the tier that served it)."""
 
     finish_reason: str | None
     usage: dict[str, Any] | None
+    service_tier: str | None = None
 
 
 OnText = Callable[[str], Awaitable[bool]]
@@ -90,7 +95,7 @@ def _status_error(err: openai.APIStatusError) -> Exception:
     if status == 400 and "stream_options" in message:
         return RejectsStreamOptions(f"provider rejected stream_options: {message}")
     if status in RETRYABLE_STATUS or status >= 500:
-        return Retryable(f"provider answered {status}", retry_after_s(err.response.headers))
+        return Retryable(f"provider answered {status}", retry_after_s(err.response.headers), status)
     return Fatal(f"provider rejected the request ({status}): {message}")
 
 
@@ -160,6 +165,7 @@ async def stream_once(
         kwargs["stream_options"] = {"include_usage": True}
     finish: str | None = None
     usage: dict[str, Any] | None = None
+    tier: str | None = None
     idle: _IdleWatch | None = None
     try:
         response = await client.post(
@@ -181,10 +187,12 @@ async def stream_once(
                         continue  # blank separators, comments, `event:` lines
                     payload = line[5:].strip()
                     if payload == b"[DONE]":
-                        return _end(finish, usage)
+                        return _end(finish, usage, tier)
                     obj = orjson.loads(payload)
                     if obj.get("error") is not None:
                         raise _stream_error(obj)
+                    if tier is None:  # every chunk names it; the bill is at its rate
+                        tier = obj.get("service_tier")
                     if obj.get("usage"):
                         usage = obj["usage"]
                     for choice in obj.get("choices") or ():
@@ -195,7 +203,7 @@ async def stream_once(
                             idle.busy = False
                             idle.seen()
                             if not more:
-                                return AttemptEnd("length", None)
+                                return AttemptEnd("length", None, tier)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
         finally:
@@ -222,7 +230,7 @@ async def stream_once(
     raise Retryable("stream cut: the connection closed before [DONE]")
 
 
-def _end(finish: str | None, usage: dict[str, Any] | None) -> AttemptEnd:
+def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> AttemptEnd:
     if finish == "content_filter":
         raise Fatal("the provider's content filter stopped the answer")
-    return AttemptEnd(finish, usage)
+    return AttemptEnd(finish, usage, tier)

@@ -22,11 +22,12 @@ from core import keys
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from lifecycle.record import release_keys
-from models.intake_message import IntakeItem
+from models.intake_message import IntakeItem, Lane
 from models.status import Status
 from models.stream_message import StreamMessage, encode
 from streaming import store
 from streaming.job import CANCELLED, LOST, Grant, StreamJob, StreamResult
+from streaming.lanes import LaneRun, parse_deadline
 from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now
 from streaming.runtime import Runtime, get_runtime
 
@@ -62,6 +63,8 @@ def run_stream(
             return "malformed"
     if intake is not None:
         body = intake.body
+        deadline = parse_deadline(intake.request.get("deadline"))
+        lanes = LaneRun(settings, _stream_lane(intake.lane_or_route), deadline)
     else:
         row = store.load(settings.database_url, request_id)
         if row is None:
@@ -70,6 +73,7 @@ def run_stream(
         if row.status != Status.QUEUED.value:
             return f"skipped ({row.status})"
         body = row.body
+        lanes = LaneRun(settings, _stream_lane(row.lane), parse_deadline(row.deadline))
     runtime = get_runtime(settings)
     if not overlap and intake is not None:
         # A redelivered message most likely names a request that already ran: claim first
@@ -78,6 +82,7 @@ def run_stream(
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
     job = runtime.register(request_id, body)
+    job.lanes = lanes
     if runtime.trace:
         job.marks = {"task": started}
         job.arrivals = []
@@ -91,6 +96,11 @@ def run_stream(
     if ended is CANCELLED_FIRST:
         return _cancel_before_start(settings, request_id, intake)
     return ended
+
+
+def _stream_lane(lane: str | None) -> Lane:
+    """A stream-path row's lane (a row from before lanes, or a batch row escalated: stream)."""
+    return lane if lane in ("priority", "flex") else "stream"  # type: ignore[return-value]
 
 
 async def serve(
@@ -203,6 +213,9 @@ async def _finish(
             completion_tokens=outcome.completion_tokens,
             usage_estimated=outcome.usage_estimated,
             first_token_at=outcome.first_token_at,
+            service_tier=outcome.service_tier,
+            lane=outcome.lane,
+            lane_reason=outcome.lane_reason,
         )
     else:
         reason = "cancelled" if outcome.kind == CANCELLED else (outcome.error or "failed")
@@ -211,6 +224,8 @@ async def _finish(
             outcome.text,
             error=reason,
             first_token_at=outcome.first_token_at,
+            lane=outcome.lane,
+            lane_reason=outcome.lane_reason,
         )
     # Waiting on the database is not progress: from here the heartbeat refreshes the row no
     # more, so an end stuck past heartbeat_timeout_s lets the janitor take the row back.

@@ -28,8 +28,8 @@ from lifecycle.moves import move, move_each, move_returning
 from lifecycle.record import record_requests, record_unstorable, refusal, row_values
 from models.intake_message import IntakeItem
 from models.status import Status
-from models.tables import Request, utcnow
-from rules.prices import cost_usd, price_table
+from models.tables import Request, max_chars, utcnow
+from rules.prices import Tier, cost_usd, price_table, served_tier
 from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
@@ -60,6 +60,8 @@ class RowState:
     status: str
     body: dict[str, Any]
     heartbeat_at: datetime | None
+    lane: str | None = None
+    deadline: datetime | None = None
 
 
 class Fenced(Exception):
@@ -100,11 +102,11 @@ def is_transient(err: BaseException) -> bool:
 def load(db_url: str, request_id: str) -> RowState | None:
     with _session(db_url) as session:
         row = session.execute(
-            select(Request.status, Request.body, Request.heartbeat_at).where(
-                Request.id == request_id
-            )
+            select(
+                Request.status, Request.body, Request.heartbeat_at, Request.lane, Request.deadline
+            ).where(Request.id == request_id)
         ).one_or_none()
-    return RowState(row.status, row.body, row.heartbeat_at) if row else None
+    return RowState(*row) if row else None
 
 
 def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None:
@@ -251,6 +253,18 @@ class End:
     usage_estimated: bool = False
     error: str | None = None
     first_token_at: datetime | None = None
+    service_tier: str | None = None  # the response's: the tier billed
+    lane: str | None = None  # set with lane_reason when the request left its lane
+    lane_reason: str | None = None
+
+    def lane_values(self) -> dict[str, Any]:
+        """The row's lane columns when the request left its lane (else nothing to write)."""
+        if self.lane is None or self.lane_reason is None:
+            return {}
+        return {"lane": self.lane, "lane_reason": self.lane_reason[:LANE_REASON_CHARS]}
+
+
+LANE_REASON_CHARS = max_chars("lane_reason")
 
 
 def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
@@ -261,27 +275,36 @@ def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
         tenant=claim.tenant,
         model=claim.model,
         route="stream",
+        tier=served_tier(end.service_tier),
         prompt_tokens=end.prompt_tokens,
         completion_tokens=end.completion_tokens,
         estimated=end.usage_estimated,
     )
 
 
-def stream_cost(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal | None:
-    """Cost at the standard (stream) rate; None for a model missing from the price table."""
+def stream_cost(
+    model: str, prompt_tokens: int, completion_tokens: int, tier: Tier = "standard"
+) -> Decimal | None:
+    """Cost at `tier`'s rate (the one that served the call); None for a model missing from
+    the price table."""
     try:
         price = price_table().get(model)
     except KeyError:
         return None
-    return cost_usd(price, prompt_tokens, completion_tokens, "stream")
+    return cost_usd(price, prompt_tokens, completion_tokens, tier)
+
+
+def _cost(claim: Claim, end: End) -> Decimal | None:
+    if end.prompt_tokens is None or end.completion_tokens is None:
+        return None
+    tier = served_tier(end.service_tier)
+    return stream_cost(claim.model, end.prompt_tokens, end.completion_tokens, tier)
 
 
 def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | None:
     """Write the end of a claimed stream; on success the ledger entry goes in the same
     transaction. Raises Fenced when the row is no longer this worker's; returns the cost."""
-    cost = None
-    if end.prompt_tokens is not None and end.completion_tokens is not None:
-        cost = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens)
+    cost = _cost(claim, end)
     with _session(db_url) as session:
         moved = move(
             session,
@@ -297,6 +320,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
             error=end.error,
             first_token_at=end.first_token_at,
             updated_at=utcnow(),
+            **end.lane_values(),
         )
         attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
         if not moved or attempts != claim.attempts:
@@ -340,18 +364,18 @@ def finish_many(
                 .with_for_update()
             ).all()
         )
-        by_status: dict[Status, list[dict[str, Any]]] = {}
+        # One executemany per final status and set of columns (a lane change adds two).
+        by_status: dict[tuple[Status, bool], list[dict[str, Any]]] = {}
         usages: list[ledger.Usage] = []
         for rid in ids:
             claim, end = ends[rid]
             if current.get(rid) != claim.attempts:
                 result[rid] = Fenced(rid)
                 continue
-            cost = None
-            if end.prompt_tokens is not None and end.completion_tokens is not None:
-                cost = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens)
+            cost = _cost(claim, end)
             result[rid] = cost
-            by_status.setdefault(end.status, []).append(
+            lane = end.lane_values()
+            by_status.setdefault((end.status, bool(lane)), []).append(
                 {
                     "id": rid,
                     "text": end.text,
@@ -364,11 +388,12 @@ def finish_many(
                     "first_token_at": end.first_token_at,
                     "updated_at": now,
                     "finished_at": now,
+                    **lane,
                 }
             )
             if end.status is Status.SUCCEEDED and cost is not None:
                 usages.append(_usage(rid, claim, end))
-        for status, rows in by_status.items():
+        for (status, _), rows in by_status.items():
             moved = move_each(session, rows, status, from_=[Status.STREAMING])
             if moved != len(rows):  # cannot happen under the row locks; never write half
                 raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")

@@ -70,6 +70,10 @@ def test_unreachable_database(tmp_path: Path) -> None:
         (["--model", "sheepdog-mini", "--prompt", "x", "--max-tokens", "0"], "must be positive"),
         (["--model", "sheepdog-mini", "--prompt", "x", "--max-cost-usd", "-1"], "not be negative"),
         (["--prompt", "x"], "--model and --prompt are required"),
+        (
+            ["--model", "sheepdog-mini", "--prompt", "x", "--lane", "priority"],
+            "lane 'priority' is for priority high, not normal",
+        ),
     ],
 )
 def test_submit_bad_flags(args: list[str], message: str, redis_url: str) -> None:

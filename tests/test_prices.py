@@ -50,3 +50,44 @@ def test_override_file(tmp_path: Path) -> None:
     assert price.rates("batch") == (Decimal("0.66"), Decimal("1.98"))
     with pytest.raises(KeyError, match=r"unknown model 'gpt-4\.1'; known models: my-model"):
         table.get("gpt-4.1")
+
+
+def test_rates_per_tier() -> None:
+    table = load_price_table()
+    gpt = table.get("gpt-4.1")
+    assert gpt.rates("standard") == gpt.rates("stream") == (Decimal("2.00"), Decimal("8.00"))
+    assert gpt.rates("batch") == gpt.rates("flex") == (Decimal("1.000"), Decimal("4.000"))
+    assert gpt.rates("priority") == (Decimal("3.50"), Decimal("14.00"))
+    # No priority rates in the file: the standard ones times the default factor (1.75).
+    assert table.get("sheepdog-mini").rates("priority") == (Decimal("0.1750"), Decimal("0.7000"))
+    assert table.cost("gpt-4.1", 1_000_000, 1_000_000, "priority") == Decimal("17.50")
+
+
+def test_flex_discount_and_priority_factor_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'default_priority_factor = 2\n[models.m]\ninput_per_million = "1"\n'
+        'output_per_million = "4"\nflex_discount = 0.25\n'
+    )
+    price = parse_price_file(path).get("m")
+    assert price.rates("flex") == (Decimal("0.75"), Decimal("3.00"))
+    assert price.rates("batch") == (Decimal("0.5"), Decimal("2.0"))
+    assert price.rates("priority") == (Decimal("2"), Decimal("8"))
+
+
+def test_served_tier_from_a_response() -> None:
+    from rules.prices import served_tier, tier_of
+
+    assert [served_tier(t) for t in ("flex", "priority", "default", "auto", None)] == [
+        "flex",
+        "priority",
+        "standard",
+        "standard",
+        "standard",
+    ]
+    assert [tier_of(x) for x in ("stream", "batch", "flex", "priority")] == [
+        "standard",
+        "batch",
+        "flex",
+        "priority",
+    ]

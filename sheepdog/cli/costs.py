@@ -46,10 +46,10 @@ def costs(
     since: Annotated[
         str | None, typer.Option(help=f"Start: YYYY-MM-DD or 7d (default: {DEFAULT_DAYS}d).")
     ] = None,
-    by: Annotated[str, typer.Option(help="Group by model, tenant, route or day.")] = "model",
+    by: Annotated[str, typer.Option(help="Group by model, tenant, route, lane or day.")] = "model",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Also write a PNG: cost and savings per day by route.")
+        Path | None, typer.Option(help="Also write a PNG: cost and savings per day by lane.")
     ] = None,
 ) -> None:
     """Requests, tokens, cost, savings against the standard rate, and budget use."""
@@ -69,7 +69,7 @@ def costs(
         check_database(settings.database_url)
         with session_scope(settings.database_url) as session:
             report = cost_report(session, settings, start, by)  # type: ignore[arg-type]
-            daily = daily_by_route(session, start) if plot is not None else []
+            daily = daily_by_route(session, start, by="lane") if plot is not None else []
     if plot is not None:
         from costs.plot import plot_daily
 
@@ -120,6 +120,7 @@ def _print_report(report: Any) -> None:
             end_section=line is (report.lines[-1] if report.lines else None),
         )
     console.print(table)
+    console.print(_lanes_table(report.lanes))
     if not report.budgets:
         console.print("no tenant budgets set (sheepdog costs budget set TENANT --daily X)")
         return
@@ -145,6 +146,32 @@ def _print_report(report: Any) -> None:
                 "yes" if use.allow_downgrade else "no",
             )
     console.print(budgets)
+
+
+def _lanes_table(summary: Any) -> Any:
+    """One row: the cost of each lane, what was paid, and the same requests all-standard and
+    all-priority."""
+    from rich.table import Table
+
+    from costs.budgets import money
+    from models.intake_message import LANES
+
+    table = Table(title="by lane, and the same requests at one rate", title_justify="left")
+    cells = []
+    for lane in LANES:
+        table.add_column(lane, justify="right")
+        cost = summary.lanes.get(lane)
+        cells.append(f"{money(cost.cost_usd)} ({cost.requests:,})" if cost else "-")
+    for name in ("paid", "all standard", "all priority", "saved"):
+        table.add_column(name, justify="right")
+    cells += [
+        money(summary.paid_usd),
+        money(summary.all_standard_usd),
+        money(summary.all_priority_usd),
+        f"[bold green]{money(summary.saved_usd)}[/]",
+    ]
+    table.add_row(*cells)
+    return table
 
 
 def _usd_option(name: str, text: str | None) -> Decimal | None:

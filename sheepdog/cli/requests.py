@@ -57,6 +57,9 @@ def submit(
     prompt: Annotated[str | None, typer.Option(help="The user message.")] = None,
     system: Annotated[str | None, typer.Option(help="An optional system message.")] = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
+    lane: Annotated[
+        str | None, typer.Option(help="priority: a high request asks for the priority lane.")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Output token limit.")] = None,
     max_cost_usd: Annotated[str | None, typer.Option(help="Cost cap in USD.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Deduplicates resubmits.")] = None,
@@ -80,6 +83,8 @@ def submit(
             messages = [{"role": "system", "content": system}] if system is not None else []
             messages.append({"role": "user", "content": prompt})
             request: dict[str, Any] = {"model": model, "messages": messages, "priority": priority}
+            if lane is not None:
+                request["lane"] = lane
             if max_tokens is not None:
                 request["max_tokens"] = max_tokens
             if max_cost_usd is not None:
@@ -185,6 +190,8 @@ def status(
             f"usage: {view.usage.prompt_tokens} in, {view.usage.completion_tokens} out{est};"
             f" cost ${view.cost_usd or 0}"
         )
+    if view.lane_reason:
+        typer.echo(f"lane: {view.lane} ({view.lane_reason})")
     if view.error:
         typer.echo(f"error: {view.error}")
     if view.text:

@@ -1,0 +1,113 @@
+"""The router's lane table over deadlines and provider capabilities (pure: no service)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from core.errors import InvalidRequest
+from core.settings import Settings
+from models.request import validate_request
+from rules.prices import load_price_table
+from rules.routing import choose_lane, horizon, lead_s
+
+pytestmark = pytest.mark.unit
+
+# A 24h batch window after a 60 s flush; flex needs 5 minutes.
+SETTINGS = Settings(batch_window_s=24 * 3600, batch_flush_interval_s=60, flex_min_lead_s=300)
+NOW = datetime.now(UTC)
+BOTH = ("flex", "priority")
+H = 3600
+
+TABLE = [
+    # priority, deadline (s from now; None: none), lane asked, tiers, lane, escalated
+    ("low", None, None, BOTH, "batch", False),
+    ("low", None, None, (), "batch", False),
+    ("low", 30 * H, None, BOTH, "batch", False),
+    ("low", 1 * H, None, BOTH, "flex", True),  # the issue's case: an hour away keeps batch rate
+    ("low", 1 * H, None, (), "stream", True),  # a relay without tiers: today's escalation
+    ("low", 1 * H, None, ("priority",), "stream", True),
+    ("low", 301, None, BOTH, "flex", True),
+    ("low", 120, None, BOTH, "stream", True),  # too close for flex
+    ("normal", None, None, BOTH, "stream", False),
+    ("normal", 1 * H, None, BOTH, "stream", False),
+    ("high", None, None, BOTH, "stream", False),
+    ("high", None, "priority", BOTH, "priority", False),
+    ("high", None, "priority", ("flex",), "stream", False),  # asked, not sold
+    ("high", None, "priority", (), "stream", False),
+]
+
+
+def request(priority: str, deadline_s: int | None, lane: str | None) -> dict[str, object]:
+    data: dict[str, object] = {
+        "model": "gpt-4.1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "priority": priority,
+    }
+    if deadline_s is not None:
+        data["deadline"] = (NOW + timedelta(seconds=deadline_s)).isoformat()
+    if lane is not None:
+        data["lane"] = lane
+    return data
+
+
+@pytest.mark.parametrize(("priority", "deadline_s", "asked", "tiers", "lane", "escalated"), TABLE)
+def test_lane_table(
+    priority: str,
+    deadline_s: int | None,
+    asked: str | None,
+    tiers: tuple[str, ...],
+    lane: str,
+    escalated: bool,
+) -> None:
+    req = validate_request(request(priority, deadline_s, asked))
+    choice = choose_lane(req, SETTINGS, tiers, load_price_table(), NOW)
+    assert (choice.lane, choice.escalated) == (lane, escalated)
+    assert choice.route == ("batch" if lane == "batch" else "stream")
+    assert choice.reason.startswith(priority) and len(choice.reason) <= 200
+
+
+def test_reasons_explain_the_choice() -> None:
+    flex = choose_lane(validate_request(request("low", H, None)), SETTINGS, BOTH, None, NOW)
+    assert (
+        flex.reason
+        == "low: flex at the batch rate, deadline in 60m is before a batch window could end"
+    )
+    relay = choose_lane(validate_request(request("low", H, None)), SETTINGS, (), None, NOW)
+    assert "the provider sells no flex tier" in relay.reason
+
+
+def test_a_cheaper_flex_rate_wins_over_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rules.prices import parse_price_file
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[models."gpt-4.1"]\ninput_per_million = "2"\noutput_per_million = "8"\n'
+        "flex_discount = 0.6\n"
+    )
+    req = validate_request(request("low", None, None))
+    assert choose_lane(req, SETTINGS, BOTH, parse_price_file(path), NOW).lane == "flex"
+    assert choose_lane(req, SETTINGS, (), parse_price_file(path), NOW).lane == "batch"
+
+
+def test_one_horizon_rule_per_lane() -> None:
+    assert lead_s("batch", SETTINGS) == 24 * H + 60
+    assert lead_s("batch", SETTINGS, flushing=True) == 24 * H
+    assert lead_s("flex", SETTINGS) == 300
+    assert lead_s("stream", SETTINGS) == lead_s("priority", SETTINGS) == 0
+    assert horizon("flex", SETTINGS, NOW) == NOW + timedelta(seconds=300)
+
+
+def test_priority_lane_only_for_high() -> None:
+    with pytest.raises(InvalidRequest, match="lane 'priority' is for priority high, not low"):
+        validate_request(request("low", None, "priority"))
+    with pytest.raises(InvalidRequest, match="lane"):
+        validate_request(request("high", None, "flex"))
+
+
+def test_priority_rate_is_dearer() -> None:
+    price = load_price_table().get("gpt-4.1")
+    assert sum(price.rates("priority")) > sum(price.rates("stream")) > sum(price.rates("flex"))
+    assert price.rates("flex") == (Decimal("1.000"), Decimal("4.000"))
