@@ -26,6 +26,7 @@ from models.intake_message import IntakeItem, Lane
 from models.status import Status
 from models.stream_message import StreamMessage, encode
 from streaming import store
+from streaming.end import End
 from streaming.job import CANCELLED, LOST, Grant, StreamJob, StreamResult
 from streaming.lanes import LaneRun, parse_deadline
 from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now
@@ -167,9 +168,7 @@ async def _bounded(runtime: Runtime, pending: asyncio.Future[T], what: str) -> T
         raise store.Unavailable(f"{what} not resolved in {runtime.writer.max_wait_s:g}s") from None
 
 
-async def _written_unseen(
-    runtime: Runtime, job: StreamJob, claim: store.Claim, end: store.End
-) -> bool:
+async def _written_unseen(runtime: Runtime, job: StreamJob, claim: store.Claim, end: End) -> bool:
     """A fenced end may be this end itself, committed while the database went away (the
     batch was then sent again); checked only on that rare path."""
     try:
@@ -205,7 +204,7 @@ async def _finish(
         log.warning("%s: lost the row to another worker; left to it", job.request_id)
         return LOST
     if outcome.kind == Status.SUCCEEDED:
-        end = store.End(
+        end = End(
             Status.SUCCEEDED,
             outcome.text,
             finish_reason=outcome.finish_reason,
@@ -219,7 +218,7 @@ async def _finish(
         )
     else:
         reason = "cancelled" if outcome.kind == CANCELLED else (outcome.error or "failed")
-        end = store.End(
+        end = End(
             Status.CANCELLED if outcome.kind == CANCELLED else Status.FAILED,
             outcome.text,
             error=reason,

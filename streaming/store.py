@@ -28,8 +28,9 @@ from lifecycle.moves import move, move_each, move_returning
 from lifecycle.record import record_requests, record_unstorable, refusal, row_values
 from models.intake_message import IntakeItem
 from models.status import Status
-from models.tables import Request, max_chars, utcnow
+from models.tables import Request, utcnow
 from rules.prices import Tier, cost_usd, price_table, served_tier
+from streaming.end import End
 from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
@@ -239,32 +240,6 @@ def touch_heartbeats(db_url: str, owned: Mapping[str, int]) -> set[str]:
             .execution_options(synchronize_session=False)
         ).all()
     return {rid for rid, attempts in rows if owned.get(rid) == attempts}
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """What the worker writes when a stream ends."""
-
-    status: Status
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    usage_estimated: bool = False
-    error: str | None = None
-    first_token_at: datetime | None = None
-    service_tier: str | None = None  # the response's: the tier billed
-    lane: str | None = None  # set with lane_reason when the request left its lane
-    lane_reason: str | None = None
-
-    def lane_values(self) -> dict[str, Any]:
-        """The row's lane columns when the request left its lane (else nothing to write)."""
-        if self.lane is None or self.lane_reason is None:
-            return {}
-        return {"lane": self.lane, "lane_reason": self.lane_reason[:LANE_REASON_CHARS]}
-
-
-LANE_REASON_CHARS = max_chars("lane_reason")
 
 
 def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:

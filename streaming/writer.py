@@ -29,12 +29,13 @@ from typing import Any, TypeVar
 
 from models.intake_message import IntakeItem
 from streaming import store
+from streaming.end import End
 
 log = logging.getLogger("sheepdog.streaming.writer")
 
 T = TypeVar("T")
 _Claim = tuple[str, IntakeItem | None, "asyncio.Future[store.Claim | None]"]
-_End = tuple[str, store.Claim, store.End, "asyncio.Future[Decimal | None]"]
+_End = tuple[str, store.Claim, End, "asyncio.Future[Decimal | None]"]
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -71,7 +72,7 @@ class Writer:
         return done
 
     def finish(
-        self, request_id: str, claim: store.Claim, end: store.End
+        self, request_id: str, claim: store.Claim, end: End
     ) -> asyncio.Future[Decimal | None]:
         """Write the stream's end; resolves to its cost, or raises store.Fenced (or
         store.Unavailable when the database stayed away)."""

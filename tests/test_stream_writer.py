@@ -22,6 +22,7 @@ from models.status import Status
 from models.tables import Request
 from sheepdog.client import Client
 from streaming import store
+from streaming.end import End
 from streaming.writer import Writer
 from tests.fixtures.faults import free_port
 
@@ -62,8 +63,8 @@ def run(
     return asyncio.run(main())
 
 
-def done(text: str = "ok") -> store.End:
-    return store.End(Status.SUCCEEDED, text, finish_reason="stop")
+def done(text: str = "ok") -> End:
+    return End(Status.SUCCEEDED, text, finish_reason="stop")
 
 
 def test_a_batch_that_raises_is_written_one_by_one(
