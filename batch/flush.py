@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from batch.claim import Group, claim
 from batch.emulated_job import EMULATED, submit_emulated
-from batch.job_status import move_job, move_job_now
+from batch.job_status import KNOWN, move_job, move_job_now
 from batch.jobs import (
     crash_point,
     holding,
@@ -324,10 +324,14 @@ def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
             "errors": batch.errors.model_dump(mode="json") if batch.errors else None,
             "finished_at": utcnow(),
         }
+    status = batch.status
+    if status not in KNOWN:  # a relay's own word: the job is open; poll takes it from here
+        log.warning("job %s: status %r is not a Batch API status; kept open", job_id, status)
+        status = BatchStatus.VALIDATING
     move_job_now(
         settings,
         job_id,
-        batch.status,
+        status,
         from_=[BatchStatus.PREPARING],
         provider_batch_id=batch.id,
         input_file_id=batch.input_file_id,

@@ -18,6 +18,9 @@ from core.settings import Settings
 from models.status import BATCH_FINAL, BATCH_SOURCES, BatchStatus, IllegalTransition
 from models.tables import BatchJob, utcnow
 
+# The Batch API's statuses: a relay may answer another word, which no move takes.
+KNOWN = frozenset(s.value for s in BatchStatus)
+
 
 def job_sources(to: BatchStatus, from_: Iterable[BatchStatus] | None = None) -> list[str]:
     """The statuses a move to `to` may start from: `from_` (which must be legal) or all legal."""

@@ -15,15 +15,13 @@ from sqlalchemy import or_, select
 from batch import emulated_job
 from batch.emulated_job import EMULATED
 from batch.flush import repair_preparing
-from batch.job_status import move_job_now
+from batch.job_status import KNOWN, move_job_now
 from batch.jobs import provider_of
 from core.db import session_scope
 from core.providers import client_for
 from core.settings import Settings, get_settings
 from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
 from models.tables import BatchJob
-
-KNOWN = frozenset(s.value for s in BatchStatus)
 
 log = logging.getLogger("sheepdog.batch.poll")
 

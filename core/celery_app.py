@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from core import broker_fix
 from core.settings import Settings
 
 QUEUES = ("stream", "default", "batch", "webhooks")
@@ -89,6 +90,7 @@ def celery_for(settings: Settings) -> Celery:
     key = (settings.redis_url, settings.broker_prefix)
     app = _apps.get(key)
     if app is None:
+        broker_fix.install()  # a publish survives a lost broker; one redis client per channel
         app = Celery("sheepdog", set_as_current=False)
         app.config_from_object(celery_config(settings))
         app = _apps.setdefault(key, app)

@@ -25,10 +25,12 @@ def send_stream(
     why: str = "",
     producer: Any = None,
     lane: str | None = None,
+    resent: bool = False,
 ) -> None:
     """Send `request_id`'s stream task; with `item`, the request itself rides along (a row the
     producer could not write is recorded by the worker from it). A flex request (`lane`, or
-    the item's) is sent at the lowest priority."""
+    the item's) is sent at the lowest priority; one `resent` (its worker died or its message
+    was lost: it has waited already) at the highest, as high ones are."""
     kwargs: dict[str, Any] = {"request_id": request_id}
     if item is not None:
         kwargs["item"] = item.model_dump(mode="json")
@@ -37,7 +39,7 @@ def send_stream(
         lane = item.lane
     else:
         shown = f"id={request_id}" + (f" {why}" if why else "")
-        priority = NORMAL
+        priority = HIGH if resent else NORMAL
     if lane == "flex":
         priority = FLEX
     app.send_task(

@@ -27,7 +27,7 @@ def _webhook_problems(request: ChatRequest) -> list[str]:
         return []
     try:
         check_form(request.webhook_url, allow_private=get_settings().webhook_allow_private)
-    except SheepdogError as err:
+    except (SheepdogError, ValueError) as err:  # ValueError: urlsplit's own (a bad IPv6)
         return [f"webhook_url: {err}"]
     return []
 

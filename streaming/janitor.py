@@ -60,8 +60,8 @@ def sweep(settings: Settings | None = None, app: Any = None) -> SweepReport:
         redis.eval(_RELEASE, 1, lock, token)
 
 
-def _send(settings: Settings, app: Any, request_id: str) -> None:
-    send_stream(app or celery_for(settings), request_id, why="re-sent: its worker died")
+def _send(settings: Settings, app: Any, request_id: str, lane: str | None, why: str) -> None:
+    send_stream(app or celery_for(settings), request_id, why=why, lane=lane, resent=True)
 
 
 def _sweep(settings: Settings, app: Any) -> SweepReport:
@@ -70,7 +70,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
     stale_before = now - timedelta(seconds=settings.heartbeat_timeout_s)
     with session_scope(settings.database_url) as session:
         stale = session.execute(
-            select(Request.id, Request.attempts)
+            select(Request.id, Request.attempts, Request.lane)
             .where(
                 Request.status == Status.STREAMING.value,
                 Request.route == "stream",
@@ -78,7 +78,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
             )
             .limit(SWEEP_LIMIT)
         ).all()
-    for rid, attempts in stale:
+    for rid, attempts, lane in stale:
         if attempts + 1 >= settings.stream_max_attempts:
             silence = f"{settings.heartbeat_timeout_s:g}s"
             reason = f"worker lost {attempts + 1} times (no heartbeat for {silence})"
@@ -109,7 +109,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
             # Fences the lost attempt off: from here Redis refuses its messages, as the row
             # refuses its writes.
             publish_error(settings, rid, "", type_="reset", attempts=attempts + 1)
-            _send(settings, app, rid)
+            _send(settings, app, rid, lane, "re-sent: its worker died")
             report.requeued += 1
             log.warning(
                 "%s: no heartbeat since before %s; requeued (attempt %d)",
@@ -125,8 +125,8 @@ def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
     """Send `sheepdog.stream` again for stream rows queued too long (their message was lost)."""
     before = now - timedelta(seconds=settings.stream_queued_timeout_s)
     with session_scope(settings.database_url) as session:
-        ids = session.scalars(
-            select(Request.id)
+        lost = session.execute(
+            select(Request.id, Request.lane)
             .where(
                 Request.status == Status.QUEUED.value,
                 Request.route == "stream",
@@ -134,11 +134,11 @@ def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
             )
             .limit(SWEEP_LIMIT)
         ).all()
-    if not ids:
+    if not lost:
         return 0
     redis = get_redis(settings.redis_url)
     resent = 0
-    for rid in ids:
+    for rid, lane in lost:
         # Once per timeout: a long backlog must not turn into a storm of duplicates.
         if redis.set(
             keys.of(settings).janitor_resent(rid),
@@ -146,7 +146,7 @@ def _resend_lost(settings: Settings, app: Any, now: Any) -> int:
             nx=True,
             ex=int(settings.stream_queued_timeout_s),
         ):
-            _send(settings, app, rid)
+            _send(settings, app, rid, lane, "re-sent: its message was lost")
             resent += 1
     if resent:
         log.warning(

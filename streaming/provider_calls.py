@@ -8,6 +8,7 @@ penalizes the limiter, so every worker on every host backs off together.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from rules.tokens import count_message_tokens
 from streaming.provider_stream import Fatal, Retryable
 
 DEFAULT_ANSWER_TOKENS = 1024  # token estimate of a request without max_tokens
+log = logging.getLogger("sheepdog.streaming.providers")
+
 MAX_CONNECTIONS = 4000  # per provider and process: every stream of the loop may be in flight
 
 
@@ -42,8 +45,15 @@ class ProviderClients:
         self._by_provider: dict[str, Access] = {}
 
     def warm_up(self) -> None:
-        """Make every configured provider's client now rather than at its first stream."""
-        for provider in load_providers(self.settings).providers:
+        """Make every configured provider's client now rather than at its first stream. A
+        providers file that cannot be read is left to each stream to report (it fails with the
+        reason) rather than keeping the stream loop from starting."""
+        try:
+            providers = load_providers(self.settings).providers
+        except Exception:
+            log.exception("providers could not be loaded; each stream will say why")
+            return
+        for provider in providers:
             self._of(provider)
 
     def access(self, model: str) -> Access:

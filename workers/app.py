@@ -1,8 +1,8 @@
 """The Celery app of a worker, beat or Flower: built when one starts, never at import.
 
 `worker_app()` takes the process's app for its broker (core/celery_app.py, the one every path
-sends with), gives it what only a worker needs (the task modules, the beat schedule, the broker
-fix, the signal handlers) and makes it the process's current app. `celery -A workers.app`
+sends with), gives it what only a worker needs (the task modules, the beat schedule, the signal
+handlers) and makes it the process's current app. `celery -A workers.app`
 finds it as the module's `app`, built on that first look."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TASK_MODULES = [
 def worker_app(settings: Settings | None = None) -> Celery:
     """The app a worker, beat or Flower runs, for `settings` (default: the process's)."""
     from scheduler.beat import beat_schedule
-    from workers import broker_fix, signals
+    from workers import signals
 
     settings = settings or get_settings()
     app = celery_for(settings)
@@ -39,7 +39,6 @@ def worker_app(settings: Settings | None = None) -> Celery:
             beat_schedule=beat_schedule(settings),
             sheepdog_worker=True,
         )
-        broker_fix.install()
         signals.connect()
     app.set_current()
     return app

@@ -28,7 +28,6 @@ from sheepdog.api import native, openai_compat, webhook_routes
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
 from sheepdog.api.front import Front, is_loopback
 from sheepdog.api.metrics import MetricsMiddleware
-from workers import broker_fix
 
 log = logging.getLogger("sheepdog.api")
 
@@ -105,8 +104,6 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # A long-lived Sheepdog process, as a worker is: the broker fix's publish path too.
-        broker_fix.install()
         # The first call must not pay the imports and connections of a cold start.
         await run_in_threadpool(front.client.warm_up)
         yield

@@ -54,7 +54,8 @@ def _conn_or_reuse(self: Any, client: Any = None) -> Iterator[Any]:
 
 
 def install() -> None:
-    """Patch kombu's Redis channel, for this process: called when a worker, beat or Flower
-    starts (workers/app.py), never at import."""
+    """Patch kombu's Redis channel, for this process: called when the process builds its first
+    Celery app (core/celery_app.celery_for: a worker's, beat's, Flower's, or a producer's first
+    send), never at import. Idempotent."""
     kombu_redis.Channel._connparams = _connparams_of_live_transport  # type: ignore[method-assign]
     kombu_redis.Channel.conn_or_acquire = _conn_or_reuse  # type: ignore[method-assign]
