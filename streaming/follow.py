@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from core import keys
@@ -120,13 +121,17 @@ async def follow(
     max_s: float = 3600.0,
     keepalive_s: float = 15.0,
     row_known_open: bool = False,
+    client: aioredis.Redis | None = None,
 ) -> AsyncIterator[StreamMessage | Tick]:
     """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
     each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
     seq. `row_known_open`: the caller has just seen the request not ended (so the first look
-    at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). One
-    Redis connection of its own, closed at the end."""
-    client = new_async_redis(settings.redis_url)
+    at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). Reads
+    through `client` (its pool must hold a connection per follower: XREAD blocks one), else
+    through a Redis connection of its own, closed at the end."""
+    own = client is None
+    if client is None:
+        client = new_async_redis(settings.redis_url)
     key = keys.of(settings).replay_log(request_id)
     deadline = time.monotonic() + max_s
     last_id: bytes | str = "0-0"
@@ -177,4 +182,5 @@ async def follow(
                 idle_since = now
                 yield TICK
     finally:
-        await client.aclose()
+        if own:
+            await client.aclose()
