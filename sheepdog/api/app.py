@@ -112,7 +112,6 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
         await run_in_threadpool(front.client.warm_up)
         yield
         await front.redis.aclose()
-        await front.follow_redis.aclose()
 
     origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
     middleware = [Middleware(MetricsMiddleware, metrics=front.metrics)]

@@ -18,13 +18,13 @@ from core.redis_conn import new_async_redis
 from core.settings import Settings
 from sheepdog.api.auth import Authenticator
 from sheepdog.api.batcher import SubmitBatcher
+from sheepdog.api.log_hub import LogHub
 from sheepdog.api.metrics import ApiMetrics
 from sheepdog.api.tenancy import Tenancy
 from sheepdog.client import Client
 
 log = logging.getLogger("sheepdog.api")
 INLINE_VALIDATION_BYTES = 64 * 1024  # bodies up to this are validated on the event loop
-FOLLOWERS_MAX = 20_000  # event streams one process follows at once (more wait for a connection)
 
 
 def is_loopback(address: str) -> bool:
@@ -45,9 +45,7 @@ class Front:
         self.tenancy = Tenancy(self.client)
         self.metrics = ApiMetrics()
         self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
-        # The event streams' blocking reads, a connection each, reused from one stream to the
-        # next: a new stream pays no connect and handshake before its first event.
-        self.follow_redis = new_async_redis(settings.redis_url, FOLLOWERS_MAX)
+        self.logs = LogHub(settings.redis_url, self.redis)  # the event streams' one reader
         self.auth = Authenticator(settings, self.redis, no_auth)
         self.batcher = SubmitBatcher(self.tenancy)
         self._ready: tuple[float, dict[str, str]] | None = None

@@ -165,7 +165,7 @@ async def events(request: Request) -> Response:
                 max_s=settings.api_events_max_s,
                 keepalive_s=settings.api_keepalive_s,
                 row_known_open=not view.is_final,
-                client=front.follow_redis,
+                feeds=front.logs.feed,
             ):
                 if isinstance(msg, Tick):
                     yield b": keepalive\n\n"

@@ -109,7 +109,7 @@ async def _complete(front: Front, rid: str, body: ChatBody) -> Response:
         max_s=wait_s,
         keepalive_s=wait_s,
         row_known_open=True,
-        client=front.follow_redis,
+        feeds=front.logs.feed,
     ):
         if isinstance(msg, Tick):
             continue
@@ -175,7 +175,7 @@ async def _chunks(front: Front, rid: str, body: ChatBody) -> AsyncIterator[bytes
             max_s=settings.api_completion_wait_s,
             keepalive_s=settings.api_keepalive_s,
             row_known_open=True,  # just submitted
-            client=front.follow_redis,
+            feeds=front.logs.feed,
         ):
             if isinstance(msg, Tick):
                 yield b": keepalive\n\n"
