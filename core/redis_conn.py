@@ -39,7 +39,7 @@ def get_redis(url: str | None = None) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def new_async_redis(url: str | None = None) -> aioredis.Redis:
+def new_async_redis(url: str | None = None, max_connections: int = 0) -> aioredis.Redis:
     """An asyncio client; one per event loop (asyncio clients cannot cross loops). A command
     that meets a dead pooled connection (Redis restarted) reconnects and tries again.
 
@@ -47,10 +47,11 @@ def new_async_redis(url: str | None = None) -> aioredis.Redis:
     of streams sends hundreds of commands at once, and a pool that raised MaxConnectionsError
     failed some of them after their row was claimed (left streaming until the janitor). One
     loop gains nothing from more connections than this (Redis runs one command at a time), and
-    each connection it opens costs the loop a connect and a handshake."""
+    each connection it opens costs the loop a connect and a handshake. `max_connections`
+    (default ASYNC_POOL_SIZE) is for a pool of blocking reads, one connection each."""
     pool = aioredis.BlockingConnectionPool.from_url(
         _url(url),
-        max_connections=ASYNC_POOL_SIZE,
+        max_connections=max_connections or ASYNC_POOL_SIZE,
         timeout=30,
         socket_connect_timeout=5,
         health_check_interval=30,

@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     api_events_max_s: float = 3600.0  # an event stream closes after this (clients resume)
     api_keepalive_s: float = 15.0  # an SSE comment this often keeps proxies from closing
     api_ready_cache_s: float = 1.0
+    api_access_log: bool = False  # a line per call costs ~8% of intake; /metrics counts calls
     # Webhooks (webhooks/): signing secrets are encrypted with this Fernet key (base64, 32
     # bytes; `sheepdog webhooks keygen` makes one). Without it no secret can be stored or used.
     webhook_secret_key: SecretStr | None = None

@@ -143,8 +143,7 @@ class KeyCache:
 
     def cached(self, key: str) -> tuple[bool, KeyInfo | None]:
         """(True, what find_key() said) while cached; (False, None) when it must be asked."""
-        with self._lock:
-            hit = self._entries.get(hash_key(key))
+        hit = self._entries.get(hash_key(key))  # one dict read is atomic: no lock on a hit
         if hit is not None and hit[0] > time.monotonic():
             return True, hit[1]
         return False, None

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -34,6 +34,43 @@ from streaming.publisher import FIELD
 
 BATCH = 1000
 ROW_CHECK_S = 2.0  # how often an idle follower looks at the row
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]  # a replay log entry: (its id, its fields)
+
+
+class Feed(Protocol):
+    """One follower's reader of one replay log: the entries after the last one it returned."""
+
+    async def read(self, block_ms: int | None) -> list[Entry]:
+        """The next entries (up to BATCH), waiting up to `block_ms` for one (None: no wait)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+FeedSource = Callable[[str], Feed]  # a feed of the log at this key, from its start
+
+
+class _OwnFeed:
+    """A feed reading through a Redis connection of its own (XREAD BLOCK holds it)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self._client = new_async_redis(url)
+        self._key = key
+        self._last: bytes | str = "0-0"
+
+    async def read(self, block_ms: int | None) -> list[Entry]:
+        response: Any = await self._client.xread({self._key: self._last}, BATCH, block_ms)
+        out: list[Entry] = []
+        for _, entries in response.items() if isinstance(response, dict) else response or ():
+            out.extend(entries)
+        if out:
+            self._last = out[-1][0]
+        return out
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 @dataclass(frozen=True)
@@ -120,42 +157,42 @@ async def follow(
     max_s: float = 3600.0,
     keepalive_s: float = 15.0,
     row_known_open: bool = False,
+    feeds: FeedSource | None = None,
 ) -> AsyncIterator[StreamMessage | Tick]:
     """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
     each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
     seq. `row_known_open`: the caller has just seen the request not ended (so the first look
-    at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). One
-    Redis connection of its own, closed at the end."""
-    client = new_async_redis(settings.redis_url)
+    at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). Reads
+    the log from `feeds` (a server's shared reader), else through a Redis connection of its
+    own, closed at the end."""
     key = keys.of(settings).replay_log(request_id)
+    feed = feeds(key) if feeds is not None else _OwnFeed(settings.redis_url, key)
     deadline = time.monotonic() + max_s
-    last_id: bytes | str = "0-0"
     expected = after + 1  # the next seq to yield
     parts: list[str] = []  # the text the caller holds (the skipped messages' included)
     shown_known = after < 0  # a resumed caller's text is known once the log is read
     next_check = time.monotonic() + ROW_CHECK_S if row_known_open else 0.0
     idle_since = time.monotonic()
     block: int | None = None  # the first read does not wait: a finished row is found at once
+    again: list[Entry] = []  # read by the last look before ending from the row
     try:
         while (remaining := deadline - time.monotonic()) > 0:
-            response: Any = await client.xread({key: last_id}, count=BATCH, block=block)
             got = False
-            for _, entries in response or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    msg = StreamMessage.parse(fields[FIELD])
-                    shown_known = True
-                    if msg.type == "token":
-                        parts.append(msg.text or "")
-                    elif msg.type == "reset":
-                        parts.clear()
-                    if msg.seq < expected:
-                        continue  # the caller has it
-                    expected = msg.seq + 1
-                    got = True
-                    yield msg
-                    if msg.is_final:
-                        return
+            entries, again = again or await feed.read(block), []
+            for _, fields in entries:
+                msg = StreamMessage.parse(fields[FIELD])
+                shown_known = True
+                if msg.type == "token":
+                    parts.append(msg.text or "")
+                elif msg.type == "reset":
+                    parts.clear()
+                if msg.seq < expected:
+                    continue  # the caller has it
+                expected = msg.seq + 1
+                got = True
+                yield msg
+                if msg.is_final:
+                    return
             now = time.monotonic()
             block = max(1, int(min(remaining, keepalive_s, ROW_CHECK_S) * 1000))
             if got:
@@ -166,7 +203,7 @@ async def follow(
                 row = await asyncio.to_thread(_load_row, settings.database_url, request_id)
                 if row is not None and is_final(row.status):
                     # Read the log once more: the end may have been written with the row.
-                    again = await client.xread({key: last_id}, count=BATCH)
+                    again = await feed.read(None)
                     if not again:
                         shown = "".join(parts) if shown_known else None
                         for msg in from_row(request_id, row, expected, shown):
@@ -177,4 +214,4 @@ async def follow(
                 idle_since = now
                 yield TICK
     finally:
-        await client.aclose()
+        await feed.aclose()

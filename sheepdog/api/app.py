@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from core.errors import SheepdogError
@@ -28,18 +28,19 @@ from sheepdog.api import native, openai_compat, webhook_routes
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
 from sheepdog.api.front import Front, is_loopback
 from sheepdog.api.metrics import MetricsMiddleware
+from sheepdog.api.responses import FastJSONResponse
 
 log = logging.getLogger("sheepdog.api")
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return FastJSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     state = await request.app.state.front.readiness()
     ok = all(v == "ok" for v in state.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", **state}, 200 if ok else 503)
+    return FastJSONResponse({"status": "ok" if ok else "unavailable", **state}, 200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -64,7 +65,7 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(
+    return FastJSONResponse(
         error_body(exc.status_code, str(exc.detail), code),
         status_code=exc.status_code,
         headers=exc.headers,
@@ -73,7 +74,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal(request: Request, exc: Exception) -> Response:
     log.exception("api: unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body(500, "internal error", "internal_error"), status_code=500)
+    return FastJSONResponse(error_body(500, "internal error", "internal_error"), status_code=500)
 
 
 ROUTES = [

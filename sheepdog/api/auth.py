@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -52,6 +53,7 @@ class Authenticator:
         self.keys = KeyCache(settings.database_url, settings.api_key_cache_s)
         self._redis = redis
         self._limiters: dict[str, AsyncRateLimiter] = {}
+        self._lookups: dict[str, asyncio.Future[KeyInfo | None]] = {}
 
     async def principal(self, request: Request, allow_query: bool = False) -> Principal:
         """The caller, or ApiError 401 (no or unknown or revoked key) / 429 (over its rate)."""
@@ -60,11 +62,21 @@ class Authenticator:
         token = bearer_token(request, allow_query)
         known, info = self.keys.cached(token)
         if not known:
-            info = await run_in_threadpool(self.keys.lookup, token)
+            info = await self._lookup(token)
         if info is None:
             raise _unauthorized("invalid API key")
         await self._check_rate(info)
         return Principal(info.tenant, info.id)
+
+    async def _lookup(self, token: str) -> KeyInfo | None:
+        """The database's answer for `token`, asked once however many calls wait for it (when
+        the cache entry of a busy key expires, its calls would otherwise each query at once)."""
+        pending = self._lookups.get(token)
+        if pending is None:
+            pending = asyncio.ensure_future(run_in_threadpool(self.keys.lookup, token))
+            self._lookups[token] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(token, None))
+        return await asyncio.shield(pending)
 
     async def _check_rate(self, info: KeyInfo) -> None:
         rpm = info.rate_limit_per_minute or self.settings.api_rate_limit_per_minute

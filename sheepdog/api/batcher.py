@@ -1,9 +1,11 @@
 """Submissions of concurrent calls sent together: one `submit_many` per round instead of one per
-call. A round starts as soon as a call is waiting and takes everyone waiting then; whatever
-arrives while it runs goes into the next one. So a lone call waits for nobody, and under load
-the rounds grow (one intake message carries up to 500 low-priority requests; the stream
-messages of a round share one Redis pipeline): Celery's cost per message is what limits
-one-request-per-call intake otherwise."""
+call. A round starts as soon as a call is waiting and a runner is free, and takes everyone
+waiting then; whatever arrives while the runners are busy goes into the next one. So a lone
+call waits for nobody, and under load the rounds grow (one intake message carries up to 500
+low-priority requests; the stream messages of a round share one Redis pipeline): Celery's cost
+per message is what limits one-request-per-call intake otherwise. A round mostly waits (for
+the database's commit): RUNNERS of them run at once, so a call waits for one commit, not for
+the round ahead of it too."""
 
 from __future__ import annotations
 
@@ -16,25 +18,37 @@ from models.request import ChatRequest
 from sheepdog.api.tenancy import Tenancy
 
 ROUND_MAX = 2000  # requests per round at most (bounds one round's latency)
+RUNNERS = 2  # rounds under way at once, per process
 
 
 class SubmitBatcher:
-    """Per process (one event loop); calls Tenancy.submit_calls in a thread, one round at once."""
+    """Per process (one event loop); calls Tenancy.submit_calls in a thread, RUNNERS rounds at
+    once."""
 
     def __init__(self, tenancy: Tenancy) -> None:
         self.tenancy = tenancy
         self._waiting: list[tuple[str, list[ChatRequest], asyncio.Future[list[str]]]] = []
-        self._round: asyncio.Task[None] | None = None
+        self._runners: set[asyncio.Task[None]] = set()
+        self._active = 0  # runners not yet ended (counted down as they end, before any await)
 
     async def submit(self, tenant: str, requests: list[ChatRequest]) -> list[str]:
         """The ids of `requests` (all or nothing), or the error that refused them."""
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._waiting.append((tenant, requests, done))
-        if self._round is None or self._round.done():
-            self._round = asyncio.create_task(self._run())
+        if self._active < RUNNERS:
+            self._active += 1
+            runner = asyncio.create_task(self._run())
+            self._runners.add(runner)  # (a reference, so that the task is not collected)
+            runner.add_done_callback(self._runners.discard)
         return await done
 
     async def _run(self) -> None:
+        try:
+            await self._rounds()
+        finally:
+            self._active -= 1
+
+    async def _rounds(self) -> None:
         while self._waiting:
             size, cut = 0, 0
             for cut, (_, requests, _) in enumerate(self._waiting, start=1):  # noqa: B007

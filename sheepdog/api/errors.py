@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from core.errors import (
     BudgetExceeded,
@@ -17,6 +17,7 @@ from core.errors import (
     InvalidRequest,
     ServiceUnavailable,
 )
+from sheepdog.api.responses import FastJSONResponse
 
 _TYPES = {
     400: "invalid_request_error",
@@ -52,7 +53,7 @@ class ApiError(Exception):
         return error_body(self.status, self.message, self.code, self.param)
 
     def response(self) -> Response:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return FastJSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(

@@ -18,6 +18,7 @@ from core.redis_conn import new_async_redis
 from core.settings import Settings
 from sheepdog.api.auth import Authenticator
 from sheepdog.api.batcher import SubmitBatcher
+from sheepdog.api.log_hub import LogHub
 from sheepdog.api.metrics import ApiMetrics
 from sheepdog.api.tenancy import Tenancy
 from sheepdog.client import Client
@@ -44,6 +45,7 @@ class Front:
         self.tenancy = Tenancy(self.client)
         self.metrics = ApiMetrics()
         self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
+        self.logs = LogHub(settings.redis_url, self.redis)  # the event streams' one reader
         self.auth = Authenticator(settings, self.redis, no_auth)
         self.batcher = SubmitBatcher(self.tenancy)
         self._ready: tuple[float, dict[str, str]] | None = None

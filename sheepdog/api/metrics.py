@@ -50,6 +50,23 @@ class ApiMetrics:
             registry=self.registry,
         )
 
+        # labels() takes a lock and builds a key per call; the children, once made, are kept.
+        self._ttfb: dict[str, Any] = {}
+        self._calls: dict[tuple[str, str, str], Any] = {}
+
+    def observe_ttfb(self, endpoint: str, seconds: float) -> None:
+        child = self._ttfb.get(endpoint)
+        if child is None:
+            child = self._ttfb[endpoint] = self.ttfb.labels(endpoint)
+        child.observe(seconds)
+
+    def count_call(self, endpoint: str, method: str, code: str) -> None:
+        key = (endpoint, method, code)
+        child = self._calls.get(key)
+        if child is None:
+            child = self._calls[key] = self.calls.labels(*key)
+        child.inc()
+
     @contextmanager
     def stream_open(self, endpoint: str) -> Iterator[None]:
         gauge = self.open_streams.labels(endpoint)
@@ -96,10 +113,10 @@ class MetricsMiddleware:
                 status[0] = message["status"]
             elif message["type"] == "http.response.body" and first[0]:
                 first[0] = False
-                self.metrics.ttfb.labels(endpoint_of(scope)).observe(time.perf_counter() - start)
+                self.metrics.observe_ttfb(endpoint_of(scope), time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            self.metrics.calls.labels(endpoint_of(scope), scope["method"], str(status[0])).inc()
+            self.metrics.count_call(endpoint_of(scope), scope["method"], str(status[0]))

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from models.status import Status
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
+from sheepdog.api.responses import FastJSONResponse
 from sheepdog.api.tenancy import public
 from streaming.follow import Tick, follow
 
@@ -47,7 +48,7 @@ async def submit(request: Request) -> Response:
     if not items:
         raise ApiError(400, "invalid request: the list is empty", "invalid_request")
     ids = await front.submit(who.tenant, items, as_list, size)
-    return JSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
+    return FastJSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
 
 
 async def get_one(request: Request) -> Response:
@@ -57,7 +58,7 @@ async def get_one(request: Request) -> Response:
     view = await run_in_threadpool(front.tenancy.get, who.tenant, rid)
     if view is None:
         raise not_found(rid)
-    return JSONResponse(public(view))
+    return FastJSONResponse(public(view))
 
 
 async def cancel(request: Request) -> Response:
@@ -68,7 +69,7 @@ async def cancel(request: Request) -> Response:
     if outcome is None:
         raise not_found(rid)
     cancelled, status = outcome
-    return JSONResponse({"id": rid, "cancelled": cancelled, "status": status})
+    return FastJSONResponse({"id": rid, "cancelled": cancelled, "status": status})
 
 
 def _encode_cursor(created_at: datetime, rid: str) -> str:
@@ -126,7 +127,7 @@ async def list_requests(request: Request) -> Response:
     more = len(views) > limit
     views = views[:limit]
     cursor = _encode_cursor(views[-1].created_at, views[-1].id) if more else None
-    return JSONResponse({"data": [public(v) for v in views], "next_cursor": cursor})
+    return FastJSONResponse({"data": [public(v) for v in views], "next_cursor": cursor})
 
 
 def last_event_id(request: Request) -> int:
@@ -164,6 +165,7 @@ async def events(request: Request) -> Response:
                 max_s=settings.api_events_max_s,
                 keepalive_s=settings.api_keepalive_s,
                 row_known_open=not view.is_final,
+                feeds=front.logs.feed,
             ):
                 if isinstance(msg, Tick):
                     yield b": keepalive\n\n"

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from models.stream_message import StreamMessage
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, error_body
 from sheepdog.api.openai_body import ChatBody, parse_chat_body, to_request
+from sheepdog.api.responses import FastJSONResponse
 from streaming.follow import Tick, follow
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ async def models(request: Request) -> Response:
         {"id": name, "object": "model", "created": 0, "owned_by": "sheepdog"}
         for name in front.client.prices.names()
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return FastJSONResponse({"object": "list", "data": data})
 
 
 def _usage(msg: StreamMessage) -> dict[str, int] | None:
@@ -103,7 +104,12 @@ async def _complete(front: Front, rid: str, body: ChatBody) -> Response:
     wait_s = front.settings.api_completion_wait_s
     parts: list[str] = []
     async for msg in follow(
-        rid, front.settings, max_s=wait_s, keepalive_s=wait_s, row_known_open=True
+        rid,
+        front.settings,
+        max_s=wait_s,
+        keepalive_s=wait_s,
+        row_known_open=True,
+        feeds=front.logs.feed,
     ):
         if isinstance(msg, Tick):
             continue
@@ -114,7 +120,7 @@ async def _complete(front: Front, rid: str, body: ChatBody) -> Response:
         elif msg.type == "error":
             raise _ended_error(rid, msg)
         else:
-            return JSONResponse(
+            return FastJSONResponse(
                 {
                     "id": rid,
                     "object": "chat.completion",
@@ -169,6 +175,7 @@ async def _chunks(front: Front, rid: str, body: ChatBody) -> AsyncIterator[bytes
             max_s=settings.api_completion_wait_s,
             keepalive_s=settings.api_keepalive_s,
             row_known_open=True,  # just submitted
+            feeds=front.logs.feed,
         ):
             if isinstance(msg, Tick):
                 yield b": keepalive\n\n"

@@ -37,6 +37,8 @@ def serve(address: str, port: int, processes: int = 1, no_auth: bool = False) ->
 
     get_settings.cache_clear()
     prepare_multiprocess(processes > 1)
+    # httptools and uvloop named, not left to "auto": a missing one fails at start instead of
+    # falling back quietly to the slower pure-Python parser and loop.
     uvicorn.run(
         "sheepdog.api.app:create_app",
         factory=True,
@@ -47,4 +49,8 @@ def serve(address: str, port: int, processes: int = 1, no_auth: bool = False) ->
         server_header=False,
         timeout_graceful_shutdown=5,
         log_level="info",
+        access_log=get_settings().api_access_log,
+        http="httptools",
+        loop="uvloop",
+        backlog=4096,  # a thousand event streams connect at once
     )

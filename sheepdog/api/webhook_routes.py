@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from core.db import session_scope
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError
+from sheepdog.api.responses import FastJSONResponse
 from webhooks import endpoints
 from webhooks.endpoints import WebhookError
 
@@ -79,14 +80,14 @@ async def add(request: Request) -> Response:
         front,
         lambda s: endpoints.add_endpoint(s, front.settings, who.tenant, new.url, new.events),
     )
-    return JSONResponse(_dump(added), status_code=201)
+    return FastJSONResponse(_dump(added), status_code=201)
 
 
 async def list_all(request: Request) -> Response:
     front = _front(request)
     who = await front.auth.principal(request)
     views = await _in_session(front, lambda s: endpoints.list_endpoints(s, who.tenant))
-    return JSONResponse({"data": [_dump(v) for v in views]})
+    return FastJSONResponse({"data": [_dump(v) for v in views]})
 
 
 async def remove(request: Request) -> Response:
@@ -103,14 +104,14 @@ async def rotate(request: Request) -> Response:
     secret = await _in_session(
         front, lambda s: endpoints.rotate_secret(s, front.settings, who.tenant)
     )
-    return JSONResponse({"secret": secret})
+    return FastJSONResponse({"secret": secret})
 
 
 async def failed(request: Request) -> Response:
     front = _front(request)
     who = await front.auth.principal(request)
     views = await _in_session(front, lambda s: endpoints.failed_deliveries(s, who.tenant))
-    return JSONResponse({"data": [_dump(v) for v in views]})
+    return FastJSONResponse({"data": [_dump(v) for v in views]})
 
 
 async def redeliver(request: Request) -> Response:
@@ -120,4 +121,4 @@ async def redeliver(request: Request) -> Response:
     view = await _in_session(
         front, lambda s: endpoints.redeliver(s, front.settings, who.tenant, ref)
     )
-    return JSONResponse(_dump(view))
+    return FastJSONResponse(_dump(view))

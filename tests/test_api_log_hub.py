@@ -1,0 +1,100 @@
+"""The API's one reader of the replay logs (sheepdog/api/log_hub.py), against real Redis: each
+follower gets its log's entries once and in order, whenever it joins and however many follow."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from core.redis_conn import new_async_redis
+from sheepdog.api import log_hub
+from sheepdog.api.log_hub import LogHub
+
+# The loop's own timeout far above the reads' waits: a follower that is served at all was
+# served by a wake-up (CLIENT UNBLOCK), not by the loop's XREAD timing out.
+LONG_BLOCK_MS = 120_000
+READ_MS = 20_000
+
+
+async def _collect(feed: log_hub.HubFeed, n: int) -> list[bytes]:
+    out: list[bytes] = []
+    first = True
+    while len(out) < n:
+        entries = await feed.read(None if first else READ_MS)
+        assert entries or first, f"no entry within a read's wait ({len(out)}/{n})"
+        first = False
+        out += [fields[b"m"] for _, fields in entries]
+    return out
+
+
+def test_followers_get_every_entry_once_in_order(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
+
+    async def run() -> None:
+        shared = new_async_redis(redis_url)
+        hub = LogHub(redis_url, shared)
+        logs = [f"test:hub:{uuid.uuid4().hex}" for _ in range(20)]
+        try:
+            # Half the logs have entries before anyone follows (a resume reads them first).
+            for key in logs[:10]:
+                for i in range(5):
+                    await shared.xadd(key, {"m": b"%d" % i})
+            feeds = [hub.feed(key) for key in logs for _ in range(2)]  # two followers each
+            readers = [asyncio.create_task(_collect(f, 30)) for f in feeds]
+            for i in range(30):
+                for key in logs:
+                    if key in logs[:10] and i < 5:
+                        continue
+                    await shared.xadd(key, {"m": b"%d" % i})
+                if i == 15:  # a late follower joins a blocked loop
+                    late = hub.feed(logs[-1])
+                    readers.append(asyncio.create_task(_collect(late, 30)))
+                await asyncio.sleep(0.002)
+            results = await asyncio.gather(*readers)
+            for got in results:
+                assert got == [b"%d" % i for i in range(30)]
+            for feed in [*feeds, late]:
+                await feed.aclose()
+        finally:
+            if logs:
+                await shared.delete(*logs)
+            await shared.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_follower_joining_an_idle_loop_is_woken(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop blocks on one log; a follower of another log gets its entry through a wake-up."""
+    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
+
+    async def run() -> None:
+        shared = new_async_redis(redis_url)
+        hub = LogHub(redis_url, shared)
+        quiet, busy = f"test:hub:{uuid.uuid4().hex}", f"test:hub:{uuid.uuid4().hex}"
+        try:
+            idle = hub.feed(quiet)
+            assert await idle.read(None) == []
+            waiting = asyncio.create_task(idle.read(READ_MS))
+            await asyncio.sleep(0.05)  # the loop is blocked on `quiet` alone now
+            other = hub.feed(busy)
+            assert await other.read(None) == []
+            reader = asyncio.create_task(other.read(READ_MS))
+            await asyncio.sleep(0.05)
+            await shared.xadd(busy, {"m": b"x"})
+            got = await reader
+            assert [fields[b"m"] for _, fields in got] == [b"x"]
+            await shared.xadd(quiet, {"m": b"y"})
+            assert [fields[b"m"] for _, fields in await waiting] == [b"y"]
+            await idle.aclose()
+            await other.aclose()
+        finally:
+            await shared.delete(quiet, busy)
+            await shared.aclose()
+
+    asyncio.run(run())
