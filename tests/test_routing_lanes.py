@@ -17,7 +17,6 @@ pytestmark = pytest.mark.unit
 
 # A 24h batch window after a 60 s flush; flex needs 5 minutes.
 SETTINGS = Settings(batch_window_s=24 * 3600, batch_flush_interval_s=60, flex_min_lead_s=300)
-NOW = datetime.now(UTC)
 BOTH = ("flex", "priority")
 H = 3600
 
@@ -40,14 +39,18 @@ TABLE = [
 ]
 
 
-def request(priority: str, deadline_s: int | None, lane: str | None) -> dict[str, object]:
+def request(
+    priority: str, deadline_s: int | None, lane: str | None, now: datetime | None = None
+) -> dict[str, object]:
+    """A request body; the deadline counts from `now` (the test's own clock: the schema refuses
+    a deadline already past, and collection may precede a test by minutes)."""
     data: dict[str, object] = {
         "model": "gpt-4.1",
         "messages": [{"role": "user", "content": "hi"}],
         "priority": priority,
     }
     if deadline_s is not None:
-        data["deadline"] = (NOW + timedelta(seconds=deadline_s)).isoformat()
+        data["deadline"] = ((now or datetime.now(UTC)) + timedelta(seconds=deadline_s)).isoformat()
     if lane is not None:
         data["lane"] = lane
     return data
@@ -62,20 +65,22 @@ def test_lane_table(
     lane: str,
     escalated: bool,
 ) -> None:
-    req = validate_request(request(priority, deadline_s, asked))
-    choice = choose_lane(req, SETTINGS, tiers, load_price_table(), NOW)
+    now = datetime.now(UTC)
+    req = validate_request(request(priority, deadline_s, asked, now))
+    choice = choose_lane(req, SETTINGS, tiers, load_price_table(), now)
     assert (choice.lane, choice.escalated) == (lane, escalated)
     assert choice.route == ("batch" if lane == "batch" else "stream")
     assert choice.reason.startswith(priority) and len(choice.reason) <= 200
 
 
 def test_reasons_explain_the_choice() -> None:
-    flex = choose_lane(validate_request(request("low", H, None)), SETTINGS, BOTH, None, NOW)
+    now = datetime.now(UTC)
+    flex = choose_lane(validate_request(request("low", H, None, now)), SETTINGS, BOTH, None, now)
     assert (
         flex.reason
         == "low: flex at the batch rate, deadline in 60m is before a batch window could end"
     )
-    relay = choose_lane(validate_request(request("low", H, None)), SETTINGS, (), None, NOW)
+    relay = choose_lane(validate_request(request("low", H, None, now)), SETTINGS, (), None, now)
     assert "the provider sells no flex tier" in relay.reason
 
 
@@ -87,9 +92,10 @@ def test_a_cheaper_flex_rate_wins_over_batch(tmp_path) -> None:  # type: ignore[
         '[models."gpt-4.1"]\ninput_per_million = "2"\noutput_per_million = "8"\n'
         "flex_discount = 0.6\n"
     )
+    now = datetime.now(UTC)
     req = validate_request(request("low", None, None))
-    assert choose_lane(req, SETTINGS, BOTH, parse_price_file(path), NOW).lane == "flex"
-    assert choose_lane(req, SETTINGS, (), parse_price_file(path), NOW).lane == "batch"
+    assert choose_lane(req, SETTINGS, BOTH, parse_price_file(path), now).lane == "flex"
+    assert choose_lane(req, SETTINGS, (), parse_price_file(path), now).lane == "batch"
 
 
 def test_one_horizon_rule_per_lane() -> None:
@@ -97,7 +103,8 @@ def test_one_horizon_rule_per_lane() -> None:
     assert lead_s("batch", SETTINGS, flushing=True) == 24 * H
     assert lead_s("flex", SETTINGS) == 300
     assert lead_s("stream", SETTINGS) == lead_s("priority", SETTINGS) == 0
-    assert horizon("flex", SETTINGS, NOW) == NOW + timedelta(seconds=300)
+    now = datetime.now(UTC)
+    assert horizon("flex", SETTINGS, now) == now + timedelta(seconds=300)
 
 
 def test_priority_lane_only_for_high() -> None:
