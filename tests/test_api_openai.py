@@ -208,3 +208,31 @@ def test_a_failed_request_is_an_error_both_ways(api_server: ApiServer, simulator
     with pytest.raises(openai.APIError, match="failed: provider rejected"):
         for _ in client.chat.completions.create(model=MODEL, messages=ask(tag), stream=True):
             pass
+
+
+def test_service_tier_maps_to_a_lane(api_server: ApiServer) -> None:
+    """OpenAI's `service_tier`: priority asks for the priority lane (a high request; the test
+    provider sells no tiers, so it runs on the standard stream lane and says why), default
+    changes nothing, flex is refused in OpenAI's error shape with nothing enqueued."""
+    key = api_server.key()
+    client = sdk(api_server, key)
+    out = client.chat.completions.create(
+        model=MODEL, messages=ask("tier priority"), service_tier="priority"
+    )
+    view = api_server.wait_final(key, out.id)
+    assert view["status"] == "succeeded", view["error"]
+    assert view["priority"] == "high" and view["lane"] == "stream", view
+    plain = client.chat.completions.create(
+        model=MODEL, messages=ask("tier default"), service_tier="default"
+    )
+    assert api_server.wait_final(key, plain.id)["status"] == "succeeded"
+    with pytest.raises(openai.BadRequestError, match="service_tier flex") as err:
+        client.chat.completions.create(model=MODEL, messages=ask("tier flex"), service_tier="flex")
+    assert err.value.code == "service_tier_not_supported"
+    with pytest.raises(openai.BadRequestError, match="lane 'priority' is for priority high"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ask("tier priority, normal"),
+            service_tier="priority",
+            extra_headers={"X-Sheepdog-Priority": "normal"},
+        )

@@ -4,7 +4,7 @@ refused (400) rather than silently dropped."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
@@ -16,6 +16,12 @@ PRIORITY = "x-sheepdog-priority"
 DEADLINE = "x-sheepdog-deadline"
 MAX_COST = "x-sheepdog-max-cost-usd"
 IDEMPOTENCY = "idempotency-key"
+
+FLEX_REFUSED = (
+    "service_tier flex is not taken on /v1/chat/completions: submit the request with priority "
+    "low and a deadline on POST /v1/requests, and Sheepdog runs it on the flex tier when the "
+    "deadline allows and the provider sells it"
+)
 
 LOW_REFUSED = (
     "priority low is not served on /v1/chat/completions (a batch may take hours to answer): "
@@ -45,6 +51,9 @@ class ChatBody(BaseModel):
     n: int | None = Field(default=None, ge=1, le=1)
     metadata: dict[str, str] | None = None
     user: str | None = Field(default=None, max_length=200)
+    # OpenAI's own: "priority" asks for the priority lane (a high request; Sheepdog takes it
+    # when the provider sells the tier), "auto"/"default" change nothing, "flex" is refused.
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -85,7 +94,11 @@ def parse_chat_body(raw: object) -> ChatBody:
 
 def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:
     """The Sheepdog request (models/request.py ChatRequest fields) for this call."""
-    priority = (headers.get(PRIORITY) or "normal").strip().lower()
+    if body.service_tier == "flex":
+        raise ApiError(400, FLEX_REFUSED, "service_tier_not_supported", "service_tier")
+    asked_priority = body.service_tier == "priority"
+    default = "high" if asked_priority else "normal"
+    priority = (headers.get(PRIORITY) or default).strip().lower()
     if priority == "low":
         raise ApiError(400, LOW_REFUSED, "priority_not_supported", "X-Sheepdog-Priority")
     messages = []
@@ -95,6 +108,8 @@ def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:
             m["content"] = _content(m, index)
         messages.append(m)
     request: dict[str, Any] = {"model": body.model, "messages": messages, "priority": priority}
+    if asked_priority:
+        request["lane"] = "priority"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
