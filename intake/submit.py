@@ -94,7 +94,8 @@ class Submitter:
             prompt_tokens,
             req.max_tokens,
             req.max_cost_usd,
-            lane.lane,
+            # A flex request may fall back to the standard lane: its cap must hold there too.
+            "stream" if lane.lane == "flex" else lane.lane,
         )
         if max_tokens is not None:
             body["max_tokens"] = max_tokens

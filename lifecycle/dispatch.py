@@ -30,7 +30,7 @@ def send_stream(
     """Send `request_id`'s stream task; with `item`, the request itself rides along (a row the
     producer could not write is recorded by the worker from it). A flex request (`lane`, or
     the item's) is sent at the lowest priority; one `resent` (its worker died or its message
-    was lost: it has waited already) at the highest, as high ones are."""
+    was lost: it has waited already), flex or not, at the highest, as high ones are."""
     kwargs: dict[str, Any] = {"request_id": request_id}
     if item is not None:
         kwargs["item"] = item.model_dump(mode="json")
@@ -40,7 +40,7 @@ def send_stream(
     else:
         shown = f"id={request_id}" + (f" {why}" if why else "")
         priority = HIGH if resent else NORMAL
-    if lane == "flex":
+    if lane == "flex" and not resent:  # a re-sent one has waited already, its deadline nearer
         priority = FLEX
     app.send_task(
         STREAM_TASK,

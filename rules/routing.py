@@ -79,6 +79,8 @@ def cheapest_lane(
     def rate(lane: Lane) -> object:
         return sum(price.rates(lane)) if price is not None else 0
 
+    if not open_:  # the deadline has passed (a late flush or salvage): no lane meets it
+        return LaneChoice("stream", "low: stream, escalated (the deadline has passed)", True)
     lane = min(open_, key=lambda x: (rate(x), PREFERENCE.index(x)))
     return LaneChoice(lane, _why(lane, deadline, now, tiers), escalated=lane != "batch")
 

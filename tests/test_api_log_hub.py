@@ -98,3 +98,40 @@ def test_a_follower_joining_an_idle_loop_is_woken(
             await shared.aclose()
 
     asyncio.run(run())
+
+
+def test_a_follower_behind_the_read_under_way_gets_the_gap(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second follower of one log joins while the hub's XREAD runs from the first one's later
+    position (a reconnect with Last-Event-ID while the old connection still follows): it must
+    still get the entries between its position and the read's start, in order."""
+    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
+
+    async def run() -> None:
+        shared = new_async_redis(redis_url)
+        hub = LogHub(redis_url, shared)
+        key = f"test:hub:{uuid.uuid4().hex}"
+        try:
+            ids = [await shared.xadd(key, {"m": b"%d" % i}) for i in range(10)]
+            ahead = hub.feed(key)
+            assert len(await ahead.read(None)) == 10  # at entry 9
+            waiting = asyncio.create_task(ahead.read(READ_MS))  # the hub reads from entry 9
+            await asyncio.sleep(0.2)
+            behind = hub.feed(key)
+            behind.pos = log_hub._pos(ids[3])  # has entries 0..3, as a resumed follower would
+            reading = asyncio.create_task(behind.read(READ_MS))
+            await asyncio.sleep(0.2)
+            await shared.xadd(key, {"m": b"10"})
+            got = [fields[b"m"] for _, fields in await reading]
+            while got[-1] != b"10":
+                got += [fields[b"m"] for _, fields in await behind.read(READ_MS)]
+            assert got == [b"%d" % i for i in range(4, 11)]
+            assert [fields[b"m"] for _, fields in await waiting] == [b"10"]
+            await ahead.aclose()
+            await behind.aclose()
+        finally:
+            await shared.delete(key)
+            await shared.aclose()
+
+    asyncio.run(run())

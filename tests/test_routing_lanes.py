@@ -118,3 +118,13 @@ def test_priority_rate_is_dearer() -> None:
     price = load_price_table().get("gpt-4.1")
     assert sum(price.rates("priority")) > sum(price.rates("stream")) > sum(price.rates("flex"))
     assert price.rates("flex") == (Decimal("1.000"), Decimal("4.000"))
+
+
+def test_a_deadline_already_past_still_gets_a_lane() -> None:
+    """A flush or a salvage can meet a row after its deadline: it is streamed, never a crash."""
+    from rules.routing import cheapest_lane
+
+    now = datetime.now(UTC)
+    choice = cheapest_lane(now - timedelta(seconds=5), SETTINGS, BOTH, None, now)
+    assert (choice.lane, choice.escalated) == ("stream", True)
+    assert "deadline has passed" in choice.reason

@@ -63,6 +63,11 @@ class SubmitBatcher:
                 )
             except Exception as err:  # Redis errors the client does not wrap, and the like
                 results = err
+            except BaseException as err:  # this runner cancelled (shutdown): no call left hanging
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(asyncio.CancelledError())
+                raise err
             for index, (_, _, done) in enumerate(batch):
                 if done.done():  # the caller went away
                     continue

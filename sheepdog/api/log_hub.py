@@ -50,6 +50,10 @@ class HubFeed:
         self.pos = (0, 0)  # the id of the last entry handed to this follower (or queued)
         self.queue: list[Entry] = []
         self.ready = asyncio.Event()
+        # The hub's read started after this feed's position (it joined while that read was under
+        # way, from another follower's later position): the entries between would be skipped,
+        # so the feed reads them itself first.
+        self.behind = False
 
     def offer(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -69,7 +73,8 @@ class HubFeed:
     async def read(self, block_ms: int | None) -> list[Entry]:
         if self.queue:
             return self._take()
-        if block_ms is None:
+        if block_ms is None or self.behind:
+            self.behind = False
             response = await self.hub.redis.xread({self.key: _id(self.pos)}, BATCH)
             for _, entries in _pairs(response):
                 self.offer(entries)
@@ -77,6 +82,8 @@ class HubFeed:
         self.hub.join(self)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.ready.wait(), block_ms / 1000)
+        if self.behind and not self.queue:
+            return await self.read(None)
         return self._take()
 
     async def aclose(self) -> None:
@@ -101,13 +108,12 @@ class LogHub:
 
     def join(self, feed: HubFeed) -> None:
         feeds = self._feeds.setdefault(feed.key, set())
-        if feed in feeds:
-            return
+        new = feed not in feeds
         feeds.add(feed)
-        if not self._running:
+        if not self._running:  # (also a loop that died: its feeds restart it)
             self._running = True
             self._spawn(self._run())
-        elif feed.key not in self._read_keys and not self._waking:
+        elif new and feed.key not in self._read_keys and not self._waking:
             self._waking = True
             self._spawn(self._wake())
 
@@ -159,13 +165,18 @@ class LogHub:
             await conn.aclose()
 
     async def _once(self, conn: aioredis.Redis) -> None:
-        if self._client_id is None:
-            self._client_id = int(await conn.client_id())
-        streams = {key: _id(min(f.pos for f in feeds)) for key, feeds in self._feeds.items()}
-        self._read_keys = set(streams)
+        # Before every XREAD: a reconnect (redis-py retries a lost connection) has a new id.
+        self._client_id = int(await conn.client_id())
+        starts = {key: min(f.pos for f in feeds) for key, feeds in self._feeds.items()}
+        self._read_keys = set(starts)
+        streams = {key: _id(pos) for key, pos in starts.items()}
         response = await conn.xread(streams, BATCH, BLOCK_MS)  # type: ignore[arg-type]
         self._read_keys = set()
         for key, entries in _pairs(response):
             name = key.decode() if isinstance(key, bytes) else key
             for feed in list(self._feeds.get(name, ())):
-                feed.offer(entries)
+                if feed.pos < starts.get(name, feed.pos):
+                    feed.behind = True  # joined behind this read's start: reads the gap itself
+                    feed.ready.set()
+                else:
+                    feed.offer(entries)
