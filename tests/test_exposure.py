@@ -141,14 +141,19 @@ def test_request_bodies_are_bounded_before_they_are_read() -> None:
             {"model": "sheepdog-mini", "messages": [{"role": "user", "content": "x" * 50_000}]}
         ).encode()
         conn = http.client.HTTPConnection(sim.host, sim.port, timeout=10)
-        conn.request(
-            "POST",
-            "/v1/chat/completions",
-            body=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]),
-            headers={"Authorization": "Bearer sk-body", "Content-Type": "application/json"},
-            encode_chunked=True,
-        )
-        assert conn.getresponse().status == 413
+        try:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]),
+                headers={"Authorization": "Bearer sk-body", "Content-Type": "application/json"},
+                encode_chunked=True,
+            )
+            assert conn.getresponse().status == 413
+        except (BrokenPipeError, ConnectionResetError):
+            # The server answered 413 and closed while chunks were still going out: the client
+            # then meets the closed socket before (or instead of) the answer. Cut off either way.
+            pass
         conn.close()
         small = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": "hi"}]}
         status, _ = call(
