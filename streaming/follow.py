@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,7 +158,7 @@ async def follow(
     keepalive_s: float = 15.0,
     row_known_open: bool = False,
     feeds: FeedSource | None = None,
-) -> AsyncIterator[StreamMessage | Tick]:
+) -> AsyncGenerator[StreamMessage | Tick, None]:
     """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
     each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
     seq. `row_known_open`: the caller has just seen the request not ended (so the first look

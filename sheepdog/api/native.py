@@ -12,6 +12,7 @@ and follow a request's messages as server-sent events.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -158,19 +159,23 @@ async def events(request: Request) -> Response:
     async def body() -> AsyncIterator[bytes]:
         with front.metrics.stream_open("/v1/requests/{id}/events"):
             yield b"retry: 1000\n\n"  # EventSource: reconnect after 1 s, with Last-Event-ID
-            async for msg in follow(
-                rid,
-                settings,
-                after=after,
-                max_s=settings.api_events_max_s,
-                keepalive_s=settings.api_keepalive_s,
-                row_known_open=not view.is_final,
-                feeds=front.logs.feed,
-            ):
-                if isinstance(msg, Tick):
-                    yield b": keepalive\n\n"
-                    continue
-                data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (msg.seq, msg.type.encode(), data)
+            # Closed as the loop is left (a return inside it): its feed leaves the reader then.
+            async with contextlib.aclosing(
+                follow(
+                    rid,
+                    settings,
+                    after=after,
+                    max_s=settings.api_events_max_s,
+                    keepalive_s=settings.api_keepalive_s,
+                    row_known_open=not view.is_final,
+                    feeds=front.logs.feed,
+                )
+            ) as messages:
+                async for msg in messages:
+                    if isinstance(msg, Tick):
+                        yield b": keepalive\n\n"
+                        continue
+                    data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (msg.seq, msg.type.encode(), data)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

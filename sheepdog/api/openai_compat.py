@@ -15,6 +15,7 @@ with only their base URL and API key changed. The response id is the Sheepdog re
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -103,45 +104,49 @@ async def chat_completions(request: Request) -> Response:
 async def _complete(front: Front, rid: str, body: ChatBody) -> Response:
     wait_s = front.settings.api_completion_wait_s
     parts: list[str] = []
-    async for msg in follow(
-        rid,
-        front.settings,
-        max_s=wait_s,
-        keepalive_s=wait_s,
-        row_known_open=True,
-        feeds=front.logs.feed,
-    ):
-        if isinstance(msg, Tick):
-            continue
-        if msg.type == "token":
-            parts.append(msg.text or "")
-        elif msg.type == "reset":
-            parts.clear()
-        elif msg.type == "error":
-            raise _ended_error(rid, msg)
-        else:
-            return FastJSONResponse(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.model,
-                    "system_fingerprint": None,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {
-                                "role": "assistant",
-                                "content": "".join(parts),
-                                "refusal": None,
-                            },
-                            "logprobs": None,
-                            "finish_reason": msg.finish_reason or "stop",
-                        }
-                    ],
-                    "usage": _usage(msg),
-                }
-            )
+    # Closed as the loop is left (a return inside it): its feed leaves the reader then.
+    async with contextlib.aclosing(
+        follow(
+            rid,
+            front.settings,
+            max_s=wait_s,
+            keepalive_s=wait_s,
+            row_known_open=True,
+            feeds=front.logs.feed,
+        )
+    ) as messages:
+        async for msg in messages:
+            if isinstance(msg, Tick):
+                continue
+            if msg.type == "token":
+                parts.append(msg.text or "")
+            elif msg.type == "reset":
+                parts.clear()
+            elif msg.type == "error":
+                raise _ended_error(rid, msg)
+            else:
+                return FastJSONResponse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.model,
+                        "system_fingerprint": None,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {
+                                    "role": "assistant",
+                                    "content": "".join(parts),
+                                    "refusal": None,
+                                },
+                                "logprobs": None,
+                                "finish_reason": msg.finish_reason or "stop",
+                            }
+                        ],
+                        "usage": _usage(msg),
+                    }
+                )
     raise _timed_out(rid, wait_s)
 
 
@@ -169,33 +174,37 @@ async def _chunks(front: Front, rid: str, body: ChatBody) -> AsyncIterator[bytes
     sent_text = False
     with front.metrics.stream_open(ENDPOINT):
         yield chunk({"role": "assistant", "content": ""})
-        async for msg in follow(
-            rid,
-            settings,
-            max_s=settings.api_completion_wait_s,
-            keepalive_s=settings.api_keepalive_s,
-            row_known_open=True,  # just submitted
-            feeds=front.logs.feed,
-        ):
-            if isinstance(msg, Tick):
-                yield b": keepalive\n\n"
-            elif msg.type == "token":
-                if msg.text:
-                    sent_text = True
-                    yield chunk({"content": msg.text})
-            elif msg.type == "reset":
-                if sent_text:
-                    yield _event(_restarted(rid).body())
+        # Closed as the loop is left (a return inside it): its feed leaves the reader then.
+        async with contextlib.aclosing(
+            follow(
+                rid,
+                settings,
+                max_s=settings.api_completion_wait_s,
+                keepalive_s=settings.api_keepalive_s,
+                row_known_open=True,  # just submitted
+                feeds=front.logs.feed,
+            )
+        ) as messages:
+            async for msg in messages:
+                if isinstance(msg, Tick):
+                    yield b": keepalive\n\n"
+                elif msg.type == "token":
+                    if msg.text:
+                        sent_text = True
+                        yield chunk({"content": msg.text})
+                elif msg.type == "reset":
+                    if sent_text:
+                        yield _event(_restarted(rid).body())
+                        return
+                elif msg.type == "error":
+                    yield _event(_ended_error(rid, msg).body())
                     return
-            elif msg.type == "error":
-                yield _event(_ended_error(rid, msg).body())
-                return
-            else:
-                yield chunk({}, msg.finish_reason or "stop")
-                if body.include_usage:
-                    yield _event({**base, "choices": [], "usage": _usage(msg)})
-                yield b"data: [DONE]\n\n"
-                return
+                else:
+                    yield chunk({}, msg.finish_reason or "stop")
+                    if body.include_usage:
+                        yield _event({**base, "choices": [], "usage": _usage(msg)})
+                    yield b"data: [DONE]\n\n"
+                    return
         yield _event(
             error_body(504, _timed_out(rid, settings.api_completion_wait_s).message, "timeout")
         )
