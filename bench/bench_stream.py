@@ -26,7 +26,12 @@ SQLite file), and one stream worker (threads pool, concurrency 1000: the CLI def
    5 ms apart (bench/relay_floor.py); Sheepdog's per-chunk relay cannot be below it.
    For the concurrency run, the same stock worker (one process) given n no-op tasks in one
    send: each one's delay from the send to its body, Celery's floor for starting a burst.
-3. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
+3. steady load (bench/stream_steady.py): new streams at --rate a second for --seconds (each
+   50 chunks 100 ms apart: ~1,000 open at once), straight through the async SDK and then
+   through Sheepdog; added TTFT p50 / p99 over the direct run, and the stream queue's length
+   (its first and last ten seconds). Its worker gets --steady-slots slots (the streams open at
+   once outnumber the default 1,000 a little).
+4. TTFT breakdown: the worker runs with SHEEPDOG_STREAM_TRACE=1 and records each stream's stage
    times in Redis; medians of message sent -> task thread -> loop -> claim done / provider's
    first text -> first token queued -> seen by the subscriber.
 
@@ -54,6 +59,7 @@ from bench.stack import Proc, start_stream_worker, stop, stream_simulator, worke
 from bench.stream_burst import concurrency  # noqa: E402
 from bench.stream_floors import start_floor_worker  # noqa: E402
 from bench.stream_latency import latency  # noqa: E402
+from bench.stream_steady import steady  # noqa: E402
 from bench.stream_table import table  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
@@ -71,7 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--db", choices=["pg", "sqlite"], default="pg")
     parser.add_argument("--runs", type=int, default=3, help="repeat each phase; medians shown")
-    parser.add_argument("--skip", choices=["latency", "concurrency"], default=None)
+    parser.add_argument(
+        "--skip", choices=["latency", "concurrency", "steady"], action="append", default=[]
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="steady load: streams a second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="steady load: how long")
+    parser.add_argument("--steady-slots", type=int, default=1500, help="steady load: slots")
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
     parser.add_argument(
         "--rows-ab",
@@ -93,9 +104,9 @@ def new_db(kind: str, workdir: Path) -> str:
 
 def run_phases(
     args: argparse.Namespace, sim: SimulatorProcess, db_url: str, workdir: Path
-) -> tuple[Runs, Runs, Runs]:
+) -> tuple[Runs, Runs, Runs, Runs]:
     """Each phase --runs times: (latency runs, burst runs, latency runs without the producer's
-    row write)."""
+    row write, steady-load runs)."""
     r = redis.Redis.from_url(REDIS)
     env = worker_env(REDIS, db_url, sim, SHEEPDOG_STREAM_TRACE="1")
     settings = Settings(
@@ -109,23 +120,33 @@ def run_phases(
     lat: Runs = []
     conc: Runs = []
     lat_without: Runs = []
+    std: Runs = []
     procs: list[Proc] = [start_stream_worker(env, workdir, i) for i in range(args.workers)]
     procs.append(start_floor_worker(env, workdir))  # Celery's floor, in both phases
     pids = [p.pid for p in procs[: args.workers]]  # not the floor worker
     try:
         for run in range(args.runs):
-            if args.skip != "latency" and args.rows_ab:
+            if "latency" not in args.skip and args.rows_ab:
                 lat_without.append(latency(sim, without_rows, r, args.requests))
                 print(f"run {run + 1} latency, no producer row: {fmt(lat_without[-1])}")
-            if args.skip != "latency":
+            if "latency" not in args.skip:
                 lat.append(latency(sim, client, r, args.requests))
                 print(f"run {run + 1} latency: {fmt(lat[-1])}", flush=True)
-            if args.skip != "concurrency":
+            if "concurrency" not in args.skip:
                 conc.append(concurrency(sim, client, r, pids, args.streams, db_url))
                 print(f"run {run + 1} concurrency: {fmt(conc[-1])}", flush=True)
+        if "steady" not in args.skip:
+            stop(procs[: args.workers], 30)
+            slots = args.steady_slots
+            procs[: args.workers] = [
+                start_stream_worker(env, workdir, i, slots) for i in range(args.workers)
+            ]
+            for run in range(args.runs):
+                std.append(steady(sim, client, r, db_url, args.rate, args.seconds))
+                print(f"run {run + 1} steady: {fmt(std[-1])}", flush=True)
     finally:
         stop(procs, 30)
-    return lat, conc, lat_without
+    return lat, conc, lat_without, std
 
 
 def print_rows_ab(lat: Runs, lat_without: Runs) -> None:
@@ -142,7 +163,7 @@ def main() -> None:
     db_url = new_db(args.db, workdir)
     redis.Redis.from_url(REDIS).flushdb()
     with SimulatorProcess(stream_simulator(workdir)) as sim:
-        lat, conc, lat_without = run_phases(args, sim, db_url, workdir)
+        lat, conc, lat_without, std = run_phases(args, sim, db_url, workdir)
     if args.db == "pg":
         drop_database(db_url)
     if lat_without:
@@ -151,7 +172,7 @@ def main() -> None:
         f"\nstreaming path ({args.db}, {os.cpu_count()} cores, {args.workers} worker process(es),"
         f" medians of {args.runs} runs)"
     )
-    print_grid(title, table(lat, conc, args.streams))
+    print_grid(title, table(lat, conc, args.streams, std, args.rate))
 
 
 if __name__ == "__main__":

@@ -102,18 +102,24 @@ def start_beat(env: dict[str, str], logdir: Path, name: str = "beat") -> Proc:
     return start_celery(env, logdir, name, "beat", "--schedule", str(logdir / f"{name}-schedule"))
 
 
-def spawn_stream_worker(env: dict[str, str], log: Path, hostname: str | None = None) -> Proc:
-    """`sheepdog worker --queues stream`, one process (the CPU measured is that of its pid)."""
+def spawn_stream_worker(
+    env: dict[str, str], log: Path, hostname: str | None = None, concurrency: int | None = None
+) -> Proc:
+    """`sheepdog worker --queues stream`, one process (with its stream engine, a child)."""
     cmd = [sys.executable, "-m", "sheepdog", "worker", "--queues", "stream"]
     cmd += ["--loglevel", "WARNING"]
+    cmd += ["--concurrency", str(concurrency)] if concurrency else []
     cmd += ["--hostname", hostname] if hostname else []
     return spawn([*cmd, "--processes", "1"], env, log)
 
 
-def start_stream_worker(env: dict[str, str], logdir: Path, index: int = 0) -> Proc:
+def start_stream_worker(
+    env: dict[str, str], logdir: Path, index: int = 0, concurrency: int | None = None
+) -> Proc:
     """A stream worker, returned once it has answered a request (consuming, loop started,
     connections warm)."""
-    proc = spawn_stream_worker(env, logdir / f"worker{index}.log", f"bench{index}@%h")
+    log = logdir / f"worker{index}.log"
+    proc = spawn_stream_worker(env, log, f"bench{index}@%h", concurrency)
     try:
         client = Client(
             Settings(redis_url=env["SHEEPDOG_REDIS_URL"], database_url=env["SHEEPDOG_DATABASE_URL"])

@@ -17,7 +17,7 @@ from openai import AsyncOpenAI, DefaultAioHttpClient
 from sqlalchemy import func, select
 
 from bench.bodies import chat_body
-from bench.cpu import CpuWindow
+from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
 from bench.stream_floors import celery_floor
 from core import keys
@@ -155,9 +155,11 @@ def concurrency(
     alone = simulator_alone(sim, n, "alone" + tag)
     items = [client.prepare({**chat_body(i, tag), "priority": "normal"}) for i in range(n)]
     ids = [item.id for item in items]
-    spy = start_pyspy(workers[0])
+    # Each worker with its stream engine (a child process): both are the worker's CPU.
+    procs = [p for w in workers for p in process_tree(w)]
+    spy = start_pyspy(procs[-1])  # the last worker's engine (or the worker itself)
     assert sim.process is not None
-    window = CpuWindow([*workers, sim.process.pid])
+    window = CpuWindow([*procs, sim.process.pid])
     t0 = time.time()
     client._enqueue(items)  # as submit_many sends a burst: one pipeline, then the rows
     sent = dict.fromkeys(ids, time.time())
@@ -165,11 +167,12 @@ def concurrency(
     rows = ended_rows(db_url, ids)
     used, busy = window.read()
     cpu, sim_cpu = sum(used[:-1]), used[-1]
+    logs = replay_logs(r, client, ids)  # before the short TTL of an ended log runs out
     if spy is not None:
         spy.wait()
     floor_burst = [ms / 1000 for ms in celery_floor(client.settings.redis_url).measure_burst(n)]
     times = timings(rows, sent, t0, t_sent)
-    lost, chunks = losses(ids, replay_logs(r, client, ids), rows)
+    lost, chunks = losses(ids, logs, rows)
     return {
         "sim_wall": alone["wall"],
         "sim_each_p50": alone["each_p50"],

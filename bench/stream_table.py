@@ -104,11 +104,44 @@ def cost_rows(conc: Runs, n: int) -> list[list[str]]:
     ]
 
 
-def table(lat: Runs, conc: Runs, n: int) -> list[list[str]]:
+def steady_rows(std: Runs, rate: float) -> list[list[str]]:
+    """The steady load, against the same load served directly."""
+    rows = []
+    for q in ("p50", "p99"):
+        d, t, a = (
+            med(std, f"steady_direct_{q}"),
+            med(std, f"steady_{q}"),
+            med(std, f"steady_added_{q}"),
+        )
+        rows.append(
+            [f"{rate:.0f} streams/s: TTFT {q}", f"{d:.2f} ms", f"{t:.2f} ms", f"+{a:.2f} ms"]
+        )
+    queue = (
+        f"{med(std, 'steady_queue_first10'):.0f} / {med(std, 'steady_queue_last10'):.0f}"
+        f" (max {med(std, 'steady_queue_max'):.0f})"
+    )
+    done = f"{med(std, 'steady_done'):.0f} of {med(std, 'steady_sent'):.0f}"
+    rows += [
+        [f"{rate:.0f} streams/s: queue, first / last 10 s", "", queue, "messages waiting"],
+        [
+            f"{rate:.0f} streams/s: sent at / succeeded",
+            "",
+            f"{med(std, 'steady_rate'):.0f}/s, {done}",
+            "",
+        ],
+    ]
+    return rows
+
+
+def table(
+    lat: Runs, conc: Runs, n: int, std: Runs | None = None, rate: float = 200.0
+) -> list[list[str]]:
     """The README's table: medians over the runs, Sheepdog against the baseline of each run."""
     rows = [["", "direct (baseline)", "through Sheepdog", "added / ratio"]]
     if lat:
         rows += ttft_rows(lat) + relay_rows(lat) + stage_rows(lat)
     if conc:
         rows += burst_rows(conc, n) + cost_rows(conc, n)
+    if std:
+        rows += steady_rows(std, rate)
     return rows

@@ -64,7 +64,7 @@ def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelO
         )
         attempts = moved_attempts(session, request_id, moved)
     if attempts is not None and row.route == "stream":
-        from streaming.runner import publish_error
+        from streaming.out_of_band import publish_error
 
         publish_error(settings, request_id, "cancelled", attempts=attempts)
     return CancelOutcome.CANCELLED

@@ -29,7 +29,7 @@ from lifecycle.dispatch import send_stream
 from lifecycle.moves import move
 from models.status import Status
 from models.tables import Request, utcnow
-from streaming.runner import publish_error
+from streaming.out_of_band import publish_error
 
 log = logging.getLogger("sheepdog.janitor")
 

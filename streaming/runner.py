@@ -1,9 +1,9 @@
-"""`run_stream`: what the `sheepdog.stream` task does, as a plain function.
+"""`run_stream`: what the stream engine does for one `sheepdog.stream` task.
 
 Order of work, chosen for time to first token: check the cancel flag (one Redis EXISTS), start
 the provider call on the loop, and meanwhile record + claim the row through the process's
 batching database writer (streaming/writer.py); the first token is published as soon as both
-are done. The task thread only waits. The row's end goes through the writer too, and is written
+are done. The row's end goes through the writer too, and is written
 before the last message is published, so a subscriber that sees `done` can read the finished
 row.
 """
@@ -18,9 +18,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from core import keys
-from core.redis_conn import get_redis
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from lifecycle.record import release_keys
 from models.intake_message import IntakeItem, Lane
 from models.status import Status
@@ -29,8 +27,9 @@ from streaming import store
 from streaming.end import End
 from streaming.job import CANCELLED, LOST, Grant, StreamJob, StreamResult
 from streaming.lanes import LaneRun, parse_deadline
-from streaming.publisher import Mode, fence_token, last_message, next_seq, publish_now
-from streaming.runtime import Runtime, get_runtime
+from streaming.out_of_band import publish_error
+from streaming.publisher import fence_token, next_seq
+from streaming.runtime import Runtime
 
 log = logging.getLogger("sheepdog.streaming")
 
@@ -40,19 +39,21 @@ UNWRITTEN = "end not written"
 T = TypeVar("T")
 
 
-def run_stream(
+async def run_stream(
+    runtime: Runtime,
     request_id: str,
     item: dict[str, Any] | None = None,
-    settings: Settings | None = None,
     *,
     overlap: bool = True,
+    started: float | None = None,
 ) -> str:
-    """Stream one request end to end; returns how it ended (for logs and tests).
+    """Stream one request end to end on the engine's loop; returns how it ended (for logs and
+    tests).
 
     With `overlap` the provider call starts while the row is recorded and claimed; without it
-    (a redelivered message) the row is checked first."""
-    started = time.time()
-    settings = settings or get_settings()
+    (a redelivered message) the row is checked first. `started`: when the task began (trace)."""
+    started = started or time.time()
+    settings = runtime.settings
     intake: IntakeItem | None = None
     if item is not None:
         try:
@@ -67,7 +68,7 @@ def run_stream(
         deadline = parse_deadline(intake.request.get("deadline"))
         lanes = LaneRun(settings, _stream_lane(intake.lane_or_route), deadline)
     else:
-        row = store.load(settings.database_url, request_id)
+        row = await asyncio.to_thread(store.load, settings.database_url, request_id)
         if row is None:
             log.error("%s: no such request", request_id)
             return "missing"
@@ -75,11 +76,10 @@ def run_stream(
             return f"skipped ({row.status})"
         body = row.body
         lanes = LaneRun(settings, _stream_lane(row.lane), parse_deadline(row.deadline))
-    runtime = get_runtime(settings)
     if not overlap and intake is not None:
         # A redelivered message most likely names a request that already ran: claim first
         # rather than pay for a provider call that would be thrown away.
-        state = store.load(settings.database_url, request_id)
+        state = await asyncio.to_thread(store.load, settings.database_url, request_id)
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
     job = runtime.register(request_id, body)
@@ -88,14 +88,11 @@ def run_stream(
         job.marks = {"task": started}
         job.arrivals = []
     try:
-        # This thread only waits: the cancel check, the claim, the stream and the end all happen
-        # on the loop (each blocking call made here would cost this thread a wait for the GIL,
-        # and a thousand such threads queue the loop behind them).
-        ended = runtime.call(serve(runtime, job, settings, intake))
+        ended = await serve(runtime, job, settings, intake)
     finally:
         runtime.forget(job)
     if ended is CANCELLED_FIRST:
-        return _cancel_before_start(settings, request_id, intake)
+        return await asyncio.to_thread(_cancel_before_start, settings, request_id, intake)
     return ended
 
 
@@ -279,21 +276,3 @@ def _cancel_before_start(settings: Settings, request_id: str, intake: IntakeItem
         return f"skipped ({row.status if row else 'missing'})"
     publish_error(settings, request_id, "cancelled", attempts=attempts)
     return Status.CANCELLED.value
-
-
-def publish_error(
-    settings: Settings, request_id: str, reason: str, type_: str = "error", *, attempts: int
-) -> int:
-    """Publish one message outside a worker loop as attempt `attempts` (an `error` ends the
-    log; a `reset` takes the stream over from every older attempt); the seq it went out with,
-    or -1 when the fence refused it."""
-    redis = get_redis(settings.redis_url)
-    names = keys.of(settings)
-    seq = next_seq(last_message(redis, names, request_id))  # used only if the fence was lost
-    payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
-    mode = Mode.FINAL if type_ == "error" else Mode.TAKE_OVER
-    # An error ends the request (its row is final already): the log is kept the short TTL.
-    ttl = min(settings.replay_ttl_s, settings.replay_done_ttl_s) if type_ == "error" else None
-    return publish_now(
-        redis, names, request_id, payload, ttl or settings.replay_ttl_s, attempts, mode
-    )

@@ -1,23 +1,18 @@
-"""The per-process streaming runtime: ONE asyncio loop in a background thread.
+"""The stream engine's runtime: what one asyncio loop holds for every stream of the process.
 
-Celery's threads pool gives each stream a thin thread that only hands the request to this loop
-and waits. The loop holds every provider connection (AsyncOpenAI, streaming/provider_calls.py),
-the batching publisher, the batching database writer (claims and ends), the cancel listener and
+The loop holds every provider connection (AsyncOpenAI, streaming/provider_calls.py), the
+batching publisher, the batching database writer (claims and ends), the cancel listener and
 the batched heartbeat, so a thousand streams cost a thousand sockets and coroutines rather than
-a thousand threads contending for the GIL and the connection pool.
+a thousand threads contending for the GIL and the connection pool. It runs in the stream
+engine's process (streaming/engine.py), apart from the Celery consumer that feeds it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import sys
-import threading
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
@@ -33,37 +28,18 @@ from streaming.writer import Writer
 
 log = logging.getLogger("sheepdog.streaming.runtime")
 
-T = TypeVar("T")
-SWITCH_INTERVAL_S = 0.0005
-
 
 class Runtime:
-    """The loop thread and what lives on it."""
+    """The loop's services and its jobs; made and started on the loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, trace: bool = False) -> None:
         self.settings = settings
-        self.pid = os.getpid()
-        # The loop shares the GIL with the Celery consumer, its task threads and the writer's
-        # threads; at the default 5 ms switch interval a busy one holds the loop (and every
-        # chunk waiting on it) for up to 5 ms. 0.5 ms bounds that wait (p99 per-chunk delay).
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
-        # Record each stream's stage times in Redis (bench/bench_stream.py's TTFT breakdown).
-        self.trace = bool(os.environ.get("SHEEPDOG_STREAM_TRACE"))
+        self.trace = trace  # record each stream's stage times (bench/bench_stream.py)
         self.jobs: dict[str, StreamJob] = {}
-        self.loop = _new_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="sheepdog-stream-loop", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the streaming event loop did not start")
+        self.loop = asyncio.get_running_loop()
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._setup())
-        self._ready.set()
-        self.loop.run_forever()
-
-    async def _setup(self) -> None:
+    async def start(self) -> None:
+        """Open the connections, warm them, and start the loop's services."""
         s = self.settings
         self.redis = new_async_redis(s.redis_url)
         self.names = keys.of(s)
@@ -90,14 +66,10 @@ class Runtime:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
 
-    # -- called from task threads --------------------------------------------------------------
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    # -- jobs ----------------------------------------------------------------------------------
 
     def register(self, request_id: str, body: dict[str, Any]) -> StreamJob:
-        """A job for `request_id`, known to the cancel listener from now on (task thread)."""
+        """A job for `request_id`, known to the cancel listener from now on."""
         job = StreamJob(self, request_id, body, asyncio.Future(loop=self.loop))
         # A job already here for the same id (its row was taken back and sent again) is kept
         # as `previous`: stopped if this one claims the row, back in place if it does not.
@@ -106,7 +78,7 @@ class Runtime:
         return job
 
     def forget(self, job: StreamJob) -> None:
-        """Drop a finished job (task thread)."""
+        """Drop a finished job."""
         job.finished = True
         if self.jobs.get(job.request_id) is job:
             previous = job.previous
@@ -192,24 +164,3 @@ def progressing(jobs: dict[str, StreamJob], now: float, idle_s: float) -> dict[s
             job.stalled = True
             log.warning("%s: no progress; its heartbeat is no longer refreshed", rid)
     return owned
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-_runtime: Runtime | None = None
-_lock = threading.Lock()
-
-
-def get_runtime(settings: Settings) -> Runtime:
-    """The process's runtime, started on first use (after a fork: a fresh one)."""
-    global _runtime
-    with _lock:
-        if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = Runtime(settings)
-        return _runtime

@@ -1,7 +1,9 @@
-"""Streaming task (queue `stream`): one high/normal-priority request, streamed to its channel."""
+"""Streaming task (queue `stream`): one high/normal-priority request, streamed to its channel
+by this worker process's stream engine (streaming/engine.py) while the task waits."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import shared_task
@@ -9,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from streaming.runner import run_stream
+from streaming.engine_client import get_engine
 from streaming.store import Unavailable
 from tasks.task_base import SheepdogTask
 
@@ -38,5 +40,6 @@ def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> st
 
     Idempotent: the row's queued -> streaming move is the claim, so a redelivered or resent
     message for a request that has ended or is owned by a live worker does nothing."""
+    started = time.time()
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    return run_stream(request_id, item, overlap=not redelivered)
+    return get_engine().run(request_id, item, overlap=not redelivered, started=started)

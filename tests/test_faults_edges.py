@@ -133,7 +133,7 @@ def test_stopped_stream_worker_cannot_garble_what_followers_see(
             return sum(pipe.execute())
 
     wait_for(lambda: shown() == len(ids), 60, "40 streams showing text")
-    stale.popen.send_signal(signal.SIGSTOP)
+    stale.signal_all(signal.SIGSTOP)  # the worker and its stream engine
     stopped_at = time.monotonic()
     heir = dep.stream_worker("heir")
     beat = dep.stack.start_beat(name="sigstop-beat")
@@ -144,7 +144,7 @@ def test_stopped_stream_worker_cannot_garble_what_followers_see(
             60,
             "the janitor to take every stream back",
         )
-        stale.popen.send_signal(signal.SIGCONT)
+        stale.signal_all(signal.SIGCONT)
         rows = wait_final(settings, ids, 120)
         stuck = time.monotonic() - stopped_at
         time.sleep(3)  # the continued worker sends what it buffered, then finds its rows gone
@@ -156,7 +156,7 @@ def test_stopped_stream_worker_cannot_garble_what_followers_see(
                 pass
             followers[rid] = stream.text  # type: ignore[attr-defined]
     finally:
-        stale.popen.send_signal(signal.SIGCONT)
+        stale.signal_all(signal.SIGCONT)
         beat.stop()
         heir.stop()
         stale.stop()

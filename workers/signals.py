@@ -48,10 +48,10 @@ def _kick_webhooks_after_commit(**_: Any) -> None:
 
 
 def _start_stream_runtime(sender: Any = None, **_: Any) -> None:
-    # Warm the loop, provider client and cancel listener before the first request pays for
-    # them (threads/solo pools share the process; prefork children start theirs on first use).
-    from core.settings import get_settings
-    from streaming.runtime import get_runtime
+    # Start the stream engine (its loop, provider clients and cancel listener warm) before the
+    # first request pays for it (threads/solo pools share the process; prefork children start
+    # theirs on first use).
+    from streaming.engine_client import get_engine
 
     try:
         queues = {q.name for q in sender.task_consumer.queues}
@@ -59,12 +59,9 @@ def _start_stream_runtime(sender: Any = None, **_: Any) -> None:
     except AttributeError:
         return
     if "stream" in queues and "prefork" not in pool:
-        get_runtime(get_settings())
+        get_engine().start()
         _start_threads(sender.pool)
-        # Everything imported and warmed so far lives as long as the process: out of the
-        # collector's sight, a full collection no longer walks it (a pause of several ms that
-        # showed as per-chunk delay).
-        gc.freeze()
+        gc.freeze()  # what lives as long as the process, out of the collector's sight
 
 
 def _start_threads(pool: Any) -> None:

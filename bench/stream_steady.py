@@ -1,0 +1,129 @@
+"""bench_stream.py's steady-load run: new streams arriving at a steady rate (200/s for 60 s,
+each 50 chunks 100 ms apart, so ~1,000 open at once), straight through the async SDK and then
+through Sheepdog, each one's time to first token against the same load served directly.
+
+Direct: one asyncio client starting each stream on schedule and reading it to the end; its TTFT
+is request start -> first content chunk. Through Sheepdog: each stream message sent on schedule
+(one send per request, as a producer submitting one at a time, rows written by the producer);
+its TTFT is the send -> the row's first token (the worker's, just before it is published: the
+relay adds its ~0.3 ms, measured by the latency run). The queue: the stream queue's length,
+sampled every second; bounded when its last ten seconds are no longer than its first ten."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from typing import Any
+
+import redis
+from openai import AsyncOpenAI, DefaultAioHttpClient
+
+from bench.bodies import chat_body
+from bench.report import pct
+from bench.stream_burst import TOKENS, ended_rows
+from sheepdog.client import Client
+from simulator.server import SimulatorProcess
+
+MS = 1000
+
+
+def direct(sim: SimulatorProcess, rate: float, seconds: float, tag: str) -> list[float]:
+    """Each stream's TTFT (s), started on schedule straight through the async SDK."""
+
+    async def one(sdk: AsyncOpenAI, i: int, at: float) -> float:
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        t0 = time.perf_counter()
+        first = float("nan")
+        async with sdk.chat.completions.with_streaming_response.create(
+            **chat_body(i, tag), stream=True
+        ) as resp:
+            async for data in resp.iter_bytes():
+                if first != first and b'"content":"' in data:
+                    first = time.perf_counter() - t0
+        return first
+
+    async def run() -> list[float]:
+        http = DefaultAioHttpClient(timeout=120)
+        async with AsyncOpenAI(
+            base_url=sim.base_url, api_key=sim.api_key, max_retries=0, http_client=http
+        ) as sdk:
+            start = time.perf_counter() + 0.5
+            n = int(rate * seconds)
+            return await asyncio.gather(*(one(sdk, i, start + i / rate) for i in range(n)))
+
+    return asyncio.run(run())
+
+
+def queue_length(r: redis.Redis) -> int:
+    """Messages waiting in the stream queue (kombu keeps one list per priority step)."""
+    total = 0
+    for key in r.scan_iter(match="stream*", count=100):
+        if r.type(key) == b"list":
+            total += int(r.llen(key))
+    return total
+
+
+def through_sheepdog(
+    client: Client, r: redis.Redis, db_url: str, rate: float, seconds: float, tag: str
+) -> tuple[list[float], list[int], float]:
+    """(each stream's TTFT in s, the queue length each second, the rate achieved)."""
+    n = int(rate * seconds)
+    items = [client.prepare({**chat_body(i, tag), "priority": "normal"}) for i in range(n)]
+    sent: dict[str, float] = {}
+    lengths: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        probe = redis.Redis(connection_pool=r.connection_pool)
+        while not stop.wait(1.0):
+            lengths.append(queue_length(probe))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter() + 0.5
+    wall0 = time.time() - time.perf_counter()  # perf_counter -> wall clock
+    for i, item in enumerate(items):
+        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        sent[item.id] = wall0 + time.perf_counter()
+        client._enqueue([item])
+    achieved = n / (time.perf_counter() - start)
+    stop.set()  # the queue while they arrive
+    sampler.join()
+    rows = ended_rows(db_url, list(sent), timeout_s=180)
+    ttft = [
+        row.first_token_at.timestamp() - sent[row.id]
+        for row in rows
+        if row.first_token_at is not None and row.status == "succeeded"
+    ]
+    missing = n - len(ttft)
+    if missing:
+        print(f"steady: {missing} of {n} streams did not succeed", flush=True)
+    return ttft, lengths, achieved
+
+
+def steady(
+    sim: SimulatorProcess, client: Client, r: redis.Redis, db_url: str, rate: float, seconds: float
+) -> dict[str, float]:
+    """The steady-load run: added TTFT over the same load served directly, and the queue."""
+    sim.configure(ttft_ms=20, chunk_delay_ms=100, answer_tokens=[TOKENS, TOKENS])
+    tag = secrets.token_hex(3)
+    base = direct(sim, rate, seconds, "direct" + tag)
+    ttft, lengths, achieved = through_sheepdog(client, r, db_url, rate, seconds, "steady" + tag)
+    first, last = lengths[:10] or [0], lengths[-10:] or [0]
+    out: dict[str, Any] = {
+        "steady_rate": achieved,
+        "steady_direct_p50": pct(base, 0.5) * MS,
+        "steady_direct_p99": pct(base, 0.99) * MS,
+        "steady_p50": pct(ttft, 0.5) * MS,
+        "steady_p99": pct(ttft, 0.99) * MS,
+        "steady_queue_max": float(max(lengths or [0])),
+        "steady_queue_first10": sum(first) / len(first),
+        "steady_queue_last10": sum(last) / len(last),
+        "steady_done": float(len(ttft)),
+        "steady_sent": float(int(rate * seconds)),
+    }
+    out["steady_added_p50"] = out["steady_p50"] - out["steady_direct_p50"]
+    out["steady_added_p99"] = out["steady_p99"] - out["steady_direct_p99"]
+    return out

@@ -1,0 +1,143 @@
+"""The stream engine: the process that runs every stream of one Celery worker process.
+
+The `sheepdog.stream` task hands its request to the engine over a local socket and waits for how
+it ended (streaming/engine_client.py), so Flower still sees one task per stream while the
+consumer keeps its process, and its GIL, to itself: under a burst it takes messages off the
+queue at stock Celery's pace instead of sharing a core with every stream's chunks, and the
+engine's loop runs the streams without a thousand task threads and the consumer cutting in.
+
+Frames both ways: a 4-byte big-endian length, then JSON. Asked `{"id", "item", "overlap",
+"started"}`; answered `{"ended": str}` or `{"raise": "unavailable" | "error", "message": str}`.
+
+The engine lives as long as its parent: it watches its stdin (a pipe from the parent) and exits
+when that ends, however the parent went (a SIGKILL too): a stream whose task is gone is the
+janitor's, exactly as it was when the streams ran inside the worker.
+
+Run: ``python -m streaming.engine ADDRESS`` (the parent does it; ADDRESS is a Unix socket path,
+or `@name` for Linux's abstract namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from core.settings import get_settings
+from streaming import store
+from streaming.runner import run_stream
+from streaming.runtime import Runtime
+
+log = logging.getLogger("sheepdog.streaming.engine")
+
+READY = b"ready\n"  # written to stdout once the engine serves
+HEADER = 4
+# The loop shares the GIL only with the writer's database threads; at the default 5 ms switch
+# interval a busy one holds the loop (and every chunk waiting on it) for up to 5 ms.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def frame(obj: Any) -> bytes:
+    """`obj` as one frame."""
+    data = orjson.dumps(obj)
+    return len(data).to_bytes(HEADER, "big") + data
+
+
+def socket_address(address: str) -> str:
+    """A Unix socket address: `@name` is `name` in Linux's abstract namespace."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+async def answer(runtime: Runtime, ask: dict[str, Any]) -> dict[str, Any]:
+    """Run one asked stream; how it ended, or what the task should raise."""
+    try:
+        ended = await run_stream(
+            runtime,
+            str(ask["id"]),
+            ask.get("item"),
+            overlap=bool(ask.get("overlap", True)),
+            started=ask.get("started"),
+        )
+    except Exception as err:
+        if isinstance(err, store.Unavailable) or store.is_transient(err):
+            # The task sends itself again later: its message may be the request's only copy.
+            return {"raise": "unavailable", "message": repr(err)}
+        log.exception("%s: stream failed", ask.get("id"))
+        return {"raise": "error", "message": f"{type(err).__name__}: {err}"}
+    return {"ended": ended}
+
+
+async def _serve_connection(
+    runtime: Runtime, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """One task thread's connection: one stream after another."""
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(HEADER), "big")
+            ask = orjson.loads(await reader.readexactly(size))
+            writer.write(frame(await answer(runtime, ask)))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # the thread went away (its process is ending)
+    finally:
+        writer.close()
+
+
+def _exit_with_parent(loop: asyncio.AbstractEventLoop) -> None:
+    """Leave at once when stdin (the parent's pipe) ends."""
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            log.info("stream engine: the worker went away; exiting")
+            os._exit(0)
+
+    loop.add_reader(0, readable)
+
+
+async def serve(address: str) -> None:
+    """Start the runtime, serve `address`, say ready on stdout, and run until the parent goes."""
+    settings = get_settings()
+    runtime = Runtime(settings, trace=bool(os.environ.get("SHEEPDOG_STREAM_TRACE")))
+    await runtime.start()
+    server = await asyncio.start_unix_server(
+        lambda r, w: _serve_connection(runtime, r, w), path=socket_address(address), backlog=4096
+    )
+    _exit_with_parent(asyncio.get_running_loop())
+    # Everything imported and warmed so far lives as long as the process: out of the
+    # collector's sight, a full collection no longer walks it (a pause of several ms that
+    # showed as per-chunk delay).
+    gc.freeze()
+    os.write(1, READY)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    level = os.environ.get("SHEEPDOG_ENGINE_LOGLEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format="[%(asctime)s: %(levelname)s/StreamEngine-%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(args[0]))
+
+
+if __name__ == "__main__":
+    main()
