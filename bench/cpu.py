@@ -28,11 +28,10 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
+        # Every thread's children: a process started from a thread is listed under that thread.
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # a thread or process that has just ended
+                todo += [int(c) for c in children.read_text().split()]
     return out
 
 

@@ -62,7 +62,7 @@ def start_pyspy(pid: int) -> subprocess.Popen[bytes] | None:
     installed); BENCH_PYSPY_RATE and BENCH_PYSPY_ARGS (e.g. --gil) tune it."""
     if not os.environ.get("BENCH_PYSPY"):
         return None
-    cmd = ["py-spy", "record", "-p", str(pid), "-d", "12"]
+    cmd = ["py-spy", "record", "-p", str(pid), "-d", os.environ.get("BENCH_PYSPY_SECONDS", "12")]
     cmd += ["-r", os.environ.get("BENCH_PYSPY_RATE", "40"), "-f", "raw"]
     cmd += ["-o", os.environ["BENCH_PYSPY"], "--nonblocking"]
     cmd += os.environ.get("BENCH_PYSPY_ARGS", "").split()
@@ -157,7 +157,7 @@ def concurrency(
     ids = [item.id for item in items]
     # Each worker with its stream engine (a child process): both are the worker's CPU.
     procs = [p for w in workers for p in process_tree(w)]
-    spy = start_pyspy(procs[-1])  # the last worker's engine (or the worker itself)
+    spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
     assert sim.process is not None
     window = CpuWindow([*procs, sim.process.pid])
     t0 = time.time()

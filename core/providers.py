@@ -33,7 +33,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import httpx2
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -163,26 +162,14 @@ def client_for(provider: ProviderConfig) -> openai.OpenAI:
     return _client(provider.base_url, provider.key(), provider.timeout_s)
 
 
-def async_client_for(
-    provider: ProviderConfig, *, max_connections: int | None = None
-) -> openai.AsyncOpenAI:
-    """A new async SDK client for `provider`; make one per event loop.
-
-    With `max_connections` the client runs on aiohttp (the SDK's `aiohttp` extra) with a pool of
-    that size: the stream path's HTTP/1.1 parsing of every chunk is then C (llhttp) rather than
-    pure-Python h11, the largest per-chunk cost of its loop."""
-    http_client = None
-    if max_connections is not None:
-        limits = httpx2.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        http_client = openai.DefaultAioHttpClient(limits=limits, timeout=provider.timeout_s)
+def async_client_for(provider: ProviderConfig) -> openai.AsyncOpenAI:
+    """A new async SDK client for `provider` (SDK retries off: the paths own retries); make one
+    per event loop."""
     return openai.AsyncOpenAI(
         base_url=provider.base_url,
         api_key=provider.key(),
         timeout=provider.timeout_s,
         max_retries=0,
-        http_client=http_client,
     )
 
 

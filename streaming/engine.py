@@ -9,9 +9,11 @@ engine's loop runs the streams without a thousand task threads and the consumer 
 Frames both ways: a 4-byte big-endian length, then JSON. Asked `{"id", "item", "overlap",
 "started"}`; answered `{"ended": str}` or `{"raise": "unavailable" | "error", "message": str}`.
 
-The engine lives as long as its parent: it watches its stdin (a pipe from the parent) and exits
-when that ends, however the parent went (a SIGKILL too): a stream whose task is gone is the
-janitor's, exactly as it was when the streams ran inside the worker.
+The engine lives as long as its parent: it ignores the signals that ask a worker to stop (a
+warm shutdown lets the running streams end, and they need the engine until then), watches its
+stdin (a pipe from the parent) and exits when that ends, however the parent went (a SIGKILL
+too): a stream whose task is gone is the janitor's, as it was when the streams ran inside the
+worker. Only its parent may connect (SO_PEERCRED).
 
 Run: ``python -m streaming.engine ADDRESS`` (the parent does it; ADDRESS is a Unix socket path,
 or `@name` for Linux's abstract namespace).
@@ -22,12 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
+import signal
+import socket
+import struct
 import sys
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.settings import get_settings
 from streaming import store
@@ -38,14 +47,28 @@ log = logging.getLogger("sheepdog.streaming.engine")
 
 READY = b"ready\n"  # written to stdout once the engine serves
 HEADER = 4
+MAX_FRAME = 64 * 1024 * 1024  # an ask larger than this is not one of the parent's
+# What the stream task sends itself again for (its message may be the request's only copy):
+# the database or Redis away. The engine answers "unavailable" for these.
+RESENT_ON: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    store.Unavailable,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
 # The loop shares the GIL only with the writer's database threads; at the default 5 ms switch
 # interval a busy one holds the loop (and every chunk waiting on it) for up to 5 ms.
 SWITCH_INTERVAL_S = 0.0005
 
 
 def frame(obj: Any) -> bytes:
-    """`obj` as one frame."""
-    data = orjson.dumps(obj)
+    """`obj` as one frame (the standard library's JSON for what orjson cannot write, such as
+    an integer past 64 bits; frames are read with it too, so such a value arrives unchanged)."""
+    try:
+        data = orjson.dumps(obj)
+    except TypeError:
+        data = json.dumps(obj).encode()
     return len(data).to_bytes(HEADER, "big") + data
 
 
@@ -65,27 +88,54 @@ async def answer(runtime: Runtime, ask: dict[str, Any]) -> dict[str, Any]:
             started=ask.get("started"),
         )
     except Exception as err:
-        if isinstance(err, store.Unavailable) or store.is_transient(err):
-            # The task sends itself again later: its message may be the request's only copy.
-            return {"raise": "unavailable", "message": repr(err)}
-        log.exception("%s: stream failed", ask.get("id"))
-        return {"raise": "error", "message": f"{type(err).__name__}: {err}"}
+        if not resent_on(err):
+            log.exception("%s: stream failed", ask.get("id"))
+        return error_answer(err)
     return {"ended": ended}
+
+
+def resent_on(err: BaseException) -> bool:
+    """True for the errors the task sends itself again for (RESENT_ON, the database away)."""
+    return isinstance(err, RESENT_ON) or store.is_transient(err)
+
+
+def error_answer(err: BaseException) -> dict[str, str]:
+    """What the task raises for `err`: Unavailable (sent again later: its message may be the
+    request's only copy) or EngineError (the task fails)."""
+    if resent_on(err):
+        return {"raise": "unavailable", "message": repr(err)}
+    return {"raise": "error", "message": f"{type(err).__name__}: {err}"}
 
 
 async def _serve_connection(
     runtime: Runtime, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    """One task thread's connection: one stream after another."""
+    """One connection of the parent's: one stream after another."""
     try:
+        if not _from_parent(writer.get_extra_info("socket")):
+            log.warning("stream engine: a connection not from its worker refused")
+            return
         while True:
             size = int.from_bytes(await reader.readexactly(HEADER), "big")
-            ask = orjson.loads(await reader.readexactly(size))
+            if size > MAX_FRAME:
+                log.error("stream engine: an ask of %d bytes refused", size)
+                return
+            ask = json.loads(await reader.readexactly(size))
             writer.write(frame(await answer(runtime, ask)))
     except (asyncio.IncompleteReadError, ConnectionError):
         pass  # the thread went away (its process is ending)
     finally:
         writer.close()
+
+
+def _from_parent(sock: socket.socket | None) -> bool:
+    """True when the peer of `sock` is this engine's parent (Linux: SO_PEERCRED; elsewhere the
+    socket file's permissions keep others out)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return sock is not None
+    pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    return pid == os.getppid()
 
 
 def _exit_with_parent(loop: asyncio.AbstractEventLoop) -> None:
@@ -117,6 +167,7 @@ async def serve(address: str) -> None:
     # showed as per-chunk delay).
     gc.freeze()
     os.write(1, READY)
+    os.dup2(2, 1)  # the parent has closed its end: anything printed goes to the log
     async with server:
         await server.serve_forever()
 
@@ -130,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the worker's to act on; the engine leaves with it
     loop_factory = None
     with contextlib.suppress(ImportError):
         import uvloop

@@ -1,17 +1,21 @@
 """The task's side of the stream engine (streaming/engine.py): start it, hand it streams.
 
 One engine per Celery worker process that runs stream tasks, started with the worker (or on the
-first stream in a prefork child) and started again should it die. Each task thread keeps its
-own connection to it and waits there for its stream's end, so the thread costs the consumer's
-process nothing while the stream runs.
+first stream in a prefork child) and started again should it die. A task takes a connection to
+it from a pool, opened with the engine (one per slot: a burst does not open a thousand sockets
+on both sides while it starts), and waits there for its stream's end, so the thread costs the
+consumer's process nothing while the stream runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import secrets
 import selectors
+import site
 import socket
 import subprocess
 import sys
@@ -20,14 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from streaming.engine import HEADER, READY, frame, socket_address
 from streaming.store import Unavailable
 
 log = logging.getLogger("sheepdog.streaming.engine")
 
 START_TIMEOUT_S = 60.0
+START_BACKOFF_S = 5.0  # after a start that failed, streams are sent back this long at once
 
 
 class EngineError(Exception):
@@ -43,25 +46,41 @@ class Engine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._address = ""
         self._generation = 0
-        self._local = threading.local()
+        self._idle: queue.LifoQueue[tuple[socket.socket, int]] = queue.LifoQueue()
+        self._connections = 0  # how many to keep open (the slots)
+        self._failed_at = -START_BACKOFF_S  # monotonic time of the last start that failed
 
     # -- the process -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the engine unless it runs; returns once it serves."""
+    def start(self, connections: int = 0) -> None:
+        """Start the engine unless it runs, with `connections` to it open (the process's stream
+        slots); returns once it serves."""
         with self._lock:
+            self._connections = max(self._connections, connections)
             if self._proc is not None and self._proc.poll() is None:
                 return
+            if time.monotonic() - self._failed_at < START_BACKOFF_S:
+                raise Unavailable("the stream engine failed to start a moment ago")
             if self._proc is not None:
                 log.error("stream engine exited (%s); starting another", self._proc.returncode)
-            self._proc, self._address = _spawn()
+                self._proc = None
+            try:
+                self._proc, self._address = _spawn()
+            except Exception:
+                self._failed_at = time.monotonic()
+                raise
             self._generation += 1
+            try:
+                for _ in range(self._connections):
+                    self._idle.put((self._connect(), self._generation))
+            except OSError as err:  # the engine went at once: the next task starts another
+                log.error("stream engine connections failed: %r", err)
 
     def stop(self) -> None:
-        """End the engine (its parent's exit ends it too)."""
+        """End the engine as its parent's exit would: its stdin closed (it ignores SIGTERM)."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.terminate()
+            if self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
                 try:
                     self._proc.wait(10)
                 except subprocess.TimeoutExpired:
@@ -80,40 +99,51 @@ class Engine:
         """Have the engine stream `request_id`; how it ended. Raises Unavailable when the
         engine or the database is away (the task sends itself again), EngineError else."""
         ask = frame({"id": request_id, "item": item, "overlap": overlap, "started": started})
+        sock: socket.socket | None = None
         try:
-            sock = self._connection()
+            sock, generation = self._take()
             sock.sendall(ask)
-            answer = orjson.loads(_read(sock, int.from_bytes(_read(sock, HEADER), "big")))
+            answer = json.loads(_read(sock, int.from_bytes(_read(sock, HEADER), "big")))
         except OSError as err:
-            self._drop_connection()
+            if sock is not None:
+                sock.close()
+            self.start()  # when the engine has gone: another, and the pool's sockets dropped
             raise Unavailable(f"stream engine unreachable: {err!r}") from err
+        except BaseException:
+            # Cut off between the ask and its answer (a time limit, an interrupt): the answer
+            # may still come on this socket, so it is nobody's to reuse.
+            if sock is not None:
+                sock.close()
+            raise
+        self._idle.put((sock, generation))
         if "ended" in answer:
             return str(answer["ended"])
         if answer.get("raise") == "unavailable":
             raise Unavailable(str(answer.get("message")))
         raise EngineError(str(answer.get("message")))
 
-    def _connection(self) -> socket.socket:
-        local = self._local
-        sock: socket.socket | None = getattr(local, "sock", None)
-        if sock is not None and local.generation == self._generation:
-            return sock
-        self._drop_connection()
+    def _take(self) -> tuple[socket.socket, int]:
+        """An open connection to the running engine (a new one when none is idle)."""
+        while True:
+            try:
+                sock, generation = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if generation == self._generation:
+                return sock, generation
+            sock.close()  # to an engine that has gone
         self.start()  # a no-op while it runs; another one if it died
+        generation = self._generation
+        return self._connect(), generation
+
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(socket_address(self._address))
         except OSError:
             sock.close()
             raise
-        local.sock, local.generation = sock, self._generation
         return sock
-
-    def _drop_connection(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is not None:
-            sock.close()
-            self._local.sock = None
 
 
 def _read(sock: socket.socket, size: int) -> bytes:
@@ -132,12 +162,14 @@ def _spawn() -> tuple[subprocess.Popen[bytes], str]:
     token = f"sheepdog-engine-{os.getpid()}-{secrets.token_hex(4)}"
     address = f"@{token}" if sys.platform == "linux" else str(Path("/tmp") / f"{token}.sock")
     env = dict(os.environ)
-    # Found where this process found Sheepdog's packages, whatever the working directory.
+    # Sheepdog's packages found where this process found them, whatever the working directory
+    # (-P: the directory itself is not searched, so nothing in it shadows them or the stdlib).
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if root not in site.getsitepackages():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["SHEEPDOG_ENGINE_LOGLEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streaming.engine", address],
+        [sys.executable, "-P", "-m", "streaming.engine", address],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
 
-import httpx2
-
 from core.settings import Settings
 from models.status import Status
 from models.stream_message import encode
@@ -236,13 +234,13 @@ class StreamJob:
             in_flight_s = timeout_s + settings.stream_idle_timeout_s
             self.live_for(in_flight_s)
             try:
-                client = await self.services.providers.before_call(self.body)  # rate limit
+                endpoint = await self.services.providers.before_call(self.body)  # rate limit
                 self.live_for(in_flight_s)
                 end = await stream_once(
-                    client,
+                    endpoint,
                     lanes.body(self.body),
                     include_usage=include_usage,
-                    timeout=httpx2.Timeout(timeout_s),
+                    timeout_s=timeout_s,
                     idle_timeout_s=settings.stream_idle_timeout_s,
                     on_text=self._on_text,
                 )

@@ -1,18 +1,21 @@
 """Which provider a stream calls, and its shared rate limit.
 
-The provider of a request's model gives the client (one AsyncOpenAI per provider on the
-runtime's loop) and, when the provider has limits, the Redis-shared limiter every call attempt
-acquires first (one request plus the prompt estimate and the answer limit). A 429's Retry-After
-penalizes the limiter, so every worker on every host backs off together.
+The provider of a request's model gives the endpoint (its SDK client's chat URL and headers,
+sent through one aiohttp session per provider on the engine's loop: provider_stream.py) and,
+when the provider has limits, the Redis-shared limiter every call attempt acquires first (one
+request plus the prompt estimate and the answer limit). A 429's Retry-After penalizes the
+limiter, so every worker on every host backs off together.
 """
 
 from __future__ import annotations
 
 import logging
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-import openai
+import aiohttp
 import redis.asyncio as aioredis
 
 from core import keys
@@ -20,7 +23,7 @@ from core.providers import ProviderConfig, async_client_for, load_providers
 from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
 from rules.tokens import count_message_tokens
-from streaming.provider_stream import Fatal, Retryable
+from streaming.provider_stream import Endpoint, Fatal, Retryable
 
 DEFAULT_ANSWER_TOKENS = 1024  # token estimate of a request without max_tokens
 log = logging.getLogger("sheepdog.streaming.providers")
@@ -30,7 +33,7 @@ MAX_CONNECTIONS = 4000  # per provider and process: every stream of the loop may
 
 @dataclass(frozen=True)
 class Access:
-    client: openai.AsyncOpenAI
+    endpoint: Endpoint
     limiter: AsyncRateLimiter | None
 
 
@@ -71,26 +74,45 @@ class ProviderClients:
     def _of(self, provider: ProviderConfig) -> Access:
         found = self._by_provider.get(provider.name)
         if found is None:
-            # SDK retries are off: streaming/job.py owns the retries.
-            client = async_client_for(provider, max_connections=MAX_CONNECTIONS)
             limiter = None
             if provider.rate_limited:
                 rates = RateLimits(provider.requests_per_minute, provider.tokens_per_minute)
                 limiter = AsyncRateLimiter(self.redis, provider.name, rates, self.names)
-            found = self._by_provider[provider.name] = Access(client, limiter)
+            found = self._by_provider[provider.name] = Access(endpoint_for(provider), limiter)
         return found
 
-    async def before_call(self, body: dict[str, Any]) -> openai.AsyncOpenAI:
-        """Wait for the provider's rate limit (if any); the client to call."""
+    async def before_call(self, body: dict[str, Any]) -> Endpoint:
+        """Wait for the provider's rate limit (if any); the endpoint to call."""
         found = self.access(str(body.get("model") or ""))
         if found.limiter is not None:
             answer = body.get("max_completion_tokens") or body.get("max_tokens")
             tokens = count_message_tokens(body.get("messages") or [])
             await found.limiter.acquire(tokens + int(answer or DEFAULT_ANSWER_TOKENS))
-        return found.client
+        return found.endpoint
 
     async def after_retryable(self, body: dict[str, Any], err: Retryable) -> None:
         """A failed attempt that named a Retry-After holds back every worker's calls for it."""
         found = self.access(str(body.get("model") or ""))
         if found.limiter is not None and err.retry_after is not None:
             await found.limiter.penalize(err.retry_after)
+
+
+def endpoint_for(provider: ProviderConfig) -> Endpoint:
+    """`provider`'s endpoint, on a session of the running loop. The URL and headers are its SDK
+    client's (base URL, auth, the SDK's own headers); the SDK client itself sends nothing."""
+    client = async_client_for(provider)
+    headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
+    headers.update(client.auth_headers)
+    url = f"{client.base_url}chat/completions"
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS))
+    return Endpoint(session, url, headers, env_proxy(url))
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY, NO_PROXY ...: what the SDK's own
+    client follows), read once here rather than at every request (aiohttp's trust_env reads
+    the environment and ~/.netrc per request)."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)

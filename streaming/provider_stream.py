@@ -1,12 +1,13 @@
-"""One streamed call to the provider through the official SDK, parsed cheaply.
+"""One streamed call to the provider, parsed cheaply.
 
-The request goes through the SDK client's own `post` (auth, base URL, headers, error mapping stay
-the SDK's) with the body already serialized by orjson and `cast_to=httpx2.Response`, so the
-SDK hands back the unread HTTP response: this skips the typed-params transform and the
-streaming-response wrapper of `chat.completions.create`, about a third of the SDK's ~0.9 ms of
-CPU per request. The SSE lines are split from the bytes and decoded with orjson, which costs a
-few microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
-`Retryable` (the caller backs off and tries again) and `Fatal` (the request fails at once).
+The request is the SDK's (streaming/provider_calls.py takes the URL and headers, its auth
+included, from the provider's SDK client) sent through the engine loop's aiohttp session
+directly: the SDK's own request path (options, auth flow, httpx2 on aiohttp) costs ~0.4 ms of
+CPU a call, which a burst of 1,000 streams pays on the engine's one core, and each chunk would
+pass four more async iterators. The SSE lines are split from the bytes and decoded with orjson,
+a few microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
+`Retryable` (the caller backs off and tries again) and `Fatal` (the request fails at once), with
+the SDK's reading of an error body.
 """
 
 from __future__ import annotations
@@ -18,15 +19,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-import openai
+import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
 from core.errors import scrub_secrets
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-CHAT_PATH = "/chat/completions"
-JSON_HEADERS = {"Content-Type": "application/json"}
+ERROR_BODY_LIMIT = 64 * 1024  # of an error answer, read for its message
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a provider's streams go: its chat-completions URL and request headers (its SDK
+    client's, auth included), over the engine loop's aiohttp session."""
+
+    session: aiohttp.ClientSession
+    url: str
+    headers: dict[str, str]
+    proxy: str | None = None
 
 
 class Retryable(Exception):
@@ -67,7 +78,7 @@ OnText = Callable[[str], Awaitable[bool]]
 """Called with each piece of text; returns False to stop the stream (cost cap)."""
 
 
-def retry_after_s(headers: httpx2.Headers) -> float | None:
+def retry_after_s(headers: CIMultiDictProxy[str]) -> float | None:
     """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
@@ -87,15 +98,25 @@ def retry_after_s(headers: httpx2.Headers) -> float | None:
         return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
 
 
-def _status_error(err: openai.APIStatusError) -> Exception:
-    status = err.status_code
-    body = err.body
-    detail = body.get("message") if isinstance(body, dict) else None
-    message = scrub_secrets(str(detail or err.message))
+def error_message(status: int, raw: bytes) -> str:
+    """An error answer's message, read as the SDK reads it: `error.message` of a JSON body,
+    else "Error code: N - " and the body."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    return f"Error code: {status} - {raw.decode(errors='replace').strip()}"
+
+
+def _status_error(status: int, raw: bytes, headers: CIMultiDictProxy[str]) -> Exception:
+    message = scrub_secrets(error_message(status, raw))
     if status == 400 and "stream_options" in message:
         return RejectsStreamOptions(f"provider rejected stream_options: {message}")
     if status in RETRYABLE_STATUS or status >= 500:
-        return Retryable(f"provider answered {status}", retry_after_s(err.response.headers), status)
+        return Retryable(f"provider answered {status}", retry_after_s(headers), status)
     return Fatal(f"provider rejected the request ({status}): {message}")
 
 
@@ -147,17 +168,17 @@ class _IdleWatch:
 
 
 async def stream_once(
-    client: openai.AsyncOpenAI,
+    endpoint: Endpoint,
     body: dict[str, Any],
     *,
     include_usage: bool,
-    timeout: httpx2.Timeout,
+    timeout_s: float,
     idle_timeout_s: float,
     on_text: OnText,
 ) -> AttemptEnd:
     """Stream one answer; raise Retryable or Fatal on failure.
 
-    `timeout` bounds the call up to the response's head (a busy provider may take a while to
+    `timeout_s` bounds the call up to the response's head (a busy provider may take a while to
     start answering: that is not a stall); from then on no data for `idle_timeout_s` is a
     stall."""
     kwargs: dict[str, Any] = {**body, "stream": True}
@@ -168,17 +189,23 @@ async def stream_once(
     tier: str | None = None
     idle: _IdleWatch | None = None
     try:
-        response = await client.post(
-            CHAT_PATH,
-            cast_to=httpx2.Response,
-            content=orjson.dumps(kwargs),
-            options={"headers": JSON_HEADERS, "timeout": timeout},
-            stream=True,
-        )
+        async with asyncio.timeout(timeout_s):
+            response = await endpoint.session.post(
+                endpoint.url,
+                data=orjson.dumps(kwargs),
+                headers=endpoint.headers,
+                proxy=endpoint.proxy,
+            )
+            if response.status >= 400:
+                try:
+                    raw = await response.content.read(ERROR_BODY_LIMIT)
+                finally:
+                    response.release()
+                raise _status_error(response.status, raw, response.headers)
         idle = _IdleWatch(idle_timeout_s)
         try:
             rest = b""
-            async for data in response.aiter_bytes():
+            async for data in response.content.iter_any():
                 idle.seen()
                 lines = (rest + data).split(b"\n")
                 rest = lines.pop()
@@ -208,21 +235,19 @@ async def stream_once(
                             finish = choice["finish_reason"]
         finally:
             idle.close()
-            await response.aclose()
+            response.release()  # back to the pool when read to the end, else closed
     except asyncio.CancelledError:
         if idle is not None and idle.stalled():
             raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
         raise
-    except openai.APIStatusError as err:
-        raise _status_error(err) from None
-    except openai.APITimeoutError:
+    except TimeoutError:
         raise Retryable("provider timed out before answering") from None
-    except openai.APIConnectionError as err:
-        raise Retryable(f"cannot reach the provider: {err.__cause__ or err}") from None
-    except httpx2.ReadTimeout:
-        raise Retryable("stream stalled: no data for the read timeout") from None
-    except (httpx2.TransportError, httpx2.StreamError) as err:
+    except aiohttp.ClientPayloadError as err:
         raise Retryable(f"stream cut: {type(err).__name__}") from None
+    except (aiohttp.ClientError, OSError) as err:
+        if idle is not None:
+            raise Retryable(f"stream cut: {type(err).__name__}") from None
+        raise Retryable(f"cannot reach the provider: {err}") from None
     except orjson.JSONDecodeError:
         raise Retryable("malformed chunk from the provider") from None
     # `data: [DONE]` ends a stream (some servers never send a finish_reason); a body that ends

@@ -68,7 +68,7 @@ async def run_stream(
         deadline = parse_deadline(intake.request.get("deadline"))
         lanes = LaneRun(settings, _stream_lane(intake.lane_or_route), deadline)
     else:
-        row = await asyncio.to_thread(store.load, settings.database_url, request_id)
+        row = await runtime.writer.on_end_thread(store.load, settings.database_url, request_id)
         if row is None:
             log.error("%s: no such request", request_id)
             return "missing"
@@ -79,7 +79,7 @@ async def run_stream(
     if not overlap and intake is not None:
         # A redelivered message most likely names a request that already ran: claim first
         # rather than pay for a provider call that would be thrown away.
-        state = await asyncio.to_thread(store.load, settings.database_url, request_id)
+        state = await runtime.writer.on_end_thread(store.load, settings.database_url, request_id)
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
     job = runtime.register(request_id, body)
@@ -92,7 +92,9 @@ async def run_stream(
     finally:
         runtime.forget(job)
     if ended is CANCELLED_FIRST:
-        return await asyncio.to_thread(_cancel_before_start, settings, request_id, intake)
+        return await runtime.writer.on_end_thread(
+            _cancel_before_start, settings, request_id, intake
+        )
     return ended
 
 

@@ -7,12 +7,9 @@ import time
 from typing import Any
 
 from celery import shared_task
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from streaming.engine import RESENT_ON
 from streaming.engine_client import get_engine
-from streaming.store import Unavailable
 from tasks.task_base import SheepdogTask
 
 
@@ -24,13 +21,7 @@ from tasks.task_base import SheepdogTask
     name="sheepdog.stream",
     acks_late=True,
     bind=True,
-    autoretry_for=(
-        OperationalError,
-        InterfaceError,
-        Unavailable,
-        RedisConnectionError,
-        RedisTimeoutError,
-    ),
+    autoretry_for=RESENT_ON,
     retry_backoff=1,
     retry_backoff_max=30,
     max_retries=None,
@@ -41,5 +32,9 @@ def stream(self: Any, request_id: str, item: dict[str, Any] | None = None) -> st
     Idempotent: the row's queued -> streaming move is the claim, so a redelivered or resent
     message for a request that has ended or is owned by a live worker does nothing."""
     started = time.time()
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    return get_engine().run(request_id, item, overlap=not redelivered, started=started)
+    # A redelivered or retried message most likely names a request that has run or runs: the
+    # engine checks the row before it calls the provider.
+    again = bool((self.request.delivery_info or {}).get("redelivered")) or bool(
+        self.request.retries
+    )
+    return get_engine().run(request_id, item, overlap=not again, started=started)
