@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
 from core.errors import scrub_secrets
 
@@ -78,7 +77,7 @@ OnText = Callable[[str], Awaitable[bool]]
 """Called with each piece of text; returns False to stop the stream (cost cap)."""
 
 
-def retry_after_s(headers: CIMultiDictProxy[str]) -> float | None:
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
@@ -111,7 +110,7 @@ def error_message(status: int, raw: bytes) -> str:
     return f"Error code: {status} - {raw.decode(errors='replace').strip()}"
 
 
-def _status_error(status: int, raw: bytes, headers: CIMultiDictProxy[str]) -> Exception:
+def _status_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Exception:
     message = scrub_secrets(error_message(status, raw))
     if status == 400 and "stream_options" in message:
         return RejectsStreamOptions(f"provider rejected stream_options: {message}")
