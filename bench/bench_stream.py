@@ -83,6 +83,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=200.0, help="steady load: streams a second")
     parser.add_argument("--seconds", type=float, default=60.0, help="steady load: how long")
     parser.add_argument("--steady-slots", type=int, default=1500, help="steady load: slots")
+    parser.add_argument(
+        "--steady-without-rows",
+        action="store_true",
+        help="steady load: the producer does not write the rows (SHEEPDOG_PRODUCER_WRITES_ROWS=0)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
     parser.add_argument(
         "--rows-ab",
@@ -142,7 +147,9 @@ def run_phases(
                 start_stream_worker(env, workdir, i, slots) for i in range(args.workers)
             ]
             for run in range(args.runs):
-                std.append(steady(sim, client, r, db_url, args.rate, args.seconds))
+                pids = [p.pid for p in procs[: args.workers]]
+                producer = without_rows if args.steady_without_rows else client
+                std.append(steady(sim, producer, r, db_url, args.rate, args.seconds, pids))
                 print(f"run {run + 1} steady: {fmt(std[-1])}", flush=True)
     finally:
         stop(procs, 30)

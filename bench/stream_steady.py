@@ -2,25 +2,32 @@
 each 50 chunks 100 ms apart, so ~1,000 open at once), straight through the async SDK and then
 through Sheepdog, each one's time to first token against the same load served directly.
 
-Direct: one asyncio client starting each stream on schedule and reading it to the end; its TTFT
-is request start -> first content chunk. Through Sheepdog: each stream message sent on schedule
-(one send per request, as a producer submitting one at a time, rows written by the producer);
-its TTFT is the send -> the row's first token (the worker's, just before it is published: the
-relay adds its ~0.3 ms, measured by the latency run). The queue: the stream queue's length,
-sampled every second; bounded when its last ten seconds are no longer than its first ten."""
+Direct: one asyncio client (aiohttp on uvloop: the SDK's own path costs too much CPU a chunk for
+one process to read 10,000 chunks a second on this box and still start streams on time)
+starting each stream on schedule with the SDK's request and reading it to the end; its TTFT is
+request start -> first content chunk. Through Sheepdog: each request submitted on schedule, one
+per call, from a pool of sender threads (the producer writes each row, the default); its TTFT
+is the send -> the row's first token (the worker's, just before it is published: the relay adds
+its ~0.3 ms, measured by the latency run). The queue: the stream queue's length, sampled every
+second while the requests arrive; bounded when its last ten seconds are no longer than its
+first ten. Worker CPU per chunk: the stream worker and its engine over the Sheepdog run."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import secrets
 import threading
 import time
 from typing import Any
 
+import aiohttp
+import orjson
 import redis
-from openai import AsyncOpenAI, DefaultAioHttpClient
+import uvloop
 
 from bench.bodies import chat_body
+from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
 from bench.stream_burst import TOKENS, ended_rows
 from sheepdog.client import Client
@@ -32,28 +39,28 @@ MS = 1000
 def direct(sim: SimulatorProcess, rate: float, seconds: float, tag: str) -> list[float]:
     """Each stream's TTFT (s), started on schedule straight through the async SDK."""
 
-    async def one(sdk: AsyncOpenAI, i: int, at: float) -> float:
+    url = f"{sim.base_url.rstrip('/')}/chat/completions"
+    headers = {"Authorization": f"Bearer {sim.api_key}", "Content-Type": "application/json"}
+
+    async def one(http: aiohttp.ClientSession, i: int, at: float) -> float:
+        body = orjson.dumps({**chat_body(i, tag), "stream": True})
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
         t0 = time.perf_counter()
         first = float("nan")
-        async with sdk.chat.completions.with_streaming_response.create(
-            **chat_body(i, tag), stream=True
-        ) as resp:
-            async for data in resp.iter_bytes():
+        async with http.post(url, data=body, headers=headers) as resp:
+            async for data in resp.content.iter_any():
                 if first != first and b'"content":"' in data:
                     first = time.perf_counter() - t0
         return first
 
     async def run() -> list[float]:
-        http = DefaultAioHttpClient(timeout=120)
-        async with AsyncOpenAI(
-            base_url=sim.base_url, api_key=sim.api_key, max_retries=0, http_client=http
-        ) as sdk:
+        connector = aiohttp.TCPConnector(limit=4000)
+        async with aiohttp.ClientSession(connector=connector) as http:
             start = time.perf_counter() + 0.5
             n = int(rate * seconds)
-            return await asyncio.gather(*(one(sdk, i, start + i / rate) for i in range(n)))
+            return await asyncio.gather(*(one(http, i, start + i / rate) for i in range(n)))
 
-    return asyncio.run(run())
+    return uvloop.run(run())
 
 
 def queue_length(r: redis.Redis) -> int:
@@ -63,6 +70,9 @@ def queue_length(r: redis.Redis) -> int:
         if r.type(key) == b"list":
             total += int(r.llen(key))
     return total
+
+
+SENDERS = 8  # threads submitting on schedule (each submit writes its row: a few ms)
 
 
 def through_sheepdog(
@@ -84,10 +94,14 @@ def through_sheepdog(
     sampler.start()
     start = time.perf_counter() + 0.5
     wall0 = time.time() - time.perf_counter()  # perf_counter -> wall clock
-    for i, item in enumerate(items):
+
+    def send(i: int) -> None:
         time.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        sent[item.id] = wall0 + time.perf_counter()
-        client._enqueue([item])
+        sent[items[i].id] = wall0 + time.perf_counter()
+        client._enqueue([items[i]])
+
+    with concurrent.futures.ThreadPoolExecutor(SENDERS) as pool:
+        list(pool.map(send, range(n)))
     achieved = n / (time.perf_counter() - start)
     stop.set()  # the queue while they arrive
     sampler.join()
@@ -104,13 +118,21 @@ def through_sheepdog(
 
 
 def steady(
-    sim: SimulatorProcess, client: Client, r: redis.Redis, db_url: str, rate: float, seconds: float
+    sim: SimulatorProcess,
+    client: Client,
+    r: redis.Redis,
+    db_url: str,
+    rate: float,
+    seconds: float,
+    workers: list[int],
 ) -> dict[str, float]:
     """The steady-load run: added TTFT over the same load served directly, and the queue."""
     sim.configure(ttft_ms=20, chunk_delay_ms=100, answer_tokens=[TOKENS, TOKENS])
     tag = secrets.token_hex(3)
     base = direct(sim, rate, seconds, "direct" + tag)
+    window = CpuWindow([p for w in workers for p in process_tree(w)])
     ttft, lengths, achieved = through_sheepdog(client, r, db_url, rate, seconds, "steady" + tag)
+    used, busy = window.read()
     first, last = lengths[:10] or [0], lengths[-10:] or [0]
     out: dict[str, Any] = {
         "steady_rate": achieved,
@@ -123,6 +145,8 @@ def steady(
         "steady_queue_last10": sum(last) / len(last),
         "steady_done": float(len(ttft)),
         "steady_sent": float(int(rate * seconds)),
+        "steady_box_busy": busy,
+        "steady_cpu_us_chunk": sum(used) / max(len(ttft) * TOKENS, 1) * 1e6,
     }
     out["steady_added_p50"] = out["steady_p50"] - out["steady_direct_p50"]
     out["steady_added_p99"] = out["steady_p99"] - out["steady_direct_p99"]
