@@ -129,6 +129,12 @@ def steady_rows(std: Runs, rate: float) -> list[list[str]]:
             f"{med(std, 'steady_rate'):.0f}/s, {done}",
             "",
         ],
+        [
+            f"{rate:.0f} streams/s: box CPU busy / worker CPU per chunk",
+            "",
+            f"{med(std, 'steady_box_busy') * 100:.0f} % / {med(std, 'steady_cpu_us_chunk'):.0f} us",
+            "",
+        ],
     ]
     return rows
 

@@ -76,21 +76,6 @@ class Engine:
             except OSError as err:  # the engine went at once: the next task starts another
                 log.error("stream engine connections failed: %r", err)
 
-    def stop(self) -> None:
-        """End the engine as its parent's exit would: its stdin closed (it ignores SIGTERM)."""
-        with self._lock:
-            if self._proc is not None and self._proc.stdin is not None:
-                self._proc.stdin.close()
-                try:
-                    self._proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-            self._proc = None
-
-    @property
-    def engine_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     # -- one stream ------------------------------------------------------------------------
 
     def run(

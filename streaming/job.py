@@ -41,7 +41,7 @@ class LogLost(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What the task thread hands the job once it owns the row."""
+    """What the job is handed once its runner owns the row."""
 
     attempts: int
     next_seq: int
@@ -50,7 +50,7 @@ class Grant:
 
 @dataclass(slots=True)
 class StreamResult:
-    """How the job ended and what it streamed (the task thread writes it to the row)."""
+    """How the job ended and what it streamed (its runner writes it to the row)."""
 
     kind: Ending
     text: str
@@ -106,7 +106,7 @@ class StreamJob:
         """Count the job as making progress for `seconds` from now (a state change)."""
         self.live_until = time.monotonic() + seconds
 
-    # -- control (loop thread) -----------------------------------------------------------
+    # -- control (on the loop) ------------------------------------------------------------
 
     def stop(self, reason: StopReason) -> None:
         """Abort the stream (cancel request or lost ownership); its HTTP response is closed."""

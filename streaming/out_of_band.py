@@ -13,7 +13,7 @@ from streaming.publisher import Mode, last_message, next_seq, publish_now
 def publish_error(
     settings: Settings, request_id: str, reason: str, type_: str = "error", *, attempts: int
 ) -> int:
-    """Publish one message outside a worker loop as attempt `attempts` (an `error` ends the
+    """Publish one message outside the engine's loop as attempt `attempts` (an `error` ends the
     log; a `reset` takes the stream over from every older attempt); the seq it went out with,
     or -1 when the fence refused it."""
     redis = get_redis(settings.redis_url)

@@ -86,7 +86,7 @@ class Publisher:
             await self._script(keys=[], args=[self._ttl])
 
     def put(self, request_id: str, payload: bytes, token: int) -> None:
-        """Queue a message under fencing token `token` (loop thread only); the flusher sends it
+        """Queue a message under fencing token `token` (on the loop only); the flusher sends it
         with the next script call."""
         self._pending.append((request_id, payload, token, Mode.WORKER, None))
         self._wake.set()

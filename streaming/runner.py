@@ -106,7 +106,7 @@ def _stream_lane(lane: str | None) -> Lane:
 async def serve(
     runtime: Runtime, job: StreamJob, settings: Settings, intake: IntakeItem | None
 ) -> str:
-    """Claim, stream and end one request (loop thread); returns how it ended, or
+    """Claim, stream and end one request (on the loop); returns how it ended, or
     CANCELLED_FIRST for a request cancelled before it started (left to the caller)."""
     if job.marks is not None:
         job.marks["loop"] = time.time()
@@ -160,7 +160,7 @@ async def _unstorable(
 
 async def _bounded(runtime: Runtime, pending: asyncio.Future[T], what: str) -> T:
     """Await a writer future for at most the writer's own bound: the writer resolves every
-    future, and this keeps a task thread from waiting forever should that ever fail."""
+    future, and this keeps a stream from waiting forever should that ever fail."""
     try:
         return await asyncio.wait_for(asyncio.shield(pending), runtime.writer.max_wait_s)
     except TimeoutError:

@@ -212,7 +212,7 @@ def test_the_same_request_twice_in_a_flush(pg_url: str) -> None:
         assert row is not None and row.status == "succeeded" and row.text == "new"
 
 
-# -- the runtime's in-process state (no loop thread needed) ----------------------------------
+# -- the runtime's in-process state (no loop needed) -----------------------------------------
 
 
 def bare_runtime() -> Any:

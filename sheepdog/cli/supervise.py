@@ -1,7 +1,8 @@
 """`sheepdog worker --processes N`: N worker processes on one host, started and stopped as one.
 
-A stream worker is one asyncio loop per process, and a process runs Python on one core at a
-time (the GIL): on a host with more cores, one process per core relays more chunks. The
+A stream worker process runs its streams in its stream engine (one asyncio loop in a child
+process), and a process runs Python on one core at a time (the GIL): on a host with more cores,
+one worker (and engine) per core relays more chunks. The
 children are ordinary `sheepdog worker` processes with their own node names. A signal to the
 parent (TERM, INT, QUIT, HUP) goes to every child; when one child exits, the others are told to
 stop too, so whatever supervises the parent (systemd, Docker) sees the whole unit stop and
