@@ -2,9 +2,8 @@
 
 One engine per Celery worker process that runs stream tasks, started with the worker (or on the
 first stream in a prefork child) and started again should it die. A task takes a connection to
-it from a pool, opened with the engine (one per slot: a burst does not open a thousand sockets
-on both sides while it starts), and waits there for its stream's end, so the thread costs the
-consumer's process nothing while the stream runs.
+it from a pool (opened on first need, kept for the next stream) and waits there for its
+stream's end, so the thread costs the consumer's process nothing while the stream runs.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streaming.engine import HEADER, READY, frame, socket_address
+from streaming.engine import HEADER, MAX_FRAME, READY, frame, socket_address
 from streaming.store import Unavailable
 
 log = logging.getLogger("sheepdog.streaming.engine")
@@ -47,16 +46,13 @@ class Engine:
         self._address = ""
         self._generation = 0
         self._idle: queue.LifoQueue[tuple[socket.socket, int]] = queue.LifoQueue()
-        self._connections = 0  # how many to keep open (the slots)
         self._failed_at = -START_BACKOFF_S  # monotonic time of the last start that failed
 
     # -- the process -----------------------------------------------------------------------
 
-    def start(self, connections: int = 0) -> None:
-        """Start the engine unless it runs, with `connections` to it open (the process's stream
-        slots); returns once it serves."""
+    def start(self) -> None:
+        """Start the engine unless it runs; returns once it serves."""
         with self._lock:
-            self._connections = max(self._connections, connections)
             if self._proc is not None and self._proc.poll() is None:
                 return
             if time.monotonic() - self._failed_at < START_BACKOFF_S:
@@ -64,17 +60,21 @@ class Engine:
             if self._proc is not None:
                 log.error("stream engine exited (%s); starting another", self._proc.returncode)
                 self._proc = None
+            self._close_idle()  # connections to the engine that has gone
             try:
                 self._proc, self._address = _spawn()
             except Exception:
                 self._failed_at = time.monotonic()
                 raise
             self._generation += 1
+
+    def _close_idle(self) -> None:
+        while True:
             try:
-                for _ in range(self._connections):
-                    self._idle.put((self._connect(), self._generation))
-            except OSError as err:  # the engine went at once: the next task starts another
-                log.error("stream engine connections failed: %r", err)
+                sock, _ = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            sock.close()
 
     # -- one stream ------------------------------------------------------------------------
 
@@ -84,6 +84,8 @@ class Engine:
         """Have the engine stream `request_id`; how it ended. Raises Unavailable when the
         engine or the database is away (the task sends itself again), EngineError else."""
         ask = frame({"id": request_id, "item": item, "overlap": overlap, "started": started})
+        if len(ask) > MAX_FRAME + HEADER:
+            raise EngineError(f"the request is too large for the stream engine ({len(ask)} bytes)")
         sock: socket.socket | None = None
         try:
             sock, generation = self._take()
@@ -92,7 +94,10 @@ class Engine:
         except OSError as err:
             if sock is not None:
                 sock.close()
-            self.start()  # when the engine has gone: another, and the pool's sockets dropped
+            try:
+                self.start()  # when the engine has gone: another, and the pool's sockets dropped
+            except Exception as restart:
+                log.error("stream engine could not be started again: %r", restart)
             raise Unavailable(f"stream engine unreachable: {err!r}") from err
         except BaseException:
             # Cut off between the ask and its answer (a time limit, an interrupt): the answer
@@ -123,6 +128,7 @@ class Engine:
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(None)  # a stream lasts as long as it lasts, whatever the default is
         try:
             sock.connect(socket_address(self._address))
         except OSError:

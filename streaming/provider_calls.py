@@ -104,7 +104,12 @@ def endpoint_for(provider: ProviderConfig) -> Endpoint:
     headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
     headers.update(client.auth_headers)
     url = f"{client.base_url}chat/completions"
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS))
+    # No total timeout (aiohttp's default cuts a response at 300 s, body included):
+    # stream_once bounds the call up to the response's head and the idle gap between chunks.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
     return Endpoint(session, url, headers, env_proxy(url))
 
 
@@ -115,4 +120,5 @@ def env_proxy(url: str) -> str | None:
     parts = urllib.parse.urlsplit(url)
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
-    return urllib.request.getproxies().get(parts.scheme)
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")

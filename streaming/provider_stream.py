@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -78,23 +79,27 @@ OnText = Callable[[str], Awaitable[bool]]
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date)."""
+    """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date); None for a value
+    that is not a finite number of seconds (`inf` would hold a stream for good)."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(float(ms) / 1000, 0.0)
+            seconds = float(ms) / 1000
         except ValueError:
-            pass
+            seconds = math.nan
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         parsed = email.utils.parsedate_tz(value)
         if parsed is None:
             return None
-        return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+        seconds = email.utils.mktime_tz(parsed) - time.time()
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def error_message(status: int, raw: bytes) -> str:
@@ -189,15 +194,18 @@ async def stream_once(
     idle: _IdleWatch | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            response = await endpoint.session.post(
-                endpoint.url,
-                data=orjson.dumps(kwargs),
-                headers=endpoint.headers,
-                proxy=endpoint.proxy,
-            )
+            try:
+                response = await endpoint.session.post(
+                    endpoint.url,
+                    data=orjson.dumps(kwargs),
+                    headers=endpoint.headers,
+                    proxy=endpoint.proxy,
+                )
+            except ValueError as err:  # e.g. a control character in a header (the key's)
+                raise Fatal(f"the request cannot be sent: {scrub_secrets(str(err))}") from None
             if response.status >= 400:
                 try:
-                    raw = await response.content.read(ERROR_BODY_LIMIT)
+                    raw = await _error_body(response)
                 finally:
                     response.release()
                 raise _status_error(response.status, raw, response.headers)
@@ -240,6 +248,8 @@ async def stream_once(
             raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
         raise
     except TimeoutError:
+        if idle is not None:
+            raise Retryable("stream cut: a read timed out") from None
         raise Retryable("provider timed out before answering") from None
     except aiohttp.ClientPayloadError as err:
         raise Retryable(f"stream cut: {type(err).__name__}") from None
@@ -252,6 +262,20 @@ async def stream_once(
     # `data: [DONE]` ends a stream (some servers never send a finish_reason); a body that ends
     # before it is a cut.
     raise Retryable("stream cut: the connection closed before [DONE]")
+
+
+async def _error_body(response: aiohttp.ClientResponse) -> bytes:
+    """An error answer's body, up to ERROR_BODY_LIMIT (read until its end, not what happens to
+    be buffered)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < ERROR_BODY_LIMIT:
+        data = await response.content.read(ERROR_BODY_LIMIT - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
 
 
 def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> AttemptEnd:

@@ -59,7 +59,7 @@ def _start_stream_runtime(sender: Any = None, **_: Any) -> None:
     except AttributeError:
         return
     if "stream" in queues and "prefork" not in pool:
-        get_engine().start(connections=int(getattr(sender, "concurrency", 0) or 0))
+        get_engine().start()
         _start_threads(sender.pool)
         gc.freeze()  # what lives as long as the process, out of the collector's sight
 
