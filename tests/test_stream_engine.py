@@ -6,6 +6,7 @@ redis-server and a PostgreSQL database of this module's own, the simulator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -152,8 +153,14 @@ def test_engine_ignores_sigterm_and_serves_only_its_worker(
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(socket_address(address))
-            sock.sendall(frame({"id": stranger, "item": item, "overlap": True}))
-            assert sock.recv(64) == b""  # closed without an answer
+            # The engine may close the connection before the ask is even written.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(frame({"id": stranger, "item": item, "overlap": True}))
+            try:
+                reply = sock.recv(64)
+            except ConnectionResetError:
+                reply = b""
+            assert reply == b""  # closed without an answer
         rid = client.submit(request("from its worker"))
         rows = wait_final(settings, [rid], 60)
         assert rows[rid].status == "succeeded", rows[rid].error
