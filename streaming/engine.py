@@ -6,8 +6,7 @@ consumer keeps its process, and its GIL, to itself: under a burst it takes messa
 queue at stock Celery's pace instead of sharing a core with every stream's chunks, and the
 engine's loop runs the streams without a thousand task threads and the consumer cutting in.
 
-Frames both ways: a 4-byte big-endian length, then JSON. Asked `{"id", "item", "overlap",
-"started"}`; answered `{"ended": str}` or `{"raise": "unavailable" | "error", "message": str}`.
+The frames and errors both sides share are in streaming/engine_wire.py.
 
 The engine lives as long as its parent: it ignores the signals that ask a worker to stop (a
 warm shutdown lets the running streams end, and they need the engine until then), watches its
@@ -33,48 +32,16 @@ import struct
 import sys
 from typing import Any
 
-import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from core.settings import get_settings
-from streaming import store
+from streaming.engine_wire import HEADER, MAX_FRAME, READY, error_answer, frame, socket_address
 from streaming.runner import run_stream
 from streaming.runtime import Runtime
 
 log = logging.getLogger("sheepdog.streaming.engine")
 
-READY = b"ready\n"  # written to stdout once the engine serves
-HEADER = 4
-MAX_FRAME = 64 * 1024 * 1024  # an ask larger than this is not one of the parent's
-# What the stream task sends itself again for (its message may be the request's only copy):
-# the database or Redis away. The engine answers "unavailable" for these.
-RESENT_ON: tuple[type[Exception], ...] = (
-    OperationalError,
-    InterfaceError,
-    store.Unavailable,
-    RedisConnectionError,
-    RedisTimeoutError,
-)
 # The loop shares the GIL only with the writer's database threads; at the default 5 ms switch
 # interval a busy one holds the loop (and every chunk waiting on it) for up to 5 ms.
 SWITCH_INTERVAL_S = 0.0005
-
-
-def frame(obj: Any) -> bytes:
-    """`obj` as one frame (the standard library's JSON for what orjson cannot write, such as
-    an integer past 64 bits; frames are read with it too, so such a value arrives unchanged)."""
-    try:
-        data = orjson.dumps(obj)
-    except TypeError:
-        data = json.dumps(obj).encode()
-    return len(data).to_bytes(HEADER, "big") + data
-
-
-def socket_address(address: str) -> str:
-    """A Unix socket address: `@name` is `name` in Linux's abstract namespace."""
-    return "\0" + address[1:] if address.startswith("@") else address
 
 
 async def answer(runtime: Runtime, ask: dict[str, Any]) -> dict[str, Any]:
@@ -88,23 +55,11 @@ async def answer(runtime: Runtime, ask: dict[str, Any]) -> dict[str, Any]:
             started=ask.get("started"),
         )
     except Exception as err:
-        if not resent_on(err):
+        reply = error_answer(err)
+        if reply["raise"] == "error":
             log.exception("%s: stream failed", ask.get("id"))
-        return error_answer(err)
+        return reply
     return {"ended": ended}
-
-
-def resent_on(err: BaseException) -> bool:
-    """True for the errors the task sends itself again for (RESENT_ON, the database away)."""
-    return isinstance(err, RESENT_ON) or store.is_transient(err)
-
-
-def error_answer(err: BaseException) -> dict[str, str]:
-    """What the task raises for `err`: Unavailable (sent again later: its message may be the
-    request's only copy) or EngineError (the task fails)."""
-    if resent_on(err):
-        return {"raise": "unavailable", "message": repr(err)}
-    return {"raise": "error", "message": f"{type(err).__name__}: {err}"}
 
 
 async def _serve_connection(

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streaming.engine import HEADER, MAX_FRAME, READY, frame, socket_address
+from streaming.engine_wire import HEADER, MAX_FRAME, READY, frame, socket_address
 from streaming.store import Unavailable
 
 log = logging.getLogger("sheepdog.streaming.engine")

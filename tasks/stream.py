@@ -8,8 +8,8 @@ from typing import Any
 
 from celery import shared_task
 
-from streaming.engine import RESENT_ON
 from streaming.engine_client import get_engine
+from streaming.engine_wire import RESENT_ON
 from tasks.task_base import SheepdogTask
 
 

@@ -21,8 +21,9 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
+from bench.cpu import process_tree
 from core import keys
-from streaming.engine import error_answer, frame, socket_address
+from streaming.engine_wire import error_answer, frame, socket_address
 from tests.fixtures.faults import Deployment, Figures, load_rows, tally, wait_final, wait_for
 from tests.fixtures.invariants import check_invariants
 
@@ -43,14 +44,13 @@ def engine_of(worker: Any, timeout: float = 30) -> tuple[int, str]:
     """(pid, address) of the worker's stream engine, once it runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for task in Path(f"/proc/{worker.popen.pid}/task").glob("*/children"):
-            for pid in task.read_text().split():
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"streaming.engine" in argv:
-                    return int(pid), argv[argv.index(b"streaming.engine") + 1].decode()
+        for pid in process_tree(worker.popen.pid)[1:]:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"streaming.engine" in argv:
+                return pid, argv[argv.index(b"streaming.engine") + 1].decode()
         time.sleep(0.1)
     raise AssertionError(f"no stream engine under worker {worker.popen.pid}")
 
