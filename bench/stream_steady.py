@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import secrets
 import threading
 import time
@@ -29,7 +30,7 @@ import uvloop
 from bench.bodies import chat_body
 from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
-from bench.stream_burst import TOKENS, ended_rows
+from bench.stream_burst import TOKENS, ended_rows, start_pyspy
 from sheepdog.client import Client
 from simulator.server import SimulatorProcess
 
@@ -130,9 +131,13 @@ def steady(
     sim.configure(ttft_ms=20, chunk_delay_ms=100, answer_tokens=[TOKENS, TOKENS])
     tag = secrets.token_hex(3)
     base = direct(sim, rate, seconds, "direct" + tag)
-    window = CpuWindow([p for w in workers for p in process_tree(w)])
+    procs = [p for w in workers for p in process_tree(w)]
+    window = CpuWindow(procs)
+    spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
     ttft, lengths, achieved = through_sheepdog(client, r, db_url, rate, seconds, "steady" + tag)
     used, busy = window.read()
+    if spy is not None:
+        spy.wait()
     first, last = lengths[:10] or [0], lengths[-10:] or [0]
     out: dict[str, Any] = {
         "steady_rate": achieved,

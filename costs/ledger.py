@@ -191,6 +191,26 @@ def record_moved(
     For bulk moves (a batch ingest's thousands of answers a chunk), where sending the entries
     back and forth through Python would cost more than the database work itself."""
     usage = source.c
+    ledger, settled = ledger_ctes(
+        moved, source, model=literal(model), route=route, tier=literal(tier_of(route))
+    )
+    total = (
+        select(func.count(), func.coalesce(func.sum(usage.cost_usd), 0))
+        .join_from(moved, source, source.c.id == moved.c.id)
+        .add_cte(ledger, settled)
+    )
+    count, cost = session.execute(total).one()
+    return int(count), Decimal(cost)
+
+
+def ledger_ctes(
+    moved: CTE, source: FromClause, *, model: Any, route: Route, tier: Any
+) -> tuple[CTE, CTE]:
+    """PostgreSQL: the CTEs that ledger the requests of `moved` (id, tenant) that have a cost
+    in `source` (see record_moved), and settle their reservations; `model` and `tier` are
+    column expressions (a literal, or one of `source`'s columns). Add both to the statement
+    that runs them (`add_cte`)."""
+    usage = source.c
     ledger = (
         postgresql.insert(CostEntry)
         .from_select(
@@ -198,16 +218,18 @@ def record_moved(
             select(
                 moved.c.id,
                 moved.c.tenant,
-                literal(model),
+                model,
                 literal(route),
-                literal(tier_of(route)),
+                tier,
                 usage.prompt_tokens,
                 usage.completion_tokens,
                 usage.cost_usd,
                 usage.standard_cost_usd,
                 usage.usage_estimated,
                 func.now(),
-            ).join_from(moved, source, source.c.id == moved.c.id),
+            )
+            .join_from(moved, source, source.c.id == moved.c.id)
+            .where(usage.cost_usd.is_not(None)),
         )
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(CostEntry.request_id, CostEntry.cost_usd)
@@ -219,10 +241,4 @@ def record_moved(
         .values(state=SETTLED, settled_usd=ledger.c.cost_usd, settled_at=func.now())
         .cte("settled")
     )
-    total = (
-        select(func.count(), func.coalesce(func.sum(usage.cost_usd), 0))
-        .join_from(moved, source, source.c.id == moved.c.id)
-        .add_cte(ledger, settled)
-    )
-    count, cost = session.execute(total).one()
-    return int(count), Decimal(cost)
+    return ledger, settled

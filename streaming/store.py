@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from core.db import is_postgres, session_scope
+from core.db import get_engine, is_postgres, session_scope
 from costs import ledger
 from costs.reservations import release
 from lifecycle.moves import move, move_each, move_returning
@@ -30,8 +30,10 @@ from models.intake_message import IntakeItem
 from models.status import Status
 from models.tables import Request, utcnow
 from rules.prices import Tier, cost_usd, price_table, served_tier
+from streaming import end_rows
 from streaming.end import End
 from streaming.fresh_rows import insert_fresh
+from webhooks.outbox import request_ended
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
 # every extra session would open (and on return close) a fresh connection, which costs far more
@@ -311,15 +313,13 @@ def finish_many(
     """`finish` for many streams in one transaction: each id maps to its cost, or to Fenced
     when its row is no longer this worker's.
 
-    On PostgreSQL the rows are locked first (SELECT ... FOR UPDATE) and compared with each
-    claim's attempts, so the janitor cannot take one back between the check and the write;
-    then one executemany per final status and one ledger insert for all that succeeded.
-    Elsewhere (SQLite, one writer at a time anyway) each end is its own `finish`."""
+    On PostgreSQL the succeeded ends (nearly all) are one statement (streaming/end_rows.py:
+    fenced move, ledger, reservations); the others lock their rows (SELECT ... FOR UPDATE),
+    compare each claim's attempts and move in one executemany per status. Elsewhere (SQLite,
+    one writer at a time anyway) each end is its own `finish`."""
     if not ends:
         return {}
-    with _session(db_url) as session:
-        postgres = is_postgres(session)
-    if not postgres:
+    if not is_postgres(get_engine(db_url)):
         out: dict[str, Decimal | Fenced | None] = {}
         for rid, (claim, end) in ends.items():
             try:
@@ -327,50 +327,83 @@ def finish_many(
             except Fenced as err:
                 out[rid] = err
         return out
-    ids = sorted(ends)  # one lock order for every writer
-    now = utcnow()
-    result: dict[str, Decimal | Fenced | None] = {}
+    succeeded = {rid: v for rid, v in ends.items() if v[1].status is Status.SUCCEEDED}
+    others = {rid: v for rid, v in ends.items() if rid not in succeeded}
     with _session(db_url) as session:
-        current = dict(
-            session.execute(
-                select(Request.id, Request.attempts)
-                .where(Request.id.in_(ids), Request.status == Status.STREAMING.value)
-                .order_by(Request.id)
-                .with_for_update()
-            ).all()
+        result = _fail_or_cancel(session, others)
+        rows = [_succeeded_end(rid, claim, end) for rid, (claim, end) in succeeded.items()]
+        moved = end_rows.succeed(session, rows)
+        for row in rows:
+            result[row.id] = row.cost_usd if row.id in moved else Fenced(row.id)
+        request_ended(session, sorted(moved), Status.SUCCEEDED.value)  # same transaction
+    return result
+
+
+def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
+    cost = standard = None
+    tier = served_tier(end.service_tier)
+    if _cost(claim, end) is not None:
+        cost, standard = ledger.cost_of(_usage(rid, claim, end))
+    return end_rows.SucceededEnd(
+        id=rid,
+        attempts=claim.attempts,
+        text=end.text,
+        finish_reason=end.finish_reason,
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        usage_estimated=end.usage_estimated,
+        cost_usd=cost,
+        standard_cost_usd=standard,
+        error=end.error,
+        first_token_at=end.first_token_at,
+        model=claim.model,
+        tier=tier,
+        **({"lane": None, "lane_reason": None} | end.lane_values()),
+    )
+
+
+def _fail_or_cancel(
+    session: Session, ends: Mapping[str, tuple[Claim, End]]
+) -> dict[str, Decimal | Fenced | None]:
+    """PostgreSQL: the ends that are not succeeded, under their rows' locks (ids in order)."""
+    result: dict[str, Decimal | Fenced | None] = {}
+    if not ends:
+        return result
+    ids = sorted(ends)  # one lock order for every writer
+    current = dict(
+        session.execute(
+            select(Request.id, Request.attempts)
+            .where(Request.id.in_(ids), Request.status == Status.STREAMING.value)
+            .order_by(Request.id)
+            .with_for_update()
+        ).all()
+    )
+    # One executemany per final status and set of columns (a lane change adds two).
+    by_status: dict[tuple[Status, bool], list[dict[str, Any]]] = {}
+    for rid in ids:
+        claim, end = ends[rid]
+        if current.get(rid) != claim.attempts:
+            result[rid] = Fenced(rid)
+            continue
+        cost = result[rid] = _cost(claim, end)
+        lane = end.lane_values()
+        by_status.setdefault((end.status, bool(lane)), []).append(
+            {
+                "id": rid,
+                "text": end.text,
+                "finish_reason": end.finish_reason,
+                "prompt_tokens": end.prompt_tokens,
+                "completion_tokens": end.completion_tokens,
+                "usage_estimated": end.usage_estimated,
+                "cost_usd": cost,
+                "error": end.error,
+                "first_token_at": end.first_token_at,
+                "updated_at": utcnow(),
+                **lane,
+            }
         )
-        # One executemany per final status and set of columns (a lane change adds two).
-        by_status: dict[tuple[Status, bool], list[dict[str, Any]]] = {}
-        usages: list[ledger.Usage] = []
-        for rid in ids:
-            claim, end = ends[rid]
-            if current.get(rid) != claim.attempts:
-                result[rid] = Fenced(rid)
-                continue
-            cost = _cost(claim, end)
-            result[rid] = cost
-            lane = end.lane_values()
-            by_status.setdefault((end.status, bool(lane)), []).append(
-                {
-                    "id": rid,
-                    "text": end.text,
-                    "finish_reason": end.finish_reason,
-                    "prompt_tokens": end.prompt_tokens,
-                    "completion_tokens": end.completion_tokens,
-                    "usage_estimated": end.usage_estimated,
-                    "cost_usd": cost,
-                    "error": end.error,
-                    "first_token_at": end.first_token_at,
-                    "updated_at": now,
-                    "finished_at": now,
-                    **lane,
-                }
-            )
-            if end.status is Status.SUCCEEDED and cost is not None:
-                usages.append(_usage(rid, claim, end))
-        for (status, _), rows in by_status.items():
-            moved = move_each(session, rows, status, from_=[Status.STREAMING])
-            if moved != len(rows):  # cannot happen under the row locks; never write half
-                raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
-        ledger.record(session, usages)
+    for (status, _), rows in by_status.items():
+        moved = move_each(session, rows, status, from_=[Status.STREAMING])
+        if moved != len(rows):  # cannot happen under the row locks; never write half
+            raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
     return result

@@ -1,0 +1,122 @@
+"""The stream ends a worker writes in one flush (store.finish_many), on SQLite and on
+PostgreSQL (where the succeeded ones are one statement: streaming/end_rows.py): each row ends
+as its claim says or is fenced, and the ledger, the budget reservation and the webhook outbox
+change in the same transaction, exactly as for a single `finish`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.settings import Settings
+from models.status import Status
+from models.tables import CostEntry, Request, Reservation
+from models.webhook_tables import WebhookDelivery
+from sheepdog.client import Client
+from streaming import store
+from streaming.end import End
+from webhooks import endpoints
+from webhooks.crypto import new_key
+
+
+def test_one_flush_of_mixed_ends(db_url: str) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        database_url=db_url, webhook_secret_key=SecretStr(new_key()), webhook_allow_private=True
+    )
+    with session_scope(db_url) as session:
+        endpoints.add_endpoint(session, settings, tenant, "http://127.0.0.1:9/hook")
+    client = Client(settings)
+    items = [
+        client.prepare(
+            {
+                "model": "sheepdog-mini",
+                "priority": "high",
+                "metadata": {"tenant": tenant},
+                "messages": [{"role": "user", "content": f"end {tenant} {i}"}],
+            }
+        )
+        for i in range(5)
+    ]
+    claims = store.claim_many(db_url, {item.id: item for item in items})
+    assert set(claims) == {item.id for item in items}
+    paid, fenced, failed, moved_lane, unpriced = (item.id for item in items)
+    with session_scope(db_url) as session:
+        session.add(Reservation(request_id=paid, tenant=tenant, amount_usd=Decimal("1")))
+    first = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    usage = {"prompt_tokens": 10, "completion_tokens": 20, "first_token_at": first}
+    stale = claims[fenced]
+    ends = {
+        paid: (claims[paid], End(Status.SUCCEEDED, "paid", "stop", **usage)),
+        fenced: (
+            store.Claim(stale.attempts + 1, stale.tenant, stale.model),
+            End(Status.SUCCEEDED, "not mine", "stop", **usage),
+        ),
+        failed: (claims[failed], End(Status.FAILED, "half", error="provider said no")),
+        moved_lane: (
+            claims[moved_lane],
+            End(Status.SUCCEEDED, "laned", "stop", lane="stream", lane_reason="deadline near"),
+        ),
+        unpriced: (
+            store.Claim(claims[unpriced].attempts, tenant, "no-such-model"),
+            End(Status.SUCCEEDED, "free", "length", **usage),
+        ),
+    }
+
+    result = store.finish_many(db_url, ends)
+
+    expected = store.stream_cost("sheepdog-mini", 10, 20)
+    assert expected is not None and expected > 0
+    assert result[paid] == expected
+    assert isinstance(result[fenced], store.Fenced)
+    assert result[failed] is None and result[moved_lane] is None and result[unpriced] is None
+    with session_scope(db_url) as session:
+        rows = {r.id: r for r in session.scalars(select(Request).where(Request.tenant == tenant))}
+        ledger = {
+            e.request_id: e
+            for e in session.scalars(select(CostEntry).where(CostEntry.tenant == tenant))
+        }
+        reservation = session.get(Reservation, paid)
+        events = sorted(
+            (d.subject_id, d.event_type)
+            for d in session.scalars(
+                select(WebhookDelivery).where(WebhookDelivery.tenant == tenant)
+            )
+        )
+    assert (rows[paid].status, rows[paid].text, rows[paid].cost_usd) == (
+        "succeeded",
+        "paid",
+        expected,
+    )
+    assert rows[paid].first_token_at == first and rows[paid].finished_at is not None
+    assert rows[paid].prompt_tokens == 10 and rows[paid].completion_tokens == 20
+    assert (rows[fenced].status, rows[fenced].text) == ("streaming", None)
+    assert (rows[failed].status, rows[failed].error) == ("failed", "provider said no")
+    assert (rows[moved_lane].lane, rows[moved_lane].lane_reason) == ("stream", "deadline near")
+    assert rows[moved_lane].status == "succeeded"
+    assert rows[unpriced].status == "succeeded" and rows[unpriced].cost_usd is None
+    assert set(ledger) == {paid}  # the only end with a price and usage
+    entry = ledger[paid]
+    assert (entry.route, entry.tier, entry.model) == ("stream", "standard", "sheepdog-mini")
+    assert entry.cost_usd == expected and entry.standard_cost_usd == expected
+    assert reservation is not None
+    assert (reservation.state, reservation.settled_usd) == ("settled", expected)
+    assert events == sorted(
+        [
+            (paid, "request.succeeded"),
+            (failed, "request.failed"),
+            (moved_lane, "request.succeeded"),
+            (unpriced, "request.succeeded"),
+        ]
+    )
+
+    # The same ends again (a retried flush): nothing moves twice, nothing is counted twice.
+    again = store.finish_many(db_url, {paid: ends[paid]})
+    assert isinstance(again[paid], store.Fenced)
+    with session_scope(db_url) as session:
+        assert len(session.scalars(select(CostEntry).where(CostEntry.tenant == tenant)).all()) == 1
