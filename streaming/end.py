@@ -28,6 +28,21 @@ class End:
     lane: str | None = None  # set with lane_reason when the request left its lane
     lane_reason: str | None = None
 
+    def row_values(self, cost_usd: Any) -> dict[str, Any]:
+        """The row's columns this end writes (with the cost it was priced at), the lane's
+        among them only when the request left its lane."""
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "usage_estimated": self.usage_estimated,
+            "cost_usd": cost_usd,
+            "error": self.error,
+            "first_token_at": self.first_token_at,
+            **self.lane_values(),
+        }
+
     def lane_values(self) -> dict[str, Any]:
         """The row's lane columns when the request left its lane (else nothing to write)."""
         if self.lane is None or self.lane_reason is None:

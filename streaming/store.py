@@ -288,16 +288,8 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
             request_id,
             end.status,
             from_=[Status.STREAMING],
-            text=end.text,
-            finish_reason=end.finish_reason,
-            prompt_tokens=end.prompt_tokens,
-            completion_tokens=end.completion_tokens,
-            usage_estimated=end.usage_estimated,
-            cost_usd=cost,
-            error=end.error,
-            first_token_at=end.first_token_at,
             updated_at=utcnow(),
-            **end.lane_values(),
+            **end.row_values(cost),
         )
         attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
         if not moved or attempts != claim.attempts:
@@ -347,18 +339,10 @@ def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
     return end_rows.SucceededEnd(
         id=rid,
         attempts=claim.attempts,
-        text=end.text,
-        finish_reason=end.finish_reason,
-        prompt_tokens=end.prompt_tokens,
-        completion_tokens=end.completion_tokens,
-        usage_estimated=end.usage_estimated,
-        cost_usd=cost,
         standard_cost_usd=standard,
-        error=end.error,
-        first_token_at=end.first_token_at,
         model=claim.model,
         tier=tier,
-        **({"lane": None, "lane_reason": None} | end.lane_values()),
+        **({"lane": None, "lane_reason": None} | end.row_values(cost)),
     )
 
 
@@ -388,19 +372,7 @@ def _fail_or_cancel(
         cost = result[rid] = _cost(claim, end)
         lane = end.lane_values()
         by_status.setdefault((end.status, bool(lane)), []).append(
-            {
-                "id": rid,
-                "text": end.text,
-                "finish_reason": end.finish_reason,
-                "prompt_tokens": end.prompt_tokens,
-                "completion_tokens": end.completion_tokens,
-                "usage_estimated": end.usage_estimated,
-                "cost_usd": cost,
-                "error": end.error,
-                "first_token_at": end.first_token_at,
-                "updated_at": utcnow(),
-                **lane,
-            }
+            {"id": rid, "updated_at": utcnow(), **end.row_values(cost)}
         )
     for (status, _), rows in by_status.items():
         moved = move_each(session, rows, status, from_=[Status.STREAMING])
