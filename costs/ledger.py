@@ -1,9 +1,10 @@
 """The cost ledger: each finished request's actual cost, written exactly once.
 
-Both paths call `record()` in the same transaction that ends the request, so a retried ingest or
-a re-delivered task cannot count a request twice (the ledger's request_id is unique and the
-insert ignores duplicates). The same call settles the request's budget reservation to its actual
-cost (costs.budgets), so "spent" moves from held to the ledger in one step."""
+Every path writes it in the same transaction that ends the request (`record()`, or on
+PostgreSQL `ledger_ctes` inside the statement that moves the rows), so a retried ingest or a
+re-delivered task cannot count a request twice (the ledger's request_id is unique and the
+insert ignores duplicates). The same step settles the request's budget reservation to its
+actual cost (costs.budgets), so "spent" moves from held to the ledger in one step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Request status moves: the only code that writes `requests.status`, and what an end does
-(budget released, webhooks written) in the same transaction. The machine itself: models/status.py.
+(budget released, webhooks written) in the same transaction; `move_from_statement` leaves both
+to its caller (a set-based statement that chains more work on the moved rows). The machine
+itself: models/status.py.
 
 Every move is a conditional UPDATE (`WHERE status IN <legal sources>`), so two workers racing
 on one request cannot both move it, and a move that is no longer legal changes nothing.

@@ -5,7 +5,7 @@ one end or a hundred: it is built once, compiled once (SQLAlchemy's cache) and p
 psycopg. It moves each row streaming -> succeeded only while its `attempts` still equal the
 claim's (the fence, checked under the row's lock by the UPDATE itself), ledgers the moved rows
 that have a cost and settles their reservations (costs.ledger.ledger_ctes), and returns the ids
-it moved; their webhooks are the caller's, in the same transaction. At a steady arrival rate a
+it moved; their webhooks go into the outbox in the same transaction. At a steady arrival rate a
 flush holds one or two ends, so the cost of a statement is the cost of an end: this replaces a
 lock, an update, a ledger insert and a reservation lookup, each built and sent on its own."""
 
@@ -20,7 +20,6 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
-    DateTime,
     Integer,
     Numeric,
     Select,
@@ -39,7 +38,8 @@ from sqlalchemy.types import TypeEngine
 from costs.ledger import ledger_ctes
 from lifecycle.moves import move_from_statement
 from models.status import Status
-from models.tables import Request
+from models.tables import Request, UTCDateTime
+from webhooks.outbox import request_ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ _TYPES: dict[str, TypeEngine[Any]] = {
     "cost_usd": Numeric(),
     "standard_cost_usd": Numeric(),
     "error": Text(),
-    "first_token_at": DateTime(timezone=True),
+    "first_token_at": UTCDateTime(),  # naive values read as UTC, as in every table
     "lane": String(),
     "lane_reason": String(),
     "model": String(),
@@ -117,9 +117,13 @@ def _statement() -> Select[Any]:
 
 
 def succeed(session: Session, ends: Sequence[SucceededEnd]) -> set[str]:
-    """Write `ends` (sorted by id: one lock order for every writer); the ids that moved."""
+    """Write `ends` and the webhooks of those that moved; the ids that moved. Sorted by id, so
+    the rows are usually locked in id order (the plan decides; a deadlock rolls the flush back
+    and the writer sends it again)."""
     if not ends:
         return set()
     rows = sorted(ends, key=lambda e: e.id)
     params = {f"e_{name}": [getattr(e, name) for e in rows] for name in NAMES}
-    return set(session.scalars(_statement(), params))
+    moved = set(session.scalars(_statement(), params))
+    request_ended(session, sorted(moved), Status.SUCCEEDED.value)
+    return moved

@@ -8,6 +8,7 @@ cannot write the row's end or its heartbeat any more.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +34,6 @@ from rules.prices import Tier, cost_usd, price_table, served_tier
 from streaming import end_rows
 from streaming.end import End
 from streaming.fresh_rows import insert_fresh
-from webhooks.outbox import request_ended
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
 # every extra session would open (and on return close) a fresh connection, which costs far more
@@ -319,23 +319,23 @@ def finish_many(
             except Fenced as err:
                 out[rid] = err
         return out
-    succeeded = {rid: v for rid, v in ends.items() if v[1].status is Status.SUCCEEDED}
-    others = {rid: v for rid, v in ends.items() if rid not in succeeded}
+    rows = [_succeeded_end(rid, *v) for rid, v in ends.items() if v[1].status is Status.SUCCEEDED]
+    priced = {row.id for row in rows}
+    others = {rid: v for rid, v in ends.items() if rid not in priced}
     with _session(db_url) as session:
         result = _fail_or_cancel(session, others)
-        rows = [_succeeded_end(rid, claim, end) for rid, (claim, end) in succeeded.items()]
         moved = end_rows.succeed(session, rows)
-        for row in rows:
-            result[row.id] = row.cost_usd if row.id in moved else Fenced(row.id)
-        request_ended(session, sorted(moved), Status.SUCCEEDED.value)  # same transaction
+    for row in rows:
+        result[row.id] = row.cost_usd if row.id in moved else Fenced(row.id)
     return result
 
 
 def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
     cost = standard = None
     tier = served_tier(end.service_tier)
-    if _cost(claim, end) is not None:
-        cost, standard = ledger.cost_of(_usage(rid, claim, end))
+    if end.prompt_tokens is not None and end.completion_tokens is not None:
+        with contextlib.suppress(KeyError):  # a model missing from the price table: no cost
+            cost, standard = ledger.cost_of(_usage(rid, claim, end))
     return end_rows.SucceededEnd(
         id=rid,
         attempts=claim.attempts,
@@ -364,6 +364,7 @@ def _fail_or_cancel(
     )
     # One executemany per final status and set of columns (a lane change adds two).
     by_status: dict[tuple[Status, bool], list[dict[str, Any]]] = {}
+    now = utcnow()
     for rid in ids:
         claim, end = ends[rid]
         if current.get(rid) != claim.attempts:
@@ -372,7 +373,7 @@ def _fail_or_cancel(
         cost = result[rid] = _cost(claim, end)
         lane = end.lane_values()
         by_status.setdefault((end.status, bool(lane)), []).append(
-            {"id": rid, "updated_at": utcnow(), **end.row_values(cost)}
+            {"id": rid, "updated_at": now, "finished_at": now, **end.row_values(cost)}
         )
     for (status, _), rows in by_status.items():
         moved = move_each(session, rows, status, from_=[Status.STREAMING])

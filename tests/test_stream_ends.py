@@ -47,12 +47,19 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
     assert set(claims) == {item.id for item in items}
     paid, fenced, failed, moved_lane, unpriced = (item.id for item in items)
     with session_scope(db_url) as session:
-        session.add(Reservation(request_id=paid, tenant=tenant, amount_usd=Decimal("1")))
+        for rid in (paid, fenced, failed):
+            session.add(Reservation(request_id=rid, tenant=tenant, amount_usd=Decimal("1")))
+        lane_before = session.scalar(select(Request.lane).where(Request.id == paid))
     first = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     usage = {"prompt_tokens": 10, "completion_tokens": 20, "first_token_at": first}
     stale = claims[fenced]
     ends = {
-        paid: (claims[paid], End(Status.SUCCEEDED, "paid", "stop", **usage)),
+        paid: (
+            claims[paid],
+            End(
+                Status.SUCCEEDED, "paid", "stop", usage_estimated=True, service_tier="flex", **usage
+            ),
+        ),
         fenced: (
             store.Claim(stale.attempts + 1, stale.tenant, stale.model),
             End(Status.SUCCEEDED, "not mine", "stop", **usage),
@@ -70,8 +77,9 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
 
     result = store.finish_many(db_url, ends)
 
-    expected = store.stream_cost("sheepdog-mini", 10, 20)
-    assert expected is not None and expected > 0
+    expected = store.stream_cost("sheepdog-mini", 10, 20, "flex")  # the tier that served it
+    standard = store.stream_cost("sheepdog-mini", 10, 20, "standard")
+    assert expected is not None and standard is not None and 0 < expected < standard
     assert result[paid] == expected
     assert isinstance(result[fenced], store.Fenced)
     assert result[failed] is None and result[moved_lane] is None and result[unpriced] is None
@@ -81,7 +89,10 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
             e.request_id: e
             for e in session.scalars(select(CostEntry).where(CostEntry.tenant == tenant))
         }
-        reservation = session.get(Reservation, paid)
+        reservations = {
+            r.request_id: (r.state, r.settled_usd)
+            for r in session.scalars(select(Reservation).where(Reservation.tenant == tenant))
+        }
         events = sorted(
             (d.subject_id, d.event_type)
             for d in session.scalars(
@@ -95,6 +106,8 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
     )
     assert rows[paid].first_token_at == first and rows[paid].finished_at is not None
     assert rows[paid].prompt_tokens == 10 and rows[paid].completion_tokens == 20
+    assert rows[paid].usage_estimated and rows[paid].lane == lane_before
+    assert rows[paid].updated_at is not None
     assert (rows[fenced].status, rows[fenced].text) == ("streaming", None)
     assert (rows[failed].status, rows[failed].error) == ("failed", "provider said no")
     assert (rows[moved_lane].lane, rows[moved_lane].lane_reason) == ("stream", "deadline near")
@@ -102,10 +115,14 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
     assert rows[unpriced].status == "succeeded" and rows[unpriced].cost_usd is None
     assert set(ledger) == {paid}  # the only end with a price and usage
     entry = ledger[paid]
-    assert (entry.route, entry.tier, entry.model) == ("stream", "standard", "sheepdog-mini")
-    assert entry.cost_usd == expected and entry.standard_cost_usd == expected
-    assert reservation is not None
-    assert (reservation.state, reservation.settled_usd) == ("settled", expected)
+    assert (entry.route, entry.tier, entry.model) == ("stream", "flex", "sheepdog-mini")
+    assert (entry.prompt_tokens, entry.completion_tokens, entry.estimated) == (10, 20, True)
+    assert entry.cost_usd == expected and entry.standard_cost_usd == standard
+    assert reservations == {
+        paid: ("settled", expected),
+        fenced: ("held", None),  # still the other owner's
+        failed: ("released", 0),  # a failed stream spends nothing
+    }
     assert events == sorted(
         [
             (paid, "request.succeeded"),
