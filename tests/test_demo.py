@@ -48,7 +48,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,  # start-up (up to 60 s a process on a busy box) + the workload's 80 s
+        timeout=240,  # start-up (all at once, up to 120 s on a busy box) + the workload's 80 s
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-6000:]

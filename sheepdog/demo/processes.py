@@ -96,13 +96,14 @@ def free_port(preferred: int) -> int:
 
 
 class ChildSpec(NamedTuple):
-    """One `sheepdog` child: its name (and log file), arguments, extra environment, and the log
-    line that says it is ready."""
+    """One `sheepdog` child: its name (and log file), arguments, extra environment, the log
+    line that says it is ready, and how long it may take to say it."""
 
     name: str
     argv: list[str]
     env: dict[str, str]
     ready: str
+    start_s: float = 60.0
 
 
 def worker_specs(schedule: Path, metrics_port: int) -> list[ChildSpec]:
@@ -110,16 +111,20 @@ def worker_specs(schedule: Path, metrics_port: int) -> list[ChildSpec]:
     stream = ["worker", "--queues", "stream", "--concurrency", "50", "--hostname", "demo-stream@%h"]
     batch = ["worker", "--queues", "batch,default", "--concurrency", "4"]
     return [
-        ChildSpec("stream-worker", stream, {"SHEEPDOG_METRICS_PORT": str(metrics_port)}, "ready."),
+        # A stream worker says "ready." once each of its processes has its stream engine serving:
+        # on a loaded 2-core box two worker processes took ~60 s and their engines 14 s more.
+        ChildSpec(
+            "stream-worker", stream, {"SHEEPDOG_METRICS_PORT": str(metrics_port)}, "ready.", 120.0
+        ),
         ChildSpec("batch-worker", [*batch, "--hostname", "demo-batch@%h"], {}, "ready."),
         ChildSpec("beat", ["beat", "--schedule-file", str(schedule)], {}, "Starting"),
     ]
 
 
 def start_all(children: Children, specs: list[ChildSpec], env: dict[str, str], logs: Path) -> None:
-    """Start every child, then wait for each to be ready (up to 60 s each)."""
+    """Start every child, then wait for each to be ready (its `start_s`; they start at once)."""
     for spec in specs:
         log = logs / f"{spec.name}.log"
         children.spawn(spec.name, [*SHEEPDOG, *spec.argv], {**env, **spec.env}, log)
     for spec in specs:
-        wait_for_log(logs / f"{spec.name}.log", spec.ready, children.get(spec.name), 60)
+        wait_for_log(logs / f"{spec.name}.log", spec.ready, children.get(spec.name), spec.start_s)
