@@ -63,6 +63,10 @@ class SucceededEnd:
     tier: str  # the tier billed
 
 
+NAMES = tuple(f.name for f in fields(SucceededEnd))
+# The arrays' types, not the columns' (String(), not String(32)): an explicit cast to
+# VARCHAR(n) truncates silently, while the assignment to the column refuses an oversized value,
+# as every other write of these columns does.
 _TYPES: dict[str, TypeEngine[Any]] = {
     "id": String(),
     "attempts": Integer(),
@@ -80,7 +84,6 @@ _TYPES: dict[str, TypeEngine[Any]] = {
     "model": String(),
     "tier": String(),
 }
-NAMES = tuple(f.name for f in fields(SucceededEnd))
 # The columns the move copies into `requests` as they are.
 COPIED = (
     "text",

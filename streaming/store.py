@@ -8,7 +8,6 @@ cannot write the row's end or its heartbeat any more.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -319,9 +318,8 @@ def finish_many(
             except Fenced as err:
                 out[rid] = err
         return out
-    rows = [_succeeded_end(rid, *v) for rid, v in ends.items() if v[1].status is Status.SUCCEEDED]
-    priced = {row.id for row in rows}
-    others = {rid: v for rid, v in ends.items() if rid not in priced}
+    others = {rid: v for rid, v in ends.items() if v[1].status is not Status.SUCCEEDED}
+    rows = [_succeeded_end(rid, *v) for rid, v in ends.items() if rid not in others]
     with _session(db_url) as session:
         result = _fail_or_cancel(session, others)
         moved = end_rows.succeed(session, rows)
@@ -331,17 +329,17 @@ def finish_many(
 
 
 def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
-    cost = standard = None
-    tier = served_tier(end.service_tier)
-    if end.prompt_tokens is not None and end.completion_tokens is not None:
-        with contextlib.suppress(KeyError):  # a model missing from the price table: no cost
-            cost, standard = ledger.cost_of(_usage(rid, claim, end))
+    cost = _cost(claim, end)
+    standard = None
+    if cost is not None:  # priced, so the tokens are there
+        assert end.prompt_tokens is not None and end.completion_tokens is not None
+        standard = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens, "standard")
     return end_rows.SucceededEnd(
         id=rid,
         attempts=claim.attempts,
         standard_cost_usd=standard,
         model=claim.model,
-        tier=tier,
+        tier=served_tier(end.service_tier),
         **({"lane": None, "lane_reason": None} | end.row_values(cost)),
     )
 
@@ -371,10 +369,8 @@ def _fail_or_cancel(
             result[rid] = Fenced(rid)
             continue
         cost = result[rid] = _cost(claim, end)
-        lane = end.lane_values()
-        by_status.setdefault((end.status, bool(lane)), []).append(
-            {"id": rid, "updated_at": now, "finished_at": now, **end.row_values(cost)}
-        )
+        row = {"id": rid, "updated_at": now, "finished_at": now, **end.row_values(cost)}
+        by_status.setdefault((end.status, "lane" in row), []).append(row)
     for (status, _), rows in by_status.items():
         moved = move_each(session, rows, status, from_=[Status.STREAMING])
         if moved != len(rows):  # cannot happen under the row locks; never write half
