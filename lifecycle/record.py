@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 import redis
 from pydantic import ValidationError
@@ -110,13 +112,53 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
         row["metadata"] = row.pop("metadata_")
     if session.get_bind().dialect.name == "postgresql":
-        return _copy_rows(session, rows)
+        return _copy_rows(session, rows) if len(rows) > JSON_ROWS_MAX else _json_rows(session, rows)
     stmt = _insert_ignoring_duplicates(session).returning(Request.id)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
     return len(session.connection().execute(stmt, rows).all())
 
 
 JSON_COLUMNS = frozenset({"body", "metadata"})
+# Up to this many rows go as one INSERT ... SELECT FROM json_populate_recordset(one JSON
+# text): one statement whose text is the same for 1 row or 100 (psycopg prepares it), and one
+# parameter serialised by orjson, where COPY takes four statements (create the temporary
+# table, copy, insert, truncate). The producer writes a few rows at a time; the intake worker's
+# 500-row messages keep COPY, which streams them. Each value goes through its column type's
+# input function, so a value past a column's limit is refused, as COPY and an INSERT refuse it.
+JSON_ROWS_MAX = 100
+
+
+def _defaults(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Python-side column defaults (a Core insert would apply them; COPY and JSON do not)."""
+    return {
+        c.name: c.default.arg
+        for c in Request.__table__.columns
+        if c.name not in rows[0] and c.default is not None and c.default.is_scalar
+    }
+
+
+def _as_json(value: object) -> str:
+    if isinstance(value, Decimal):
+        return str(value)  # numeric's input reads it exactly
+    raise TypeError(f"{type(value).__name__} has no JSON form here")
+
+
+def _json_rows(session: Session, rows: list[dict[str, Any]]) -> int:
+    """PostgreSQL insert of a few rows in one statement, the rows one JSON array."""
+    defaults = _defaults(rows)
+    columns = [*rows[0], *defaults]
+    names = ", ".join(f'"{c}"' for c in columns)
+    payload = orjson.dumps([{**defaults, **row} for row in rows], default=_as_json)
+    raw = session.connection().connection.driver_connection
+    assert raw is not None  # a live psycopg connection inside the session's transaction
+    with raw.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO requests ({names}) SELECT {names} "
+            "FROM json_populate_recordset(NULL::requests, %s::json) "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            (payload.decode(),),
+        )
+        return len(cur.fetchall())
 
 
 def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
@@ -126,12 +168,7 @@ def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     faster, and the intake worker is the producer's bottleneck)."""
     from psycopg.types.json import Json
 
-    # Python-side column defaults (a Core insert would apply them; COPY does not).
-    defaults = {
-        c.name: c.default.arg
-        for c in Request.__table__.columns
-        if c.name not in rows[0] and c.default is not None and c.default.is_scalar
-    }
+    defaults = _defaults(rows)
     columns = [*rows[0], *defaults]
     names = ", ".join(f'"{c}"' for c in columns)
     raw = session.connection().connection.driver_connection
@@ -184,13 +221,18 @@ def record_safely(session: Session, items: Sequence[IntakeItem]) -> Recorded:
     its own, and a row that still cannot be written fails alone with its reason rather than
     take its neighbours with it. The database being away is raised (the task retries)."""
     out = Recorded()
+    # A session with nothing done yet (the producer's, the intake task's) tries the bulk in its
+    # own transaction and rolls it back if refused: two round trips fewer than a savepoint.
+    fresh = not session.in_transaction()
     try:
-        with session.begin_nested():
+        with contextlib.nullcontext() if fresh else session.begin_nested():
             out.created = record_requests(session, items)
         return out
     except TRANSIENT:
         raise
     except Exception as err:
+        if fresh:
+            session.rollback()
         if len(items) > 1:
             log.warning("intake bulk of %d refused (%s); writing one by one", len(items), err)
     for item in items:

@@ -105,3 +105,71 @@ def test_redelivered_intake_inserts_nothing_twice(db_url: str) -> None:
         assert record_requests(session, [item]) == 1
     with session_scope(db_url) as session:
         assert record_requests(session, [item]) == 0
+
+
+@pytest.mark.parametrize("size", [1, 100, 101])
+def test_both_bulk_forms_write_the_same_rows(db_url: str, size: int) -> None:
+    """PostgreSQL writes up to JSON_ROWS_MAX rows in one statement (the rows one JSON text) and
+    more through COPY; either way every column is the one the item maps to, and a value past a
+    column's limit is refused, not truncated."""
+    from lifecycle.record import JSON_ROWS_MAX, record_requests, record_safely, row_values
+    from sheepdog.client import Client
+
+    assert JSON_ROWS_MAX == 100  # the sizes above straddle it
+    run = uuid.uuid4().hex[:8]
+    client = Client()
+    extra = {
+        "deadline": "2030-01-02T03:04:05+00:00",
+        "max_cost_usd": "0.125",
+        "metadata": {"tenant": "acme", "team": "ü ✓"},
+    }
+    items = [
+        client.prepare(low(f"rows {run} {i}", idempotency_key=f"k-{run}-{i}", **extra))
+        for i in range(size)
+    ]
+    with session_scope(db_url) as session:
+        assert record_requests(session, items) == size
+    with session_scope(db_url) as session:
+        rows = {
+            r.id: r
+            for r in session.scalars(select(Request).where(Request.id.in_([i.id for i in items])))
+        }
+    assert len(rows) == size
+    for item in items:
+        want, row = row_values(item), rows[item.id]
+        for name in (
+            "idempotency_key",
+            "tenant",
+            "priority",
+            "route",
+            "lane",
+            "model",
+            "body",
+            "max_cost_usd",
+            "deadline",
+            "status",
+            "attempts",
+            "escalated",
+            "webhook_url",
+            "created_at",
+            "usage_estimated",
+        ):
+            got, expected = getattr(row, name), want.get(name, getattr(row, name))
+            assert got == expected, (name, got, expected)
+        assert row.metadata_ == want["metadata_"]
+        assert row.text is None and row.finished_at is None
+    # One row the column refuses (an idempotency key past its 200 characters) fails alone.
+    more = [client.prepare(low(f"more {run} {i}")) for i in range(size + 1)]
+    more[0].request["idempotency_key"] = "k" * 300
+    with session_scope(db_url) as session:
+        recorded = record_safely(session, more)
+    with session_scope(db_url) as session:
+        got = {
+            r.id: r
+            for r in session.scalars(select(Request).where(Request.id.in_([i.id for i in more])))
+        }
+    if "postgresql" in db_url:
+        assert recorded.failed == [more[0].id], recorded
+        assert got[more[0].id].status == "failed" and got[more[0].id].idempotency_key is None
+        assert "could not be stored" in (got[more[0].id].error or "")
+    assert all(got[i.id].status == "queued" for i in more[1:])

@@ -5,9 +5,11 @@ handlers run them in a thread).
 - The tenant is the key's: `metadata.tenant` is set from it, whatever the body said, so budgets
   apply to it. Idempotency keys are the tenant's own (stored as `<tenant>/<key>`; tenant
   `default`, the CLI's, keeps them as given), so one tenant cannot learn another's request ids.
-- A request belongs to the tenant of its row; until a worker records the row, to the tenant the
-  front door wrote down when it submitted it (a Redis record, keys.request_owner), and reading
-  it answers a `queued` view made from that record. Another tenant's request is not found.
+- A request belongs to the tenant of its row. The producer writes the row before the ids go
+  back (the default); with `producer_writes_rows` off a worker writes it later, and until then
+  the request belongs to the tenant the front door wrote down when it submitted it (a Redis
+  record, keys.request_owner), and reading it answers a `queued` view made from that record.
+  Another tenant's request is not found.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Tenancy:
             return [self.submit_calls([call])[0] for call in calls]
         except SheepdogError as err:
             return [err for _ in calls]
-        self._record_owners(calls, ids)
+        if not self.settings.producer_writes_rows:  # else every row exists already
+            self._record_owners(calls, ids)
         out: list[list[str] | SheepdogError] = []
         start = 0
         for _, requests in calls:
