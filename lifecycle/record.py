@@ -112,7 +112,9 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
         row["metadata"] = row.pop("metadata_")
     if session.get_bind().dialect.name == "postgresql":
-        return _copy_rows(session, rows) if len(rows) > JSON_ROWS_MAX else _json_rows(session, rows)
+        if len(rows) > JSON_ROWS_MAX:
+            return _copy_rows(session, rows)
+        return _json_rows(session, rows)
     stmt = _insert_ignoring_duplicates(session).returning(Request.id)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
     return len(session.connection().execute(stmt, rows).all())
@@ -149,6 +151,10 @@ def _json_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     columns = [*rows[0], *defaults]
     names = ", ".join(f'"{c}"' for c in columns)
     payload = orjson.dumps([{**defaults, **row} for row in rows], default=_as_json)
+    if b"\\u0000" in payload:
+        # json_populate_recordset unescapes every string, and text cannot hold a NUL; a json
+        # column can (COPY stores it as sent).
+        return _copy_rows(session, rows)
     raw = session.connection().connection.driver_connection
     assert raw is not None  # a live psycopg connection inside the session's transaction
     with raw.cursor() as cur:

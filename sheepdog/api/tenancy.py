@@ -163,7 +163,9 @@ class Tenancy:
         """The tenant's own request, or None (unknown and another tenant's alike)."""
         if not request_id.startswith("req_") or len(request_id) > 40:
             return None
-        view = self.client.get(request_id) or self._pending(request_id)
+        view = self.client.get(request_id)
+        if view is None and not self.settings.producer_writes_rows:
+            view = self._pending(request_id)
         if view is None or view.tenant != tenant:
             return None
         return view
