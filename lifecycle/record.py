@@ -130,13 +130,22 @@ JSON_COLUMNS = frozenset({"body", "metadata"})
 JSON_ROWS_MAX = 100
 
 
-def _defaults(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Python-side column defaults (a Core insert would apply them; COPY and JSON do not)."""
-    return {
+def _layout(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str], str]:
+    """The Python-side column defaults the rows lack (a Core insert would apply them; COPY and
+    JSON do not), every column written, and their quoted names."""
+    defaults = {
         c.name: c.default.arg
         for c in Request.__table__.columns
         if c.name not in rows[0] and c.default is not None and c.default.is_scalar
     }
+    columns = [*rows[0], *defaults]
+    return defaults, columns, ", ".join(f'"{c}"' for c in columns)
+
+
+def _driver_connection(session: Session) -> Any:
+    raw = session.connection().connection.driver_connection
+    assert raw is not None  # a live psycopg connection inside the session's transaction
+    return raw
 
 
 def _as_json(value: object) -> str:
@@ -147,17 +156,13 @@ def _as_json(value: object) -> str:
 
 def _json_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     """PostgreSQL insert of a few rows in one statement, the rows one JSON array."""
-    defaults = _defaults(rows)
-    columns = [*rows[0], *defaults]
-    names = ", ".join(f'"{c}"' for c in columns)
+    defaults, _, names = _layout(rows)
     payload = orjson.dumps([{**defaults, **row} for row in rows], default=_as_json)
     if b"\\u0000" in payload:
         # json_populate_recordset unescapes every string, and text cannot hold a NUL; a json
         # column can (COPY stores it as sent).
         return _copy_rows(session, rows)
-    raw = session.connection().connection.driver_connection
-    assert raw is not None  # a live psycopg connection inside the session's transaction
-    with raw.cursor() as cur:
+    with _driver_connection(session).cursor() as cur:
         cur.execute(
             f"INSERT INTO requests ({names}) SELECT {names} "
             "FROM json_populate_recordset(NULL::requests, %s::json) "
@@ -174,12 +179,8 @@ def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     faster, and the intake worker is the producer's bottleneck)."""
     from psycopg.types.json import Json
 
-    defaults = _defaults(rows)
-    columns = [*rows[0], *defaults]
-    names = ", ".join(f'"{c}"' for c in columns)
-    raw = session.connection().connection.driver_connection
-    assert raw is not None  # a live psycopg connection inside the session's transaction
-    with raw.cursor() as cur:
+    defaults, columns, names = _layout(rows)
+    with _driver_connection(session).cursor() as cur:
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS intake_rows "
             "(LIKE requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"

@@ -66,6 +66,8 @@ class Tenancy:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.settings = client.settings
+        # Owner records exist only where the rows come later than the ids (see above).
+        self._owner_records = not client.settings.producer_writes_rows
 
     def validate(self, tenant: str, requests: list[object], as_list: bool) -> list[ChatRequest]:
         """Each request as submitted for `tenant`, validated (no I/O); InvalidRequest names the
@@ -98,7 +100,7 @@ class Tenancy:
             return [self.submit_calls([call])[0] for call in calls]
         except SheepdogError as err:
             return [err for _ in calls]
-        if not self.settings.producer_writes_rows:  # else every row exists already
+        if self._owner_records:
             self._record_owners(calls, ids)
         out: list[list[str] | SheepdogError] = []
         start = 0
@@ -164,7 +166,7 @@ class Tenancy:
         if not request_id.startswith("req_") or len(request_id) > 40:
             return None
         view = self.client.get(request_id)
-        if view is None and not self.settings.producer_writes_rows:
+        if view is None and self._owner_records:
             view = self._pending(request_id)
         if view is None or view.tenant != tenant:
             return None
