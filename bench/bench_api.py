@@ -12,7 +12,9 @@ to change it).
 2. Low-priority intake over HTTP: `--clients` keep-alive clients, one request per call, then the
    bulk form (lists of `--bulk`, 4 clients): accepted requests/s and accept latency. Baselines:
    the in-deployment client in one process, `submit` one by one and `submit_many` in lists. No
-   intake worker runs, so the rate is the front door's (the messages wait in Redis).
+   intake worker runs, so the rate is the front door's (the messages wait in Redis). With wrk
+   installed, one request per call again for `--wrk-seconds`, the load from wrk (bench/wrk_load.py:
+   a tenth of aiohttp's CPU a call, which shares the two cores with the API).
 3. `--streams` event streams at once, each answer 50 chunks 100 ms apart: submitted in lists
    over HTTP and followed by one SSE connection each, against the simulator serving the same
    number of streams directly (wall ratio), and the same streams followed without the front
@@ -40,7 +42,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 from sheepdog_client import Client as HttpClient  # noqa: E402
 
-from bench import api_load  # noqa: E402
+from bench import api_load, wrk_load  # noqa: E402
 from bench.cpu import tree_cpu  # noqa: E402
 from bench.report import pct, print_grid  # noqa: E402
 from bench.stack import (  # noqa: E402
@@ -114,6 +116,13 @@ def intake_rows(intake: dict[str, Any]) -> Rows:
 
     one, bulk = intake["http_one"], intake["http_bulk"]
     lo, lb = intake["local_one"], intake["local_bulk"]
+    wrk = intake.get("wrk")
+    by_wrk = (
+        f"{wrk['rate']:,.0f}/s (x{wrk['rate'] / rate(lo):.2f}), p50 {ms(wrk['p50'])}, p99"
+        f" {ms(wrk['p99'])}, {wrk['refused']} refused {wrk['errors']}".rstrip()
+        if wrk
+        else "not measured: wrk is not installed (apt-get install wrk)"
+    )
     return [
         [
             "low intake, 1 a call: accepted/s, p99 accept",
@@ -122,6 +131,7 @@ def intake_rows(intake: dict[str, Any]) -> Rows:
             f" {one['refused']} refused",
             "≥ 3,000/s, p99 ≤ 25 ms",
         ],
+        ["  the same, load from wrk (C, 1 thread)", "", by_wrk, "≥ 3,000/s, p99 ≤ 25 ms"],
         [
             "low intake, bulk lists: accepted/s",
             f"in-deployment submit_many: {rate(lb):,.0f}/s",
@@ -172,6 +182,9 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=500)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--api-processes", type=int, default=2)
+    parser.add_argument(
+        "--wrk-seconds", type=int, default=5, help="intake driven by wrk, if installed"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sheepdog-bench-api-"))
     db_url = create_database("sheepdog_bstream")
@@ -192,6 +205,8 @@ def main() -> None:
                 lat = api_load.ttft(sim.base_url, sim.api_key, door, local, args.requests, tag)
             print(f"ttft done ({args.requests} each)", flush=True)
             intake = api_load.intake(url, key, local, args.intake, args.clients, args.bulk, tag)
+            if wrk_load.available():
+                intake["wrk"] = wrk_load.intake(url, key, args.clients, args.wrk_seconds, tag)
             print(f"intake done ({args.intake} each)", flush=True)
             conc = api_load.streams(
                 sim, url, key, local, args.streams, tag, lambda: tree_cpu(api.pid)

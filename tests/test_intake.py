@@ -180,3 +180,27 @@ def test_both_bulk_forms_write_the_same_rows(db_url: str, size: int) -> None:
         assert got[more[0].id].status == "failed" and got[more[0].id].idempotency_key is None
         assert "could not be stored" in (got[more[0].id].error or "")
     assert all(got[i.id].status == "queued" for i in more[1:])
+
+
+def test_a_fresh_sessions_bulk_is_committed_and_later_work_is_its_own(db_url: str) -> None:
+    """record_safely commits a fresh session's bulk (on PostgreSQL the one statement commits
+    itself); what the session does afterwards is a transaction of its own again, which a
+    rollback undoes."""
+    from lifecycle.record import record_requests, record_safely
+    from sheepdog.client import Client
+
+    run = uuid.uuid4().hex[:8]
+    client = Client()
+    bulk = [client.prepare(low(f"alone {run} {i}")) for i in range(3)]
+    later = client.prepare(low(f"later {run}"))
+    with pytest.raises(RuntimeError), session_scope(db_url) as session:
+        assert record_safely(session, bulk).created == 3
+        assert record_requests(session, [later]) == 1
+        raise RuntimeError("roll back what came after the bulk")
+    with session_scope(db_url) as session:
+        stored = set(
+            session.scalars(
+                select(Request.id).where(Request.id.in_([i.id for i in [*bulk, later]]))
+            )
+        )
+    assert stored == {i.id for i in bulk}, stored

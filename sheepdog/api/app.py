@@ -6,6 +6,7 @@ Built by `create_app()` (uvicorn's factory, once per process); nothing happens a
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -107,6 +108,11 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The first call must not pay the imports and connections of a cold start.
         await run_in_threadpool(front.client.warm_up)
+        # Everything imported and warmed so far lives as long as the process: out of the
+        # collector's sight, a full collection walks only what came later (it walked all of
+        # it under load, a pause of 120-190 ms that every call under way waited out).
+        gc.collect()
+        gc.freeze()
         yield
         await front.redis.aclose()
 
