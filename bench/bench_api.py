@@ -117,12 +117,15 @@ def intake_rows(intake: dict[str, Any]) -> Rows:
     one, bulk = intake["http_one"], intake["http_bulk"]
     lo, lb = intake["local_one"], intake["local_bulk"]
     wrk = intake.get("wrk")
-    by_wrk = (
-        f"{wrk['rate']:,.0f}/s (x{wrk['rate'] / rate(lo):.2f}), p50 {ms(wrk['p50'])}, p99"
-        f" {ms(wrk['p99'])}, {wrk['refused']} refused {wrk['errors']}".rstrip()
-        if wrk
-        else "not measured: wrk is not installed (apt-get install wrk)"
-    )
+    if not wrk:
+        by_wrk = "not measured: wrk is not installed (apt-get install wrk)"
+    elif "failed" in wrk:
+        by_wrk = f"not measured: {wrk['failed']}"
+    else:
+        by_wrk = (
+            f"{wrk['rate']:,.0f}/s (x{wrk['rate'] / rate(lo):.2f}), p50 {ms(wrk['p50'])}, p99"
+            f" {ms(wrk['p99'])}, {wrk['refused']} refused {wrk['errors']}"
+        ).rstrip()
     return [
         [
             "low intake, 1 a call: accepted/s, p99 accept",

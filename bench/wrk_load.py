@@ -25,7 +25,8 @@ request = function()
     '"}],"priority":"low"}')
 end
 """
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = r"([\d.]+(?:us|ms|s|m|h))"
 
 
 def available() -> bool:
@@ -33,27 +34,35 @@ def available() -> bool:
 
 
 def _seconds(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()  # type: ignore[union-attr]
     return float(value) * _UNITS[unit]
 
 
 def intake(url: str, key: str, clients: int, seconds: int, tag: str) -> dict[str, Any]:
     """`clients` connections for `seconds` (one wrk thread): calls accepted (2xx) a second,
-    calls refused, and the latency percentiles wrk reports."""
+    calls refused, and the latency percentiles wrk reports (of every answered call; a call
+    unanswered after 30 s counts as a timeout, named in `errors`). A run that could not be
+    made or read says why in `failed`."""
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(SCRIPT % {"key": key, "tag": tag})
-        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", str(script)]
-        out = subprocess.run(
-            [*cmd, url], capture_output=True, text=True, check=True, timeout=seconds + 60
-        ).stdout
-    total, wall = re.search(r"(\d+) requests in ([\d.]+\w+),", out).groups()  # type: ignore[union-attr]
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "30s", "--latency"]
+        try:
+            done = subprocess.run(
+                [*cmd, "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 90
+            )
+        except subprocess.TimeoutExpired:
+            return {"failed": "wrk did not end"}
+    out = done.stdout
+    total = re.search(rf"(\d+) requests in {_DURATION},", out)
+    lat = dict(re.findall(rf"^\s+(50|99)(?:\.0+)?%\s+{_DURATION}\s*$", out, re.M))
+    if done.returncode != 0 or total is None or set(lat) != {"50", "99"}:
+        return {"failed": f"wrk exited {done.returncode}: {(done.stderr or out).strip()[:200]}"}
     refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: .*", out)
-    lat = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+\w+)$", out, re.M))
     bad = int(refused.group(1)) if refused else 0
     return {
-        "rate": (int(total) - bad) / _seconds(wall),
+        "rate": (int(total.group(1)) - bad) / _seconds(total.group(2)),
         "refused": bad,
         "errors": errors.group(0) if errors else "",
         "p50": _seconds(lat["50"]),

@@ -103,11 +103,9 @@ def parse_items(raw: Iterable[object]) -> tuple[list[IntakeItem], list[tuple[obj
     return items, rejects
 
 
-def record_requests(session: Session, items: Sequence[IntakeItem], *, alone: bool = False) -> int:
+def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     """Insert rows for `items` (status queued); rows that already exist are left alone, so a
-    re-delivered message changes nothing. Returns the number of new rows. `alone`: the session
-    has no transaction yet and does nothing else in it, so on PostgreSQL a one-statement insert
-    may commit itself."""
+    re-delivered message changes nothing. Returns the number of new rows."""
     if not items:
         return 0
     rows = [row_values(item) for item in items]
@@ -116,7 +114,7 @@ def record_requests(session: Session, items: Sequence[IntakeItem], *, alone: boo
     if session.get_bind().dialect.name == "postgresql":
         if len(rows) > JSON_ROWS_MAX:
             return _copy_rows(session, rows)
-        return _json_rows(session, rows, alone)
+        return _json_rows(session, rows)
     stmt = _insert_ignoring_duplicates(session).returning(Request.id)
     # RETURNING counts the rows really inserted (executemany rowcount is -1 on psycopg).
     return len(session.connection().execute(stmt, rows).all())
@@ -156,7 +154,7 @@ def _as_json(value: object) -> str:
     raise TypeError(f"{type(value).__name__} has no JSON form here")
 
 
-def _json_rows(session: Session, rows: list[dict[str, Any]], alone: bool) -> int:
+def _json_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     """PostgreSQL insert of a few rows in one statement, the rows one JSON array."""
     defaults, _, names = _layout(rows)
     payload = orjson.dumps([{**defaults, **row} for row in rows], default=_as_json)
@@ -164,10 +162,6 @@ def _json_rows(session: Session, rows: list[dict[str, Any]], alone: bool) -> int
         # json_populate_recordset unescapes every string, and text cannot hold a NUL; a json
         # column can (COPY stores it as sent).
         return _copy_rows(session, rows)
-    if alone:
-        # The one statement commits itself: no BEGIN and COMMIT round trips (two of three);
-        # refused, it has written nothing.
-        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     with _driver_connection(session).cursor() as cur:
         cur.execute(
             f"INSERT INTO requests ({names}) SELECT {names} "
@@ -234,15 +228,12 @@ def record_safely(session: Session, items: Sequence[IntakeItem]) -> Recorded:
     its own, and a row that still cannot be written fails alone with its reason rather than
     take its neighbours with it. The database being away is raised (the task retries)."""
     out = Recorded()
-    # A session with nothing done yet (the producer's, the intake task's) tries the bulk as its
-    # own transaction, committed here (on PostgreSQL a one-statement insert commits itself), and
-    # rolls it back if refused: round trips fewer than a savepoint.
+    # A session with nothing done yet (the producer's, the intake task's) tries the bulk in its
+    # own transaction and rolls it back if refused: two round trips fewer than a savepoint.
     fresh = not session.in_transaction()
     try:
         with contextlib.nullcontext() if fresh else session.begin_nested():
-            out.created = record_requests(session, items, alone=fresh)
-        if fresh:
-            session.commit()  # (the connection goes back: later work in the session gets its own)
+            out.created = record_requests(session, items)
         return out
     except TRANSIENT:
         raise

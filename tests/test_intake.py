@@ -182,25 +182,58 @@ def test_both_bulk_forms_write_the_same_rows(db_url: str, size: int) -> None:
     assert all(got[i.id].status == "queued" for i in more[1:])
 
 
-def test_a_fresh_sessions_bulk_is_committed_and_later_work_is_its_own(db_url: str) -> None:
-    """record_safely commits a fresh session's bulk (on PostgreSQL the one statement commits
-    itself); what the session does afterwards is a transaction of its own again, which a
-    rollback undoes."""
+def test_the_bulk_is_undone_with_its_session(db_url: str) -> None:
+    """The producer's write is one transaction with whatever else the session does: until its
+    commit nothing is stored, so a failure before it (the producer then says "not stored")
+    leaves no row behind. (A self-committing insert would store rows the caller was told were
+    not; measured and not taken, see the README's front-door figures.)"""
     from lifecycle.record import record_requests, record_safely
     from sheepdog.client import Client
 
     run = uuid.uuid4().hex[:8]
     client = Client()
-    bulk = [client.prepare(low(f"alone {run} {i}")) for i in range(3)]
+    bulk = [client.prepare(low(f"undone {run} {i}")) for i in range(3)]
     later = client.prepare(low(f"later {run}"))
     with pytest.raises(RuntimeError), session_scope(db_url) as session:
         assert record_safely(session, bulk).created == 3
         assert record_requests(session, [later]) == 1
-        raise RuntimeError("roll back what came after the bulk")
+        raise RuntimeError("the write fails before its commit")
     with session_scope(db_url) as session:
-        stored = set(
-            session.scalars(
-                select(Request.id).where(Request.id.in_([i.id for i in [*bulk, later]]))
-            )
-        )
-    assert stored == {i.id for i in bulk}, stored
+        stored = session.scalars(
+            select(Request.id).where(Request.id.in_([i.id for i in [*bulk, later]]))
+        ).all()
+    assert stored == [], stored
+
+
+def test_a_connection_lost_in_the_bulk_write_is_retried_by_the_intake_task(pg_url: str) -> None:
+    """The bulk forms write through psycopg's own cursor: a connection lost there raises the
+    driver's error, which the session's rollback then replaces with SQLAlchemy's. Either way
+    the intake task retries it (a task that failed is acknowledged, and its message with it).
+    The connection is really cut: its backend is terminated between the pool's checkout and the
+    write."""
+    import psycopg
+    from sqlalchemy import event
+
+    from core.db import get_engine
+    from lifecycle.record import record_safely
+    from sheepdog.client import Client
+    from tasks.intake import intake
+
+    client = Client()
+    items = [client.prepare(low(f"cut {uuid.uuid4().hex[:8]} {i}")) for i in range(3)]
+    engine = get_engine(pg_url)
+
+    def cut(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (dbapi_connection.info.backend_pid,))
+
+    event.listen(engine, "checkout", cut)
+    try:
+        with pytest.raises(Exception) as caught, session_scope(pg_url) as session:
+            record_safely(session, items)
+    finally:
+        event.remove(engine, "checkout", cut)
+    first = caught.value.__context__ or caught.value
+    assert isinstance(first, psycopg.OperationalError), repr(first)  # the driver's, in the cursor
+    assert isinstance(caught.value, tuple(intake.autoretry_for)), repr(caught.value)
+    assert isinstance(first, tuple(intake.autoretry_for)), repr(first)
