@@ -135,3 +135,32 @@ def test_a_follower_behind_the_read_under_way_gets_the_gap(
             await shared.aclose()
 
     asyncio.run(run())
+
+
+def test_followers_one_after_another_never_meet_an_empty_read(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each follower leaves as the next joins (the TTFT bench's requests, one at a time): the
+    loop, finding no log left to read, ends its turn instead of sending an empty XREAD (an
+    error, whose pause held up the next follower's first entry by ~0.2 s)."""
+
+    async def run() -> None:
+        shared = new_async_redis(redis_url)
+        hub = LogHub(redis_url, shared)
+        try:
+            for i in range(20):
+                key = f"test:hub:{uuid.uuid4().hex}"
+                feed = hub.feed(key)
+                assert await feed.read(None) == []
+                waiting = asyncio.create_task(feed.read(READ_MS))
+                await asyncio.sleep(0.005)  # the follower has joined the loop
+                await shared.xadd(key, {"m": b"%d" % i})
+                assert [f[b"m"] for _, f in await waiting] == [b"%d" % i]
+                await feed.aclose()
+                await shared.delete(key)
+        finally:
+            await shared.aclose()
+
+    with caplog.at_level("WARNING", logger="sheepdog.api"):
+        asyncio.run(run())
+    assert not [r.getMessage() for r in caplog.records if "replay log reader" in r.getMessage()]

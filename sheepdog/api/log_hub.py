@@ -168,6 +168,8 @@ class LogHub:
         # Before every XREAD: a reconnect (redis-py retries a lost connection) has a new id.
         self._client_id = int(await conn.client_id())
         starts = {key: min(f.pos for f in feeds) for key, feeds in self._feeds.items()}
+        if not starts:  # the last follower left during that round trip (an empty XREAD is an
+            return  # error, and the pause after one held up the next follower's first token)
         self._read_keys = set(starts)
         streams = {key: _id(pos) for key, pos in starts.items()}
         response = await conn.xread(streams, BATCH, BLOCK_MS)  # type: ignore[arg-type]
