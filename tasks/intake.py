@@ -6,24 +6,24 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from sqlalchemy.exc import OperationalError
 
 from batch.flush import count_up
 from core.db import session_scope
 from core.settings import get_settings
-from lifecycle.record import TRANSIENT, parse_items, record_safely, release_keys
+from lifecycle.record import parse_items, record_safely, release_keys
 from tasks.task_base import SheepdogTask
 
 log = logging.getLogger("sheepdog.tasks.intake")
 
 
 # A database that is away must not cost the requests this message carries (a failed task is
-# acknowledged): the message is sent again, with backoff, until the database is back. TRANSIENT
-# holds the driver's own errors too: the bulk writes go through its cursor, past SQLAlchemy.
+# acknowledged): the message is sent again, with backoff, until the database is back.
 @shared_task(
     base=SheepdogTask,
     name="sheepdog.intake",
     acks_late=True,
-    autoretry_for=TRANSIENT,
+    autoretry_for=(OperationalError,),
     retry_backoff=1,
     retry_backoff_max=30,
     max_retries=None,
