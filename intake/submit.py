@@ -15,6 +15,7 @@ import redis
 from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
+from sqlalchemy.orm import configure_mappers
 
 from core import keys
 from core.celery_app import INTAKE_TASK, celery_for
@@ -59,12 +60,17 @@ class Submitter:
 
     def warm_up(self) -> None:
         """Do a first submit's one-off work now (a server calls this at start-up): build the
-        Celery app and open its broker connection, load the modules the record path imports
-        (seconds on a cold start), open a database connection. Errors are left to submit."""
+        Celery app and its result backend (send_task reads it: an import) and open its broker
+        connection, load the modules the record path imports (seconds on a cold start), set up
+        the ORM's mappers (done on the first query otherwise), open a database connection.
+        Errors are left to submit."""
         import batch.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
 
         with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
+        with contextlib.suppress(Exception):
+            self.celery.backend  # noqa: B018  (a property that imports and builds it)
+        configure_mappers()
         with contextlib.suppress(Exception), session_scope(self.settings.database_url) as s:
             s.execute(select(1))
 
