@@ -25,24 +25,49 @@ def body(i: int, tag: str, priority: str = "high") -> dict[str, Any]:
 # -- 1. time to first token -------------------------------------------------------------------
 
 
-def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: int, tag: str):
-    """Seconds from the call to the first token, three ways, interleaved request by request:
+def _sdk_first_token(sdk: OpenAI, body: dict[str, Any], **extra: Any) -> float:
+    """Seconds from the call to the first content chunk of an SDK stream (read to its end)."""
+    t0 = time.perf_counter()
+    first = float("nan")
+    with sdk.chat.completions.with_streaming_response.create(**body, stream=True, **extra) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            # (the front door's first chunk carries the role and an empty content, as OpenAI's)
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                first = time.perf_counter() - t0
+                break
+        for _ in lines:
+            pass
+    return first
+
+
+def ttft(
+    sim_url: str,
+    sim_key: str,
+    door: HttpClient,
+    door_url: str,
+    door_key: str,
+    local: InDeployment,
+    n: int,
+    tag: str,
+):
+    """Seconds from the call to the first token, four ways, interleaved request by request:
     a direct SDK stream to the simulator; the in-deployment client (submit + pub/sub follow);
-    the front door through sheepdog-client (POST /v1/requests, then the SSE event stream)."""
+    the front door through sheepdog-client (POST /v1/requests, then the SSE event stream); the
+    same SDK as the direct stream, pointed at the front door's /v1/chat/completions (one call)."""
     sdk = OpenAI(base_url=sim_url, api_key=sim_key, max_retries=0)
-    out: dict[str, list[float]] = {"direct": [], "local": [], "door": [], "door_post": []}
+    via_door = OpenAI(base_url=door_url + "/v1", api_key=door_key, max_retries=0)
+    high = {"extra_headers": {"X-Sheepdog-Priority": "high"}}
+    out: dict[str, list[float]] = {
+        "direct": [],
+        "local": [],
+        "door": [],
+        "door_post": [],
+        "openai": [],
+    }
     for i in range(n):
-        t0 = time.perf_counter()
-        with sdk.chat.completions.with_streaming_response.create(
-            **chat_body(i, tag + "d"), stream=True
-        ) as resp:
-            lines = resp.iter_lines()
-            for line in lines:
-                if line.startswith("data: {") and '"content":"' in line:
-                    out["direct"].append(time.perf_counter() - t0)
-                    break
-            for _ in lines:
-                pass
+        out["direct"].append(_sdk_first_token(sdk, chat_body(i, tag + "d")))
+        out["openai"].append(_sdk_first_token(via_door, chat_body(i, tag + "o"), **high))
 
         t0 = time.perf_counter()
         rid = local.submit(body(i, tag + "l"))
@@ -62,6 +87,7 @@ def ttft(sim_url: str, sim_key: str, door: HttpClient, local: InDeployment, n: i
                 break
         stream.final_text()
     sdk.close()
+    via_door.close()
     return out
 
 
