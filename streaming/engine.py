@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import struct
 import sys
 from typing import Any
 
+from core.heap import freeze_startup_heap
 from core.settings import get_settings
 from streaming.engine_wire import HEADER, MAX_FRAME, READY, error_answer, frame, socket_address
 from streaming.runner import run_stream
@@ -117,10 +117,7 @@ async def serve(address: str) -> None:
         lambda r, w: _serve_connection(runtime, r, w), path=socket_address(address), backlog=4096
     )
     _exit_with_parent(asyncio.get_running_loop())
-    # Everything imported and warmed so far lives as long as the process: out of the
-    # collector's sight, a full collection no longer walks it (a pause of several ms that
-    # showed as per-chunk delay).
-    gc.freeze()
+    freeze_startup_heap()
     os.write(1, READY)
     os.dup2(2, 1)  # the parent has closed its end: anything printed goes to the log
     async with server:

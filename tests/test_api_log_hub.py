@@ -146,7 +146,7 @@ def test_a_loop_whose_last_follower_leaves_during_client_id_ends_quietly(
     left to read, ends instead of sending an empty XREAD (redis-py refuses one, and the pause
     after that error held up the next follower's first entry by ~0.2 s). The leave is made to
     happen inside that round trip, so the test does not depend on timing."""
-    feeds: list[log_hub.HubFeed] = []
+    leaving: list[tuple[LogHub, log_hub.HubFeed]] = []  # the follower that leaves, its hub
     real = log_hub.new_async_redis
 
     def loop_connection(url: str, max_connections: int = 0) -> Any:
@@ -155,8 +155,8 @@ def test_a_loop_whose_last_follower_leaves_during_client_id_ends_quietly(
 
         async def client_id() -> Any:
             out = await asked()
-            for feed in feeds:
-                feed.aclose_now()
+            for hub, feed in leaving:
+                hub.leave(feed)
             return out
 
         conn.client_id = client_id
@@ -170,8 +170,7 @@ def test_a_loop_whose_last_follower_leaves_during_client_id_ends_quietly(
         try:
             for _ in range(3):
                 feed = hub.feed(f"test:hub:{uuid.uuid4().hex}")
-                feed.aclose_now = lambda f=feed: hub.leave(f)  # type: ignore[attr-defined]
-                feeds[:] = [feed]
+                leaving[:] = [(hub, feed)]
                 hub.join(feed)  # starts the loop, which sees the follower gone
                 while hub._tasks:
                     await asyncio.gather(*hub._tasks)

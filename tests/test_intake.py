@@ -220,13 +220,14 @@ def test_a_connection_lost_in_the_bulk_write_is_retried_by_the_intake_task(pg_ur
     from lifecycle.record import record_safely
     from sheepdog.client import Client
     from tasks.intake import intake
+    from tests.fixtures.pg import pg_admin_url
 
     client = Client()
     items = [client.prepare(low(f"cut {uuid.uuid4().hex[:8]} {i}")) for i in range(3)]
     engine = get_engine(pg_url)
 
     def cut(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as other:
+        with psycopg.connect(pg_admin_url(), autocommit=True) as other:
             other.execute(
                 "SELECT pg_terminate_backend(%s, 5000)", (dbapi_connection.info.backend_pid,)
             )

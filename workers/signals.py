@@ -5,7 +5,6 @@ import: a host process that imports Sheepdog's code keeps its own signals to its
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any
@@ -18,6 +17,8 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
 )
+
+from core.heap import freeze_startup_heap
 
 log = logging.getLogger("sheepdog.worker")
 
@@ -61,7 +62,7 @@ def _start_stream_runtime(sender: Any = None, **_: Any) -> None:
     if "stream" in queues and "prefork" not in pool:
         get_engine().start()
         _start_threads(sender.pool)
-        gc.freeze()  # what lives as long as the process, out of the collector's sight
+        freeze_startup_heap()
 
 
 def _start_threads(pool: Any) -> None:

@@ -6,7 +6,6 @@ Built by `create_app()` (uvicorn's factory, once per process); nothing happens a
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from core.errors import SheepdogError
+from core.heap import freeze_startup_heap
 from core.settings import Settings, get_settings
 from sheepdog.api import native, openai_compat, webhook_routes
 from sheepdog.api.errors import ApiError, error_body, from_sheepdog
@@ -108,11 +108,7 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The first call must not pay the imports and connections of a cold start.
         await run_in_threadpool(front.client.warm_up)
-        # Everything imported and warmed so far lives as long as the process: out of the
-        # collector's sight, a full collection walks only what came later (it walked all of
-        # it under load, a pause of 120-190 ms that every call under way waited out).
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         yield
         await front.redis.aclose()
 
