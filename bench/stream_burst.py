@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import secrets
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,6 +29,16 @@ from sheepdog.client import Client
 from simulator.server import SimulatorProcess
 
 TOKENS = 50  # each stream's answer
+
+
+def engine_pids(workers: list[int]) -> list[int]:
+    """The stream engines among the workers' processes (`python -m streaming.engine`)."""
+    found = []
+    for pid in (p for w in workers for p in process_tree(w)):
+        with contextlib.suppress(OSError):
+            if b"streaming.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
 
 
 def simulator_alone(sim: SimulatorProcess, n: int, tag: str) -> dict[str, float]:
@@ -167,6 +179,8 @@ def concurrency(
     rows = ended_rows(db_url, ids)
     used, busy = window.read()
     cpu, sim_cpu = sum(used[:-1]), used[-1]
+    engines = set(engine_pids(workers))
+    engine_cpu = sum(u for p, u in zip(procs, used, strict=False) if p in engines)
     logs = replay_logs(r, client, ids)  # before the short TTL of an ended log runs out
     if spy is not None:
         spy.wait()
@@ -187,4 +201,6 @@ def concurrency(
         "lost": float(lost),
         "cpu_s": cpu,
         "cpu_us_chunk": cpu / max(chunks, 1) * 1e6,
+        "engine_us_chunk": engine_cpu / max(chunks, 1) * 1e6,
+        "consumer_us_chunk": (cpu - engine_cpu) / max(chunks, 1) * 1e6,
     }

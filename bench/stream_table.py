@@ -101,6 +101,12 @@ def cost_rows(conc: Runs, n: int) -> list[list[str]]:
             f"{med(conc, 'cpu_us_chunk'):.0f} us ({med(conc, 'cpu_s'):.2f} s)",
             "",
         ],
+        [
+            "  of which the Celery consumer / the stream engine",
+            "",
+            f"{med(conc, 'consumer_us_chunk'):.0f} / {med(conc, 'engine_us_chunk'):.0f} us",
+            "",
+        ],
     ]
 
 

@@ -3,7 +3,8 @@
 --
 -- KEYS: per message its replay log, then its fence (a hash: `a` the newest attempt that
 -- published, `n` the next seq, `end` once a done/error went out).
--- ARGV[1]: the TTL of both; then per message: channel, payload, attempts, mode.
+-- ARGV[1]: the TTL of both; ARGV[2]: the log's TTL once its final message went out (the row
+-- holds the answer by then); then per message: channel, payload, attempts, mode.
 -- mode 0: a worker's message (refused once a later attempt has published);
 -- mode 1: a take-over (the janitor's reset: refused unless every earlier attempt is older);
 -- mode 2: the final done/error (then nothing more goes out for the request).
@@ -15,13 +16,13 @@
 -- begins past 0 (the worker starts the answer again in a new log).
 -- Returns per message the seq it went out with, -1 when the fence refused it, -2 when the
 -- log's start was lost.
-local ttl = ARGV[1]
+local ttl, done_ttl = ARGV[1], ARGV[2]
 local out = {}
 local seen = {}
 for i = 1, #KEYS / 2 do
   local log, fence = KEYS[2 * i - 1], KEYS[2 * i]
-  local channel, payload = ARGV[4 * i - 2], ARGV[4 * i - 1]
-  local attempts, mode = tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i + 1])
+  local channel, payload = ARGV[4 * i - 1], ARGV[4 * i]
+  local attempts, mode = tonumber(ARGV[4 * i + 1]), tonumber(ARGV[4 * i + 2])
   local state = redis.call('HMGET', fence, 'a', 'n', 'end')
   local owner, nxt = tonumber(state[1]), tonumber(state[2])
   local allowed = not state[3] and (owner == nil or attempts > owner
@@ -42,6 +43,9 @@ for i = 1, #KEYS / 2 do
       seen[log] = true
       redis.call('EXPIRE', log, ttl)
       redis.call('EXPIRE', fence, ttl)
+    end
+    if mode == 2 then
+      redis.call('EXPIRE', log, done_ttl)
     end
     out[i] = seq
   else

@@ -147,13 +147,12 @@ class StreamJob:
         self.seq += 1
 
     async def final(self, type_: Any, **fields: Any) -> None:
-        """Publish the last message and wait until Redis has it."""
+        """Publish the last message and wait until Redis has it (the same script call leaves
+        the log only the short done TTL: the row holds the answer)."""
         assert self.grant is not None
         payload = encode(self.request_id, self.seq, type_, **fields)
         self.seq += 1
-        seq = await self.services.publisher.send(self.request_id, payload, self.token)
-        if seq >= 0:  # the log ended with this attempt's message: the row holds the answer
-            await self.services.publisher.shorten(self.request_id)
+        await self.services.publisher.send(self.request_id, payload, self.token)
 
     def _reset(self) -> None:
         if self.shown:

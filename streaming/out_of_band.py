@@ -22,7 +22,13 @@ def publish_error(
     payload = encode(request_id, seq, type_, error=reason if type_ == "error" else None)  # type: ignore[arg-type]
     mode = Mode.FINAL if type_ == "error" else Mode.TAKE_OVER
     # An error ends the request (its row is final already): the log is kept the short TTL.
-    ttl = min(settings.replay_ttl_s, settings.replay_done_ttl_s) if type_ == "error" else None
     return publish_now(
-        redis, names, request_id, payload, ttl or settings.replay_ttl_s, attempts, mode
+        redis,
+        names,
+        request_id,
+        payload,
+        settings.replay_ttl_s,
+        attempts,
+        mode,
+        done_ttl_s=settings.replay_done_ttl_s,
     )

@@ -58,7 +58,8 @@ def fence_token(attempts: int, restart: int = 0) -> int:
 
 
 class Publisher:
-    """Batches PUBLISH + XADD (+ EXPIRE once per log per flush) of all streams of a process."""
+    """Batches PUBLISH + XADD (+ EXPIRE once per log per flush, and at its last message) of all
+    streams of a process."""
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class Publisher:
     async def warm_up(self) -> None:
         """Open the connection and load the script, so the first flush is a plain one."""
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._script(keys=[], args=[self._ttl])
+            await self._script(keys=[], args=[self._ttl, self._done_ttl])
 
     def put(self, request_id: str, payload: bytes, token: int) -> None:
         """Queue a message under fencing token `token` (on the loop only); the flusher sends it
@@ -101,16 +102,6 @@ class Publisher:
         self._wake.set()
         return await done
 
-    async def shorten(self, request_id: str) -> None:
-        """After the last message (the row already holds the answer): keep the replay log only
-        done_ttl_s more. A failure only leaves the log to its full TTL."""
-        if self._done_ttl >= self._ttl:
-            return
-        try:
-            await self._client.expire(self._names.replay_log(request_id), self._done_ttl)
-        except (redis.RedisError, OSError) as err:
-            log.warning("%s: replay log kept its full TTL (%r)", request_id, err)
-
     async def run(self) -> None:
         """The flush loop; runs for the life of the process."""
         await drain_forever(self._wake, self._take, self._flush)
@@ -124,6 +115,7 @@ class Publisher:
             self._names,
             [(rid, payload, attempts, mode) for rid, payload, attempts, mode, _ in batch],
             self._ttl,
+            self._done_ttl,
         )
         delay = 0.05
         while True:
@@ -150,10 +142,13 @@ class Publisher:
 
 
 def _script_args(
-    deployment: keys.Keys, messages: Sequence[tuple[str, bytes, int, Mode]], ttl_s: int
+    deployment: keys.Keys,
+    messages: Sequence[tuple[str, bytes, int, Mode]],
+    ttl_s: int,
+    done_ttl_s: int,
 ) -> tuple[list[str], list[bytes | str | int]]:
     names: list[str] = []
-    args: list[bytes | str | int] = [ttl_s]
+    args: list[bytes | str | int] = [ttl_s, done_ttl_s]
     for request_id, payload, attempts, mode in messages:
         names += [deployment.replay_log(request_id), deployment.stream_fence(request_id)]
         args += [deployment.stream_channel(request_id), payload, attempts, int(mode)]
@@ -168,11 +163,16 @@ def publish_now(
     ttl_s: int,
     attempts: int,
     mode: Mode,
+    done_ttl_s: int | None = None,
 ) -> int:
     """Synchronous, fenced delivery of one message of attempt `attempts` for code outside a
-    worker's loop (janitor, cancel); the seq it went out with, or REFUSED / LOG_LOST."""
+    worker's loop (janitor, cancel); the seq it went out with, or REFUSED / LOG_LOST. A final
+    message leaves the log `done_ttl_s` (default `ttl_s`)."""
     names, args = _script_args(
-        deployment, [(request_id, payload, fence_token(attempts), mode)], ttl_s
+        deployment,
+        [(request_id, payload, fence_token(attempts), mode)],
+        ttl_s,
+        min(ttl_s, done_ttl_s) if done_ttl_s is not None else ttl_s,
     )
     script = client.register_script(deliver_script())
     return int(script(keys=names, args=args)[0])  # type: ignore[index]
