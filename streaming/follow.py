@@ -49,7 +49,9 @@ class Feed(Protocol):
     async def aclose(self) -> None: ...
 
 
-FeedSource = Callable[[str], Feed]  # a feed of the log at this key, from its start
+FeedSource = Callable[[str, str], Feed]
+"""A feed of the log at this key (and the channel its messages are published on), from its
+start."""
 
 
 class _OwnFeed:
@@ -165,8 +167,13 @@ async def follow(
     at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). Reads
     the log from `feeds` (a server's shared reader), else through a Redis connection of its
     own, closed at the end."""
-    key = keys.of(settings).replay_log(request_id)
-    feed = feeds(key) if feeds is not None else _OwnFeed(settings.redis_url, key)
+    names = keys.of(settings)
+    key = names.replay_log(request_id)
+    feed = (
+        feeds(key, names.stream_channel(request_id))
+        if feeds is not None
+        else _OwnFeed(settings.redis_url, key)
+    )
     deadline = time.monotonic() + max_s
     expected = after + 1  # the next seq to yield
     parts: list[str] = []  # the text the caller holds (the skipped messages' included)

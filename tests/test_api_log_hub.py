@@ -1,183 +1,214 @@
-"""The API's one reader of the replay logs (sheepdog/api/log_hub.py), against real Redis: each
-follower gets its log's entries once and in order, whenever it joins and however many follow."""
+"""The API's one reader of the event streams (sheepdog/api/log_hub.py), against real Redis:
+each follower gets its request's messages once and in order, whenever it joins, however many
+follow, and whatever happens to the hub's connection."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from core.redis_conn import new_async_redis
+from models.stream_message import StreamMessage, encode
 from sheepdog.api import log_hub
-from sheepdog.api.log_hub import LogHub
+from sheepdog.api.log_hub import HubFeed, LogHub
 
-# The loop's own timeout far above the reads' waits: a follower that is served at all was
-# served by a wake-up (CLIENT UNBLOCK), not by the loop's XREAD timing out.
-LONG_BLOCK_MS = 120_000
 READ_MS = 20_000
 
 
-async def _collect(feed: log_hub.HubFeed, n: int) -> list[bytes]:
-    out: list[bytes] = []
+class Stream:
+    """A request's log and channel, written as the stream engine writes them (XADD + PUBLISH
+    of the same message); `put(..., live=False)` logs a message whose publish went missing."""
+
+    def __init__(self, shared: aioredis.Redis) -> None:
+        self.shared = shared
+        self.id = uuid.uuid4().hex
+        self.key, self.channel = f"test:hub:replay:{self.id}", f"test:hub:stream:{self.id}"
+        self.seq = 0
+
+    async def put(self, live: bool = True) -> None:
+        payload = encode(self.id, self.seq, "token", text=f"t{self.seq}")
+        self.seq += 1
+        await self.shared.xadd(self.key, {"m": payload})
+        if live:
+            await self.shared.publish(self.channel, payload)
+
+    def feed(self, hub: LogHub) -> HubFeed:
+        return hub.feed(self.key, self.channel)
+
+
+async def _collect(feed: HubFeed, n: int) -> list[int]:
+    """The seqs of the first n messages the feed hands over (as streaming.follow reads)."""
+    out: list[int] = []
     first = True
     while len(out) < n:
         entries = await feed.read(None if first else READ_MS)
-        assert entries or first, f"no entry within a read's wait ({len(out)}/{n})"
         first = False
-        out += [fields[b"m"] for _, fields in entries]
+        out += [StreamMessage.parse(fields[b"m"]).seq for _, fields in entries]
     return out
 
 
-def test_followers_get_every_entry_once_in_order(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+def _with_hub(
+    redis_url: str, body: Callable[[aioredis.Redis, LogHub], Awaitable[list[Stream]]]
 ) -> None:
-    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
-
     async def run() -> None:
         shared = new_async_redis(redis_url)
         hub = LogHub(redis_url, shared)
-        logs = [f"test:hub:{uuid.uuid4().hex}" for _ in range(20)]
+        streams: list[Stream] = []
         try:
-            # Half the logs have entries before anyone follows (a resume reads them first).
-            for key in logs[:10]:
-                for i in range(5):
-                    await shared.xadd(key, {"m": b"%d" % i})
-            feeds = [hub.feed(key) for key in logs for _ in range(2)]  # two followers each
-            readers = [asyncio.create_task(_collect(f, 30)) for f in feeds]
-            for i in range(30):
-                for key in logs:
-                    if key in logs[:10] and i < 5:
-                        continue
-                    await shared.xadd(key, {"m": b"%d" % i})
-                if i == 15:  # a late follower joins a blocked loop
-                    late = hub.feed(logs[-1])
-                    readers.append(asyncio.create_task(_collect(late, 30)))
-                await asyncio.sleep(0.002)
-            results = await asyncio.gather(*readers)
-            for got in results:
-                assert got == [b"%d" % i for i in range(30)]
-            for feed in [*feeds, late]:
-                await feed.aclose()
+            streams = await body(shared, hub)
         finally:
-            if logs:
-                await shared.delete(*logs)
+            for task in list(hub._tasks):
+                task.cancel()
+            if streams:
+                await shared.delete(*(s.key for s in streams))
             await shared.aclose()
 
     asyncio.run(run())
 
 
-def test_a_follower_joining_an_idle_loop_is_woken(
+def test_followers_get_every_message_once_in_order(redis_url: str) -> None:
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        streams = [Stream(shared) for _ in range(20)]
+        # Half the requests have messages before anyone follows (a resume reads them first).
+        for stream in streams[:10]:
+            for _ in range(5):
+                await stream.put()
+        feeds = [s.feed(hub) for s in streams for _ in range(2)]  # two followers each
+        readers = [asyncio.create_task(_collect(f, 30)) for f in feeds]
+        while any(s.seq < 30 for s in streams):
+            for stream in streams:
+                if stream.seq < 30:
+                    await stream.put()
+            if streams[-1].seq == 15:  # a late follower joins while the others are live
+                late = streams[-1].feed(hub)
+                feeds.append(late)
+                readers.append(asyncio.create_task(_collect(late, 30)))
+            await asyncio.sleep(0.002)
+        for got in await asyncio.gather(*readers):
+            assert got == list(range(30))
+        for feed in feeds:
+            await feed.aclose()
+        await asyncio.sleep(0.1)
+        assert not await shared.pubsub_channels("test:hub:stream:*")  # all left: unsubscribed
+        return streams
+
+    _with_hub(redis_url, body)
+
+
+def test_a_follower_resuming_behind_another_gets_the_gap(redis_url: str) -> None:
+    """A second follower of one request joins at an older seq than the first (a reconnect with
+    Last-Event-ID while the old connection still follows): it gets everything after its own
+    position, in order, and the first one nothing twice."""
+
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        stream = Stream(shared)
+        for _ in range(10):
+            await stream.put()
+        ahead = stream.feed(hub)
+        assert len(await ahead.read(None)) == 10  # at seq 9
+        waiting = asyncio.create_task(ahead.read(READ_MS))
+        await asyncio.sleep(0.1)
+        behind = stream.feed(hub)
+        behind.seq = 3  # has 0..3, as a resumed follower holds them
+        reading = asyncio.create_task(_collect(behind, 7))
+        await asyncio.sleep(0.1)
+        await stream.put()
+        assert await reading == list(range(4, 11))
+        assert [StreamMessage.parse(f[b"m"]).seq for _, f in await waiting] == [10]
+        await ahead.aclose()
+        await behind.aclose()
+        return [stream]
+
+    _with_hub(redis_url, body)
+
+
+def test_a_message_missing_from_the_channel_is_read_from_the_log(redis_url: str) -> None:
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        stream = Stream(shared)
+        feed = stream.feed(hub)
+        assert await feed.read(None) == []
+        reading = asyncio.create_task(_collect(feed, 6))
+        await asyncio.sleep(0.1)  # subscribed
+        for live in (True, False, False, True, True, True):  # seqs 1 and 2 never published
+            await stream.put(live)
+        assert await reading == list(range(6))
+        await feed.aclose()
+        return [stream]
+
+    _with_hub(redis_url, body)
+
+
+def test_a_lost_connection_loses_no_message(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loop blocks on one log; a follower of another log gets its entry through a wake-up."""
-    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
+    """The hub's connection is killed while messages flow: it connects again, subscribes
+    again, and every follower still gets every message once, in order."""
+    monkeypatch.setattr(log_hub, "RETRY_S", 0.05)
 
-    async def run() -> None:
-        shared = new_async_redis(redis_url)
-        hub = LogHub(redis_url, shared)
-        quiet, busy = f"test:hub:{uuid.uuid4().hex}", f"test:hub:{uuid.uuid4().hex}"
-        try:
-            idle = hub.feed(quiet)
-            assert await idle.read(None) == []
-            waiting = asyncio.create_task(idle.read(READ_MS))
-            await asyncio.sleep(0.05)  # the loop is blocked on `quiet` alone now
-            other = hub.feed(busy)
-            assert await other.read(None) == []
-            reader = asyncio.create_task(other.read(READ_MS))
-            await asyncio.sleep(0.05)
-            await shared.xadd(busy, {"m": b"x"})
-            got = await reader
-            assert [fields[b"m"] for _, fields in got] == [b"x"]
-            await shared.xadd(quiet, {"m": b"y"})
-            assert [fields[b"m"] for _, fields in await waiting] == [b"y"]
-            await idle.aclose()
-            await other.aclose()
-        finally:
-            await shared.delete(quiet, busy)
-            await shared.aclose()
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        streams = [Stream(shared) for _ in range(5)]
+        feeds = [s.feed(hub) for s in streams]
+        readers = [asyncio.create_task(_collect(f, 40)) for f in feeds]
+        for i in range(40):
+            if i in (10, 25):
+                await _kill(shared, hub)
+            for stream in streams:
+                await stream.put()
+            await asyncio.sleep(0.005)
+        for got in await asyncio.gather(*readers):
+            assert got == list(range(40))
+        for feed in feeds:
+            await feed.aclose()
+        return streams
 
-    asyncio.run(run())
+    _with_hub(redis_url, body)
 
 
-def test_a_follower_behind_the_read_under_way_gets_the_gap(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A second follower of one log joins while the hub's XREAD runs from the first one's later
-    position (a reconnect with Last-Event-ID while the old connection still follows): it must
-    still get the entries between its position and the read's start, in order."""
-    monkeypatch.setattr(log_hub, "BLOCK_MS", LONG_BLOCK_MS)
+def test_a_silent_connection_is_replaced(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that stops answering (its pings go nowhere, as on a half-open TCP
+    connection) is dropped after DEAD_S and its followers served by the next one."""
+    monkeypatch.setattr(log_hub, "PING_S", 0.05)
+    monkeypatch.setattr(log_hub, "DEAD_S", 0.3)
+    monkeypatch.setattr(log_hub, "RETRY_S", 0.05)
 
-    async def run() -> None:
-        shared = new_async_redis(redis_url)
-        hub = LogHub(redis_url, shared)
-        key = f"test:hub:{uuid.uuid4().hex}"
-        try:
-            ids = [await shared.xadd(key, {"m": b"%d" % i}) for i in range(10)]
-            ahead = hub.feed(key)
-            assert len(await ahead.read(None)) == 10  # at entry 9
-            waiting = asyncio.create_task(ahead.read(READ_MS))  # the hub reads from entry 9
-            await asyncio.sleep(0.2)
-            behind = hub.feed(key)
-            behind.pos = log_hub._pos(ids[3])  # has entries 0..3, as a resumed follower would
-            reading = asyncio.create_task(behind.read(READ_MS))
-            await asyncio.sleep(0.2)
-            await shared.xadd(key, {"m": b"10"})
-            got = [fields[b"m"] for _, fields in await reading]
-            while got[-1] != b"10":
-                got += [fields[b"m"] for _, fields in await behind.read(READ_MS)]
-            assert got == [b"%d" % i for i in range(4, 11)]
-            assert [fields[b"m"] for _, fields in await waiting] == [b"10"]
-            await ahead.aclose()
-            await behind.aclose()
-        finally:
-            await shared.delete(key)
-            await shared.aclose()
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        stream = Stream(shared)
+        feed = stream.feed(hub)
+        assert await feed.read(None) == []
+        reading = asyncio.create_task(_collect(feed, 3))
+        await stream.put()
+        while hub._conn is None or feed.seq < 0:
+            await asyncio.sleep(0.01)
+        silent = hub._conn
+        sent = silent.send_command
 
-    asyncio.run(run())
+        async def drop_pings(*args: Any, **kwargs: Any) -> None:
+            if args[0] != "PING":
+                await sent(*args, **kwargs)
+
+        silent.send_command = drop_pings  # type: ignore[method-assign]
+        while hub._conn is silent or hub._conn is None:  # nothing comes back: replaced
+            await asyncio.sleep(0.02)
+        await stream.put()
+        await stream.put()
+        assert await reading == [0, 1, 2]
+        await feed.aclose()
+        return [stream]
+
+    _with_hub(redis_url, body)
 
 
-def test_a_loop_whose_last_follower_leaves_during_client_id_ends_quietly(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The loop's last follower leaves while the loop asks Redis for its connection's id (a
-    follower served one after another, as the TTFT bench's are): the loop, finding no log
-    left to read, ends instead of sending an empty XREAD (redis-py refuses one, and the pause
-    after that error held up the next follower's first entry by ~0.2 s). The leave is made to
-    happen inside that round trip, so the test does not depend on timing."""
-    leaving: list[tuple[LogHub, log_hub.HubFeed]] = []  # the follower that leaves, its hub
-    real = log_hub.new_async_redis
+def _address(conn: Any) -> str:
+    host, port = conn._writer.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
 
-    def loop_connection(url: str, max_connections: int = 0) -> Any:
-        conn = real(url, max_connections)
-        asked = conn.client_id
 
-        async def client_id() -> Any:
-            out = await asked()
-            for hub, feed in leaving:
-                hub.leave(feed)
-            return out
-
-        conn.client_id = client_id
-        return conn
-
-    monkeypatch.setattr(log_hub, "new_async_redis", loop_connection)
-
-    async def run() -> None:
-        shared = new_async_redis(redis_url)
-        hub = LogHub(redis_url, shared)
-        try:
-            for _ in range(3):
-                feed = hub.feed(f"test:hub:{uuid.uuid4().hex}")
-                leaving[:] = [(hub, feed)]
-                hub.join(feed)  # starts the loop, which sees the follower gone
-                while hub._tasks:
-                    await asyncio.gather(*hub._tasks)
-                assert not hub._running
-        finally:
-            await shared.aclose()
-
-    with caplog.at_level("WARNING", logger="sheepdog.api"):
-        asyncio.run(run())
-    assert not [r.getMessage() for r in caplog.records if "replay log reader" in r.getMessage()]
+async def _kill(shared: aioredis.Redis, hub: LogHub) -> None:
+    while hub._conn is None:
+        await asyncio.sleep(0.005)
+    await shared.execute_command("CLIENT", "KILL", "ADDR", _address(hub._conn), "SKIPME", "yes")

@@ -1,12 +1,18 @@
-"""One reader of the replay logs for all of an API process's event streams.
+"""One pub/sub reader for all of an API process's event streams.
 
-A follower reading its own log blocks a Redis connection and pays a round trip per message;
-a thousand followers, a thousand of each. Here one loop sends one XREAD BLOCK over every
-followed log (each from the oldest position its followers hold) and hands each follower the
-entries after its own position, in order; a follower's first read (and a read that must not
-wait) goes straight to Redis through the shared pool. Positions are entry ids, so an entry
-read both ways is handed over once. A new follower wakes the blocked loop (CLIENT UNBLOCK)
-so its log is in the next XREAD at once.
+A follower blocking on its own replay log holds a Redis connection and pays a round trip per
+message; one XREAD over every followed log pays a pass over all of them (packing, Redis's own
+work, the reply) each time any one of them moves. Here one connection subscribes to the
+channels of the followed requests (the stream engine publishes every message on its channel in
+the same script call that appends it to the log) and hands each message to its followers as it
+arrives: constant work per message, however many streams are open.
+
+The log covers what a channel cannot. A follower's position is the seq of the last message it
+was handed; it reads the log itself for its first read, once its subscription is confirmed
+(whatever went out before), and whenever a channel message is not the next seq (one was
+missed: the connection was replaced, or Redis dropped it). Seqs count without a gap in a log
+(streaming/deliver.lua), so a missed message is noticed at the next one; a missed last message
+is found by the follower's look at the row (streaming/follow.py).
 """
 
 from __future__ import annotations
@@ -14,25 +20,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import re
+import time
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 
-from core.redis_conn import new_async_redis
+from streaming.drain import drain_forever
 from streaming.follow import BATCH, Entry
+from streaming.publisher import FIELD
 
 log = logging.getLogger("sheepdog.api")
-BLOCK_MS = 1000  # the loop's longest wait: bounds a missed wake-up (see _wake)
+JOIN_WAIT_S = 2.0  # the longest a follower waits for its subscription before reading the log
+PING_S = 5.0  # a quiet connection is pinged this often ...
+DEAD_S = 15.0  # ... and replaced when nothing came back for this long
+RETRY_S = 0.2  # the pause before connecting again
+
+_SEQ = re.compile(rb'"seq":(\d+)')  # as models/stream_message.encode writes it
 
 
-def _pos(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _id(pos: tuple[int, int]) -> str:
-    return f"{pos[0]}-{pos[1]}"
+def seq_of(payload: bytes) -> int | None:
+    """The seq of an encoded stream message (None: not one)."""
+    found = _SEQ.search(payload)
+    return int(found.group(1)) if found else None
 
 
 def _pairs(response: Any) -> list[tuple[Any, list[Entry]]]:
@@ -42,24 +55,38 @@ def _pairs(response: Any) -> list[tuple[Any, list[Entry]]]:
 
 
 class HubFeed:
-    """One follower's feed (streaming.follow.Feed) of one log, through the hub."""
+    """One follower's feed (streaming.follow.Feed) of one request: its channel through the hub,
+    its log when that is not enough."""
 
-    def __init__(self, hub: LogHub, key: str) -> None:
+    def __init__(self, hub: LogHub, key: str, channel: str) -> None:
         self.hub = hub
         self.key = key
-        self.pos = (0, 0)  # the id of the last entry handed to this follower (or queued)
+        self.channel = channel.encode()
+        self.last_id: bytes | str = "0-0"  # the newest entry this feed read from the log itself
+        self.seq = -1  # the seq of the last message handed over (or queued)
         self.queue: list[Entry] = []
-        self.ready = asyncio.Event()
-        # The hub's read started after this feed's position (it joined while that read was under
-        # way, from another follower's later position): the entries between would be skipped,
-        # so the feed reads them itself first.
-        self.behind = False
+        self.ready = asyncio.Event()  # set when the queue has entries or the feed is behind
+        self.behind = False  # a message may be missing: read the log before waiting again
+        self.joined = False
 
-    def offer(self, entries: list[Entry]) -> None:
+    def offer_live(self, payload: bytes) -> None:
+        """A message from the channel."""
+        seq = seq_of(payload)
+        if seq is not None and seq > self.seq + 1:
+            self.behind = True  # one went by unseen; the log has it, and this one
+        elif seq is None or seq > self.seq:
+            self.seq = self.seq if seq is None else seq
+            self.queue.append((b"", {FIELD: payload}))
+        else:
+            return
+        self.ready.set()
+
+    def offer_logged(self, entries: list[Entry]) -> None:
         for entry in entries:
-            pos = _pos(entry[0])
-            if pos > self.pos:
-                self.pos = pos
+            self.last_id = entry[0]
+            seq = seq_of(entry[1].get(FIELD, b""))
+            if seq is None or seq > self.seq:
+                self.seq = self.seq if seq is None else seq
                 self.queue.append(entry)
         if self.queue:
             self.ready.set()
@@ -70,20 +97,28 @@ class HubFeed:
             self.ready.clear()
         return out
 
+    async def _read_log(self) -> None:
+        self.behind = False
+        response = await self.hub.redis.xread({self.key: self.last_id}, BATCH)
+        for _, entries in _pairs(response):
+            self.offer_logged(entries)
+        if not self.queue and not self.behind:
+            self.ready.clear()
+
     async def read(self, block_ms: int | None) -> list[Entry]:
-        if self.queue:
-            return self._take()
-        if block_ms is None or self.behind:
-            self.behind = False
-            response = await self.hub.redis.xread({self.key: _id(self.pos)}, BATCH)
-            for _, entries in _pairs(response):
-                self.offer(entries)
-            return self._take()
-        self.hub.join(self)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), block_ms / 1000)
-        if self.behind and not self.queue:
-            return await self.read(None)
+        if block_ms is not None and not self.joined:
+            self.joined = True
+            await self.hub.join(self)
+            self.behind = True  # what went out before the subscription: from the log
+        if not self.queue and (self.behind or block_ms is None):
+            await self._read_log()
+        if block_ms is not None:
+            deadline = time.monotonic() + block_ms / 1000
+            while not self.queue and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ready.wait(), left)
+                if not self.queue and self.behind:
+                    await self._read_log()
         return self._take()
 
     async def aclose(self) -> None:
@@ -91,94 +126,155 @@ class HubFeed:
 
 
 class LogHub:
-    """Per API process (one event loop): `feed(key)` is a FeedSource for streaming.follow."""
+    """Per API process (one event loop): `feed(key, channel)` is a FeedSource for
+    streaming.follow."""
 
     def __init__(self, redis_url: str, shared: aioredis.Redis) -> None:
-        self.redis = shared  # non-blocking reads and the wake-ups
+        self.redis = shared  # the feeds' log reads
         self._url = redis_url
-        self._feeds: dict[str, set[HubFeed]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # the loop (and wake-ups), kept referenced
-        self._running = False
-        self._client_id: int | None = None  # the loop's connection, while it blocks
-        self._read_keys: set[str] = set()  # the logs of the XREAD under way
-        self._waking = False
+        self._feeds: dict[bytes, set[HubFeed]] = {}
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}  # asked on this connection
+        self._pending: dict[bytes, bool] = {}  # subscribe (True) / unsubscribe, not yet sent
+        self._wake = asyncio.Event()
+        self._conn: AbstractConnection | None = None
+        self._heard = 0.0  # when the connection last brought anything (monotonic)
+        self._tasks: set[asyncio.Task[None]] = set()  # kept referenced while they run
 
-    def feed(self, key: str) -> HubFeed:
-        return HubFeed(self, key)
+    def feed(self, key: str, channel: str) -> HubFeed:
+        return HubFeed(self, key, channel)
 
-    def join(self, feed: HubFeed) -> None:
-        feeds = self._feeds.setdefault(feed.key, set())
-        new = feed not in feeds
-        feeds.add(feed)
-        if not self._running:  # (also a loop that died: its feeds restart it)
-            self._running = True
-            self._spawn(self._run())
-        elif new and feed.key not in self._read_keys and not self._waking:
-            self._waking = True
-            self._spawn(self._wake())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def join(self, feed: HubFeed) -> None:
+        """Follow `feed`'s channel; returns once the subscription is confirmed (or after
+        JOIN_WAIT_S: the feed reads the log either way)."""
+        if not self._tasks:
+            for work in (self._run(), drain_forever(self._wake, self._take, self._send)):
+                task = asyncio.create_task(work)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self._feeds.setdefault(feed.channel, set()).add(feed)
+        confirmed = self._confirmed.get(feed.channel)
+        if confirmed is None:
+            confirmed = self._ask(feed.channel, True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(confirmed), JOIN_WAIT_S)
 
     def leave(self, feed: HubFeed) -> None:
-        feeds = self._feeds.get(feed.key)
-        if feeds is not None:
-            feeds.discard(feed)
-            if not feeds:
-                del self._feeds[feed.key]
+        feeds = self._feeds.get(feed.channel)
+        if feeds is None or feed not in feeds:
+            return
+        feeds.discard(feed)
+        if not feeds:
+            del self._feeds[feed.channel]
+            self._ask(feed.channel, False)
 
-    async def _wake(self) -> None:
-        """Unblock the loop's XREAD so that it reads the new logs too. Until the loop has
-        blocked (its id known, the XREAD sent) an unblock does nothing: try again shortly."""
+    def _ask(self, channel: bytes, subscribe: bool) -> asyncio.Future[None]:
+        """Queue a SUBSCRIBE (with the future its confirmation resolves) or an UNSUBSCRIBE;
+        the last wish for a channel wins."""
+        old = self._confirmed.pop(channel, None)
+        if old is not None and not old.done():
+            old.set_result(None)
+        self._pending.pop(channel, None)  # re-queued at the end: the order of the wishes
+        self._pending[channel] = subscribe
+        self._wake.set()
+        if not subscribe:
+            return asyncio.get_running_loop().create_future()
+        confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+        return confirmed
+
+    def _take(self) -> list[tuple[bytes, bool]]:
+        if self._conn is None:
+            return []  # a new connection subscribes to every followed channel
+        batch, self._pending = list(self._pending.items()), {}
+        return batch
+
+    async def _send(self, batch: list[tuple[bytes, bool]]) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        subscribe = [channel for channel, wanted in batch if wanted]
+        unsubscribe = [channel for channel, wanted in batch if not wanted]
         try:
-            for _ in range(200):
-                if set(self._feeds) <= self._read_keys:
-                    return
-                client_id = self._client_id
-                if client_id is not None and await self.redis.client_unblock(client_id):
-                    return
-                await asyncio.sleep(0.001)
-        except redis.RedisError:
-            pass  # the loop's BLOCK_MS bounds the wait
-        finally:
-            self._waking = False
+            if unsubscribe:
+                await conn.send_command("UNSUBSCRIBE", *unsubscribe, check_health=False)
+            if subscribe:
+                await conn.send_command("SUBSCRIBE", *subscribe, check_health=False)
+        except (redis.RedisError, OSError):
+            await conn.disconnect()  # the reader starts again on a new connection
 
     async def _run(self) -> None:
-        conn = new_async_redis(self._url, 1)
+        """The reader, for the life of the loop: connect, subscribe to every followed channel,
+        hand messages over; on any trouble start again on a new connection."""
+        watch = asyncio.create_task(self._watch())
         try:
-            while self._feeds:
+            while True:
                 try:
-                    await self._once(conn)
-                except (redis.RedisError, OSError) as err:
-                    # The followers' own reads do not wait on the hub alone: they time out
-                    # and try again; the loop retries after a pause.
-                    log.warning("api: replay log reader: %s", type(err).__name__)
-                    self._client_id = None
-                    await asyncio.sleep(0.2)
+                    await self._read_connection()
+                except Exception as err:  # the reader outlives any error (a new connection)
+                    log.warning("api: event stream reader: %r", err)
+                await asyncio.sleep(RETRY_S)
         finally:
-            # Before any await: a follower joining from now on starts a new loop.
-            self._client_id = None
-            self._read_keys = set()
-            self._running = False
-            await conn.aclose()
+            watch.cancel()
 
-    async def _once(self, conn: aioredis.Redis) -> None:
-        # Before every XREAD: a reconnect (redis-py retries a lost connection) has a new id.
-        self._client_id = int(await conn.client_id())
-        starts = {key: min(f.pos for f in feeds) for key, feeds in self._feeds.items()}
-        if not starts:  # the last follower left during that round trip (an empty XREAD is an
-            return  # error, and the pause after one held up the next follower's first token)
-        self._read_keys = set(starts)
-        streams = {key: _id(pos) for key, pos in starts.items()}
-        response = await conn.xread(streams, BATCH, BLOCK_MS)  # type: ignore[arg-type]
-        self._read_keys = set()
-        for key, entries in _pairs(response):
-            name = key.decode() if isinstance(key, bytes) else key
-            for feed in list(self._feeds.get(name, ())):
-                if feed.pos < starts.get(name, feed.pos):
-                    feed.behind = True  # joined behind this read's start: reads the gap itself
-                    feed.ready.set()
+    async def _read_connection(self) -> None:
+        # Its own pool: RESP2 (a subscribed connection's replies are plain arrays), no health
+        # check (a PING's reply read by redis-py would take a message), no silent reconnect.
+        pool = aioredis.ConnectionPool.from_url(
+            self._url,
+            protocol=2,
+            health_check_interval=0,
+            socket_keepalive=True,
+            socket_connect_timeout=5,
+            retry=None,
+        )
+        conn = pool.make_connection()
+        try:
+            await conn.connect()
+            self._heard = time.monotonic()
+            self._conn = conn
+            # Every followed channel again: what was asked on the old connection is void (a
+            # follower still waiting for its confirmation gets this connection's).
+            loop = asyncio.get_running_loop()
+            self._confirmed = {
+                c: f if (f := self._confirmed.get(c)) and not f.done() else loop.create_future()
+                for c in self._feeds
+            }
+            self._pending = dict.fromkeys(self._feeds, True)
+            self._wake.set()
+            while True:
+                reply = await conn.read_response(timeout=math.inf)
+                self._heard = time.monotonic()
+                self._handle(reply)
+        finally:
+            self._conn = None
+            await conn.disconnect()
+            await pool.aclose()
+
+    def _handle(self, reply: Any) -> None:
+        kind, channel = reply[0], reply[1]
+        if kind == b"message":
+            for feed in self._feeds.get(channel, ()):
+                feed.offer_live(reply[2])
+        elif kind == b"subscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            for feed in self._feeds.get(channel, ()):
+                feed.behind = True  # from now on nothing is missed: catch up from the log
+                feed.ready.set()
+
+    async def _watch(self) -> None:
+        """Ping a quiet connection; drop one that stays silent (a half-open TCP connection
+        would otherwise hold every follower's live messages)."""
+        while True:
+            await asyncio.sleep(PING_S)
+            conn, quiet = self._conn, time.monotonic() - self._heard
+            if conn is None or quiet < PING_S:
+                continue
+            try:
+                if quiet >= DEAD_S:
+                    log.warning("api: event stream reader silent for %.0fs; reconnecting", quiet)
+                    await conn.disconnect()
                 else:
-                    feed.offer(entries)
+                    await conn.send_command("PING", check_health=False)
+            except (redis.RedisError, OSError):
+                await conn.disconnect()
