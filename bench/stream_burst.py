@@ -31,14 +31,11 @@ from simulator.server import SimulatorProcess
 TOKENS = 50  # each stream's answer
 
 
-def engine_pids(workers: list[int]) -> list[int]:
-    """The stream engines among the workers' processes (`python -m streaming.engine`)."""
-    found = []
-    for pid in (p for w in workers for p in process_tree(w)):
-        with contextlib.suppress(OSError):
-            if b"streaming.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-    return found
+def is_engine(pid: int) -> bool:
+    """True for a stream engine process (`python -m streaming.engine`)."""
+    with contextlib.suppress(OSError):
+        return b"streaming.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
 
 
 def simulator_alone(sim: SimulatorProcess, n: int, tag: str) -> dict[str, float]:
@@ -179,8 +176,7 @@ def concurrency(
     rows = ended_rows(db_url, ids)
     used, busy = window.read()
     cpu, sim_cpu = sum(used[:-1]), used[-1]
-    engines = set(engine_pids(workers))
-    engine_cpu = sum(u for p, u in zip(procs, used, strict=False) if p in engines)
+    engine_cpu = sum(u for p, u in zip(procs, used[:-1], strict=True) if is_engine(p))
     logs = replay_logs(r, client, ids)  # before the short TTL of an ended log runs out
     if spy is not None:
         spy.wait()

@@ -8,6 +8,7 @@ validate with `StreamMessage.parse()`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import orjson
@@ -51,3 +52,12 @@ def encode(request_id: str, seq: int, type_: MessageType, **fields: Any) -> byte
     msg: dict[str, Any] = {"request_id": request_id, "seq": seq, "type": type_}
     msg.update((k, v) for k, v in fields.items() if v is not None)
     return orjson.dumps(msg)
+
+
+_SEQ = re.compile(rb'"seq":(\d+)')  # as `encode` writes it (streaming/deliver.lua rewrites it)
+
+
+def peek_seq(payload: bytes) -> int | None:
+    """The seq of a message in its wire form without parsing the rest (None: not one)."""
+    found = _SEQ.search(payload)
+    return int(found.group(1)) if found else None

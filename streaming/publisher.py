@@ -73,7 +73,7 @@ class Publisher:
         self._names = names
         self._on_log_lost = on_log_lost  # (request id, fencing token) of a LOG_LOST message
         self._ttl = ttl_s
-        self._done_ttl = min(ttl_s, done_ttl_s) if done_ttl_s is not None else ttl_s
+        self._done_ttl = done_ttl_s
         self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
         self._script = client.register_script(deliver_script())
@@ -84,7 +84,7 @@ class Publisher:
     async def warm_up(self) -> None:
         """Open the connection and load the script, so the first flush is a plain one."""
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._script(keys=[], args=[self._ttl, self._done_ttl])
+            await self._script(keys=[], args=[self._ttl])
 
     def put(self, request_id: str, payload: bytes, token: int) -> None:
         """Queue a message under fencing token `token` (on the loop only); the flusher sends it
@@ -145,10 +145,13 @@ def _script_args(
     deployment: keys.Keys,
     messages: Sequence[tuple[str, bytes, int, Mode]],
     ttl_s: int,
-    done_ttl_s: int,
+    done_ttl_s: int | None,
 ) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of streaming/deliver.lua; a log's TTL after its last message is
+    `done_ttl_s` when shorter than `ttl_s`."""
     names: list[str] = []
-    args: list[bytes | str | int] = [ttl_s, done_ttl_s]
+    done = ttl_s if done_ttl_s is None else min(ttl_s, done_ttl_s)
+    args: list[bytes | str | int] = [ttl_s, done]
     for request_id, payload, attempts, mode in messages:
         names += [deployment.replay_log(request_id), deployment.stream_fence(request_id)]
         args += [deployment.stream_channel(request_id), payload, attempts, int(mode)]
@@ -172,7 +175,7 @@ def publish_now(
         deployment,
         [(request_id, payload, fence_token(attempts), mode)],
         ttl_s,
-        min(ttl_s, done_ttl_s) if done_ttl_s is not None else ttl_s,
+        done_ttl_s,
     )
     script = client.register_script(deliver_script())
     return int(script(keys=names, args=args)[0])  # type: ignore[index]

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
+from models.stream_message import peek_seq
 from streaming.drain import drain_forever
 from streaming.follow import BATCH, Entry
 from streaming.publisher import FIELD
@@ -38,14 +38,6 @@ JOIN_WAIT_S = 2.0  # the longest a follower waits for its subscription before re
 PING_S = 5.0  # a quiet connection is pinged this often ...
 DEAD_S = 15.0  # ... and replaced when nothing came back for this long
 RETRY_S = 0.2  # the pause before connecting again
-
-_SEQ = re.compile(rb'"seq":(\d+)')  # as models/stream_message.encode writes it
-
-
-def seq_of(payload: bytes) -> int | None:
-    """The seq of an encoded stream message (None: not one)."""
-    found = _SEQ.search(payload)
-    return int(found.group(1)) if found else None
 
 
 def _pairs(response: Any) -> list[tuple[Any, list[Entry]]]:
@@ -71,25 +63,28 @@ class HubFeed:
 
     def offer_live(self, payload: bytes) -> None:
         """A message from the channel."""
-        seq = seq_of(payload)
+        seq = peek_seq(payload)
         if seq is not None and seq > self.seq + 1:
             self.behind = True  # one went by unseen; the log has it, and this one
-        elif seq is None or seq > self.seq:
-            self.seq = self.seq if seq is None else seq
-            self.queue.append((b"", {FIELD: payload}))
-        else:
-            return
-        self.ready.set()
+            self.ready.set()
+        elif self._queue((b"", {FIELD: payload}), seq):
+            self.ready.set()
 
     def offer_logged(self, entries: list[Entry]) -> None:
         for entry in entries:
             self.last_id = entry[0]
-            seq = seq_of(entry[1].get(FIELD, b""))
-            if seq is None or seq > self.seq:
-                self.seq = self.seq if seq is None else seq
-                self.queue.append(entry)
+            self._queue(entry, peek_seq(entry[1].get(FIELD, b"")))
         if self.queue:
             self.ready.set()
+
+    def _queue(self, entry: Entry, seq: int | None) -> bool:
+        """Queue `entry` unless the follower has it already (a message with no seq goes
+        through: streaming.follow refuses it)."""
+        if seq is not None and seq <= self.seq:
+            return False
+        self.seq = self.seq if seq is None else seq
+        self.queue.append(entry)
+        return True
 
     def _take(self) -> list[Entry]:
         out, self.queue = self.queue[:BATCH], self.queue[BATCH:]
@@ -154,7 +149,9 @@ class LogHub:
         self._feeds.setdefault(feed.channel, set()).add(feed)
         confirmed = self._confirmed.get(feed.channel)
         if confirmed is None:
-            confirmed = self._ask(feed.channel, True)
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmed[feed.channel] = confirmed
+            self._ask(feed.channel, True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(confirmed), JOIN_WAIT_S)
 
@@ -165,21 +162,16 @@ class LogHub:
         feeds.discard(feed)
         if not feeds:
             del self._feeds[feed.channel]
+            confirmed = self._confirmed.pop(feed.channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
             self._ask(feed.channel, False)
 
-    def _ask(self, channel: bytes, subscribe: bool) -> asyncio.Future[None]:
-        """Queue a SUBSCRIBE (with the future its confirmation resolves) or an UNSUBSCRIBE;
-        the last wish for a channel wins."""
-        old = self._confirmed.pop(channel, None)
-        if old is not None and not old.done():
-            old.set_result(None)
+    def _ask(self, channel: bytes, subscribe: bool) -> None:
+        """Queue a SUBSCRIBE or an UNSUBSCRIBE; the last wish for a channel wins."""
         self._pending.pop(channel, None)  # re-queued at the end: the order of the wishes
         self._pending[channel] = subscribe
         self._wake.set()
-        if not subscribe:
-            return asyncio.get_running_loop().create_future()
-        confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
-        return confirmed
 
     def _take(self) -> list[tuple[bytes, bool]]:
         if self._conn is None:
