@@ -13,12 +13,16 @@ StreamFailed on `error`, StreamTimeout when nothing ends it in time.
 
 A gap in `seq` (Redis lost messages: restarted empty, or failed over) is never shown as an
 answer: the reader drops what it showed (RESET) and gives the stored row's answer once the row
-has ended, or raises StreamTimeout saying so when it does not end in time.
+has ended, or raises StreamTimeout saying so when it does not end in time. A reader that waits
+with nothing new looks at the row every ROW_CHECK_S: when the request has ended and the log
+holds no end (Redis lost it after the reader's last entry, or it expired), the row's answer
+ends the stream, after a RESET when what was shown differs from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
 ROW_POLL_S = 0.25  # how often a reader that found a gap looks at the row
+ROW_CHECK_S = 2.0  # how often an idle reader looks at the row
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 BATCH = 1000
 
@@ -87,6 +92,7 @@ class _Reader:
         self.parts: list[str] = []
         self.pending: list[StreamMessage] = []
         self.checked_db = False
+        self.next_row_check = time.monotonic() + ROW_CHECK_S
         self.finished = False
         self.result: StreamResult | None = None
         self.resets = 0
@@ -125,13 +131,24 @@ class _Reader:
         self.from_row(row)
         return True
 
-    def from_row(self, row: Request | None) -> None:
-        """A finished request whose replay log has expired: its stored answer."""
+    def row_due(self) -> bool:
+        """True when an idle reader should look at the row now (every ROW_CHECK_S)."""
+        now = time.monotonic()
+        if self.pending or self.gap is not None or now < self.next_row_check:
+            return False
+        self.next_row_check = now + ROW_CHECK_S
+        return True
+
+    def from_row(self, row: Request | None, shown: str = "") -> None:
+        """A finished request whose replay log has expired or lost its end: its stored answer
+        (`shown`: the text the caller was shown; a RESET first when it differs)."""
         if row is None or row.status not in FINAL:
             return
         rid = self.request_id
         if row.status == Status.SUCCEEDED:
-            if row.text:
+            if shown and shown != (row.text or ""):
+                self.pending.append(StreamMessage(request_id=rid, seq=0, type="reset"))
+            if row.text and shown != row.text:
                 self.pending.append(
                     StreamMessage(request_id=rid, seq=0, type="token", text=row.text)
                 )
@@ -228,6 +245,14 @@ class TextStream(_Reader, Iterator[str]):
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True
             self.from_row(self.load_row())
+        elif self.row_due():
+            row = self.load_row()
+            if row is not None and row.status in FINAL:
+                # Read the log once more: the end may have been written with the row.
+                with contextlib.suppress(*REDIS_DOWN):
+                    self.take(client.xread({self.key: self.last_id}, count=BATCH))  # type: ignore[arg-type]
+                if not self.pending and self.gap is None:
+                    self.from_row(row, self.text)
 
 
 class AsyncTextStream(_Reader, AsyncIterator[str]):
@@ -270,6 +295,14 @@ class AsyncTextStream(_Reader, AsyncIterator[str]):
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True
             self.from_row(await asyncio.to_thread(self.load_row))
+        elif self.row_due():
+            row = await asyncio.to_thread(self.load_row)
+            if row is not None and row.status in FINAL:
+                with contextlib.suppress(*REDIS_DOWN):
+                    again = await self._client.xread({self.key: self.last_id}, count=BATCH)
+                    self.take(again)  # type: ignore[arg-type]
+                if not self.pending and self.gap is None:
+                    self.from_row(row, self.text)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -301,6 +334,10 @@ def events(
             reader._read()
             continue
         msg = reader.pending.pop(0)
+        if msg.type == "token":  # what was shown, for an end made from the row
+            reader.parts.append(msg.text or "")
+        elif msg.type == "reset":
+            reader.parts.clear()
         yield msg
         if msg.is_final:
             return

@@ -1,8 +1,9 @@
 """Fault suite, Redis losing its data the hostile way: SIGKILLed 1.5 s after a burst of 300
 streams and 2,000 low-priority requests was submitted (intake and claims still under way,
 streams in flight, followers reading), then started again empty. Every request whose id
-`submit` returned must end (the producer wrote its row first), and no follower may be shown a
-replay log with a gap as an answer. A redis-server of this module's own (never the machine's
+`submit` returned must end (the producer wrote its row first), and every follower must end
+with the stored answer: none shown a replay log with a gap as an answer, none left waiting on a
+log that lost its end. A redis-server of this module's own (never the machine's
 6379), a PostgreSQL database of the module's own, real workers and beat, the simulator."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def follow(client: Any, rid: str, out: dict[str, str], errors: dict[str, str]) -
         out[rid] = stream.text
     except StreamFailed as err:
         errors[rid] = err.reason
-    except Exception as err:  # a follower that fails loudly is allowed; a wrong text is not
+    except Exception as err:
         errors[rid] = repr(err)
 
 
@@ -90,9 +91,12 @@ def test_redis_killed_right_after_a_burst_loses_nothing(
         "Redis SIGKILLed 1.5 s after submit (intake and claims under way), restarted empty",
         t,
         f"{STREAMS} streams + {LOW} low; {FOLLOWED} followers live, "
-        f"{len(errors)} of them failed loudly",
+        f"{len(errors)} of them failed",
         garbled=checked.garbled,
         stuck_s=stuck,
     )
     assert t.lost == 0 and t.succeeded == len(everything), t
-    assert len(texts) + len(errors) == FOLLOWED
+    # Every follower ends with the stored answer, soon after its row: one whose log lost its
+    # end reads the row (streaming/subscriber.py), rather than waiting out its timeout.
+    assert not errors, errors
+    assert len(texts) == FOLLOWED
