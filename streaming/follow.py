@@ -84,7 +84,9 @@ TICK = Tick()
 
 
 @dataclass(frozen=True)
-class _Row:
+class StoredEnd:
+    """What an ending made from a request's row needs of it."""
+
     status: str
     text: str | None
     error: str | None
@@ -95,24 +97,28 @@ class _Row:
     cost_usd: str | None
 
 
-def _load_row(database_url: str, request_id: str) -> _Row | None:
+def stored_end(row: Request) -> StoredEnd:
+    return StoredEnd(
+        row.status,
+        row.text,
+        row.error,
+        row.finish_reason,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.usage_estimated,
+        format(row.cost_usd, "f") if row.cost_usd is not None else None,
+    )
+
+
+def _load_row(database_url: str, request_id: str) -> StoredEnd | None:
     with session_scope(database_url) as session:
         row = session.scalar(select(Request).where(Request.id == request_id))
-        if row is None:
-            return None
-        return _Row(
-            row.status,
-            row.text,
-            row.error,
-            row.finish_reason,
-            row.prompt_tokens,
-            row.completion_tokens,
-            row.usage_estimated,
-            format(row.cost_usd, "f") if row.cost_usd is not None else None,
-        )
+        return stored_end(row) if row is not None else None
 
 
-def from_row(request_id: str, row: _Row, next_seq: int, shown: str | None) -> list[StreamMessage]:
+def from_row(
+    request_id: str, row: StoredEnd, next_seq: int, shown: str | None
+) -> list[StreamMessage]:
     """The ending of a finished request made from its row (see the module docstring); `shown`
     is the text the follower was shown, None when unknown (it resumed with no log to read)."""
     rid = request_id

@@ -36,9 +36,10 @@ from core import keys
 from core.errors import SheepdogError
 from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
-from models.status import FINAL, Status
+from models.status import FINAL
 from models.stream_message import StreamMessage, StreamUsage
 from models.tables import Request
+from streaming.follow import from_row, stored_end
 from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
@@ -142,39 +143,8 @@ class _Reader:
     def from_row(self, row: Request | None, shown: str = "") -> None:
         """A finished request whose replay log has expired or lost its end: its stored answer
         (`shown`: the text the caller was shown; a RESET first when it differs)."""
-        if row is None or row.status not in FINAL:
-            return
-        rid = self.request_id
-        if row.status == Status.SUCCEEDED:
-            if shown and shown != (row.text or ""):
-                self.pending.append(StreamMessage(request_id=rid, seq=0, type="reset"))
-            if row.text and shown != row.text:
-                self.pending.append(
-                    StreamMessage(request_id=rid, seq=0, type="token", text=row.text)
-                )
-            usage = (
-                StreamUsage(
-                    prompt_tokens=row.prompt_tokens,
-                    completion_tokens=row.completion_tokens or 0,
-                    estimated=row.usage_estimated,
-                )
-                if row.prompt_tokens is not None
-                else None
-            )
-            self.pending.append(
-                StreamMessage(
-                    request_id=rid,
-                    seq=1,
-                    type="done",
-                    usage=usage,
-                    cost_usd=str(row.cost_usd) if row.cost_usd is not None else None,
-                    finish_reason=row.finish_reason,
-                )
-            )
-        else:
-            self.pending.append(
-                StreamMessage(request_id=rid, seq=0, type="error", error=row.error or row.status)
-            )
+        if row is not None and row.status in FINAL:
+            self.pending.extend(from_row(self.request_id, stored_end(row), 0, shown))
 
     def load_row(self) -> Request | None:
         from core.db import session_scope
