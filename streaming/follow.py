@@ -97,23 +97,36 @@ class StoredEnd:
     cost_usd: str | None
 
 
-def stored_end(row: Request) -> StoredEnd:
-    return StoredEnd(
-        row.status,
-        row.text,
-        row.error,
-        row.finish_reason,
-        row.prompt_tokens,
-        row.completion_tokens,
-        row.usage_estimated,
-        format(row.cost_usd, "f") if row.cost_usd is not None else None,
-    )
+_END_COLUMNS = (
+    Request.status,
+    Request.text,
+    Request.error,
+    Request.finish_reason,
+    Request.prompt_tokens,
+    Request.completion_tokens,
+    Request.usage_estimated,
+    Request.cost_usd,
+)
 
 
-def _load_row(database_url: str, request_id: str) -> StoredEnd | None:
+def load_end(database_url: str, request_id: str) -> StoredEnd | None:
+    """What the row says of the request's end (its columns only: not the prompt, nor a
+    deadline Python's datetime may not hold), or None when there is no row yet."""
     with session_scope(database_url) as session:
-        row = session.scalar(select(Request).where(Request.id == request_id))
-        return stored_end(row) if row is not None else None
+        found = session.execute(select(*_END_COLUMNS).where(Request.id == request_id)).first()
+    if found is None:
+        return None
+    cost = found.cost_usd
+    return StoredEnd(
+        found.status,
+        found.text,
+        found.error,
+        found.finish_reason,
+        found.prompt_tokens,
+        found.completion_tokens,
+        bool(found.usage_estimated),
+        format(cost, "f") if cost is not None else None,
+    )
 
 
 def from_row(
@@ -213,7 +226,7 @@ async def follow(
                 continue
             if now >= next_check:
                 next_check = now + ROW_CHECK_S
-                row = await asyncio.to_thread(_load_row, settings.database_url, request_id)
+                row = await asyncio.to_thread(load_end, settings.database_url, request_id)
                 if row is not None and is_final(row.status):
                     # Read the log once more: the end may have been written with the row.
                     again = await feed.read(None)

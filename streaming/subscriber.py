@@ -30,7 +30,6 @@ from decimal import Decimal
 
 import redis
 import redis.asyncio as aioredis
-from sqlalchemy import select
 
 from core import keys
 from core.errors import SheepdogError
@@ -38,8 +37,7 @@ from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
 from models.status import FINAL
 from models.stream_message import StreamMessage, StreamUsage
-from models.tables import Request
-from streaming.follow import from_row, stored_end
+from streaming.follow import StoredEnd, from_row, load_end
 from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
@@ -125,7 +123,7 @@ class _Reader:
         if shown:
             self.pending.append(StreamMessage(request_id=self.request_id, seq=0, type="reset"))
 
-    def from_gap(self, row: Request | None) -> bool:
+    def from_gap(self, row: StoredEnd | None) -> bool:
         """After a gap: the row's answer once it has ended (True), else False (wait more)."""
         if row is None or row.status not in FINAL:
             return False
@@ -140,18 +138,15 @@ class _Reader:
         self.next_row_check = now + ROW_CHECK_S
         return True
 
-    def from_row(self, row: Request | None, shown: str = "") -> None:
+    def from_row(self, row: StoredEnd | None, shown: str = "") -> None:
         """A finished request whose replay log has expired or lost its end: its stored answer
         (`shown`: the text the caller was shown; a RESET first when it differs)."""
         if row is not None and row.status in FINAL:
-            self.pending.extend(from_row(self.request_id, stored_end(row), 0, shown))
+            self.pending.extend(from_row(self.request_id, row, self.expected, shown))
 
-    def load_row(self) -> Request | None:
-        from core.db import session_scope
-
+    def load_row(self) -> StoredEnd | None:
         try:
-            with session_scope(self.settings.database_url) as session:
-                return session.scalar(select(Request).where(Request.id == self.request_id))
+            return load_end(self.settings.database_url, self.request_id)
         except Exception:  # the database is optional here: keep waiting on Redis
             return None
 
@@ -208,8 +203,11 @@ class TextStream(_Reader, Iterator[str]):
         client = get_redis(self.settings.redis_url)
         try:
             response = client.xread({self.key: self.last_id}, count=BATCH, block=block)
-        except REDIS_DOWN:  # Redis restarting: try again until the deadline
-            time.sleep(min(ROW_POLL_S, block / 1000))
+        except REDIS_DOWN:  # Redis restarting: try again until the deadline, or the row's end
+            if self.row_due():
+                self.from_row(self.load_row(), self.text)
+            if not self.pending:
+                time.sleep(min(ROW_POLL_S, block / 1000))
             return
         self.take(response)  # type: ignore[arg-type]
         if not self.pending and not self.checked_db and self.last_id == "0-0":
@@ -258,8 +256,11 @@ class AsyncTextStream(_Reader, AsyncIterator[str]):
             self._client = new_async_redis(self.settings.redis_url)
         try:
             response = await self._client.xread({self.key: self.last_id}, count=BATCH, block=block)
-        except REDIS_DOWN:  # Redis restarting: try again until the deadline
-            await asyncio.sleep(min(ROW_POLL_S, block / 1000))
+        except REDIS_DOWN:  # Redis restarting: try again until the deadline, or the row's end
+            if self.row_due():
+                self.from_row(await asyncio.to_thread(self.load_row), self.text)
+            if not self.pending:
+                await asyncio.sleep(min(ROW_POLL_S, block / 1000))
             return
         self.take(response)  # type: ignore[arg-type]
         if not self.pending and not self.checked_db and self.last_id == "0-0":

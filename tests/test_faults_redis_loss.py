@@ -90,8 +90,7 @@ def test_redis_killed_right_after_a_burst_loses_nothing(
     fault_figures.record(
         "Redis SIGKILLed 1.5 s after submit (intake and claims under way), restarted empty",
         t,
-        f"{STREAMS} streams + {LOW} low; {FOLLOWED} followers live, "
-        f"{len(errors)} of them failed",
+        f"{STREAMS} streams + {LOW} low; {FOLLOWED} followers live, {len(errors)} of them failed",
         garbled=checked.garbled,
         stuck_s=stuck,
     )

@@ -80,3 +80,14 @@ def test_the_async_follower_too(db_url: str, redis_url: str) -> None:
 
     pieces, text = asyncio.run(follow())
     assert pieces == ["Hel", RESET, "Hello world"] and text == "Hello world", pieces
+
+
+def test_a_follower_ends_from_the_row_while_redis_is_away(db_url: str, redis_url: str) -> None:
+    settings = Settings(database_url=db_url, redis_url=redis_url)
+    rid = _started(settings, "Hel")
+    _end_row(settings, rid, "Hello world", after_s=0).join()
+    away = Settings(database_url=db_url, redis_url="redis://127.0.0.1:1/0")  # nothing listens
+    t0 = time.monotonic()
+    follower = stream_text(rid, timeout=30, settings=away)
+    assert list(follower) == ["Hello world"]
+    assert time.monotonic() - t0 < 2 * ROW_CHECK_S + 5
