@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_serializer
 
+from models.status import is_final
 from models.tables import Request
 
 
@@ -85,4 +86,4 @@ class RequestView(BaseModel):
 
     @property
     def is_final(self) -> bool:
-        return self.status in ("succeeded", "failed", "cancelled")
+        return is_final(self.status)

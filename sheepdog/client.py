@@ -53,6 +53,21 @@ class Client(Submitter):
                 f"request {request_id}: its stored row cannot be read ({first})"
             ) from None
 
+    def owner(self, request_id: str) -> tuple[str, str] | None:
+        """(tenant, status) of a stored request, or None when no worker has recorded it yet:
+        what an ownership check needs, two columns instead of the row and its view."""
+        query = select(Request.tenant, Request.status).where(Request.id == request_id)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                found = session.execute(query).first()
+        except SQLOperationalError as err:
+            raise ServiceUnavailable(
+                "the database", redact_url(self.settings.database_url), DATABASE_HINT
+            ) from err
+        except DBAPIError as err:
+            raise SheepdogError(f"request {request_id}: its stored row cannot be read") from err
+        return (found[0], found[1]) if found is not None else None
+
     def list_requests(
         self,
         tenant: str,

@@ -16,10 +16,12 @@ from core.db import check_database
 from core.errors import SheepdogError
 from core.redis_conn import new_async_redis
 from core.settings import Settings
+from models.status import Status
 from sheepdog.api.auth import Authenticator
 from sheepdog.api.batcher import SubmitBatcher
 from sheepdog.api.log_hub import LogHub
 from sheepdog.api.metrics import ApiMetrics
+from sheepdog.api.recent import RecentStreams, keep_for
 from sheepdog.api.tenancy import Tenancy
 from sheepdog.client import Client
 
@@ -48,6 +50,7 @@ class Front:
         self.logs = LogHub(settings.redis_url, self.redis)  # the event streams' one reader
         self.auth = Authenticator(settings, self.redis, no_auth)
         self.batcher = SubmitBatcher(self.tenancy)
+        self.recent = RecentStreams(keep_for(settings.replay_ttl_s, settings.replay_done_ttl_s))
         self._ready: tuple[float, dict[str, str]] | None = None
 
     async def submit(self, tenant: str, items: list[object], as_list: bool, size: int) -> list[str]:
@@ -57,7 +60,22 @@ class Front:
             requests = await run_in_threadpool(self.tenancy.validate, tenant, items, as_list)
         else:
             requests = self.tenancy.validate(tenant, items, as_list)
-        return await self.batcher.submit(tenant, requests)
+        ids = await self.batcher.submit(tenant, requests)
+        minted = (
+            rid
+            for rid, r in zip(ids, requests, strict=True)
+            if r.priority.route == "stream" and not r.idempotency_key
+        )
+        self.recent.add(tenant, minted)
+        return ids
+
+    async def stream_status(self, tenant: str, request_id: str) -> str | None:
+        """The status of the tenant's own request, for following it (None: not the tenant's);
+        a stream this process has just submitted is taken as open, with no lookup."""
+        known = self.recent.tenant_of(request_id)
+        if known is not None:
+            return Status.QUEUED if known == tenant else None
+        return await run_in_threadpool(self.tenancy.status, tenant, request_id)
 
     async def readiness(self) -> dict[str, str]:
         """ "ok" or the one-line reason for Redis and the database (cached for a moment)."""

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from models.status import Status
+from models.status import Status, is_final
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
 from sheepdog.api.responses import FastJSONResponse
@@ -151,8 +151,8 @@ async def events(request: Request) -> Response:
     who = await front.auth.principal(request, allow_query=True)
     rid = request.path_params["id"]
     after = last_event_id(request)
-    view = await run_in_threadpool(front.tenancy.get, who.tenant, rid)
-    if view is None:
+    status = await front.stream_status(who.tenant, rid)
+    if status is None:
         raise not_found(rid)
     settings = front.settings
 
@@ -167,7 +167,7 @@ async def events(request: Request) -> Response:
                     after=after,
                     max_s=settings.api_events_max_s,
                     keepalive_s=settings.api_keepalive_s,
-                    row_known_open=not view.is_final,
+                    row_known_open=not is_final(status),
                     feeds=front.logs.feed,
                 )
             ) as messages:

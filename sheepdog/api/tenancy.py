@@ -172,6 +172,19 @@ class Tenancy:
             return None
         return view
 
+    def status(self, tenant: str, request_id: str) -> str | None:
+        """The status of the tenant's own request, or None (as `get`, without reading the
+        row's text: what following it needs)."""
+        if not request_id.startswith("req_") or len(request_id) > 40:
+            return None
+        found = self.client.owner(request_id)
+        if found is None and self._owner_records:
+            view = self._pending(request_id)
+            found = (view.tenant, view.status) if view is not None else None
+        if found is None or found[0] != tenant:
+            return None
+        return found[1]
+
     def cancel(self, tenant: str, request_id: str) -> tuple[bool, str] | None:
         """(cancelled by this call, status after), or None when not the tenant's."""
         view = self.get(tenant, request_id)
