@@ -8,6 +8,7 @@ for text in client.stream(rid): ...
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import datetime
@@ -15,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError as SQLOperationalError
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import Session, defer
 
 from core.db import session_scope
 from core.errors import (
@@ -39,10 +40,25 @@ class Client(Submitter):
         # The deadline is not part of the view and is not read: a caller's far-future deadline
         # (year 10000 once in UTC) would fail to load as a Python datetime.
         query = select(Request).options(defer(Request.deadline)).where(Request.id == request_id)
+        with self._reading(request_id) as session:
+            row = session.scalar(query)
+            return RequestView.from_row(row) if row is not None else None
+
+    def owner(self, request_id: str) -> tuple[str, str] | None:
+        """(tenant, status) of a stored request, or None when no worker has recorded it yet:
+        what an ownership check needs, two columns instead of the row and its view."""
+        query = select(Request.tenant, Request.status).where(Request.id == request_id)
+        with self._reading(request_id) as session:
+            found = session.execute(query).first()
+        return (found[0], found[1]) if found is not None else None
+
+    @contextlib.contextmanager
+    def _reading(self, request_id: str) -> Iterator[Session]:
+        """A session reading one request's row; the database away is ServiceUnavailable, a row
+        that cannot be read a SheepdogError saying so."""
         try:
             with session_scope(self.settings.database_url) as session:
-                row = session.scalar(query)
-                return RequestView.from_row(row) if row is not None else None
+                yield session
         except SQLOperationalError as err:
             raise ServiceUnavailable(
                 "the database", redact_url(self.settings.database_url), DATABASE_HINT
@@ -52,21 +68,6 @@ class Client(Submitter):
             raise SheepdogError(
                 f"request {request_id}: its stored row cannot be read ({first})"
             ) from None
-
-    def owner(self, request_id: str) -> tuple[str, str] | None:
-        """(tenant, status) of a stored request, or None when no worker has recorded it yet:
-        what an ownership check needs, two columns instead of the row and its view."""
-        query = select(Request.tenant, Request.status).where(Request.id == request_id)
-        try:
-            with session_scope(self.settings.database_url) as session:
-                found = session.execute(query).first()
-        except SQLOperationalError as err:
-            raise ServiceUnavailable(
-                "the database", redact_url(self.settings.database_url), DATABASE_HINT
-            ) from err
-        except DBAPIError as err:
-            raise SheepdogError(f"request {request_id}: its stored row cannot be read") from err
-        return (found[0], found[1]) if found is not None else None
 
     def list_requests(
         self,

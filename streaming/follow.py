@@ -54,6 +54,14 @@ FeedSource = Callable[[str, str], Feed]
 start."""
 
 
+def entries_of(response: Any) -> list[Entry]:
+    """The entries of an XREAD reply over one log (RESP3 answers a dict, RESP2 a list)."""
+    out: list[Entry] = []
+    for _, entries in response.items() if isinstance(response, dict) else response or ():
+        out.extend(entries)
+    return out
+
+
 class _OwnFeed:
     """A feed reading through a Redis connection of its own (XREAD BLOCK holds it)."""
 
@@ -63,10 +71,7 @@ class _OwnFeed:
         self._last: bytes | str = "0-0"
 
     async def read(self, block_ms: int | None) -> list[Entry]:
-        response: Any = await self._client.xread({self._key: self._last}, BATCH, block_ms)
-        out: list[Entry] = []
-        for _, entries in response.items() if isinstance(response, dict) else response or ():
-            out.extend(entries)
+        out = entries_of(await self._client.xread({self._key: self._last}, BATCH, block_ms))
         if out:
             self._last = out[-1][0]
         return out

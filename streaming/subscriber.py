@@ -37,12 +37,11 @@ from core.redis_conn import get_redis, new_async_redis
 from core.settings import Settings, get_settings
 from models.status import FINAL
 from models.stream_message import StreamMessage, StreamUsage
-from streaming.follow import StoredEnd, from_row, load_end
+from streaming.follow import ROW_CHECK_S, StoredEnd, from_row, load_end
 from streaming.publisher import FIELD
 
 POLL_S = 1.0  # longest single XREAD block, so timeouts are honoured promptly
 ROW_POLL_S = 0.25  # how often a reader that found a gap looks at the row
-ROW_CHECK_S = 2.0  # how often an idle reader looks at the row
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 BATCH = 1000
 
@@ -144,6 +143,13 @@ class _Reader:
         if row is not None and row.status in FINAL:
             self.pending.extend(from_row(self.request_id, row, self.expected, shown))
 
+    def end_after_idle(self, row: StoredEnd, again: list | None) -> None:  # type: ignore[type-arg]
+        """The row ended while the reader waited: what the log's last read (`again`) brought,
+        else the row's answer."""
+        self.take(again)
+        if not self.pending and self.gap is None:
+            self.from_row(row, self.text)
+
     def load_row(self) -> StoredEnd | None:
         try:
             return load_end(self.settings.database_url, self.request_id)
@@ -153,12 +159,10 @@ class _Reader:
     def step(self) -> str | None:
         """Consume one pending message: the text to yield, RESET, or None (nothing to yield)."""
         msg = self.pending.pop(0)
+        self.track(msg)
         if msg.type == "token":
-            self.parts.append(msg.text or "")
             return msg.text or None
         if msg.type == "reset":
-            self.parts.clear()
-            self.resets += 1
             return RESET
         self.finished = True
         if msg.type == "error":
@@ -171,6 +175,14 @@ class _Reader:
             msg.finish_reason,
         )
         return None
+
+    def track(self, msg: StreamMessage) -> None:
+        """Keep the text shown so far (for the result, and for an end made from the row)."""
+        if msg.type == "token":
+            self.parts.append(msg.text or "")
+        elif msg.type == "reset":
+            self.parts.clear()
+            self.resets += 1
 
     @property
     def text(self) -> str:
@@ -213,14 +225,11 @@ class TextStream(_Reader, Iterator[str]):
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True
             self.from_row(self.load_row())
-        elif self.row_due():
-            row = self.load_row()
-            if row is not None and row.status in FINAL:
-                # Read the log once more: the end may have been written with the row.
-                with contextlib.suppress(*REDIS_DOWN):
-                    self.take(client.xread({self.key: self.last_id}, count=BATCH))  # type: ignore[arg-type]
-                if not self.pending and self.gap is None:
-                    self.from_row(row, self.text)
+        elif self.row_due() and (row := self.load_row()) is not None and row.status in FINAL:
+            again = None  # the log read once more: the end may have been written with the row
+            with contextlib.suppress(*REDIS_DOWN):
+                again = client.xread({self.key: self.last_id}, count=BATCH)
+            self.end_after_idle(row, again)  # type: ignore[arg-type]
 
 
 class AsyncTextStream(_Reader, AsyncIterator[str]):
@@ -266,14 +275,15 @@ class AsyncTextStream(_Reader, AsyncIterator[str]):
         if not self.pending and not self.checked_db and self.last_id == "0-0":
             self.checked_db = True
             self.from_row(await asyncio.to_thread(self.load_row))
-        elif self.row_due():
-            row = await asyncio.to_thread(self.load_row)
-            if row is not None and row.status in FINAL:
-                with contextlib.suppress(*REDIS_DOWN):
-                    again = await self._client.xread({self.key: self.last_id}, count=BATCH)
-                    self.take(again)  # type: ignore[arg-type]
-                if not self.pending and self.gap is None:
-                    self.from_row(row, self.text)
+        elif (
+            self.row_due()
+            and (row := await asyncio.to_thread(self.load_row)) is not None
+            and row.status in FINAL
+        ):
+            again = None
+            with contextlib.suppress(*REDIS_DOWN):
+                again = await self._client.xread({self.key: self.last_id}, count=BATCH)
+            self.end_after_idle(row, again)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -305,10 +315,7 @@ def events(
             reader._read()
             continue
         msg = reader.pending.pop(0)
-        if msg.type == "token":  # what was shown, for an end made from the row
-            reader.parts.append(msg.text or "")
-        elif msg.type == "reset":
-            reader.parts.clear()
+        reader.track(msg)
         yield msg
         if msg.is_final:
             return

@@ -30,7 +30,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from models.stream_message import peek_seq
 from streaming.drain import drain_forever
-from streaming.follow import BATCH, Entry
+from streaming.follow import BATCH, Entry, entries_of
 from streaming.publisher import FIELD
 
 log = logging.getLogger("sheepdog.api")
@@ -38,12 +38,6 @@ JOIN_WAIT_S = 2.0  # the longest a follower waits for its subscription before re
 PING_S = 5.0  # a quiet connection is pinged this often ...
 DEAD_S = 15.0  # ... and replaced when nothing came back for this long
 RETRY_S = 0.2  # the pause before connecting again
-
-
-def _pairs(response: Any) -> list[tuple[Any, list[Entry]]]:
-    if not response:
-        return []
-    return list(response.items()) if isinstance(response, dict) else list(response)
 
 
 class HubFeed:
@@ -94,9 +88,7 @@ class HubFeed:
 
     async def _read_log(self) -> None:
         self.behind = False
-        response = await self.hub.redis.xread({self.key: self.last_id}, BATCH)
-        for _, entries in _pairs(response):
-            self.offer_logged(entries)
+        self.offer_logged(entries_of(await self.hub.redis.xread({self.key: self.last_id}, BATCH)))
         if not self.queue and not self.behind:
             self.ready.clear()
 

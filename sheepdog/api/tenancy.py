@@ -23,7 +23,7 @@ import orjson
 from core import keys
 from core.errors import BudgetExceeded, InvalidRequest, SheepdogError
 from core.redis_conn import get_redis
-from models.request import ChatRequest, Priority
+from models.request import REQUEST_ID, ChatRequest, Priority
 from models.views import RequestView
 from rules.admission import parse_request
 from sheepdog.client import Client
@@ -163,7 +163,7 @@ class Tenancy:
 
     def get(self, tenant: str, request_id: str) -> RequestView | None:
         """The tenant's own request, or None (unknown and another tenant's alike)."""
-        if not request_id.startswith("req_") or len(request_id) > 40:
+        if not REQUEST_ID.match(request_id):  # no row can have it
             return None
         view = self.client.get(request_id)
         if view is None and self._owner_records:
@@ -175,7 +175,7 @@ class Tenancy:
     def status(self, tenant: str, request_id: str) -> str | None:
         """The status of the tenant's own request, or None (as `get`, without reading the
         row's text: what following it needs)."""
-        if not request_id.startswith("req_") or len(request_id) > 40:
+        if not REQUEST_ID.match(request_id):  # no row can have it
             return None
         found = self.client.owner(request_id)
         if found is None and self._owner_records:
