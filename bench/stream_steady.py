@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import os
 import secrets
+import statistics
 import threading
 import time
 from typing import Any
@@ -31,6 +32,8 @@ from bench.bodies import chat_body
 from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
 from bench.stream_burst import TOKENS, ended_rows, start_pyspy
+from bench.stream_latency import STAGES
+from core import keys
 from sheepdog.client import Client
 from simulator.server import SimulatorProcess
 
@@ -78,8 +81,9 @@ SENDERS = 8  # threads submitting on schedule (each submit writes its row: a few
 
 def through_sheepdog(
     client: Client, r: redis.Redis, db_url: str, rate: float, seconds: float, tag: str
-) -> tuple[list[float], list[int], float]:
-    """(each stream's TTFT in s, the queue length each second, the rate achieved)."""
+) -> tuple[list[float], list[int], float, dict[str, float]]:
+    """(each stream's TTFT in s, the queue length each second, the rate achieved, the trace
+    stages' medians)."""
     n = int(rate * seconds)
     items = [client.prepare({**chat_body(i, tag), "priority": "normal"}) for i in range(n)]
     sent: dict[str, float] = {}
@@ -107,6 +111,7 @@ def through_sheepdog(
     stop.set()  # the queue while they arrive
     sampler.join()
     rows = ended_rows(db_url, list(sent), timeout_s=180)
+    stages = stage_times(r, client, sent)
     ttft = [
         row.first_token_at.timestamp() - sent[row.id]
         for row in rows
@@ -115,7 +120,24 @@ def through_sheepdog(
     missing = n - len(ttft)
     if missing:
         print(f"steady: {missing} of {n} streams did not succeed", flush=True)
-    return ttft, lengths, achieved
+    return ttft, lengths, achieved, stages
+
+
+def stage_times(r: redis.Redis, client: Client, sent: dict[str, float]) -> dict[str, float]:
+    """Each trace stage's median (ms after the send) over the streams that recorded them all
+    (the worker's SHEEPDOG_STREAM_TRACE marks: where a steady load's added TTFT goes)."""
+    names = keys.of(client.settings)
+    ids = list(sent)
+    with r.pipeline(transaction=False) as pipe:
+        for rid in ids:
+            pipe.hmget(names.stream_trace(rid), list(STAGES))
+        traces = pipe.execute()
+    per_stage: dict[str, list[float]] = {k: [] for k in STAGES}
+    for rid, values in zip(ids, traces, strict=True):
+        if all(values):
+            for key, value in zip(STAGES, values, strict=True):
+                per_stage[key].append((float(value) - sent[rid]) * MS)
+    return {f"steady_at_{k}": statistics.median(v) for k, v in per_stage.items() if v}
 
 
 def steady(
@@ -134,7 +156,9 @@ def steady(
     procs = [p for w in workers for p in process_tree(w)]
     window = CpuWindow(procs)
     spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
-    ttft, lengths, achieved = through_sheepdog(client, r, db_url, rate, seconds, "steady" + tag)
+    ttft, lengths, achieved, stages = through_sheepdog(
+        client, r, db_url, rate, seconds, "steady" + tag
+    )
     used, busy = window.read()
     if spy is not None:
         spy.wait()
@@ -152,6 +176,7 @@ def steady(
         "steady_sent": float(int(rate * seconds)),
         "steady_box_busy": busy,
         "steady_cpu_us_chunk": sum(used) / max(len(ttft) * TOKENS, 1) * 1e6,
+        **stages,
     }
     out["steady_added_p50"] = out["steady_p50"] - out["steady_direct_p50"]
     out["steady_added_p99"] = out["steady_p99"] - out["steady_direct_p99"]

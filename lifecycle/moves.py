@@ -9,10 +9,23 @@ on one request cannot both move it, and a move that is no longer legal changes n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Update, bindparam, func, literal_column, update
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    String,
+    Update,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from models.status import FINAL, SOURCES, IllegalTransition, Status
@@ -102,28 +115,41 @@ def move_many(
     return moved
 
 
-def move_returning(
-    session: Session,
-    request_ids: Sequence[str],
-    to: Status,
-    *,
-    from_: Iterable[Status] | None = None,
-    returning: Sequence[Any] = (),
-    **values: Any,
-) -> list[Any]:
-    """`move_many` in one UPDATE ... RETURNING: the moved rows, (id, *returning) each."""
+def start_streaming(
+    session: Session, request_ids: Sequence[str], now: datetime
+) -> list[tuple[str, int, str, str]]:
+    """Move queued requests to `streaming` (a stream worker's claim) in one UPDATE ...
+    RETURNING (PostgreSQL): the moved rows as (id, attempts, tenant, model).
+
+    The statement is built once: a claim runs for every stream, and building and compiling an
+    UPDATE cost more Python than sending it."""
     if not request_ids:
         return []
-    stmt = (
+    params = {"ids": list(request_ids), "now": now}
+    rows = session.connection().execute(_start_streaming(), params).all()
+    return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+@functools.cache
+def _start_streaming() -> Update:
+    now = bindparam("now", type_=Request.__table__.c.updated_at.type)
+    sources: list[Any] = [
+        literal_column(f"'{s}'") for s in _sources(Status.STREAMING, [Status.QUEUED])
+    ]
+    return (
         update(Request)
-        .where(Request.id.in_(list(request_ids)), Request.status.in_(_sources(to, from_)))
-        .values(status=to.value, **_final_fields(to, values))
-        .returning(Request.id, *returning)
-        .execution_options(synchronize_session=False)
+        .where(
+            Request.id == any_(bindparam("ids", type_=ARRAY(String))),
+            Request.status.in_(sources),
+        )
+        .values(
+            status=Status.STREAMING.value,
+            started_at=func.coalesce(Request.started_at, now),
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        .returning(Request.id, Request.attempts, Request.tenant, Request.model)
     )
-    moved = list(session.execute(stmt).all())
-    _release_budgets(session, to, [row[0] for row in moved])
-    return moved
 
 
 def move_each(

@@ -56,6 +56,7 @@ class Runtime:
             # this long while the database is away (the heartbeat gives the row up earlier).
             call_timeout_s=max(10.0, s.heartbeat_timeout_s),
             retry_s=2 * s.heartbeat_timeout_s,
+            rows_first=s.producer_writes_rows,
         )
         self._tasks = [
             asyncio.create_task(self.publisher.run(), name="publisher"),

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from core.db import get_engine, is_postgres, session_scope
 from costs import ledger
 from costs.reservations import release
-from lifecycle.moves import move, move_each, move_returning
+from lifecycle.moves import move, move_each, start_streaming
 from lifecycle.record import record_requests, record_unstorable, refusal, row_values
 from models.intake_message import IntakeItem
 from models.status import Status
@@ -130,41 +130,52 @@ def claim(db_url: str, request_id: str, item: IntakeItem | None) -> Claim | None
     raise Unstorable(reason, keyed)
 
 
-def claim_many(db_url: str, wanted: Mapping[str, IntakeItem | None]) -> dict[str, Claim]:
+def claim_many(
+    db_url: str, wanted: Mapping[str, IntakeItem | None], *, rows_first: bool = True
+) -> dict[str, Claim]:
     """`claim` for many requests in one transaction; returns the ones this worker now owns.
 
-    On PostgreSQL a request whose intake message is given is inserted `streaming` straight away
-    (INSERT ... ON CONFLICT DO NOTHING RETURNING: one statement for the whole batch); the rest
-    (id-only messages, or a row that already exists) take the conditional queued -> streaming
-    move one by one. Elsewhere every request takes `claim`'s way."""
+    On PostgreSQL there are two statements for a batch, in the order that usually needs only
+    the first: the conditional queued -> streaming move of rows that exist, and the insert of
+    new rows straight `streaming` (INSERT ... ON CONFLICT DO NOTHING RETURNING) for requests
+    whose intake message is given. `rows_first`: producers write the rows (the default), so
+    by the time a task runs its row is nearly always there and the move goes first; a request
+    it did not find is inserted, and one that conflicted there had its row committed in
+    between and takes the move once more. Otherwise the insert goes first and the move takes
+    what already had a row (id-only messages, rows the janitor took back). Elsewhere every
+    request takes `claim`'s way."""
     now = utcnow()
     claims: dict[str, Claim] = {}
     with _session(db_url) as session:
         if not is_postgres(session):
             return {rid: c for rid, item in wanted.items() if (c := _claim_in(session, rid, item))}
-        rows = []
-        for item in wanted.values():
-            if item is not None:
-                values = row_values(item, Status.STREAMING)
-                values["metadata"] = values.pop("metadata_")  # Core insert: column names
-                values.update(started_at=now, heartbeat_at=now, updated_at=now)
-                rows.append(values)
-        if rows:
+
+        def move_queued(ids: list[str]) -> None:
+            for rid, attempts, tenant, model in start_streaming(session, ids, now):
+                claims[rid] = Claim(attempts, tenant, model, fresh=attempts == 0)
+
+        def insert_new() -> list[str]:
+            """Insert the new rows of what is not claimed yet; the ids that conflicted."""
+            rows = []
+            for rid, item in wanted.items():
+                if item is not None and rid not in claims:
+                    values = row_values(item, Status.STREAMING)
+                    values["metadata"] = values.pop("metadata_")  # Core insert: column names
+                    values.update(started_at=now, heartbeat_at=now, updated_at=now)
+                    rows.append(values)
+            if not rows:
+                return []
             for rid, attempts, tenant, model in insert_fresh(session, rows):
                 claims[rid] = Claim(attempts, tenant, model, fresh=True)
-        # The rest have a row (recorded by the producer, or taken back by the janitor): one
-        # conditional move for all of them.
-        for rid, attempts, tenant, model in move_returning(
-            session,
-            [rid for rid in wanted if rid not in claims],
-            Status.STREAMING,
-            from_=[Status.QUEUED],
-            returning=(Request.attempts, Request.tenant, Request.model),
-            started_at=func.coalesce(Request.started_at, now),
-            heartbeat_at=now,
-            updated_at=now,
-        ):
-            claims[rid] = Claim(attempts, tenant, model, fresh=attempts == 0)
+            return [str(row["id"]) for row in rows if row["id"] not in claims]
+
+        if rows_first:
+            move_queued(list(wanted))
+            # READ COMMITTED: this statement sees a row committed while the insert waited.
+            move_queued(insert_new())
+        else:
+            insert_new()
+            move_queued([rid for rid in wanted if rid not in claims])
     return claims
 
 

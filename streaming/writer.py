@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -44,8 +45,16 @@ BACKOFF_MAX_S = 2.0
 class Writer:
     """Batches the streaming path's claims and ends into one transaction per flush."""
 
-    def __init__(self, db_url: str, *, call_timeout_s: float = 30.0, retry_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        *,
+        call_timeout_s: float = 30.0,
+        retry_s: float = 60.0,
+        rows_first: bool = True,
+    ) -> None:
         self.db_url = db_url
+        self.rows_first = rows_first  # producers write the rows: claims find them (store)
         self.call_timeout_s = call_timeout_s
         self.retry_s = retry_s
         self._claims: list[_Claim] = []
@@ -160,7 +169,8 @@ class Writer:
         for rid, item, _ in batch:
             # The same request twice in one flush: one claim, the other gets None below.
             wanted[rid] = wanted.get(rid) or item
-        results = await self._write("claims", store.claim_many, store.claim, wanted)
+        many = functools.partial(store.claim_many, rows_first=self.rows_first)
+        results = await self._write("claims", many, store.claim, wanted)
         first: set[str] = set()
         for rid, _, done in batch:
             if rid in first:

@@ -74,11 +74,11 @@ def test_a_batch_that_raises_is_written_one_by_one(
     real = store.claim_many
     calls = {"n": 0}
 
-    def once_broken(db_url: str, wanted: Any) -> Any:
+    def once_broken(db_url: str, wanted: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug in the batch")
-        return real(db_url, wanted)
+        return real(db_url, wanted, **kwargs)
 
     monkeypatch.setattr(store, "claim_many", once_broken)
 
