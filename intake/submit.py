@@ -36,17 +36,16 @@ from lifecycle.dispatch import send_stream
 from lifecycle.record import TRANSIENT, record_safely, release_keys
 from models.intake_message import IntakeItem
 from models.request import ChatRequest, new_request_id
-from rules.admission import parse_request
+from rules.admission import Admitted, admit
 from rules.caps import effective_max_tokens
 from rules.prices import PriceTable, price_table
 from rules.routing import choose_lane
-from rules.tokens import count_message_tokens
 from webhooks.endpoints import require_signing_secrets
 
 INTAKE_BULK = 500  # low-priority requests per intake message
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 
-RequestLike = ChatRequest | dict[str, Any]
+RequestLike = Admitted | ChatRequest | dict[str, Any]  # Admitted: checked already
 
 
 class Submitter:
@@ -88,12 +87,14 @@ class Submitter:
     # -- submit -----------------------------------------------------------------------------
 
     def prepare(self, request: RequestLike) -> IntakeItem:
-        """Validate one request and build its intake message (no I/O)."""
-        req = parse_request(request, prices=self.prices)
+        """Validate one request (unless admitted already) and build its intake message (no
+        I/O)."""
+        admitted = request if isinstance(request, Admitted) else admit(request, prices=self.prices)
+        req = admitted.request
         lane = choose_lane(req, self.settings, self._tiers(req.model), self.prices)
         price = self.prices.get(req.model)
         body = req.provider_body()
-        prompt_tokens = count_message_tokens(body["messages"])
+        prompt_tokens = admitted.prompt_tokens  # of the same messages as the body's
         max_tokens = effective_max_tokens(
             price,
             req.model,

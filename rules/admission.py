@@ -4,6 +4,8 @@ URL's form."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from core.errors import InvalidRequest, SheepdogError
 from core.settings import get_settings
 from models.request import ChatRequest, validate_request
@@ -12,13 +14,32 @@ from rules.prices import PriceTable, price_table
 from rules.tokens import count_message_tokens
 
 
-def parse_request(data: object, *, prices: PriceTable | None = None) -> ChatRequest:
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request that passed the whole check, with its prompt's token estimate: what the
+    submit path takes without checking it again (the front door checks on its event loop,
+    and submits in a thread)."""
+
+    request: ChatRequest
+    prompt_tokens: int
+
+
+def admit(data: object, *, prices: PriceTable | None = None) -> Admitted:
     """Validate one request; raise InvalidRequest with a one-line reason naming each problem."""
     request = validate_request(data)
-    problems = [*_webhook_problems(request), *_model_problems(request, prices or price_table())]
+    prompt = count_message_tokens(m.model_dump() for m in request.messages)
+    problems = [
+        *_webhook_problems(request),
+        *_model_problems(request, prices or price_table(), prompt),
+    ]
     if problems:
         raise InvalidRequest("invalid request: " + "; ".join(problems))
-    return request
+    return Admitted(request, prompt)
+
+
+def parse_request(data: object, *, prices: PriceTable | None = None) -> ChatRequest:
+    """Validate one request (as `admit`), the request alone."""
+    return admit(data, prices=prices).request
 
 
 def _webhook_problems(request: ChatRequest) -> list[str]:
@@ -32,7 +53,7 @@ def _webhook_problems(request: ChatRequest) -> list[str]:
     return []
 
 
-def _model_problems(request: ChatRequest, prices: PriceTable) -> list[str]:
+def _model_problems(request: ChatRequest, prices: PriceTable, prompt: int) -> list[str]:
     if request.model not in prices:
         return [f"model: unknown model {request.model!r} (known: {', '.join(prices.names())})"]
     price = prices.get(request.model)
@@ -41,7 +62,6 @@ def _model_problems(request: ChatRequest, prices: PriceTable) -> list[str]:
             f"max_tokens {request.max_tokens} exceeds {request.model}'s output limit of "
             f"{price.max_output_tokens}"
         ]
-    prompt = count_message_tokens(m.model_dump() for m in request.messages)
     if prompt >= price.context_window:
         return [
             f"the messages are about {prompt:,} tokens, too long for {request.model}'s "

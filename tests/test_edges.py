@@ -21,7 +21,8 @@ from core.errors import IdempotencyConflict, InvalidRequest
 from core.settings import Settings
 from core.strict_json import loads
 from models.request import ChatRequest, Message
-from rules.admission import parse_request
+from rules.admission import admit, parse_request
+from rules.tokens import count_message_tokens
 from sheepdog.client import Client
 from tests.fixtures.batch import add_requests
 from tests.fixtures.workers import ROOT
@@ -157,6 +158,24 @@ def test_model_construct_is_no_way_around_validation() -> None:
     with pytest.raises(InvalidRequest):
         Client(Settings()).prepare(forged)
     assert parse_request(parse_request(BASE)).model == MINI  # a valid instance passes
+
+
+@pytest.mark.unit
+def test_an_admitted_request_is_prepared_as_the_same_request_sent_raw() -> None:
+    """The front door checks once (admit) and submits the Admitted: its intake message is
+    the one the raw body would have made, token estimate (and so the cap) included."""
+    client = Client(Settings())
+    raw = {**BASE, "max_cost_usd": 0.0001, "messages": [{"role": "user", "content": "hi " * 50}]}
+    admitted = admit(raw, prices=client.prices)
+    assert admitted.prompt_tokens == count_message_tokens(raw["messages"])
+    once, twice = client.prepare(admitted), client.prepare(raw)
+    assert (once.body, once.request, once.lane, once.route) == (
+        twice.body,
+        twice.request,
+        twice.lane,
+        twice.route,
+    )
+    assert "max_tokens" in once.body  # the cap came from the estimate
 
 
 def test_status_of_a_row_with_a_year_10000_deadline(idle: Any) -> None:

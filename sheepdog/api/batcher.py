@@ -14,7 +14,7 @@ import asyncio
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import SheepdogError
-from models.request import ChatRequest
+from rules.admission import Admitted
 from sheepdog.api.tenancy import Tenancy
 
 ROUND_MAX = 2000  # requests per round at most (bounds one round's latency)
@@ -27,11 +27,11 @@ class SubmitBatcher:
 
     def __init__(self, tenancy: Tenancy) -> None:
         self.tenancy = tenancy
-        self._waiting: list[tuple[str, list[ChatRequest], asyncio.Future[list[str]]]] = []
+        self._waiting: list[tuple[str, list[Admitted], asyncio.Future[list[str]]]] = []
         self._runners: set[asyncio.Task[None]] = set()
         self._active = 0  # runners not yet ended (counted down as they end, before any await)
 
-    async def submit(self, tenant: str, requests: list[ChatRequest]) -> list[str]:
+    async def submit(self, tenant: str, requests: list[Admitted]) -> list[str]:
         """The ids of `requests` (all or nothing), or the error that refused them."""
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._waiting.append((tenant, requests, done))

@@ -63,8 +63,8 @@ class Front:
         ids = await self.batcher.submit(tenant, requests)
         minted = (
             rid
-            for rid, r in zip(ids, requests, strict=True)
-            if r.priority.route == "stream" and not r.idempotency_key
+            for rid, a in zip(ids, requests, strict=True)
+            if a.request.priority.route == "stream" and not a.request.idempotency_key
         )
         self.recent.add(tenant, minted)
         return ids

@@ -23,9 +23,9 @@ import orjson
 from core import keys
 from core.errors import BudgetExceeded, InvalidRequest, SheepdogError
 from core.redis_conn import get_redis
-from models.request import REQUEST_ID, ChatRequest, Priority
+from models.request import REQUEST_ID, Priority
 from models.views import RequestView
-from rules.admission import parse_request
+from rules.admission import Admitted, admit
 from sheepdog.client import Client
 
 OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
@@ -69,23 +69,23 @@ class Tenancy:
         # Owner records exist only where the rows come later than the ids (see above).
         self._owner_records = not client.settings.producer_writes_rows
 
-    def validate(self, tenant: str, requests: list[object], as_list: bool) -> list[ChatRequest]:
+    def validate(self, tenant: str, requests: list[object], as_list: bool) -> list[Admitted]:
         """Each request as submitted for `tenant`, validated (no I/O); InvalidRequest names the
         bad item's index when the body was a list."""
         out = []
         for index, request in enumerate(requests):
             try:
-                out.append(parse_request(in_tenant(request, tenant), prices=self.client.prices))
+                out.append(admit(in_tenant(request, tenant), prices=self.client.prices))
             except InvalidRequest as err:
                 raise InvalidRequest(f"request {index}: {err}" if as_list else str(err)) from None
         return out
 
-    def submit(self, tenant: str, requests: list[ChatRequest]) -> list[str]:
+    def submit(self, tenant: str, requests: list[Admitted]) -> list[str]:
         """Enqueue validated requests of one tenant (all or nothing)."""
         return self.submit_calls([(tenant, requests)])[0]  # type: ignore[return-value]
 
     def submit_calls(
-        self, calls: list[tuple[str, list[ChatRequest]]]
+        self, calls: list[tuple[str, list[Admitted]]]
     ) -> list[list[str] | SheepdogError]:
         """Enqueue several calls' validated requests in one submit_many (a few large intake
         messages instead of one each); each call gets its ids or the error that refused it.
@@ -109,12 +109,13 @@ class Tenancy:
             start += len(requests)
         return out
 
-    def _record_owners(self, calls: list[tuple[str, list[ChatRequest]]], ids: list[str]) -> None:
+    def _record_owners(self, calls: list[tuple[str, list[Admitted]]], ids: list[str]) -> None:
         now = datetime.now(UTC).isoformat()
         rids = iter(ids)
         with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
             for tenant, requests in calls:
-                for request, rid in zip(requests, rids, strict=False):
+                for admitted, rid in zip(requests, rids, strict=False):
+                    request = admitted.request
                     record = {
                         "tenant": tenant,
                         "priority": request.priority.value,
