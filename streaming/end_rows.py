@@ -5,9 +5,10 @@ one end or a hundred: it is built once, compiled once (SQLAlchemy's cache) and p
 psycopg. It moves each row streaming -> succeeded only while its `attempts` still equal the
 claim's (the fence, checked under the row's lock by the UPDATE itself), ledgers the moved rows
 that have a cost and settles their reservations (costs.ledger.ledger_ctes), and returns the ids
-it moved; their webhooks go into the outbox in the same transaction. At a steady arrival rate a
-flush holds one or two ends, so the cost of a statement is the cost of an end: this replaces a
-lock, an update, a ledger insert and a reservation lookup, each built and sent on its own."""
+it moved, with whether their tenants have webhooks; those go into the outbox in the same
+transaction. At a steady arrival rate a flush holds one or two ends, so the cost of a statement
+is the cost of an end: this replaces a lock, an update, a ledger insert and a reservation
+lookup, each built and sent on its own."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from costs.ledger import ledger_ctes
 from lifecycle.moves import move_from_statement
 from models.status import Status
 from models.tables import Request, UTCDateTime
+from models.webhook_tables import WebhookSecret
 from webhooks.outbox import request_ended
 
 
@@ -116,7 +118,10 @@ def _statement() -> Select[Any]:
         .cte("moved")
     )
     ledger, settled = ledger_ctes(moved, ends, model=ends.c.model, route="stream", tier=ends.c.tier)
-    return select(moved.c.id).add_cte(ledger, settled)
+    # Whether each moved row's tenant may receive webhooks, read by the same statement: most
+    # ends have none to write, and then no second round trip asks.
+    hooked = moved.c.tenant.in_(select(WebhookSecret.tenant))
+    return select(moved.c.id, moved.c.tenant, hooked).add_cte(ledger, settled)
 
 
 def succeed(session: Session, ends: Sequence[SucceededEnd]) -> set[str]:
@@ -127,6 +132,10 @@ def succeed(session: Session, ends: Sequence[SucceededEnd]) -> set[str]:
         return set()
     rows = sorted(ends, key=lambda e: e.id)
     params = {f"e_{name}": [getattr(e, name) for e in rows] for name in NAMES}
-    moved = set(session.scalars(_statement(), params))
-    request_ended(session, sorted(moved), Status.SUCCEEDED.value)
-    return moved
+    # On the session's connection: a Core statement needs none of the ORM's execution path.
+    result = session.connection().execute(_statement(), params).all()
+    hooked = [(rid, tenant) for rid, tenant, has_hooks in result if has_hooks]
+    if hooked:
+        tenants = sorted({tenant for _, tenant in hooked})
+        request_ended(session, sorted(rid for rid, _ in hooked), Status.SUCCEEDED.value, tenants)
+    return {rid for rid, _, _ in result}

@@ -137,3 +137,40 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
     assert isinstance(again[paid], store.Fenced)
     with session_scope(db_url) as session:
         assert len(session.scalars(select(CostEntry).where(CostEntry.tenant == tenant)).all()) == 1
+
+
+def test_a_flush_of_tenants_with_and_without_webhooks(db_url: str) -> None:
+    """The end statement itself says which moved rows' tenants have webhooks: their deliveries
+    are written, the others' not, and nobody's end waits on a second query."""
+    hooked, plain = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    settings = Settings(
+        database_url=db_url, webhook_secret_key=SecretStr(new_key()), webhook_allow_private=True
+    )
+    with session_scope(db_url) as session:
+        endpoints.add_endpoint(session, settings, hooked, "http://127.0.0.1:9/hook")
+    client = Client(settings)
+    items = [
+        client.prepare(
+            {
+                "model": "sheepdog-mini",
+                "priority": "high",
+                "metadata": {"tenant": tenant},
+                "messages": [{"role": "user", "content": f"mixed {tenant} {i}"}],
+            }
+        )
+        for i, tenant in enumerate([hooked, plain, hooked, plain])
+    ]
+    claims = store.claim_many(db_url, {item.id: item for item in items})
+    ends = {rid: (claim, End(Status.SUCCEEDED, "ok", "stop")) for rid, claim in claims.items()}
+    result = store.finish_many(db_url, ends)
+    assert set(result) == {item.id for item in items} and not any(result.values())
+    with session_scope(db_url) as session:
+        delivered = {
+            (d.tenant, d.subject_id)
+            for d in session.scalars(
+                select(WebhookDelivery).where(WebhookDelivery.tenant.in_([hooked, plain]))
+            )
+        }
+        ended = set(session.scalars(select(Request.status).where(Request.id.in_(list(claims)))))
+    assert delivered == {(hooked, items[0].id), (hooked, items[2].id)}
+    assert ended == {"succeeded"}

@@ -12,13 +12,26 @@ copying every answer's text into the outbox would double what a batch ingest wri
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Text, and_, cast, event, func, literal, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Text,
+    and_,
+    cast,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -71,7 +84,13 @@ def set_kicker(kick: Callable[[], None] | None) -> None:
 def hooked_tenants(session: Session) -> list[str]:
     """Tenants that may receive events: every tenant with an endpoint or a request-level URL
     has a signing secret (adding an endpoint creates it)."""
-    return list(session.scalars(select(WebhookSecret.tenant)))
+    return list(session.connection().scalars(_hooked_tenants()))
+
+
+@functools.cache
+def _hooked_tenants() -> Select[tuple[str]]:
+    # Built once: every stream's end asks (a Core statement on the session's connection).
+    return select(WebhookSecret.tenant)
 
 
 def subscribed(events: Any, event_type: Any) -> ColumnElement[bool]:
@@ -98,13 +117,19 @@ def _write(session: Session, rows: Any) -> int:
     return written
 
 
-def request_ended(session: Session, request_ids: Sequence[str], status: str) -> int:
+def request_ended(
+    session: Session,
+    request_ids: Sequence[str],
+    status: str,
+    tenants: Sequence[str] | None = None,
+) -> int:
     """Write the deliveries of the requests among `request_ids` that are now `status` (an end
     status): one per subscribed endpoint of their tenant, one to the request's own URL.
+    `tenants`: the hooked tenants when the caller read them already (else they are read).
     Returns rows written."""
     if not request_ids:
         return 0
-    tenants = hooked_tenants(session)
+    tenants = hooked_tenants(session) if tenants is None else list(tenants)
     if not tenants:
         return 0
     event_type = f"request.{status}"
