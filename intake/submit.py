@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis
@@ -45,7 +45,8 @@ from webhooks.endpoints import require_signing_secrets
 INTAKE_BULK = 500  # low-priority requests per intake message
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 
-RequestLike = Admitted | ChatRequest | dict[str, Any]  # Admitted: checked already
+RequestLike = ChatRequest | dict[str, Any]
+T = TypeVar("T")
 
 
 class Submitter:
@@ -87,9 +88,10 @@ class Submitter:
     # -- submit -----------------------------------------------------------------------------
 
     def prepare(self, request: RequestLike) -> IntakeItem:
-        """Validate one request (unless admitted already) and build its intake message (no
-        I/O)."""
-        admitted = request if isinstance(request, Admitted) else admit(request, prices=self.prices)
+        """Validate one request and build its intake message (no I/O)."""
+        return self._item(admit(request, prices=self.prices))
+
+    def _item(self, admitted: Admitted) -> IntakeItem:
         req = admitted.request
         lane = choose_lane(req, self.settings, self._tiers(req.model), self.prices)
         price = self.prices.get(req.model)
@@ -133,12 +135,15 @@ class Submitter:
         """Validate every request first (all or nothing), then enqueue them in bulk.
 
         Low-priority requests travel INTAKE_BULK to a message; streaming ones one each."""
-        items: list[IntakeItem] = []
-        for index, request in enumerate(requests):
-            try:
-                items.append(self.prepare(request))
-            except InvalidRequest as err:
-                raise InvalidRequest(f"request {index}: {err}") if index else err from None
+        return self._submit_items(_each(requests, self.prepare))
+
+    def submit_admitted(self, requests: Sequence[Admitted]) -> list[str]:
+        """`submit_many` for requests this process checked already (rules.admission.admit,
+        with this client's price table: the front door checks on its event loop and submits
+        in a thread). Not for requests from elsewhere: an Admitted is taken as it is."""
+        return self._submit_items(_each(requests, self._item))
+
+    def _submit_items(self, items: list[IntakeItem]) -> list[str]:
         require_signing_secrets(self.settings, items)
         ids = [item.id for item in items]
         fresh = self._claim_idempotency_keys(items, ids)
@@ -277,3 +282,14 @@ class Submitter:
 def _fingerprint(item: IntakeItem) -> str:
     """What makes two submits the same request: the validated request, keys sorted."""
     return hashlib.sha256(orjson.dumps(item.request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def _each(requests: Iterable[T], make: Callable[[T], IntakeItem]) -> list[IntakeItem]:
+    """Each request's intake message; InvalidRequest names the refused one's index (past 0)."""
+    items: list[IntakeItem] = []
+    for index, request in enumerate(requests):
+        try:
+            items.append(make(request))
+        except InvalidRequest as err:
+            raise InvalidRequest(f"request {index}: {err}") if index else err from None
+    return items

@@ -162,13 +162,14 @@ def test_model_construct_is_no_way_around_validation() -> None:
 
 @pytest.mark.unit
 def test_an_admitted_request_is_prepared_as_the_same_request_sent_raw() -> None:
-    """The front door checks once (admit) and submits the Admitted: its intake message is
-    the one the raw body would have made, token estimate (and so the cap) included."""
+    """The front door checks once (admit) and submits the Admitted (submit_admitted): its
+    intake message is the one the raw body would have made, token estimate (and so the cap)
+    included. The public prepare/submit take no Admitted: what they are given is checked."""
     client = Client(Settings())
     raw = {**BASE, "max_cost_usd": 0.0001, "messages": [{"role": "user", "content": "hi " * 50}]}
     admitted = admit(raw, prices=client.prices)
     assert admitted.prompt_tokens == count_message_tokens(raw["messages"])
-    once, twice = client.prepare(admitted), client.prepare(raw)
+    once, twice = client._item(admitted), client.prepare(raw)
     assert (once.body, once.request, once.lane, once.route) == (
         twice.body,
         twice.request,
@@ -176,6 +177,8 @@ def test_an_admitted_request_is_prepared_as_the_same_request_sent_raw() -> None:
         twice.route,
     )
     assert "max_tokens" in once.body  # the cap came from the estimate
+    with pytest.raises(InvalidRequest):
+        client.prepare(admitted)  # type: ignore[arg-type]
 
 
 def test_status_of_a_row_with_a_year_10000_deadline(idle: Any) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core.db import get_engine, session_scope
@@ -52,6 +53,24 @@ def test_every_kind_of_request_in_one_batch(pg_url: str, rows_first: bool) -> No
     assert again == {}
 
 
+def waiting_on_lock(pg_url: str, timeout_s: float = 20.0) -> None:
+    """Return once a session of this database waits on a lock (else fail)."""
+    deadline = time.monotonic() + timeout_s
+    with get_engine(pg_url).connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            conn.rollback()  # a fresh snapshot of the activity view each time
+            if waiting:
+                return
+            time.sleep(0.01)
+    pytest.fail("the claim never waited on the producer's uncommitted row")
+
+
 @pytest.mark.parametrize("rows_first", [True, False])
 def test_a_row_committed_while_the_insert_waits_is_claimed(pg_url: str, rows_first: bool) -> None:
     """The producer sends the message, then writes its row: the claim's move finds no row,
@@ -67,8 +86,7 @@ def test_a_row_committed_while_the_insert_waits_is_claimed(pg_url: str, rows_fir
             )
         )
         claiming.start()
-        time.sleep(0.5)  # the claim's insert now waits on the producer's row
-        assert claiming.is_alive()
+        waiting_on_lock(pg_url)  # the claim's insert now waits on the producer's row
         producer.commit()
         claiming.join(10)
     assert item.id in result and result[item.id].attempts == 0

@@ -93,7 +93,7 @@ class Tenancy:
         call is submitted on its own. Redis or the database away fails them all."""
         flat = [request for _, requests in calls for request in requests]
         try:
-            ids = self.client.submit_many(flat)
+            ids = self.client.submit_admitted(flat)
         except (InvalidRequest, BudgetExceeded) as err:
             if len(calls) == 1:
                 return [err]
