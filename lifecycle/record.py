@@ -108,7 +108,9 @@ def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     re-delivered message changes nothing. Returns the number of new rows."""
     if not items:
         return 0
-    rows = [row_values(item) for item in items]
+    # In id order, as the stream claim inserts (streaming/store.py): two inserts of
+    # overlapping rows then wait on each other in one order, never in a cycle (a deadlock).
+    rows = sorted((row_values(item) for item in items), key=lambda row: str(row["id"]))
     for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
         row["metadata"] = row.pop("metadata_")
     if session.get_bind().dialect.name == "postgresql":

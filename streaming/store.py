@@ -165,6 +165,7 @@ def claim_many(
                     rows.append(values)
             if not rows:
                 return []
+            rows.sort(key=lambda row: str(row["id"]))  # the producer's order (lifecycle/record)
             for rid, attempts, tenant, model in insert_fresh(session, rows):
                 claims[rid] = Claim(attempts, tenant, model, fresh=True)
             return [str(row["id"]) for row in rows if row["id"] not in claims]

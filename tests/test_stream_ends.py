@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.settings import Settings
+from models.intake_message import IntakeItem
 from models.status import Status
 from models.tables import CostEntry, Request, Reservation
 from models.webhook_tables import WebhookDelivery
@@ -24,15 +25,15 @@ from webhooks import endpoints
 from webhooks.crypto import new_key
 
 
-def test_one_flush_of_mixed_ends(db_url: str) -> None:
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
+def hooked_requests(db_url: str, hooked: str, tenants: list[str]) -> list[IntakeItem]:
+    """A stream request for each of `tenants`, after `hooked` got a webhook endpoint."""
     settings = Settings(
         database_url=db_url, webhook_secret_key=SecretStr(new_key()), webhook_allow_private=True
     )
     with session_scope(db_url) as session:
-        endpoints.add_endpoint(session, settings, tenant, "http://127.0.0.1:9/hook")
+        endpoints.add_endpoint(session, settings, hooked, "http://127.0.0.1:9/hook")
     client = Client(settings)
-    items = [
+    return [
         client.prepare(
             {
                 "model": "sheepdog-mini",
@@ -41,8 +42,13 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
                 "messages": [{"role": "user", "content": f"end {tenant} {i}"}],
             }
         )
-        for i in range(5)
+        for i, tenant in enumerate(tenants)
     ]
+
+
+def test_one_flush_of_mixed_ends(db_url: str) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    items = hooked_requests(db_url, tenant, [tenant] * 5)
     claims = store.claim_many(db_url, {item.id: item for item in items})
     assert set(claims) == {item.id for item in items}
     paid, fenced, failed, moved_lane, unpriced = (item.id for item in items)
@@ -143,23 +149,7 @@ def test_a_flush_of_tenants_with_and_without_webhooks(db_url: str) -> None:
     """The end statement itself says which moved rows' tenants have webhooks: their deliveries
     are written, the others' not, and nobody's end waits on a second query."""
     hooked, plain = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    settings = Settings(
-        database_url=db_url, webhook_secret_key=SecretStr(new_key()), webhook_allow_private=True
-    )
-    with session_scope(db_url) as session:
-        endpoints.add_endpoint(session, settings, hooked, "http://127.0.0.1:9/hook")
-    client = Client(settings)
-    items = [
-        client.prepare(
-            {
-                "model": "sheepdog-mini",
-                "priority": "high",
-                "metadata": {"tenant": tenant},
-                "messages": [{"role": "user", "content": f"mixed {tenant} {i}"}],
-            }
-        )
-        for i, tenant in enumerate([hooked, plain, hooked, plain])
-    ]
+    items = hooked_requests(db_url, hooked, [hooked, plain, hooked, plain])
     claims = store.claim_many(db_url, {item.id: item for item in items})
     ends = {rid: (claim, End(Status.SUCCEEDED, "ok", "stop")) for rid, claim in claims.items()}
     result = store.finish_many(db_url, ends)
