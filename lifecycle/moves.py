@@ -42,6 +42,12 @@ def _sources(to: Status, from_: Iterable[Status] | None) -> list[str]:
     return [s.value for s in wanted]
 
 
+def _source_literals(to: Status, from_: Iterable[Status] | None) -> list[Any]:
+    # Status names are our own constants; literal columns keep a statement the same text for
+    # every call (executemany-able, compiled once).
+    return [literal_column(f"'{s}'") for s in _sources(to, from_)]
+
+
 def _release_budgets(session: Session, to: Status, request_ids: Sequence[str]) -> None:
     # A failed or cancelled request spends nothing more: free what its budget reservation holds.
     if to in (Status.FAILED, Status.CANCELLED) and request_ids:
@@ -133,14 +139,11 @@ def start_streaming(
 @functools.cache
 def _start_streaming() -> Update:
     now = bindparam("now", type_=Request.__table__.c.updated_at.type)
-    sources: list[Any] = [
-        literal_column(f"'{s}'") for s in _sources(Status.STREAMING, [Status.QUEUED])
-    ]
     return (
         update(Request)
         .where(
             Request.id == any_(bindparam("ids", type_=ARRAY(String))),
-            Request.status.in_(sources),
+            Request.status.in_(_source_literals(Status.STREAMING, [Status.QUEUED])),
         )
         .values(
             status=Status.STREAMING.value,
@@ -165,8 +168,7 @@ def move_each(
     if not rows:
         return 0
     keys = [k for k in rows[0] if k != "id"]
-    # Status names are our own constants; literal columns keep the statement executemany-able.
-    sources: list[Any] = [literal_column(f"'{s}'") for s in _sources(to, from_)]
+    sources = _source_literals(to, from_)
     extra = {"finished_at": utcnow()} if to in FINAL and "finished_at" not in keys else {}
     stmt = (
         update(Request)

@@ -103,14 +103,19 @@ def parse_items(raw: Iterable[object]) -> tuple[list[IntakeItem], list[tuple[obj
     return items, rejects
 
 
+def in_insert_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows sorted by id, the order every insert of `requests` rows takes (the producer's
+    record and the stream claim's): two inserts of overlapping rows then wait on each other
+    in one order, never in a cycle (a deadlock)."""
+    return sorted(rows, key=lambda row: str(row["id"]))
+
+
 def record_requests(session: Session, items: Sequence[IntakeItem]) -> int:
     """Insert rows for `items` (status queued); rows that already exist are left alone, so a
     re-delivered message changes nothing. Returns the number of new rows."""
     if not items:
         return 0
-    # In id order, as the stream claim inserts (streaming/store.py): two inserts of
-    # overlapping rows then wait on each other in one order, never in a cycle (a deadlock).
-    rows = sorted((row_values(item) for item in items), key=lambda row: str(row["id"]))
+    rows = in_insert_order([row_values(item) for item in items])
     for row in rows:  # a Core insert takes column names: the `metadata_` attribute is `metadata`
         row["metadata"] = row.pop("metadata_")
     if session.get_bind().dialect.name == "postgresql":

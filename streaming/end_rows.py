@@ -40,8 +40,7 @@ from costs.ledger import ledger_ctes
 from lifecycle.moves import move_from_statement
 from models.status import Status
 from models.tables import Request, UTCDateTime
-from models.webhook_tables import WebhookSecret
-from webhooks.outbox import request_ended
+from webhooks.outbox import hooked_tenants_select, request_ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +119,7 @@ def _statement() -> Select[Any]:
     ledger, settled = ledger_ctes(moved, ends, model=ends.c.model, route="stream", tier=ends.c.tier)
     # Whether each moved row's tenant may receive webhooks, read by the same statement: most
     # ends have none to write, and then no second round trip asks.
-    hooked = moved.c.tenant.in_(select(WebhookSecret.tenant))
+    hooked = moved.c.tenant.in_(hooked_tenants_select())
     return select(moved.c.id, moved.c.tenant, hooked).add_cte(ledger, settled)
 
 

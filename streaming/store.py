@@ -25,7 +25,13 @@ from core.db import get_engine, is_postgres, session_scope
 from costs import ledger
 from costs.reservations import release
 from lifecycle.moves import move, move_each, start_streaming
-from lifecycle.record import record_requests, record_unstorable, refusal, row_values
+from lifecycle.record import (
+    in_insert_order,
+    record_requests,
+    record_unstorable,
+    refusal,
+    row_values,
+)
 from models.intake_message import IntakeItem
 from models.status import Status
 from models.tables import Request, utcnow
@@ -165,7 +171,7 @@ def claim_many(
                     rows.append(values)
             if not rows:
                 return []
-            rows.sort(key=lambda row: str(row["id"]))  # the producer's order (lifecycle/record)
+            rows = in_insert_order(rows)
             for rid, attempts, tenant, model in insert_fresh(session, rows):
                 claims[rid] = Claim(attempts, tenant, model, fresh=True)
             return [str(row["id"]) for row in rows if row["id"] not in claims]

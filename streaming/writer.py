@@ -54,7 +54,8 @@ class Writer:
         rows_first: bool = True,
     ) -> None:
         self.db_url = db_url
-        self.rows_first = rows_first  # producers write the rows: claims find them (store)
+        # Producers write the rows, so a claim finds them (store.claim_many's order).
+        self._claim_many = functools.partial(store.claim_many, rows_first=rows_first)
         self.call_timeout_s = call_timeout_s
         self.retry_s = retry_s
         self._claims: list[_Claim] = []
@@ -169,8 +170,7 @@ class Writer:
         for rid, item, _ in batch:
             # The same request twice in one flush: one claim, the other gets None below.
             wanted[rid] = wanted.get(rid) or item
-        many = functools.partial(store.claim_many, rows_first=self.rows_first)
-        results = await self._write("claims", many, store.claim, wanted)
+        results = await self._write("claims", self._claim_many, store.claim, wanted)
         first: set[str] = set()
         for rid, _, done in batch:
             if rid in first:

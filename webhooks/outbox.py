@@ -12,7 +12,6 @@ copying every answer's text into the outbox would double what a batch ingest wri
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -81,16 +80,15 @@ def set_kicker(kick: Callable[[], None] | None) -> None:
     _kick = kick
 
 
-def hooked_tenants(session: Session) -> list[str]:
+def hooked_tenants_select() -> Select[tuple[str]]:
     """Tenants that may receive events: every tenant with an endpoint or a request-level URL
     has a signing secret (adding an endpoint creates it)."""
-    return list(session.connection().scalars(_hooked_tenants()))
-
-
-@functools.cache
-def _hooked_tenants() -> Select[tuple[str]]:
-    # Built once: every stream's end asks (a Core statement on the session's connection).
     return select(WebhookSecret.tenant)
+
+
+def hooked_tenants(session: Session) -> list[str]:
+    """The tenants of `hooked_tenants_select`."""
+    return list(session.scalars(hooked_tenants_select()))
 
 
 def subscribed(events: Any, event_type: Any) -> ColumnElement[bool]:
