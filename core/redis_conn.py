@@ -8,6 +8,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.driver_info import DriverInfo
 
 from core.errors import REDIS_HINT, ServiceUnavailable, redact_url
 
@@ -23,6 +24,14 @@ def _url(url: str | None) -> str:
     return url
 
 
+@lru_cache(maxsize=1)
+def _driver_info() -> DriverInfo:
+    """What each connection tells Redis it is (CLIENT SETINFO), made once: redis-py otherwise
+    looks its own version up in the package metadata at every connect (~0.5 ms of CPU, which a
+    burst of new connections pays hundreds of times)."""
+    return DriverInfo()
+
+
 @lru_cache(maxsize=8)
 def get_redis(url: str | None = None) -> redis.Redis:
     """A client on a BlockingConnectionPool (waits for a free connection rather than failing
@@ -35,6 +44,7 @@ def get_redis(url: str | None = None) -> redis.Redis:
         socket_keepalive=True,
         health_check_interval=30,
         retry_on_timeout=True,
+        driver_info=_driver_info(),
     )
     return redis.Redis(connection_pool=pool)
 
@@ -57,6 +67,7 @@ def new_async_redis(url: str | None = None, max_connections: int = 0) -> aioredi
         health_check_interval=30,
         retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        driver_info=_driver_info(),
     )
     return aioredis.Redis.from_pool(pool)
 
