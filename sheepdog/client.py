@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -44,13 +44,16 @@ class Client(Submitter):
             row = session.scalar(query)
             return RequestView.from_row(row) if row is not None else None
 
-    def owner(self, request_id: str) -> tuple[str, str] | None:
-        """(tenant, status) of a stored request, or None when no worker has recorded it yet:
-        what an ownership check needs, two columns instead of the row and its view."""
-        query = select(Request.tenant, Request.status).where(Request.id == request_id)
-        with self._reading(request_id) as session:
-            found = session.execute(query).first()
-        return (found[0], found[1]) if found is not None else None
+    def owners(self, request_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """(tenant, status) of each stored request among `request_ids` (one query; an id not
+        yet recorded is left out): what an ownership check needs, two columns instead of the
+        row and its view."""
+        query = select(Request.id, Request.tenant, Request.status).where(
+            Request.id.in_(request_ids)
+        )
+        more = f" (and {len(request_ids) - 1} more)" if len(request_ids) > 1 else ""
+        with self._reading(f"{request_ids[0]}{more}" if request_ids else "-") as session:
+            return {rid: (tenant, status) for rid, tenant, status in session.execute(query)}
 
     @contextlib.contextmanager
     def _reading(self, request_id: str) -> Iterator[Session]:

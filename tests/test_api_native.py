@@ -301,3 +301,43 @@ def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: Ap
     assert len(ids) == 36
     for rid in list(ids)[:5]:
         assert api_server.view(keys_[fine], rid)["tenant"] == fine
+
+
+def test_ownership_checks_asked_together_are_answered_each_on_its_own(
+    api_server: ApiServer,
+) -> None:
+    """Event streams opened at once share one ownership query a round (api/batcher.py): each
+    tenant still follows only its own requests, and another's or an unknown id is a 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sheepdog.api.tenancy import Tenancy
+    from sheepdog.client import Client
+
+    a, b = api_server.key(), api_server.key()
+    with api_server.http(a) as alice:
+        # Low-priority ones: the server keeps no note of them, so each follow asks the rows.
+        ids = [
+            alice.post("/v1/requests", json=req(f"own {i}", "low")).json()["id"] for i in range(6)
+        ]
+    unknown, malformed = "req_" + "0" * 32, "not-an-id"
+    asks = [(a, rid, 200) for rid in ids] + [(b, rid, 404) for rid in ids]
+    asks += [(a, unknown, 404), (b, malformed, 404)]
+
+    def open_events(ask: tuple[str, str, int]) -> tuple[int, int]:
+        key, rid, expected = ask
+        with (
+            api_server.http(key) as http,
+            http.stream("GET", f"/v1/requests/{rid}/events") as r,
+        ):
+            return r.status_code, expected
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        for got, expected in pool.map(open_events, asks):
+            assert got == expected
+    # One round with every tenant's asks mixed, as the server sends it.
+    tenancy = Tenancy(Client(api_server.settings))
+    tenant_a = api_server.view(a, ids[0])["tenant"]
+    tenant_b = "tenant-" + uuid.uuid4().hex[:8]
+    mixed = [(tenant_a, ids[0]), (tenant_b, ids[0]), (tenant_a, unknown), (tenant_b, malformed)]
+    mixed.append((tenant_a, ids[1]))
+    assert tenancy.statuses(mixed) == ["queued", None, None, None, "queued"]

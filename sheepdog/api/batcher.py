@@ -1,40 +1,51 @@
-"""Submissions of concurrent calls sent together: one `submit_many` per round instead of one per
-call. A round starts as soon as a call is waiting and a runner is free, and takes everyone
-waiting then; whatever arrives while the runners are busy goes into the next one. So a lone
-call waits for nobody, and under load the rounds grow (one intake message carries up to 500
-low-priority requests; the stream messages of a round share one Redis pipeline): Celery's cost
-per message is what limits one-request-per-call intake otherwise. A round mostly waits (for
-the database's commit): RUNNERS of them run at once, so a call waits for one commit, not for
-the round ahead of it too."""
+"""Blocking work of concurrent calls done together: one call into the client per round instead
+of one per caller. A round starts as soon as a caller is waiting and a runner is free, and
+takes everyone waiting then; whatever arrives while the runners are busy goes into the next
+one. So a lone caller waits for nobody, and under load the rounds grow. A round mostly waits
+(for the database or Redis): RUNNERS of them run at once, so a caller waits for one round, not
+for the round ahead of it too.
+
+Two uses, each made by `Front`:
+- submissions (Tenancy.submit_calls): one `submit_many` a round; one intake message carries up
+  to 500 low-priority requests and the stream messages of a round share one Redis pipeline,
+  where Celery's cost per message would otherwise limit one-request-per-call intake;
+- ownership checks before following a stream (Tenancy.statuses): one query a round, so a
+  thousand event streams opened at once cost a few queries, not a thousand.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sized
+from typing import Generic, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from core.errors import SheepdogError
-from rules.admission import Admitted
-from sheepdog.api.tenancy import Tenancy
-
-ROUND_MAX = 2000  # requests per round at most (bounds one round's latency)
+ROUND_MAX = 2000  # units of work (requests) per round at most (bounds one round's latency)
 RUNNERS = 2  # rounds under way at once, per process
 
+A = TypeVar("A")  # what one caller asks
+R = TypeVar("R")  # what it gets back
 
-class SubmitBatcher:
-    """Per process (one event loop); calls Tenancy.submit_calls in a thread, RUNNERS rounds at
-    once."""
+RoundFn = Callable[[list[A]], list[R | BaseException]]
+"""Does a round's asks in a thread: each ask's result or the error refusing it, in order."""
 
-    def __init__(self, tenancy: Tenancy) -> None:
-        self.tenancy = tenancy
-        self._waiting: list[tuple[str, list[Admitted], asyncio.Future[list[str]]]] = []
+
+class Rounds(Generic[A, R]):
+    """Per process (one event loop): `await rounds.ask(x)` is `fn([x])[0]`, with the asks of
+    concurrent callers sent to `fn` together, RUNNERS rounds at once."""
+
+    def __init__(self, fn: RoundFn[A, R], size: Callable[[A], int] = lambda _: 1) -> None:
+        self._fn = fn
+        self._size = size
+        self._waiting: list[tuple[A, asyncio.Future[R]]] = []
         self._runners: set[asyncio.Task[None]] = set()
         self._active = 0  # runners not yet ended (counted down as they end, before any await)
 
-    async def submit(self, tenant: str, requests: list[Admitted]) -> list[str]:
-        """The ids of `requests` (all or nothing), or the error that refused them."""
-        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((tenant, requests, done))
+    async def ask(self, work: A) -> R:
+        """The result of `work`, or the error that refused it."""
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((work, done))
         if self._active < RUNNERS:
             self._active += 1
             runner = asyncio.create_task(self._run())
@@ -51,24 +62,23 @@ class SubmitBatcher:
     async def _rounds(self) -> None:
         while self._waiting:
             size, cut = 0, 0
-            for cut, (_, requests, _) in enumerate(self._waiting, start=1):  # noqa: B007
-                size += len(requests)
+            for cut, (work, _) in enumerate(self._waiting, start=1):  # noqa: B007
+                size += self._size(work)
                 if size >= ROUND_MAX:
                     break
             batch, self._waiting = self._waiting[:cut], self._waiting[cut:]
-            calls = [(tenant, requests) for tenant, requests, _ in batch]
             try:
-                results: list[list[str] | SheepdogError] | BaseException = await run_in_threadpool(
-                    self.tenancy.submit_calls, calls
+                results: list[R | BaseException] | BaseException = await run_in_threadpool(
+                    self._fn, [work for work, _ in batch]
                 )
             except Exception as err:  # Redis errors the client does not wrap, and the like
                 results = err
             except BaseException as err:  # this runner cancelled (shutdown): no call left hanging
-                for _, _, done in batch:
+                for _, done in batch:
                     if not done.done():
                         done.set_exception(asyncio.CancelledError())
                 raise err
-            for index, (_, _, done) in enumerate(batch):
+            for index, (_, done) in enumerate(batch):
                 if done.done():  # the caller went away
                     continue
                 outcome = results if isinstance(results, BaseException) else results[index]
@@ -76,3 +86,8 @@ class SubmitBatcher:
                     done.set_exception(outcome)
                 else:
                     done.set_result(outcome)
+
+
+def sized(work: tuple[str, Sized]) -> int:
+    """The size of a (tenant, requests) submission: its number of requests."""
+    return len(work[1])

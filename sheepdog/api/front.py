@@ -1,5 +1,5 @@
-"""What every route handler shares: the tenant client, auth, Redis, metrics and the submit
-batcher of one API process."""
+"""What every route handler shares: the tenant client, auth, Redis, metrics and the rounds
+(api/batcher.py) of one API process."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from core.errors import SheepdogError
 from core.redis_conn import new_async_redis
 from core.settings import Settings
 from models.status import Status
+from rules.admission import Admitted
 from sheepdog.api.auth import Authenticator
-from sheepdog.api.batcher import SubmitBatcher
+from sheepdog.api.batcher import Rounds, sized
 from sheepdog.api.log_hub import LogHub
 from sheepdog.api.metrics import ApiMetrics
 from sheepdog.api.recent import RecentStreams, keep_for
@@ -49,7 +50,10 @@ class Front:
         self.redis: aioredis.Redis = new_async_redis(settings.redis_url)
         self.logs = LogHub(settings.redis_url, self.redis)  # the event streams' one reader
         self.auth = Authenticator(settings, self.redis, no_auth)
-        self.batcher = SubmitBatcher(self.tenancy)
+        self.submissions: Rounds[tuple[str, list[Admitted]], list[str]] = Rounds(
+            self.tenancy.submit_calls, sized
+        )
+        self.owner_checks: Rounds[tuple[str, str], str | None] = Rounds(self.tenancy.statuses)
         self.recent = RecentStreams(keep_for(settings.replay_ttl_s, settings.replay_done_ttl_s))
         self._ready: tuple[float, dict[str, str]] | None = None
 
@@ -60,7 +64,7 @@ class Front:
             requests = await run_in_threadpool(self.tenancy.validate, tenant, items, as_list)
         else:
             requests = self.tenancy.validate(tenant, items, as_list)
-        ids = await self.batcher.submit(tenant, requests)
+        ids = await self.submissions.ask((tenant, requests))
         minted = (
             rid
             for rid, a in zip(ids, requests, strict=True)
@@ -75,7 +79,7 @@ class Front:
         known = self.recent.tenant_of(request_id)
         if known is not None:
             return Status.QUEUED if known == tenant else None
-        return await run_in_threadpool(self.tenancy.status, tenant, request_id)
+        return await self.owner_checks.ask((tenant, request_id))
 
     async def readiness(self) -> dict[str, str]:
         """ "ok" or the one-line reason for Redis and the database (cached for a moment)."""

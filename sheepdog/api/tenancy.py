@@ -86,7 +86,7 @@ class Tenancy:
 
     def submit_calls(
         self, calls: list[tuple[str, list[Admitted]]]
-    ) -> list[list[str] | SheepdogError]:
+    ) -> list[list[str] | BaseException]:
         """Enqueue several calls' validated requests in one submit_many (a few large intake
         messages instead of one each); each call gets its ids or the error that refused it.
         A budget refusal (or any refusal of one call's requests) is not everyone's: then each
@@ -102,7 +102,7 @@ class Tenancy:
             return [err for _ in calls]
         if self._owner_records:
             self._record_owners(calls, ids)
-        out: list[list[str] | SheepdogError] = []
+        out: list[list[str] | BaseException] = []
         start = 0
         for _, requests in calls:
             out.append(ids[start : start + len(requests)])
@@ -173,18 +173,23 @@ class Tenancy:
             return None
         return view
 
-    def status(self, tenant: str, request_id: str) -> str | None:
-        """The status of the tenant's own request, or None (as `get`, without reading the
-        row's text: what following it needs)."""
-        if not REQUEST_ID.match(request_id):  # no row can have it
-            return None
-        found = self.client.owner(request_id)
-        if found is None and self._owner_records:
-            view = self._pending(request_id)
-            found = (view.tenant, view.status) if view is not None else None
-        if found is None or found[0] != tenant:
-            return None
-        return found[1]
+    def statuses(self, asks: list[tuple[str, str]]) -> list[str | BaseException | None]:
+        """For each (tenant, request id): the status of the tenant's own request, or None (as
+        `get`, without reading the row's text: what following it needs). One query for all;
+        the database away is every ask's error."""
+        ids = sorted({rid for _, rid in asks if REQUEST_ID.match(rid)})  # no row has another
+        try:
+            found = self.client.owners(ids) if ids else {}
+        except SheepdogError as err:
+            return [err for _ in asks]
+        out: list[str | BaseException | None] = []
+        for tenant, rid in asks:
+            owner = found.get(rid)
+            if owner is None and self._owner_records and REQUEST_ID.match(rid):
+                view = self._pending(rid)
+                owner = (view.tenant, view.status) if view is not None else None
+            out.append(owner[1] if owner is not None and owner[0] == tenant else None)
+        return out
 
     def cancel(self, tenant: str, request_id: str) -> tuple[bool, str] | None:
         """(cancelled by this call, status after), or None when not the tenant's."""
