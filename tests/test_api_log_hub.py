@@ -62,7 +62,7 @@ def _with_hub(
         try:
             streams = await body(shared, hub)
         finally:
-            for task in list(hub._tasks):
+            for task in [*hub._tasks, *hub._log_tasks]:
                 task.cancel()
             if streams:
                 await shared.delete(*(s.key for s in streams))
@@ -95,6 +95,34 @@ def test_followers_get_every_message_once_in_order(redis_url: str) -> None:
             await feed.aclose()
         await asyncio.sleep(0.1)
         assert not await shared.pubsub_channels("test:hub:stream:*")  # all left: unsubscribed
+        return streams
+
+    _with_hub(redis_url, body)
+
+
+def test_logs_read_together_take_a_few_calls(redis_url: str) -> None:
+    """Many followers reading their logs at once (a burst of event streams opened) share XREAD
+    calls, each getting its own log's entries; one log read twice at once is read in two."""
+
+    async def body(shared: aioredis.Redis, hub: LogHub) -> list[Stream]:
+        streams = [Stream(shared) for _ in range(300)]
+        for i, stream in enumerate(streams):
+            for _ in range(i % 4):  # some logs empty
+                await stream.put()
+        calls = 0
+        xread = shared.xread
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await xread(*args, **kw)
+
+        shared.xread = counted  # type: ignore[method-assign]
+        feeds = [s.feed(hub) for s in streams] + [streams[1].feed(hub)]
+        got = await asyncio.gather(*(f.read(None) for f in feeds))
+        seqs = [[StreamMessage.parse(f[b"m"]).seq for _, f in entries] for entries in got]
+        assert seqs == [list(range(i % 4)) for i in range(300)] + [[0]]
+        assert calls <= 4, calls
         return streams
 
     _with_hub(redis_url, body)

@@ -30,7 +30,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from models.stream_message import peek_seq
 from streaming.drain import drain_forever
-from streaming.follow import BATCH, Entry, entries_of
+from streaming.follow import BATCH, Entry
 from streaming.publisher import FIELD
 
 log = logging.getLogger("sheepdog.api")
@@ -38,6 +38,8 @@ JOIN_WAIT_S = 2.0  # the longest a follower waits for its subscription before re
 PING_S = 5.0  # a quiet connection is pinged this often ...
 DEAD_S = 15.0  # ... and replaced when nothing came back for this long
 RETRY_S = 0.2  # the pause before connecting again
+LOG_READERS = 4  # rounds of log reads under way at once
+LOG_ROUND_MAX = 500  # logs one XREAD names at most
 
 
 class HubFeed:
@@ -88,7 +90,7 @@ class HubFeed:
 
     async def _read_log(self) -> None:
         self.behind = False
-        self.offer_logged(entries_of(await self.hub.redis.xread({self.key: self.last_id}, BATCH)))
+        self.offer_logged(await self.hub.read_log(self.key, self.last_id))
         if not self.queue and not self.behind:
             self.ready.clear()
 
@@ -126,9 +128,56 @@ class LogHub:
         self._conn: AbstractConnection | None = None
         self._heard = 0.0  # when the connection last brought anything (monotonic)
         self._tasks: set[asyncio.Task[None]] = set()  # kept referenced while they run
+        self._log_asks: list[tuple[str, bytes | str, asyncio.Future[list[Entry]]]] = []
+        self._log_readers = 0  # rounds of log reads under way
+        self._log_tasks: set[asyncio.Task[None]] = set()
 
     def feed(self, key: str, channel: str) -> HubFeed:
         return HubFeed(self, key, channel)
+
+    async def read_log(self, key: str, after: bytes | str) -> list[Entry]:
+        """The entries of the log at `key` after `after` (up to BATCH), without waiting. The
+        reads asked meanwhile go in one XREAD: a thousand event streams opened at once read
+        their logs in a few calls, not a thousand (each wanting a pooled connection)."""
+        done: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
+        self._log_asks.append((key, after, done))
+        if self._log_readers < LOG_READERS:
+            self._log_readers += 1
+            reader = asyncio.create_task(self._read_logs())
+            self._log_tasks.add(reader)
+            reader.add_done_callback(self._log_tasks.discard)
+        return await done
+
+    async def _read_logs(self) -> None:
+        try:
+            while self._log_asks:
+                # One ask a key a round (an XREAD names a key once); the rest wait for the next.
+                batch: dict[str, tuple[bytes | str, asyncio.Future[list[Entry]]]] = {}
+                later: list[tuple[str, bytes | str, asyncio.Future[list[Entry]]]] = []
+                for key, after, done in self._log_asks:
+                    if key in batch or len(batch) >= LOG_ROUND_MAX:
+                        later.append((key, after, done))
+                    else:
+                        batch[key] = (after, done)
+                self._log_asks = later
+                try:
+                    reply: Any = await self.redis.xread(
+                        {k: a for k, (a, _) in batch.items()}, BATCH
+                    )
+                except Exception as err:
+                    for _, done in batch.values():
+                        if not done.done():
+                            done.set_exception(err)
+                    continue
+                found: dict[str, list[Entry]] = {
+                    (k.decode() if isinstance(k, bytes) else k): entries
+                    for k, entries in (reply.items() if isinstance(reply, dict) else reply or ())
+                }
+                for key, (_, done) in batch.items():
+                    if not done.done():  # (the follower went away)
+                        done.set_result(list(found.get(key, ())))
+        finally:
+            self._log_readers -= 1
 
     async def join(self, feed: HubFeed) -> None:
         """Follow `feed`'s channel; returns once the subscription is confirmed (or after
