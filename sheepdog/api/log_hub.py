@@ -155,29 +155,38 @@ class LogHub:
                 batch: dict[str, tuple[bytes | str, asyncio.Future[list[Entry]]]] = {}
                 later: list[tuple[str, bytes | str, asyncio.Future[list[Entry]]]] = []
                 for key, after, done in self._log_asks:
+                    if done.done():  # the follower went away
+                        continue
                     if key in batch or len(batch) >= LOG_ROUND_MAX:
                         later.append((key, after, done))
                     else:
                         batch[key] = (after, done)
                 self._log_asks = later
-                try:
-                    reply: Any = await self.redis.xread(
-                        {k: a for k, (a, _) in batch.items()}, BATCH
-                    )
-                except Exception as err:
-                    for _, done in batch.values():
-                        if not done.done():
-                            done.set_exception(err)
-                    continue
-                found: dict[str, list[Entry]] = {
-                    (k.decode() if isinstance(k, bytes) else k): entries
-                    for k, entries in (reply.items() if isinstance(reply, dict) else reply or ())
-                }
-                for key, (_, done) in batch.items():
-                    if not done.done():  # (the follower went away)
-                        done.set_result(list(found.get(key, ())))
+                if batch:
+                    await self._read_round(batch)
         finally:
             self._log_readers -= 1
+
+    async def _read_round(
+        self, batch: dict[str, tuple[bytes | str, asyncio.Future[list[Entry]]]]
+    ) -> None:
+        """One XREAD for the round's asks; every ask gets its entries or the error."""
+        try:
+            reply: Any = await self.redis.xread({k: a for k, (a, _) in batch.items()}, BATCH)
+            found: dict[str, list[Entry]] = {
+                (k.decode() if isinstance(k, bytes) else k): entries
+                for k, entries in (reply.items() if isinstance(reply, dict) else reply or ())
+            }
+        except BaseException as err:  # a Redis error, or this reader cancelled: nobody hangs
+            for _, done in batch.values():
+                if not done.done():
+                    done.set_exception(err if isinstance(err, Exception) else ConnectionError())
+            if not isinstance(err, Exception):
+                raise
+            return
+        for key, (_, done) in batch.items():
+            if not done.done():  # (the follower went away)
+                done.set_result(list(found.get(key, ())))
 
     async def join(self, feed: HubFeed) -> None:
         """Follow `feed`'s channel; returns once the subscription is confirmed (or after
