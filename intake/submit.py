@@ -261,8 +261,8 @@ class Submitter:
         app = self.celery
         low = [item for item in items if item.route == "batch"]
         streams = [item for item in items if item.route == "stream"]
-        # One pipeline for the whole burst: a message costs one round trip to Redis less each
-        # (~0.3 ms of a stream message's ~0.8 ms here); the task-sent events still go one by one.
+        # One pipeline for the whole burst, the task-sent events (Flower's) included: a message
+        # costs one round trip to Redis less each (~0.3 ms of a stream message's ~0.8 ms here).
         with app.producer_or_acquire() as producer, producer.batch():
             for start in range(0, len(low), INTAKE_BULK):
                 chunk = low[start : start + INTAKE_BULK]
