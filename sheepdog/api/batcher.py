@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 from starlette.concurrency import run_in_threadpool
 
 ROUND_MAX = 2000  # units of work (requests) per round at most (bounds one round's latency)
+OWNER_ROUND_MAX = 500  # ids in one ownership query (an IN list: well inside SQLite's limits)
 RUNNERS = 2  # rounds under way at once, per process
 
 A = TypeVar("A")  # what one caller asks
@@ -35,9 +36,15 @@ class Rounds(Generic[A, R]):
     """Per process (one event loop): `await rounds.ask(x)` is `fn([x])[0]`, with the asks of
     concurrent callers sent to `fn` together, RUNNERS rounds at once."""
 
-    def __init__(self, fn: RoundFn[A, R], size: Callable[[A], int] = lambda _: 1) -> None:
+    def __init__(
+        self,
+        fn: RoundFn[A, R],
+        size: Callable[[A], int] = lambda _: 1,
+        max_size: int = ROUND_MAX,
+    ) -> None:
         self._fn = fn
         self._size = size
+        self._max = max_size
         self._waiting: list[tuple[A, asyncio.Future[R]]] = []
         self._runners: set[asyncio.Task[None]] = set()
         self._active = 0  # runners not yet ended (counted down as they end, before any await)
@@ -64,7 +71,7 @@ class Rounds(Generic[A, R]):
             size, cut = 0, 0
             for cut, (work, _) in enumerate(self._waiting, start=1):  # noqa: B007
                 size += self._size(work)
-                if size >= ROUND_MAX:
+                if size >= self._max:
                     break
             batch, self._waiting = self._waiting[:cut], self._waiting[cut:]
             try:
