@@ -303,7 +303,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 def validate_request(data: object) -> ChatRequest:
     """Validate one request against the schema; raise InvalidRequest with a one-line reason.
-    The edge's whole check, with the model's limits, is rules/admission.py's parse_request."""
+    The edge's whole check, with the model's limits, is rules/admission.py's admit."""
     if not isinstance(data, dict | ChatRequest):
         raise InvalidRequest(f"invalid request: expected an object, got {type(data).__name__}")
     try:

@@ -54,12 +54,16 @@ FeedSource = Callable[[str, str], Feed]
 start."""
 
 
+def entries_by_key(response: Any) -> dict[str, list[Entry]]:
+    """The entries of an XREAD reply, by log key (RESP3 answers a dict, RESP2 a list); a log
+    with nothing new is left out."""
+    pairs = response.items() if isinstance(response, dict) else response or ()
+    return {(k.decode() if isinstance(k, bytes) else k): list(v) for k, v in pairs}
+
+
 def entries_of(response: Any) -> list[Entry]:
-    """The entries of an XREAD reply over one log (RESP3 answers a dict, RESP2 a list)."""
-    out: list[Entry] = []
-    for _, entries in response.items() if isinstance(response, dict) else response or ():
-        out.extend(entries)
-    return out
+    """The entries of an XREAD reply over one log."""
+    return [entry for entries in entries_by_key(response).values() for entry in entries]
 
 
 class _OwnFeed:

@@ -62,7 +62,7 @@ def _with_hub(
         try:
             streams = await body(shared, hub)
         finally:
-            for task in [*hub._tasks, *hub._log_tasks]:
+            for task in [*hub._tasks, *hub._log_reads._runners]:
                 task.cancel()
             if streams:
                 await shared.delete(*(s.key for s in streams))

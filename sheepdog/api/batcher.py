@@ -1,22 +1,24 @@
-"""Blocking work of concurrent calls done together: one call into the client per round instead
-of one per caller. A round starts as soon as a caller is waiting and a runner is free, and
-takes everyone waiting then; whatever arrives while the runners are busy goes into the next
-one. So a lone caller waits for nobody, and under load the rounds grow. A round mostly waits
-(for the database or Redis): RUNNERS of them run at once, so a caller waits for one round, not
-for the round ahead of it too.
+"""Work of concurrent callers done together: one call per round instead of one per caller. A
+round starts as soon as a caller is waiting and a runner is free, and takes everyone waiting
+then; whatever arrives while the runners are busy goes into the next one. So a lone caller
+waits for nobody, and under load the rounds grow. A round mostly waits (for the database or
+Redis): a few of them run at once, so a caller waits for one round, not for the round ahead
+of it too.
 
-Two uses, each made by `Front`:
-- submissions (Tenancy.submit_calls): one `submit_many` a round; one intake message carries up
-  to 500 low-priority requests and the stream messages of a round share one Redis pipeline,
-  where Celery's cost per message would otherwise limit one-request-per-call intake;
-- ownership checks before following a stream (Tenancy.statuses): one query a round, so a
-  thousand event streams opened at once cost a few queries, not a thousand.
+Three uses in an API process:
+- submissions (Tenancy.submit_calls, in a thread): one `submit_many` a round; one intake
+  message carries up to 500 low-priority requests and the stream messages of a round share one
+  Redis pipeline, where Celery's cost per message would otherwise limit one-request-per-call
+  intake;
+- ownership checks before following a stream (Tenancy.statuses, in a thread): one query a
+  round, so a thousand event streams opened at once cost a few queries, not a thousand;
+- the followers' reads of their replay logs (api/log_hub.py): one XREAD a round.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from typing import Generic, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -28,23 +30,35 @@ RUNNERS = 2  # rounds under way at once, per process
 A = TypeVar("A")  # what one caller asks
 R = TypeVar("R")  # what it gets back
 
-RoundFn = Callable[[list[A]], list[R | BaseException]]
-"""Does a round's asks in a thread: each ask's result or the error refusing it, in order."""
+Results = list[R | BaseException]  # each ask's result or the error refusing it, in order
+RoundFn = Callable[[list[A]], Awaitable[Results[R]]]
+"""Does a round's asks."""
+
+
+def in_thread(fn: Callable[[list[A]], Results[R]]) -> RoundFn[A, R]:
+    """A blocking round function, run in the thread pool (the event loop goes on meanwhile)."""
+
+    async def run(asks: list[A]) -> Results[R]:
+        return await run_in_threadpool(fn, asks)
+
+    return run
 
 
 class Rounds(Generic[A, R]):
-    """Per process (one event loop): `await rounds.ask(x)` is `fn([x])[0]`, with the asks of
-    concurrent callers sent to `fn` together, RUNNERS rounds at once."""
+    """Per process (one event loop): `await rounds.ask(x)` is `(await fn([x]))[0]`, with the
+    asks of concurrent callers sent to `fn` together, `runners` rounds at once."""
 
     def __init__(
         self,
         fn: RoundFn[A, R],
         size: Callable[[A], int] = lambda _: 1,
         max_size: int = ROUND_MAX,
+        runners: int = RUNNERS,
     ) -> None:
         self._fn = fn
         self._size = size
         self._max = max_size
+        self._runners_max = runners
         self._waiting: list[tuple[A, asyncio.Future[R]]] = []
         self._runners: set[asyncio.Task[None]] = set()
         self._active = 0  # runners not yet ended (counted down as they end, before any await)
@@ -53,7 +67,7 @@ class Rounds(Generic[A, R]):
         """The result of `work`, or the error that refused it."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((work, done))
-        if self._active < RUNNERS:
+        if self._active < self._runners_max:
             self._active += 1
             runner = asyncio.create_task(self._run())
             self._runners.add(runner)  # (a reference, so that the task is not collected)
@@ -75,9 +89,7 @@ class Rounds(Generic[A, R]):
                     break
             batch, self._waiting = self._waiting[:cut], self._waiting[cut:]
             try:
-                results: list[R | BaseException] | BaseException = await run_in_threadpool(
-                    self._fn, [work for work, _ in batch]
-                )
+                results: Results[R] | BaseException = await self._fn([work for work, _ in batch])
             except Exception as err:  # Redis errors the client does not wrap, and the like
                 results = err
             except BaseException as err:  # this runner cancelled (shutdown): no call left hanging

@@ -19,7 +19,7 @@ from core.settings import Settings
 from models.status import Status
 from rules.admission import Admitted
 from sheepdog.api.auth import Authenticator
-from sheepdog.api.batcher import OWNER_ROUND_MAX, Rounds, sized
+from sheepdog.api.batcher import OWNER_ROUND_MAX, Rounds, in_thread, sized
 from sheepdog.api.log_hub import LogHub
 from sheepdog.api.metrics import ApiMetrics
 from sheepdog.api.recent import RecentStreams, keep_for
@@ -51,10 +51,10 @@ class Front:
         self.logs = LogHub(settings.redis_url, self.redis)  # the event streams' one reader
         self.auth = Authenticator(settings, self.redis, no_auth)
         self.submissions: Rounds[tuple[str, list[Admitted]], list[str]] = Rounds(
-            self.tenancy.submit_calls, sized
+            in_thread(self.tenancy.submit_calls), sized
         )
         self.owner_checks: Rounds[tuple[str, str], str | None] = Rounds(
-            self.tenancy.statuses, max_size=OWNER_ROUND_MAX
+            in_thread(self.tenancy.statuses), max_size=OWNER_ROUND_MAX
         )
         self.recent = RecentStreams(keep_for(settings.replay_ttl_s, settings.replay_done_ttl_s))
         self._ready: tuple[float, dict[str, str]] | None = None

@@ -29,8 +29,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
 from models.stream_message import peek_seq
+from sheepdog.api.batcher import Results, Rounds
 from streaming.drain import drain_forever
-from streaming.follow import BATCH, Entry
+from streaming.follow import BATCH, Entry, entries_by_key
 from streaming.publisher import FIELD
 
 log = logging.getLogger("sheepdog.api")
@@ -128,9 +129,9 @@ class LogHub:
         self._conn: AbstractConnection | None = None
         self._heard = 0.0  # when the connection last brought anything (monotonic)
         self._tasks: set[asyncio.Task[None]] = set()  # kept referenced while they run
-        self._log_asks: list[tuple[str, bytes | str, asyncio.Future[list[Entry]]]] = []
-        self._log_readers = 0  # rounds of log reads under way
-        self._log_tasks: set[asyncio.Task[None]] = set()
+        self._log_reads: Rounds[tuple[str, bytes | str], list[Entry]] = Rounds(
+            self._read_round, max_size=LOG_ROUND_MAX, runners=LOG_READERS
+        )
 
     def feed(self, key: str, channel: str) -> HubFeed:
         return HubFeed(self, key, channel)
@@ -139,54 +140,32 @@ class LogHub:
         """The entries of the log at `key` after `after` (up to BATCH), without waiting. The
         reads asked meanwhile go in one XREAD: a thousand event streams opened at once read
         their logs in a few calls, not a thousand (each wanting a pooled connection)."""
-        done: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
-        self._log_asks.append((key, after, done))
-        if self._log_readers < LOG_READERS:
-            self._log_readers += 1
-            reader = asyncio.create_task(self._read_logs())
-            self._log_tasks.add(reader)
-            reader.add_done_callback(self._log_tasks.discard)
-        return await done
+        return await self._log_reads.ask((key, after))
 
-    async def _read_logs(self) -> None:
-        try:
-            while self._log_asks:
-                # One ask a key a round (an XREAD names a key once); the rest wait for the next.
-                batch: dict[str, tuple[bytes | str, asyncio.Future[list[Entry]]]] = {}
-                later: list[tuple[str, bytes | str, asyncio.Future[list[Entry]]]] = []
-                for key, after, done in self._log_asks:
-                    if done.done():  # the follower went away
-                        continue
-                    if key in batch or len(batch) >= LOG_ROUND_MAX:
-                        later.append((key, after, done))
-                    else:
-                        batch[key] = (after, done)
-                self._log_asks = later
-                if batch:
-                    await self._read_round(batch)
-        finally:
-            self._log_readers -= 1
-
-    async def _read_round(
-        self, batch: dict[str, tuple[bytes | str, asyncio.Future[list[Entry]]]]
-    ) -> None:
-        """One XREAD for the round's asks; every ask gets its entries or the error."""
-        try:
-            reply: Any = await self.redis.xread({k: a for k, (a, _) in batch.items()}, BATCH)
-            found: dict[str, list[Entry]] = {
-                (k.decode() if isinstance(k, bytes) else k): entries
-                for k, entries in (reply.items() if isinstance(reply, dict) else reply or ())
-            }
-        except BaseException as err:  # a Redis error, or this reader cancelled: nobody hangs
-            for _, done in batch.values():
-                if not done.done():
-                    done.set_exception(err if isinstance(err, Exception) else ConnectionError())
-            if not isinstance(err, Exception):
-                raise
-            return
-        for key, (_, done) in batch.items():
-            if not done.done():  # (the follower went away)
-                done.set_result(list(found.get(key, ())))
+    async def _read_round(self, asks: list[tuple[str, bytes | str]]) -> Results[list[Entry]]:
+        """One XREAD for a round's asks (another for each further ask of a key already named:
+        an XREAD names a key once); Redis's error is each unanswered ask's."""
+        out: Results[list[Entry]] = [[] for _ in asks]
+        pending = list(range(len(asks)))
+        while pending:
+            named: dict[str, int] = {}
+            again: list[int] = []
+            for i in pending:
+                if asks[i][0] in named:
+                    again.append(i)
+                else:
+                    named[asks[i][0]] = i
+            try:
+                reply = await self.redis.xread({k: asks[i][1] for k, i in named.items()}, BATCH)
+            except Exception as err:
+                for i in pending:
+                    out[i] = err
+                break
+            found = entries_by_key(reply)
+            for key, i in named.items():
+                out[i] = found.get(key, [])
+            pending = again
+        return out
 
     async def join(self, feed: HubFeed) -> None:
         """Follow `feed`'s channel; returns once the subscription is confirmed (or after

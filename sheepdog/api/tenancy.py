@@ -177,15 +177,15 @@ class Tenancy:
         """For each (tenant, request id): the status of the tenant's own request, or None (as
         `get`, without reading the row's text: what following it needs). One query for all;
         the database away is every ask's error."""
-        ids = sorted({rid for _, rid in asks if REQUEST_ID.match(rid)})  # no row has another
+        ids = {rid for _, rid in asks if REQUEST_ID.match(rid)}  # no row has another
         try:
-            found = self.client.owners(ids) if ids else {}
+            found = self.client.owners(sorted(ids)) if ids else {}
         except SheepdogError as err:
             return [err for _ in asks]
         out: list[str | BaseException | None] = []
         for tenant, rid in asks:
             owner = found.get(rid)
-            if owner is None and self._owner_records and REQUEST_ID.match(rid):
+            if owner is None and self._owner_records and rid in ids:
                 view = self._pending(rid)
                 owner = (view.tenant, view.status) if view is not None else None
             out.append(owner[1] if owner is not None and owner[0] == tenant else None)
