@@ -10,7 +10,9 @@ per call, from a pool of sender threads (the producer writes each row, the defau
 is the send -> the row's first token (the worker's, just before it is published: the relay adds
 its ~0.3 ms, measured by the latency run). The queue: the stream queue's length, sampled every
 second while the requests arrive; bounded when its last ten seconds are no longer than its
-first ten. Worker CPU per chunk: the stream worker and its engine over the Sheepdog run."""
+first ten. Worker CPU per chunk: the stream worker and its engine over the Sheepdog run.
+Celery's floor under the load: stock Celery no-op tasks sent at the same rate while the
+simulator serves the same streams directly once more (floor_under_load)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from bench.bodies import chat_body
 from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
 from bench.stream_burst import TOKENS, ended_rows, start_pyspy
+from bench.stream_floors import celery_floor
 from bench.stream_latency import STAGES
 from core import keys
 from sheepdog.client import Client
@@ -65,6 +68,20 @@ def direct(sim: SimulatorProcess, rate: float, seconds: float, tag: str) -> list
             return await asyncio.gather(*(one(http, i, start + i / rate) for i in range(n)))
 
     return uvloop.run(run())
+
+
+def floor_under_load(
+    sim: SimulatorProcess, client: Client, rate: float, seconds: float, tag: str
+) -> list[float]:
+    """Celery's own floor under this load: delays (ms) of stock Celery no-op tasks sent at
+    `rate` (bench/celery_floor.py's worker) while the simulator serves the same streams
+    directly again and one client reads every chunk. A design with a Celery hop that reads
+    the provider's stream on this box starts a stream no sooner."""
+    floor = celery_floor(client.settings.redis_url)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        delays = pool.submit(floor.measure_at_rate, rate, seconds)
+        direct(sim, rate, seconds, tag)
+        return delays.result()
 
 
 def queue_length(r: redis.Redis) -> int:
@@ -153,6 +170,7 @@ def steady(
     sim.configure(ttft_ms=20, chunk_delay_ms=100, answer_tokens=[TOKENS, TOKENS])
     tag = secrets.token_hex(3)
     base = direct(sim, rate, seconds, "direct" + tag)
+    floor = floor_under_load(sim, client, rate, seconds, "floor" + tag)
     procs = [p for w in workers for p in process_tree(w)]
     window = CpuWindow(procs)
     spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
@@ -167,6 +185,8 @@ def steady(
         "steady_rate": achieved,
         "steady_direct_p50": pct(base, 0.5) * MS,
         "steady_direct_p99": pct(base, 0.99) * MS,
+        "steady_floor_p50": pct(floor, 0.5),
+        "steady_floor_p99": pct(floor, 0.99),
         "steady_p50": pct(ttft, 0.5) * MS,
         "steady_p99": pct(ttft, 0.99) * MS,
         "steady_queue_max": float(max(lengths or [0])),

@@ -122,6 +122,15 @@ def steady_rows(std: Runs, rate: float) -> list[list[str]]:
         rows.append(
             [f"{rate:.0f} streams/s: TTFT {q}", f"{d:.2f} ms", f"{t:.2f} ms", f"+{a:.2f} ms"]
         )
+    if all("steady_floor_p50" in x for x in std):
+        rows.append(
+            [
+                f"{rate:.0f} streams/s: floor, stock Celery no-op p50 / p99",
+                "",
+                f"{med(std, 'steady_floor_p50'):.2f} / {med(std, 'steady_floor_p99'):.2f} ms",
+                "sent -> body, same load",
+            ]
+        )
     queue = (
         f"{med(std, 'steady_queue_first10'):.0f} / {med(std, 'steady_queue_last10'):.0f}"
         f" (max {med(std, 'steady_queue_max'):.0f})"
