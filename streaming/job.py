@@ -173,16 +173,19 @@ class StreamJob:
                 self._put("reset")
         return grant
 
-    async def _on_text(self, text: str) -> bool:
+    async def _before_body(self) -> None:
+        """The answer streams: wait for the grant (the claim of the row) before its text."""
+        if self.grant is None:
+            await self._wait_grant()
+
+    def _on_text(self, text: str) -> bool:
+        """One piece of the answer, on the loop (in the provider connection's callback)."""
         if self.relog:
             raise LogLost
-        if self.grant is None:
-            if self.marks is not None:
-                self.marks.setdefault("text", time.time())
-            await self._wait_grant()
         if self.first_token_at is None:
             self.first_token_at = utcnow()
             if self.marks is not None:
+                self.marks.setdefault("text", time.time())
                 self.marks["put"] = time.time()
         if self.arrivals is not None:
             self.arrivals.append(time.time())
@@ -242,6 +245,7 @@ class StreamJob:
                     timeout_s=timeout_s,
                     idle_timeout_s=settings.stream_idle_timeout_s,
                     on_text=self._on_text,
+                    before_body=self._before_body,
                 )
             except LogLost:
                 attempt -= 1  # not the provider's fault: a free retry, at once

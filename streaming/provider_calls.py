@@ -1,7 +1,7 @@
 """Which provider a stream calls, and its shared rate limit.
 
 The provider of a request's model gives the endpoint (its SDK client's chat URL and headers,
-sent through one aiohttp session per provider on the engine's loop: provider_stream.py) and,
+sent over one pool of connections per provider on the engine's loop: provider_http.py) and,
 when the provider has limits, the Redis-shared limiter every call attempt acquires first (one
 request plus the prompt estimate and the answer limit). A 429's Retry-After penalizes the
 limiter, so every worker on every host backs off together.
@@ -15,7 +15,6 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from core import keys
@@ -23,12 +22,11 @@ from core.providers import ProviderConfig, async_client_for, load_providers
 from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
 from rules.tokens import count_message_tokens
+from streaming.provider_http import ProviderHttp, Unsendable
 from streaming.provider_stream import Endpoint, Fatal, Retryable
 
 DEFAULT_ANSWER_TOKENS = 1024  # token estimate of a request without max_tokens
 log = logging.getLogger("sheepdog.streaming.providers")
-
-MAX_CONNECTIONS = 4000  # per provider and process: every stream of the loop may be in flight
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,10 @@ class ProviderClients:
             log.exception("providers could not be loaded; each stream will say why")
             return
         for provider in providers:
-            self._of(provider)
+            try:
+                self._of(provider)
+            except Fatal as err:
+                log.error("%s; its streams will fail with it", err.reason)
 
     def access(self, model: str) -> Access:
         """The client and limiter for `model`; Fatal when no provider serves it."""
@@ -72,13 +73,18 @@ class ProviderClients:
         return found
 
     def _of(self, provider: ProviderConfig) -> Access:
+        """The provider's access; Fatal when its URL or proxy cannot be used (the reason)."""
         found = self._by_provider.get(provider.name)
         if found is None:
+            try:
+                endpoint = endpoint_for(provider)
+            except Unsendable as err:
+                raise Fatal(f"provider {provider.name}: {err}") from None
             limiter = None
             if provider.rate_limited:
                 rates = RateLimits(provider.requests_per_minute, provider.tokens_per_minute)
                 limiter = AsyncRateLimiter(self.redis, provider.name, rates, self.names)
-            found = self._by_provider[provider.name] = Access(endpoint_for(provider), limiter)
+            found = self._by_provider[provider.name] = Access(endpoint, limiter)
         return found
 
     async def before_call(self, body: dict[str, Any]) -> Endpoint:
@@ -98,25 +104,19 @@ class ProviderClients:
 
 
 def endpoint_for(provider: ProviderConfig) -> Endpoint:
-    """`provider`'s endpoint, on a session of the running loop. The URL and headers are its SDK
-    client's (base URL, auth, the SDK's own headers); the SDK client itself sends nothing."""
+    """`provider`'s endpoint, its connections kept on the running loop. The URL and headers are
+    its SDK client's (base URL, auth, the SDK's own headers); the SDK client sends nothing."""
     client = async_client_for(provider)
     headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
     headers.update(client.auth_headers)
+    headers.setdefault("Content-Type", "application/json")
     url = f"{client.base_url}chat/completions"
-    # No total timeout (aiohttp's default cuts a response at 300 s, body included):
-    # stream_once bounds the call up to the response's head and the idle gap between chunks.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-    return Endpoint(session, url, headers, env_proxy(url))
+    return Endpoint(ProviderHttp(url, env_proxy(url)), headers)
 
 
 def env_proxy(url: str) -> str | None:
     """The proxy the environment names for `url` (HTTPS_PROXY, NO_PROXY ...: what the SDK's own
-    client follows), read once here rather than at every request (aiohttp's trust_env reads
-    the environment and ~/.netrc per request)."""
+    client follows), read once here rather than at every request."""
     parts = urllib.parse.urlsplit(url)
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None

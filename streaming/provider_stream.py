@@ -1,11 +1,12 @@
 """One streamed call to the provider, parsed cheaply.
 
 The request is the SDK's (streaming/provider_calls.py takes the URL and headers, its auth
-included, from the provider's SDK client) sent through the engine loop's aiohttp session
-directly: the SDK's own request path (options, auth flow, httpx2 on aiohttp) costs ~0.4 ms of
-CPU a call, which a burst of 1,000 streams pays on the engine's one core, and each chunk would
-pass four more async iterators. The SSE lines are split from the bytes and decoded with orjson,
-a few microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
+included, from the provider's SDK client) sent through the engine loop's own connections
+(streaming/provider_http.py) directly: the SDK's own request path (options, auth flow, httpx2)
+costs ~0.4 ms of CPU a call, which a burst of 1,000 streams pays on the engine's one core, and
+each chunk would wake the stream's task through several async iterators. The SSE lines are
+split from the bytes as they arrive, in the connection's callback, and decoded with orjson, a
+few microseconds a chunk instead of a pydantic model per chunk. Errors are sorted into
 `Retryable` (the caller backs off and tries again) and `Fatal` (the request fails at once), with
 the SDK's reading of an error body.
 """
@@ -20,10 +21,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from core.errors import scrub_secrets
+from streaming.provider_http import ProviderHttp, ResponseCut, Unsendable
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer, read for its message
@@ -31,13 +32,11 @@ ERROR_BODY_LIMIT = 64 * 1024  # of an error answer, read for its message
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a provider's streams go: its chat-completions URL and request headers (its SDK
-    client's, auth included), over the engine loop's aiohttp session."""
+    """Where a provider's streams go: its chat-completions URL's connections and the request
+    headers (its SDK client's, auth included)."""
 
-    session: aiohttp.ClientSession
-    url: str
+    http: ProviderHttp
     headers: dict[str, str]
-    proxy: str | None = None
 
 
 class Retryable(Exception):
@@ -74,8 +73,9 @@ class AttemptEnd:
     service_tier: str | None = None
 
 
-OnText = Callable[[str], Awaitable[bool]]
-"""Called with each piece of text; returns False to stop the stream (cost cap)."""
+OnText = Callable[[str], bool]
+"""Called on the loop with each piece of text; returns False to stop the stream (cost cap)."""
+BeforeBody = Callable[[], Awaitable[None]]
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -179,70 +179,42 @@ async def stream_once(
     timeout_s: float,
     idle_timeout_s: float,
     on_text: OnText,
+    before_body: BeforeBody | None = None,
 ) -> AttemptEnd:
     """Stream one answer; raise Retryable or Fatal on failure.
 
     `timeout_s` bounds the call up to the response's head (a busy provider may take a while to
     start answering: that is not a stall); from then on no data for `idle_timeout_s` is a
-    stall."""
+    stall. `before_body` is awaited once the head says the answer streams, before any of it
+    is handed to `on_text` (the job's grant); what arrives meanwhile waits in the response."""
     kwargs: dict[str, Any] = {**body, "stream": True}
     if include_usage:
         kwargs["stream_options"] = {"include_usage": True}
-    finish: str | None = None
-    usage: dict[str, Any] | None = None
-    tier: str | None = None
     idle: _IdleWatch | None = None
+    response = None
+    reuse = False
     try:
         async with asyncio.timeout(timeout_s):
             try:
-                response = await endpoint.session.post(
-                    endpoint.url,
-                    data=orjson.dumps(kwargs),
-                    headers=endpoint.headers,
-                    proxy=endpoint.proxy,
-                )
-            except ValueError as err:  # e.g. a control character in a header (the key's)
+                response = await endpoint.http.post(orjson.dumps(kwargs), endpoint.headers)
+            except Unsendable as err:  # e.g. a control character in a header (the key's)
                 raise Fatal(f"the request cannot be sent: {scrub_secrets(str(err))}") from None
             if response.status >= 400:
-                try:
-                    raw = await _error_body(response)
-                finally:
-                    response.release()
+                raw = await response.read(ERROR_BODY_LIMIT)
+                reuse = True
                 raise _status_error(response.status, raw, response.headers)
         idle = _IdleWatch(idle_timeout_s)
-        try:
-            rest = b""
-            async for data in response.content.iter_any():
-                idle.seen()
-                lines = (rest + data).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        return _end(finish, usage, tier)
-                    obj = orjson.loads(payload)
-                    if obj.get("error") is not None:
-                        raise _stream_error(obj)
-                    if tier is None:  # every chunk names it; the bill is at its rate
-                        tier = obj.get("service_tier")
-                    if obj.get("usage"):
-                        usage = obj["usage"]
-                    for choice in obj.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            idle.busy = True
-                            more = await on_text(text)
-                            idle.busy = False
-                            idle.seen()
-                            if not more:
-                                return AttemptEnd("length", None, tier)
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-        finally:
-            idle.close()
-            response.release()  # back to the pool when read to the end, else closed
+        if before_body is not None:
+            idle.busy = True
+            await before_body()
+            idle.busy = False
+            idle.seen()
+        reader = _SseReader(on_text, idle)
+        response.done.add_done_callback(reader.closed)
+        response.read_into(reader.feed)
+        end = await reader.ended
+        reuse = reader.saw_done
+        return end
     except asyncio.CancelledError:
         if idle is not None and idle.stalled():
             raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
@@ -251,31 +223,77 @@ async def stream_once(
         if idle is not None:
             raise Retryable("stream cut: a read timed out") from None
         raise Retryable("provider timed out before answering") from None
-    except aiohttp.ClientPayloadError as err:
-        raise Retryable(f"stream cut: {type(err).__name__}") from None
-    except (aiohttp.ClientError, OSError) as err:
+    except OSError as err:  # ConnectionError (a cut, a malformed answer), TLS errors
         if idle is not None:
-            raise Retryable(f"stream cut: {type(err).__name__}") from None
-        raise Retryable(f"cannot reach the provider: {err}") from None
+            raise Retryable(f"stream cut: {_why(err)}") from None
+        raise Retryable(f"cannot reach the provider: {_why(err)}") from None
     except orjson.JSONDecodeError:
         raise Retryable("malformed chunk from the provider") from None
-    # `data: [DONE]` ends a stream (some servers never send a finish_reason); a body that ends
-    # before it is a cut.
-    raise Retryable("stream cut: the connection closed before [DONE]")
+    finally:
+        if idle is not None:
+            idle.close()
+        if response is not None:
+            response.release(reuse=reuse)
 
 
-async def _error_body(response: aiohttp.ClientResponse) -> bytes:
-    """An error answer's body, up to ERROR_BODY_LIMIT (read until its end, not what happens to
-    be buffered)."""
-    parts: list[bytes] = []
-    size = 0
-    while size < ERROR_BODY_LIMIT:
-        data = await response.content.read(ERROR_BODY_LIMIT - size)
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-    return b"".join(parts)
+def _why(err: OSError) -> str:
+    return str(err) or type(err).__name__
+
+
+class _SseReader:
+    """The body's SSE lines, parsed as they arrive (on the loop, in the connection's callback):
+    each text to `on_text`, the end into `ended`."""
+
+    def __init__(self, on_text: OnText, idle: _IdleWatch) -> None:
+        self.on_text = on_text
+        self.idle = idle
+        self.ended: asyncio.Future[AttemptEnd] = asyncio.get_running_loop().create_future()
+        self.saw_done = False
+        self.rest = b""
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.tier: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.ended.done():
+            return  # what follows the end (or a stop) is not read
+        self.idle.seen()
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, `event:` lines
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.saw_done = True
+                self.ended.set_result(_end(self.finish, self.usage, self.tier))
+                return
+            obj = orjson.loads(payload)
+            if obj.get("error") is not None:
+                raise _stream_error(obj)
+            if self.tier is None:  # every chunk names it; the bill is at its rate
+                self.tier = obj.get("service_tier")
+            if obj.get("usage"):
+                self.usage = obj["usage"]
+            for choice in obj.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
+                if text and not self.on_text(text):
+                    self.ended.set_result(AttemptEnd("length", None, self.tier))
+                    return
+                if choice.get("finish_reason"):
+                    self.finish = choice["finish_reason"]
+
+    def closed(self, done: asyncio.Future[None]) -> None:
+        """The response is over (complete, cut, or failed in `feed`)."""
+        if self.ended.done():
+            return
+        err = done.exception()
+        if err is not None:
+            self.ended.set_exception(err)
+        else:
+            # `data: [DONE]` ends a stream (some servers never send a finish_reason); a body
+            # that ends before it is a cut.
+            self.ended.set_exception(ResponseCut("the connection closed before [DONE]"))
 
 
 def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> AttemptEnd:
