@@ -180,6 +180,8 @@ class StreamJob:
 
     def _on_text(self, text: str) -> bool:
         """One piece of the answer, on the loop (in the provider connection's callback)."""
+        if self.stop_reason is not None:
+            return False  # stopped (cancel, lost row): its task ends the call, nothing more out
         if self.relog:
             raise LogLost
         if self.first_token_at is None:

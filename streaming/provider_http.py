@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import select
 import ssl
 import urllib.parse
 import zlib
@@ -27,6 +29,7 @@ import httptools
 
 MAX_IDLE_S = 15.0  # an idle connection older than this is closed, not reused (aiohttp's)
 DRAIN_S = 2.0  # after the answer's end, how long the rest of its response may take to arrive
+BUFFER_LIMIT = 1 << 20  # body bytes held before anyone reads them; reading pauses past it
 _FORBIDDEN = ("host", "content-length", "transfer-encoding", "connection", "accept-encoding")
 
 Sink = Callable[[bytes], None]
@@ -53,8 +56,9 @@ class _Response:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.keep_alive = False
-        self.any_byte = False
+        self.until_close = False  # no length and not chunked: the body ends with the connection
         self._buffer: list[bytes] = []
+        self._buffered = 0
         self._sink: Sink | None = None
         self._inflate: Any = None
         self._release_when_done = False
@@ -69,9 +73,14 @@ class _Response:
         if 100 <= self.status < 200:  # an interim answer (103 Early Hints): the real one follows
             self.headers = {}
             return
+        self.until_close = (
+            "content-length" not in self.headers
+            and "chunked" not in self.headers.get("transfer-encoding", "").lower()
+            and self.status not in (204, 304)
+        )
         encoding = self.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):  # asked for identity; a relay may compress anyway
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            self._inflate = _Inflate()
         elif encoding != "identity":
             raise ResponseCut(f"unsupported content-encoding {encoding!r}")
         if not self.head.done():
@@ -79,11 +88,17 @@ class _Response:
 
     def on_body(self, data: bytes) -> None:
         if self._inflate is not None:
-            data = self._inflate.decompress(data)
+            try:
+                data = self._inflate.decompress(data)
+            except zlib.error as err:
+                raise ResponseCut(f"the compressed answer is corrupt: {err}") from None
         if self._sink is not None:
             self._sink(data)
         else:
             self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > BUFFER_LIMIT:
+                self._conn.pause()  # nobody reads yet (the job waits for its grant)
 
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:
@@ -95,6 +110,12 @@ class _Response:
             self._conn.finished(reuse=True)
 
     # -- the connection's -----------------------------------------------------------------
+
+    def ended_with_connection(self) -> None:
+        """A body without a length ends when the server closes the connection: complete."""
+        self.keep_alive = False
+        if not self.done.done():
+            self.done.set_result(None)
 
     def fail(self, err: BaseException) -> None:
         for future in (self.head, self.done):
@@ -109,6 +130,9 @@ class _Response:
         exception the sink raises fails `done` with it and closes the connection."""
         self._sink = sink
         buffered, self._buffer = self._buffer, []
+        if self._buffered > BUFFER_LIMIT:
+            self._conn.resume()
+        self._buffered = 0
         try:
             for data in buffered:
                 sink(data)
@@ -153,6 +177,24 @@ def _discard(_: bytes) -> None:
     pass
 
 
+class _Inflate:
+    """gzip or deflate, told apart by the first bytes: zlib-wrapped deflate (as the standard
+    says) or raw deflate (as many servers send it)."""
+
+    def __init__(self) -> None:
+        self._obj: Any = None
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._obj is None:
+            if not data:
+                return b""
+            wrapped = data[:1] == b"\x1f" or (
+                len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            )
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS | 32 if wrapped else -zlib.MAX_WBITS)
+        return bytes(self._obj.decompress(data))
+
+
 class _Connection(asyncio.Protocol):
     """One connection of a pool; at most one response at a time."""
 
@@ -176,11 +218,13 @@ class _Connection(asyncio.Protocol):
         if response is None:  # nothing was asked: a server that talks unasked is not reused
             self.close()
             return
-        response.any_byte = True
         try:
             response.parser.feed_data(data)
         except httptools.HttpParserCallbackError as err:
             response.fail(err.__context__ or err)
+            self.finished(reuse=False)
+        except httptools.HttpParserUpgrade:
+            response.fail(ResponseCut("the server switched protocols"))
             self.finished(reuse=False)
         except httptools.HttpParserError as err:
             response.fail(ResponseCut(f"malformed HTTP response: {err}"))
@@ -190,8 +234,32 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         if self._tunnel is not None and not self._tunnel.done():
             self._tunnel.set_exception(ResponseCut("the proxy closed the connection"))
-        if self.response is not None:
-            self.response.fail(exc or ResponseCut("the server closed the connection"))
+        response = self.response
+        if response is None:
+            return
+        if exc is None and response.head.done() and response.until_close:
+            response.ended_with_connection()
+        response.fail(exc or ResponseCut("the server closed the connection"))
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    def readable(self) -> bool:
+        """True when the idle socket has something to read: the server's close (or data it
+        was not asked for), which the loop has not handled yet. Such a connection is not
+        reused: the request would go to a server that has already hung up."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        poll = getattr(select, "poll", None)
+        if sock is None or poll is None:
+            return False
+        poller = poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- use -------------------------------------------------------------------------------
 
@@ -259,43 +327,54 @@ class ProviderHttp:
         name = f"[{self.host}]" if ":" in self.host else self.host
         self.authority = name if default_port else f"{name}:{self.port}"
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if any(c in self.target for c in " \r\n\0"):
+            raise Unsendable(f"the URL's path cannot be sent: {self.target!r}")
         self.ssl = (ssl_context or ssl.create_default_context()) if self.https else None
         self.proxy = urllib.parse.urlsplit(proxy) if proxy else None
         if self.proxy is not None and (self.proxy.scheme != "http" or not self.proxy.hostname):
             raise Unsendable(f"proxy {self.proxy.scheme}://… is not an http:// proxy")
         self.proxy_auth = _basic_auth(self.proxy) if self.proxy else None
         if self.proxy is not None and not self.https:
-            self.target = url  # a plain-HTTP request through a proxy names the whole URL
-        self._idle: list[_Connection] = []
+            # A plain-HTTP request through a proxy names the whole URL (no user:password in it).
+            self.target = f"http://{self.authority}{self.target}"
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> _Response:
-        """POST `body` and return the response once its head has arrived. A connection the
-        server had closed while idle (nothing of the answer came) is replaced once."""
+        """POST `body` and return the response once its head has arrived.
+
+        A kept connection is used only while the server has not closed it (checked on the
+        socket just before); a request is never sent twice here, whatever happens to it: a
+        provider may have done, and billed, the work. The caller's retry decides."""
         request = self._request(body, headers)
-        for attempt in (1, 2):
-            conn, reused = await self._take()
-            response = conn.send(request)
-            try:
-                await response.head
-            except ConnectionError:
-                conn.finished(reuse=False)
-                if reused and not response.any_byte and attempt == 1:
-                    continue
-                raise
-            except BaseException:
-                conn.finished(reuse=False)
-                raise
-            return response
-        raise AssertionError("unreachable")
+        conn = await self._take()
+        response = conn.send(request)
+        try:
+            await response.head
+        except BaseException:
+            conn.finished(reuse=False)
+            raise
+        return response
 
     def put(self, conn: _Connection) -> None:
-        conn.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = loop.call_later(MAX_IDLE_S, self._close_expired)
 
     def close(self) -> None:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+    def _close_expired(self) -> None:
+        """Close the connections idle for MAX_IDLE_S (the oldest are at the left)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle and (self._idle[0].lost or now - self._idle[0].idle_since >= MAX_IDLE_S):
+            self._idle.popleft().close()
+        self._sweep = loop.call_later(MAX_IDLE_S, self._close_expired) if self._idle else None
 
     def _request(self, body: bytes, headers: Mapping[str, str]) -> bytes:
         lines = [f"POST {self.target} HTTP/1.1", f"Host: {self.authority}"]
@@ -308,16 +387,16 @@ class ProviderHttp:
         if self.proxy_auth is not None and not self.https:
             lines.append(f"Proxy-Authorization: {self.proxy_auth}")
         lines += [f"Content-Length: {len(body)}", "Accept-Encoding: identity", "", ""]
-        return "\r\n".join(lines).encode("latin-1") + body
+        return "\r\n".join(lines).encode() + body  # UTF-8 values, as aiohttp sent them
 
-    async def _take(self) -> tuple[_Connection, bool]:
+    async def _take(self) -> _Connection:
         now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.lost and now - conn.idle_since < MAX_IDLE_S:
-                return conn, True
+            if not conn.lost and now - conn.idle_since < MAX_IDLE_S and not conn.readable():
+                return conn
             conn.close()
-        return await self._connect(), False
+        return await self._connect()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -338,7 +417,8 @@ class ProviderHttp:
         if not self.https:
             return conn
         try:
-            lines = [f"CONNECT {self.host}:{self.port} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+            name = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            lines = [f"CONNECT {name} HTTP/1.1", f"Host: {name}"]
             if self.proxy_auth is not None:
                 lines.append(f"Proxy-Authorization: {self.proxy_auth}")
             await conn.tunnel(("\r\n".join([*lines, "", ""])).encode("latin-1"))

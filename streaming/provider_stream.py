@@ -192,6 +192,7 @@ async def stream_once(
         kwargs["stream_options"] = {"include_usage": True}
     idle: _IdleWatch | None = None
     response = None
+    reader: _SseReader | None = None
     reuse = False
     try:
         async with asyncio.timeout(timeout_s):
@@ -234,6 +235,8 @@ async def stream_once(
             idle.close()
         if response is not None:
             response.release(reuse=reuse)
+        if reader is not None and reader.ended.done() and not reader.ended.cancelled():
+            reader.ended.exception()  # seen (a cancel can leave the stream's end unread)
 
 
 def _why(err: OSError) -> str:
@@ -258,6 +261,13 @@ class _SseReader:
         if self.ended.done():
             return  # what follows the end (or a stop) is not read
         self.idle.seen()
+        try:
+            self._lines(data)
+        except Exception as err:  # the stream ends with it (the connection is closed too)
+            self.ended.set_exception(err)
+            raise
+
+    def _lines(self, data: bytes) -> None:
         lines = (self.rest + data).split(b"\n")
         self.rest = lines.pop()
         for line in lines:

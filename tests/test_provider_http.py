@@ -9,6 +9,7 @@ import datetime
 import gzip
 import ipaddress
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from streaming import provider_http
 from streaming.provider_http import ProviderHttp, Unsendable
 from streaming.provider_stream import Endpoint, Fatal, Retryable, stream_once
 
@@ -119,7 +121,9 @@ async def stream(
 
 
 async def stream_with(
-    http: ProviderHttp, headers: dict[str, str] | None = None
+    http: ProviderHttp,
+    headers: dict[str, str] | None = None,
+    before_body: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[str, str | None]:
     parts: list[str] = []
 
@@ -134,8 +138,14 @@ async def stream_with(
         timeout_s=5,
         idle_timeout_s=2,
         on_text=on_text,
+        before_body=before_body,
     )
     return "".join(parts), end.finish_reason
+
+
+async def a_moment() -> None:
+    """A grant that takes a while: the whole answer is in before it is read."""
+    await asyncio.sleep(0.1)
 
 
 async def test_a_chunked_answer_streams_and_its_connection_is_kept() -> None:
@@ -330,3 +340,78 @@ def test_only_http_proxies_and_http_urls_are_taken() -> None:
         ProviderHttp("https://api.example.com/v1/chat/completions", "socks5://proxy:1080")
     with pytest.raises(Unsendable, match="not an http"):
         ProviderHttp("ftp://api.example.com/v1/chat/completions")
+
+
+async def test_an_error_in_an_answer_read_from_the_buffer_keeps_its_kind() -> None:
+    event = b'data: {"error": {"message": "content policy", "type": "invalid_request_error"}}\n\n'
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(event) + event
+    async with Server(always(whole)) as server:
+        with pytest.raises(Fatal, match="content policy"):
+            await stream_with(ProviderHttp(server.url()), before_body=a_moment)
+        with pytest.raises(Fatal, match="content policy"):
+            await stream(server.url())
+
+
+async def test_an_error_answer_without_a_length_keeps_its_status() -> None:
+    body = b'{"error": {"message": "Invalid model"}}'
+    async with Server(
+        always(b"HTTP/1.1 400 Bad\r\nConnection: close\r\n\r\n" + body, close=True)
+    ) as server:
+        with pytest.raises(Fatal, match="Invalid model"):
+            await stream(server.url())
+    limited = b"HTTP/1.0 429 Too Many\r\nRetry-After: 2\r\n\r\n{}"
+    async with Server(always(limited, close=True)) as server:
+        with pytest.raises(Retryable) as raised:
+            await stream(server.url())
+        assert raised.value.status == 429 and raised.value.retry_after == 2.0
+
+
+async def test_a_request_is_never_sent_twice() -> None:
+    answers = iter([chunked(sse("first")), b""])
+
+    async def answer(_: bytes) -> tuple[bytes, bool]:
+        response = next(answers)
+        if not response:
+            await asyncio.sleep(0.2)  # works on it, then the connection drops
+        return response, not response
+
+    async with Server(answer) as server:
+        http = ProviderHttp(server.url())
+        assert await stream_with(http) == ("first", "stop")
+        with pytest.raises(Retryable, match="cannot reach the provider"):
+            await stream_with(http)
+        assert len(server.requests) == 2  # the second call's request went out once
+
+
+async def test_compressed_answers_corrupt_ones_and_a_protocol_switch() -> None:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, as many servers send it
+    raw = packer.compress(sse("de", "flate")) + packer.flush()
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n"
+    async with Server(always(head % len(raw) + raw)) as server:
+        assert await stream(server.url()) == ("deflate", "stop")
+    junk = b"\x1f\x8b\x08\x00not gzip at all"
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+    async with Server(always(head % len(junk) + junk)) as server:
+        with pytest.raises(Retryable, match="compressed answer is corrupt"):
+            await stream(server.url())
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    async with Server(always(switch)) as server:
+        with pytest.raises(Retryable, match="switched protocols"):
+            await stream(server.url())
+
+
+async def test_a_large_answer_waits_for_its_reader_and_arrives_whole() -> None:
+    texts = [f"{i:05d}" + "x" * 995 for i in range(3000)]  # ~3.5 MB of SSE: past BUFFER_LIMIT
+    async with Server(always(chunked(sse(*texts), pieces=400))) as server:
+        text, finish = await stream_with(ProviderHttp(server.url()), before_body=a_moment)
+        assert text == "".join(texts) and finish == "stop"
+
+
+async def test_idle_connections_are_closed_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(provider_http, "MAX_IDLE_S", 0.2)
+    async with Server(always(chunked(sse("x")))) as server:
+        http = ProviderHttp(server.url())
+        await asyncio.gather(*(stream_with(http) for _ in range(4)))
+        assert len(http._idle) == 4
+        await asyncio.sleep(0.5)
+        assert len(http._idle) == 0
