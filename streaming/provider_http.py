@@ -80,7 +80,7 @@ class _Response:
         )
         encoding = self.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):  # asked for identity; a relay may compress anyway
-            self._inflate = _Inflate()
+            self._inflate = _Inflate(encoding)
         elif encoding != "identity":
             raise ResponseCut(f"unsupported content-encoding {encoding!r}")
         if not self.head.done():
@@ -178,21 +178,27 @@ def _discard(_: bytes) -> None:
 
 
 class _Inflate:
-    """gzip or deflate, told apart by the first bytes: zlib-wrapped deflate (as the standard
-    says) or raw deflate (as many servers send it)."""
+    """A gzip or deflate answer decompressed. Deflate is read zlib-wrapped, as the standard
+    says, and as raw deflate (as many servers send it) when the wrapped reading fails at once."""
 
-    def __init__(self) -> None:
-        self._obj: Any = None
+    def __init__(self, encoding: str) -> None:
+        self._obj: Any = zlib.decompressobj(zlib.MAX_WBITS | (32 if encoding == "gzip" else 0))
+        self._unsure = encoding == "deflate"  # until the wrapped reading has given something
+        self._seen = b""
 
     def decompress(self, data: bytes) -> bytes:
-        if self._obj is None:
-            if not data:
-                return b""
-            wrapped = data[:1] == b"\x1f" or (
-                len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            )
-            self._obj = zlib.decompressobj(zlib.MAX_WBITS | 32 if wrapped else -zlib.MAX_WBITS)
-        return bytes(self._obj.decompress(data))
+        if not self._unsure:
+            return bytes(self._obj.decompress(data))
+        self._seen += data
+        try:
+            out = bytes(self._obj.decompress(data))
+        except zlib.error:
+            self._unsure = False
+            self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+            return bytes(self._obj.decompress(self._seen))
+        if out:
+            self._unsure, self._seen = False, b""
+        return out
 
 
 class _Connection(asyncio.Protocol):
@@ -253,13 +259,18 @@ class _Connection(asyncio.Protocol):
         """True when the idle socket has something to read: the server's close (or data it
         was not asked for), which the loop has not handled yet. Such a connection is not
         reused: the request would go to a server that has already hung up."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if self.transport is None or self.transport.is_closing():
+            return True  # closing (a TLS close_notify read, say) but not yet told lost
+        sock = self.transport.get_extra_info("socket")
         poll = getattr(select, "poll", None)
         if sock is None or poll is None:
-            return False
-        poller = poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+            return sock is None
+        try:
+            poller = poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (ValueError, OSError):  # a socket closed meanwhile (fileno -1)
+            return True
 
     # -- use -------------------------------------------------------------------------------
 
@@ -364,17 +375,25 @@ class ProviderHttp:
             self._sweep = loop.call_later(MAX_IDLE_S, self._close_expired)
 
     def close(self) -> None:
+        """Close the idle connections (the pool takes new ones as it is used again)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in self._idle:
             conn.close()
         self._idle.clear()
 
     def _close_expired(self) -> None:
-        """Close the connections idle for MAX_IDLE_S (the oldest are at the left)."""
+        """Close the connections idle for MAX_IDLE_S (the oldest are at the left); come back
+        when the next one expires."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         while self._idle and (self._idle[0].lost or now - self._idle[0].idle_since >= MAX_IDLE_S):
             self._idle.popleft().close()
-        self._sweep = loop.call_later(MAX_IDLE_S, self._close_expired) if self._idle else None
+        self._sweep = None
+        if self._idle:
+            due = self._idle[0].idle_since + MAX_IDLE_S - now
+            self._sweep = loop.call_later(max(due, 0.01), self._close_expired)
 
     def _request(self, body: bytes, headers: Mapping[str, str]) -> bytes:
         lines = [f"POST {self.target} HTTP/1.1", f"Host: {self.authority}"]

@@ -389,6 +389,13 @@ async def test_compressed_answers_corrupt_ones_and_a_protocol_switch() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n"
     async with Server(always(head % len(raw) + raw)) as server:
         assert await stream(server.url()) == ("deflate", "stop")
+    # Deflate as the standard says (zlib-wrapped), its first HTTP chunk a single byte.
+    wrapped = zlib.compress(sse("zl", "ib"))
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n"
+    rest = wrapped[1:]
+    split = head + b"1\r\n" + wrapped[:1] + b"\r\n%x\r\n" % len(rest) + rest + b"\r\n0\r\n\r\n"
+    async with Server(always(split)) as server:
+        assert await stream(server.url()) == ("zlib", "stop")
     junk = b"\x1f\x8b\x08\x00not gzip at all"
     head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
     async with Server(always(head % len(junk) + junk)) as server:
