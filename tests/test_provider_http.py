@@ -422,3 +422,17 @@ async def test_idle_connections_are_closed_after_a_while(monkeypatch: pytest.Mon
         assert len(http._idle) == 4
         await asyncio.sleep(0.5)
         assert len(http._idle) == 0
+
+
+async def test_a_tls_connection_the_server_closed_is_not_reused(
+    certificate: tuple[Path, Path],
+) -> None:
+    server_tls, client_tls = tls_contexts(certificate)
+    async with Server(always(chunked(sse("again"))), tls=server_tls) as server:
+        http = ProviderHttp(server.url("https"), ssl_context=client_tls)
+        assert await stream_with(http) == ("again", "stop")
+        for writer in server.writers:  # close_notify, then the close
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert await stream_with(http) == ("again", "stop")
+        assert server.connections == 2
