@@ -1,13 +1,12 @@
 """The provider's HTTP/1.1 client on the engine's loop: one POST, its response read by callbacks.
 
-A stream's chunks arrive 10,000 a second under load, each in its own packet. aiohttp hands each
-one to the stream's task through its payload reader and four async iterators: a task wakeup and
-~22 µs of CPU a chunk on this box, against ~8.5 µs for a protocol that parses the same chunks in
-`data_received` (bench/bench_stream.py's engine; both measured at 1,000 concurrent streams). So
-the body goes from the socket to a sink called on the loop, and the stream's task wakes once, at
-the end. The HTTP parsing is httptools' (llhttp, as uvicorn's); this module keeps connections
-(LIFO, one origin a pool), writes the request, and tunnels through an HTTP proxy (CONNECT) when
-the environment names one.
+A stream's chunks arrive 10,000 a second under load, each in its own packet. aiohttp handed each
+one to the stream's task through its payload reader and async iterators, a task wakeup a chunk:
+~23 µs of CPU a chunk on this box, against ~11 µs here (bench/bench_provider_read.py, 1,000
+concurrent streams, the request and its SSE parsing included). So the body goes from the socket
+to a sink called on the loop, and the stream's task wakes once, at the end. The HTTP parsing is
+httptools' (llhttp, as uvicorn's); this module keeps connections (LIFO, one origin a pool),
+writes the request, and tunnels through an HTTP proxy (CONNECT) when the environment names one.
 
 Errors are `OSError`s (a cut, a malformed response, a connection the server closed, TLS) or
 `Unsendable` (a header that cannot be written); everything else is the caller's.
