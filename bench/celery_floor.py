@@ -8,13 +8,13 @@ Worker: ``python -m celery -A bench.celery_floor worker -Q floor -P threads -c 1
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 
 import redis
 from celery import Celery
 from kombu import Queue
 
+from bench.schedule import on_schedule
 from core.celery_app import celery_config
 from core.settings import Settings
 
@@ -50,20 +50,13 @@ def measure(n: int, gap_s: float = 0.02) -> list[float]:
     return _collect(n, timeout_s=30)
 
 
-def measure_at_rate(rate: float, seconds: float, senders: int = 8) -> list[float]:
+def measure_at_rate(rate: float, seconds: float) -> list[float]:
     """Send no-op tasks on a schedule of `rate` a second for `seconds`, one apply_async each
-    from `senders` threads (as the steady load sends its streams); their delays (ms) from
-    before the send to the body."""
+    (as the steady load sends its streams); their delays (ms) from before the send to the
+    body."""
     _redis.delete(RESULTS)
     n = int(rate * seconds)
-    start = time.perf_counter() + 0.5
-
-    def send(i: int) -> None:
-        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        floor.apply_async(args=[time.time()])
-
-    with concurrent.futures.ThreadPoolExecutor(senders) as pool:
-        list(pool.map(send, range(n)))
+    on_schedule(n, rate, lambda _: floor.apply_async(args=[time.time()]))
     return _collect(n, timeout_s=60)
 
 

@@ -33,6 +33,7 @@ import uvloop
 from bench.bodies import chat_body
 from bench.cpu import CpuWindow, process_tree
 from bench.report import pct
+from bench.schedule import on_schedule
 from bench.stream_burst import TOKENS, ended_rows, start_pyspy
 from bench.stream_floors import celery_floor
 from bench.stream_latency import STAGES
@@ -114,17 +115,13 @@ def through_sheepdog(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter() + 0.5
     wall0 = time.time() - time.perf_counter()  # perf_counter -> wall clock
 
     def send(i: int) -> None:
-        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
         sent[items[i].id] = wall0 + time.perf_counter()
         client._enqueue([items[i]])
 
-    with concurrent.futures.ThreadPoolExecutor(SENDERS) as pool:
-        list(pool.map(send, range(n)))
-    achieved = n / (time.perf_counter() - start)
+    achieved = on_schedule(n, rate, send, SENDERS)
     stop.set()  # the queue while they arrive
     sampler.join()
     rows = ended_rows(db_url, list(sent), timeout_s=180)

@@ -5,8 +5,9 @@ one to the stream's task through its payload reader and async iterators, a task 
 ~23 µs of CPU a chunk on this box, against ~11 µs here (bench/bench_provider_read.py, 1,000
 concurrent streams, the request and its SSE parsing included). So the body goes from the socket
 to a sink called on the loop, and the stream's task wakes once, at the end. The HTTP parsing is
-httptools' (llhttp, as uvicorn's); this module keeps connections (LIFO, one origin a pool),
-writes the request, and tunnels through an HTTP proxy (CONNECT) when the environment names one.
+httptools' (llhttp, as uvicorn's); a response's side is streaming/provider_response.py. This
+module keeps connections (LIFO, one origin a pool), writes the request, and tunnels through an
+HTTP proxy (CONNECT) when the environment names one.
 
 Errors are `OSError`s (a cut, a malformed response, a connection the server closed, TLS) or
 `Unsendable` (a header that cannot be written); everything else is the caller's.
@@ -20,184 +21,18 @@ import collections
 import select
 import ssl
 import urllib.parse
-import zlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import httptools
 
+from streaming.provider_response import Response, ResponseCut
+
 MAX_IDLE_S = 15.0  # an idle connection older than this is closed, not reused (aiohttp's)
-DRAIN_S = 2.0  # after the answer's end, how long the rest of its response may take to arrive
-BUFFER_LIMIT = 1 << 20  # body bytes held before anyone reads them; reading pauses past it
 _FORBIDDEN = ("host", "content-length", "transfer-encoding", "connection", "accept-encoding")
-
-Sink = Callable[[bytes], None]
-
-
-class ResponseCut(ConnectionError):
-    """The response ended early or was not HTTP."""
 
 
 class Unsendable(ValueError):
     """The request cannot be written (a header with a line break in it)."""
-
-
-class _Response:
-    """One response: its head, then its body handed to a sink (buffered until there is one).
-    `done` resolves when the message is complete, or fails with why it never will be."""
-
-    def __init__(self, conn: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        self._conn = conn
-        self.parser = httptools.HttpResponseParser(self)
-        self.head: asyncio.Future[None] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.keep_alive = False
-        self.until_close = False  # no length and not chunked: the body ends with the connection
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._sink: Sink | None = None
-        self._inflate: Any = None
-        self._release_when_done = False
-
-    # -- the parser's callbacks ------------------------------------------------------------
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200:  # an interim answer (103 Early Hints): the real one follows
-            self.headers = {}
-            return
-        self.until_close = (
-            "content-length" not in self.headers
-            and "chunked" not in self.headers.get("transfer-encoding", "").lower()
-            and self.status not in (204, 304)
-        )
-        encoding = self.headers.get("content-encoding", "identity").lower()
-        if encoding in ("gzip", "deflate"):  # asked for identity; a relay may compress anyway
-            self._inflate = _Inflate(encoding)
-        elif encoding != "identity":
-            raise ResponseCut(f"unsupported content-encoding {encoding!r}")
-        if not self.head.done():
-            self.head.set_result(None)
-
-    def on_body(self, data: bytes) -> None:
-        if self._inflate is not None:
-            try:
-                data = self._inflate.decompress(data)
-            except zlib.error as err:
-                raise ResponseCut(f"the compressed answer is corrupt: {err}") from None
-        if self._sink is not None:
-            self._sink(data)
-        else:
-            self._buffer.append(data)
-            self._buffered += len(data)
-            if self._buffered > BUFFER_LIMIT:
-                self._conn.pause()  # nobody reads yet (the job waits for its grant)
-
-    def on_message_complete(self) -> None:
-        if 100 <= self.status < 200:
-            return
-        self.keep_alive = self.parser.should_keep_alive()
-        if not self.done.done():
-            self.done.set_result(None)
-        if self._release_when_done:
-            self._conn.finished(reuse=True)
-
-    # -- the connection's -----------------------------------------------------------------
-
-    def ended_with_connection(self) -> None:
-        """A body without a length ends when the server closes the connection: complete."""
-        self.keep_alive = False
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def fail(self, err: BaseException) -> None:
-        for future in (self.head, self.done):
-            if not future.done():
-                future.set_exception(err)
-                future.exception()  # retrieved: whoever awaits it sees it; nobody else need
-
-    # -- the caller's ---------------------------------------------------------------------
-
-    def read_into(self, sink: Sink) -> None:
-        """From now on hand the body to `sink` (what arrived before it first, at once). An
-        exception the sink raises fails `done` with it and closes the connection."""
-        self._sink = sink
-        buffered, self._buffer = self._buffer, []
-        if self._buffered > BUFFER_LIMIT:
-            self._conn.resume()
-        self._buffered = 0
-        try:
-            for data in buffered:
-                sink(data)
-        except Exception as err:
-            self.fail(err)
-            self._conn.finished(reuse=False)
-
-    async def read(self, limit: int) -> bytes:
-        """The body up to `limit` bytes (an error answer's), once the message is complete or
-        the limit reached."""
-        parts: list[bytes] = []
-        size = 0
-        enough: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            parts.append(data[: max(limit - size, 0)])
-            size += len(data)
-            if size >= limit and not enough.done():
-                enough.set_result(None)
-
-        self.read_into(collect)
-        await asyncio.wait([self.done, enough], return_when=asyncio.FIRST_COMPLETED)
-        if not enough.done() and self.done.exception() is not None:
-            raise self.done.exception()  # type: ignore[misc]
-        return b"".join(parts)
-
-    def release(self, *, reuse: bool) -> None:
-        """Done with the response: with `reuse`, the connection goes back to its pool once the
-        message is complete (now, or within DRAIN_S); otherwise it is closed."""
-        if not reuse or (self.done.done() and self.done.exception() is not None):
-            self._conn.finished(reuse=False)
-        elif self.done.done():
-            self._conn.finished(reuse=True)
-        else:
-            self._sink = _discard
-            self._release_when_done = True
-            asyncio.get_running_loop().call_later(DRAIN_S, self._conn.expire, self)
-
-
-def _discard(_: bytes) -> None:
-    pass
-
-
-class _Inflate:
-    """A gzip or deflate answer decompressed. Deflate is read zlib-wrapped, as the standard
-    says, and as raw deflate (as many servers send it) when the wrapped reading fails at once."""
-
-    def __init__(self, encoding: str) -> None:
-        self._obj: Any = zlib.decompressobj(zlib.MAX_WBITS | (32 if encoding == "gzip" else 0))
-        self._unsure = encoding == "deflate"  # until the wrapped reading has given something
-        self._seen = b""
-
-    def decompress(self, data: bytes) -> bytes:
-        if not self._unsure:
-            return bytes(self._obj.decompress(data))
-        self._seen += data
-        try:
-            out = bytes(self._obj.decompress(data))
-        except zlib.error:
-            self._unsure = False
-            self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-            return bytes(self._obj.decompress(self._seen))
-        if out:
-            self._unsure, self._seen = False, b""
-        return out
 
 
 class _Connection(asyncio.Protocol):
@@ -206,7 +41,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: ProviderHttp) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.response: _Response | None = None
+        self.response: Response | None = None
         self.lost = False
         self.idle_since = 0.0
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's answer, while it comes
@@ -261,9 +96,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return True  # closing (a TLS close_notify read, say) but not yet told lost
         sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
         poll = getattr(select, "poll", None)
-        if sock is None or poll is None:
-            return sock is None
+        if poll is None:  # no poll (Windows): the loop's own view (lost, closing) has to do
+            return False
         try:
             poller = poll()
             poller.register(sock.fileno(), select.POLLIN)
@@ -273,9 +110,9 @@ class _Connection(asyncio.Protocol):
 
     # -- use -------------------------------------------------------------------------------
 
-    def send(self, request: bytes) -> _Response:
+    def send(self, request: bytes) -> Response:
         assert self.transport is not None
-        self.response = _Response(self)
+        self.response = Response(self)
         self.transport.write(request)
         return self.response
 
@@ -288,7 +125,7 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
-    def expire(self, response: _Response) -> None:
+    def expire(self, response: Response) -> None:
         """DRAIN_S after a release: a response still not complete closes its connection."""
         if self.response is response:
             self.response = None
@@ -329,13 +166,13 @@ class ProviderHttp:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Unsendable(f"not an http(s) URL: {url!r}")
-        self.url = url
         self.https = parts.scheme == "https"
         self.host = parts.hostname
-        self.port = parts.port or (443 if self.https else 80)
-        default_port = self.port == (443 if self.https else 80)
+        default_port = 443 if self.https else 80
+        self.port = parts.port or default_port
         name = f"[{self.host}]" if ":" in self.host else self.host
-        self.authority = name if default_port else f"{name}:{self.port}"
+        self.host_port = f"{name}:{self.port}"  # what a CONNECT names
+        self.authority = name if self.port == default_port else self.host_port
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if any(c in self.target for c in " \r\n\0"):
             raise Unsendable(f"the URL's path cannot be sent: {self.target!r}")
@@ -347,10 +184,11 @@ class ProviderHttp:
         if self.proxy is not None and not self.https:
             # A plain-HTTP request through a proxy names the whole URL (no user:password in it).
             self.target = f"http://{self.authority}{self.target}"
+        self._head: tuple[Mapping[str, str], bytes] | None = None  # headers -> their lines
         self._idle: collections.deque[_Connection] = collections.deque()
         self._sweep: asyncio.TimerHandle | None = None
 
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> _Response:
+    async def post(self, body: bytes, headers: Mapping[str, str]) -> Response:
         """POST `body` and return the response once its head has arrived.
 
         A kept connection is used only while the server has not closed it (checked on the
@@ -395,6 +233,13 @@ class ProviderHttp:
             self._sweep = loop.call_later(max(due, 0.01), self._close_expired)
 
     def _request(self, body: bytes, headers: Mapping[str, str]) -> bytes:
+        # An endpoint sends the same headers every time: checked and written once for them.
+        if self._head is None or self._head[0] is not headers:
+            self._head = (headers, self._head_for(headers))
+        return b"%sContent-Length: %d\r\n\r\n%s" % (self._head[1], len(body), body)
+
+    def _head_for(self, headers: Mapping[str, str]) -> bytes:
+        """The request's head up to its Content-Length line."""
         lines = [f"POST {self.target} HTTP/1.1", f"Host: {self.authority}"]
         for name, value in headers.items():
             if name.lower() in _FORBIDDEN:
@@ -404,8 +249,8 @@ class ProviderHttp:
             lines.append(f"{name}: {value}")
         if self.proxy_auth is not None and not self.https:
             lines.append(f"Proxy-Authorization: {self.proxy_auth}")
-        lines += [f"Content-Length: {len(body)}", "Accept-Encoding: identity", "", ""]
-        return "\r\n".join(lines).encode() + body  # UTF-8 values, as aiohttp sent them
+        lines += ["Accept-Encoding: identity", ""]
+        return "\r\n".join(lines).encode()  # UTF-8 values, as aiohttp sent them
 
     async def _take(self) -> _Connection:
         now = asyncio.get_running_loop().time()
@@ -427,16 +272,13 @@ class ProviderHttp:
                 server_hostname=self.host if self.https else None,
             )
             return conn
-        proxy_host = self.proxy.hostname or ""
-        proxy_port = self.proxy.port or (443 if self.proxy.scheme == "https" else 80)
         transport, conn = await loop.create_connection(
-            lambda: _Connection(self), proxy_host, proxy_port
+            lambda: _Connection(self), self.proxy.hostname or "", self.proxy.port or 80
         )
         if not self.https:
             return conn
         try:
-            name = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-            lines = [f"CONNECT {name} HTTP/1.1", f"Host: {name}"]
+            lines = [f"CONNECT {self.host_port} HTTP/1.1", f"Host: {self.host_port}"]
             if self.proxy_auth is not None:
                 lines.append(f"Proxy-Authorization: {self.proxy_auth}")
             await conn.tunnel(("\r\n".join([*lines, "", ""])).encode("latin-1"))

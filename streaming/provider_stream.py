@@ -24,7 +24,8 @@ from typing import Any
 import orjson
 
 from core.errors import scrub_secrets
-from streaming.provider_http import ProviderHttp, ResponseCut, Unsendable
+from streaming.provider_http import ProviderHttp, Unsendable
+from streaming.provider_response import ResponseCut
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer, read for its message
