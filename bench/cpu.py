@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -58,3 +59,39 @@ class CpuWindow:
         used = [cpu_s(p) - s for p, s in zip(self.pids, self.start, strict=True)]
         box = box_busy()
         return used, (box[0] - self.box[0]) / max(box[1] - self.box[1], 1.0)
+
+
+def named(comm: str) -> list[int]:
+    """The processes whose command name is `comm` (e.g. `redis-server`, `postgres`)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if stat.read_text().strip() == comm:
+                out.append(int(stat.parent.name))
+    return out
+
+
+Groups = dict[str, Callable[[], list[int]]]
+
+
+class GroupWindow:
+    """The CPU seconds each group of processes uses from its creation to `read()`; a group's
+    processes are listed again at the read, so one started meanwhile (a new database
+    backend) counts from 0."""
+
+    def __init__(self, groups: Groups) -> None:
+        self.groups = groups
+        self.start = {pid: _cpu_or_0(pid) for find in groups.values() for pid in find()}
+
+    def read(self) -> dict[str, float]:
+        return {
+            name: sum(_cpu_or_0(pid) - self.start.get(pid, 0.0) for pid in find())
+            for name, find in self.groups.items()
+        }
+
+
+def _cpu_or_0(pid: int) -> float:
+    try:
+        return cpu_s(pid)
+    except OSError:  # a process that has just ended
+        return 0.0

@@ -31,7 +31,7 @@ import redis
 import uvloop
 
 from bench.bodies import chat_body
-from bench.cpu import CpuWindow, process_tree
+from bench.cpu import CpuWindow, Groups, GroupWindow, named, process_tree
 from bench.report import pct
 from bench.schedule import on_schedule
 from bench.stream_burst import TOKENS, ended_rows, start_pyspy
@@ -154,6 +154,24 @@ def stage_times(r: redis.Redis, client: Client, sent: dict[str, float]) -> dict[
     return {f"steady_at_{k}": statistics.median(v) for k, v in per_stage.items() if v}
 
 
+def sheepdog_groups(workers: list[int], sim_pid: int) -> Groups:
+    """Whose CPU a stream through Sheepdog costs: this process (the producer's sender
+    threads), the stream workers' consumers, their engines, PostgreSQL's and Redis's server
+    processes (the box runs nothing else meanwhile), the simulator."""
+
+    def engines() -> list[int]:
+        return [p for w in workers for p in process_tree(w) if p != w]
+
+    return {
+        "producer": lambda: [os.getpid()],
+        "consumer": lambda: list(workers),
+        "engine": engines,
+        "postgres": lambda: named("postgres"),
+        "redis": lambda: named("redis-server"),
+        "simulator": lambda: [sim_pid],
+    }
+
+
 def steady(
     sim: SimulatorProcess,
     client: Client,
@@ -166,15 +184,22 @@ def steady(
     """The steady-load run: added TTFT over the same load served directly, and the queue."""
     sim.configure(ttft_ms=20, chunk_delay_ms=100, answer_tokens=[TOKENS, TOKENS])
     tag = secrets.token_hex(3)
+    assert sim.process is not None
+    sim_pid = sim.process.pid
+    direct_cpu = GroupWindow({"client": lambda: [os.getpid()], "simulator": lambda: [sim_pid]})
     base = direct(sim, rate, seconds, "direct" + tag)
+    direct_used = direct_cpu.read()
     floor = floor_under_load(sim, client, rate, seconds, "floor" + tag)
     procs = [p for w in workers for p in process_tree(w)]
     window = CpuWindow(procs)
+    groups = sheepdog_groups(workers, sim_pid)
+    by_group = GroupWindow(groups)
     spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
     ttft, lengths, achieved, stages = through_sheepdog(
         client, r, db_url, rate, seconds, "steady" + tag
     )
     used, busy = window.read()
+    group_used = by_group.read()
     if spy is not None:
         spy.wait()
     first, last = lengths[:10] or [0], lengths[-10:] or [0]
@@ -194,6 +219,9 @@ def steady(
         "steady_box_busy": busy,
         "steady_cpu_us_chunk": sum(used) / max(len(ttft) * TOKENS, 1) * 1e6,
         **stages,
+        # CPU ms a stream, by process group
+        **{f"steady_direct_ms_{k}": v / max(len(base), 1) * MS for k, v in direct_used.items()},
+        **{f"steady_ms_{k}": v / max(len(ttft), 1) * MS for k, v in group_used.items()},
     }
     out["steady_added_p50"] = out["steady_p50"] - out["steady_direct_p50"]
     out["steady_added_p99"] = out["steady_p99"] - out["steady_direct_p99"]
