@@ -12,6 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from models.batch_lines import CompletionBody, ErrorObject, OutputLine
+from models.tables import storable
 
 # An answer; a failure the request ends with; or no answer worth keeping, tried in a later batch.
 ResultKind = Literal["ok", "fail", "requeue"]
@@ -31,6 +32,12 @@ class LineResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None:
+            self.text = storable(self.text)
+        if self.reason is not None:
+            self.reason = storable(self.reason)
 
 
 def parse_line(raw: bytes) -> tuple[str, LineResult] | None:

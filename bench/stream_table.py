@@ -110,20 +110,28 @@ def cost_rows(conc: Runs, n: int) -> list[list[str]]:
     ]
 
 
-SHEEPDOG_GROUPS = ("producer", "consumer", "engine", "postgres", "redis")
+SHEEPDOG_GROUPS = {
+    "producer": "producer",
+    "consumer": "consumer",
+    "engine": "engine",
+    "postgres": "PostgreSQL",
+    "redis": "Redis",
+}
 
 
 def cpu_by_process_row(std: Runs, rate: float) -> list[str]:
     """CPU ms a stream by process: the direct run's client and simulator; through Sheepdog
-    its own processes, the servers it uses and the simulator."""
-    direct = " / ".join(f"{med(std, f'steady_direct_ms_{k}'):.2f}" for k in ("client", "simulator"))
-    ours = " / ".join(f"{med(std, f'steady_ms_{k}'):.2f}" for k in SHEEPDOG_GROUPS)
+    its own processes, the servers it uses, and the simulator."""
+    direct = ", ".join(
+        f"{k} {med(std, f'steady_direct_ms_{k}'):.2f}" for k in ("client", "simulator")
+    )
+    ours = ", ".join(f"{v} {med(std, f'steady_ms_{k}'):.2f}" for k, v in SHEEPDOG_GROUPS.items())
+    own = sum(med(std, f"steady_ms_{k}") for k in SHEEPDOG_GROUPS)
     return [
-        f"{rate:.0f} streams/s: CPU ms a stream (direct: client / simulator; "
-        "Sheepdog: producer / consumer / engine / PostgreSQL / Redis + simulator)",
-        f"{direct} ms",
-        f"{ours} + {med(std, 'steady_ms_simulator'):.2f} ms",
-        f"Sheepdog's own {sum(med(std, f'steady_ms_{k}') for k in SHEEPDOG_GROUPS):.2f} ms",
+        f"{rate:.0f} streams/s: CPU ms a stream",
+        direct,
+        f"{ours}; simulator {med(std, 'steady_ms_simulator'):.2f}",
+        f"Sheepdog's {own:.2f} ms",
     ]
 
 

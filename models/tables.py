@@ -188,6 +188,13 @@ class Request(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+def storable(text: str) -> str:
+    """`text` as a text column can hold it on every database: PostgreSQL's text cannot hold a
+    NUL, which a provider's answer may carry; it becomes U+FFFD (the replacement character), in
+    what is stored and in what followers are sent alike."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def max_chars(column: str) -> int:
     """The length limit of one of the `requests` table's String columns."""
     kind = Request.__table__.c[column].type

@@ -81,6 +81,8 @@ async def chat_completions(request: Request) -> Response:
     stats.count(f"chat.tier.{tier}")
     pace(faults, tier, config)
     answer = chat.answer(config.answer_tokens)
+    if faults.append_text:
+        answer = Answer((*answer.pieces, faults.append_text), answer.finish_reason)
     completion_id = new_id("chatcmpl-")
     if chat.stream:
         stats.count("chat.streams")

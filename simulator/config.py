@@ -28,7 +28,9 @@ class FaultRule(BaseModel):
     ``Retry-After: retry_after_s`` header), ``cut_after`` (stream drops the connection after N
     content chunks, no ``[DONE]``), ``stall_after`` + ``stall_s`` (stream sends nothing for S
     seconds after N content chunks, then carries on), ``no_finish_reason`` (the stream ends with
-    ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do).
+    ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do),
+    ``append_text`` (the answer ends with this piece, e.g. control characters or a NUL, which
+    real models do emit).
 
     Batch effects: ``batch`` = ``fail_validation`` | ``expire`` (after ``after_lines`` lines,
     default half) | ``lose_lines`` (those custom_ids get no line anywhere) | ``error_lines``
@@ -51,6 +53,7 @@ class FaultRule(BaseModel):
     stall_after: int | None = Field(default=None, ge=0)
     stall_s: float = Field(default=5.0, ge=0)
     no_finish_reason: bool | None = None
+    append_text: str | None = None
 
     batch: BatchFault | None = None
     after_lines: int | None = Field(default=None, ge=0)

@@ -30,6 +30,7 @@ class ChatFaults:
     stall_after: int | None = None
     stall_s: float = 0.0
     no_finish_reason: bool = False
+    append_text: str | None = None
     applied: int = 0
 
 
@@ -145,6 +146,7 @@ def _merge(faults: ChatFaults, rule: FaultRule) -> None:
         "cut_after",
         "stall_after",
         "no_finish_reason",
+        "append_text",
     ):
         value = getattr(rule, name)
         if value is not None:

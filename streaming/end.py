@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from models.status import Status
-from models.tables import max_chars
+from models.tables import max_chars, storable
 
 LANE_REASON_CHARS = max_chars("lane_reason")
 
@@ -27,6 +27,11 @@ class End:
     service_tier: str | None = None  # the response's: the tier billed
     lane: str | None = None  # set with lane_reason when the request left its lane
     lane_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        # A provider's error message may carry a NUL too; it is published as stored.
+        if self.error is not None:
+            object.__setattr__(self, "error", storable(self.error))
 
     def row_values(self, cost_usd: Any) -> dict[str, Any]:
         """The row's columns this end writes (with the cost it was priced at), the lane's

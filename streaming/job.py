@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 from core.settings import Settings
 from models.status import Status
 from models.stream_message import encode
-from models.tables import utcnow
+from models.tables import storable, utcnow
 from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens, count_tokens
 from streaming.job_services import JobServices
@@ -191,6 +191,7 @@ class StreamJob:
                 self.marks["put"] = time.time()
         if self.arrivals is not None:
             self.arrivals.append(time.time())
+        text = storable(text)  # what is published is what the row will hold
         self.parts.append(text)
         self.tokens += 1
         self.shown += 1

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from core.errors import scrub_secrets
+from models.tables import max_chars, storable
 from streaming.provider_http import ProviderHttp, Unsendable
 from streaming.provider_response import ResponseCut
 
@@ -292,7 +293,7 @@ class _SseReader:
                     self.ended.set_result(AttemptEnd("length", None, self.tier))
                     return
                 if choice.get("finish_reason"):
-                    self.finish = choice["finish_reason"]
+                    self.finish = _finish_reason(choice["finish_reason"])
 
     def closed(self, done: asyncio.Future[None]) -> None:
         """The response is over (complete, cut, or failed in `feed`)."""
@@ -311,3 +312,12 @@ def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> 
     if finish == "content_filter":
         raise Fatal("the provider's content filter stopped the answer")
     return AttemptEnd(finish, usage, tier)
+
+
+FINISH_REASON_CHARS = max_chars("finish_reason")
+
+
+def _finish_reason(value: object) -> str:
+    """A provider's finish reason as the row can hold it (a relay may send anything)."""
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return storable(text)[:FINISH_REASON_CHARS]

@@ -166,3 +166,23 @@ def test_fuzzed_output_files_never_crash_ingest(fuzz_settings: Any, data: st.Dat
             assert row.cost_usd is not None
         if row.status == "queued":
             assert row.batch_job_id is None
+
+
+def test_an_answer_and_a_reason_with_a_nul_are_stored_on_postgresql(
+    batch_pg_url: str, redis_url: str, simulator: Any, tmp_path: Any
+) -> None:
+    """PostgreSQL's text cannot hold a NUL: the answer is stored with U+FFFD in its place, and
+    an error line's reason likewise, rather than the whole ingest failing on them."""
+    settings = make_settings(batch_pg_url, redis_url, simulator, tmp_path)
+    wipe(settings.database_url)
+    ids = add_requests(settings, [("sheepdog-mini", f"nul {i}") for i in range(2)])
+    with session_scope(settings.database_url) as session:
+        (group,) = claim(session, settings).groups
+    move_job_now(settings, group.job_id, "completed", provider_batch_id=f"batch_n_{group.job_id}")
+    refused = {"custom_id": ids[1], "response": None, "error": {"code": "x", "message": "m\x00"}}
+    lines = [json.dumps(ok_line(ids[0], "a\x00b")).encode(), json.dumps(refused).encode()]
+    report = ingest(group.job_id, settings, lines=split_lines([b"\n".join(lines)]))
+    assert report.skipped is None
+    got = rows(settings, ids)
+    assert (got[ids[0]].status, got[ids[0]].text) == ("succeeded", "a\ufffdb")
+    assert got[ids[1]].status == "failed" and "\x00" not in (got[ids[1]].error or "")

@@ -166,3 +166,35 @@ def test_provider_faults_end_as_the_policy_says(
                 name,
                 {rows[rid].error for rid in ids},
             )
+
+
+def test_an_answer_with_a_nul_ends_succeeded_as_its_followers_saw_it(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    """A provider's answer may hold characters a PostgreSQL text column cannot (a NUL): the
+    worker stores and publishes U+FFFD in its place, the same text on both sides, and the
+    request ends `succeeded` on its first attempt. Other control characters pass as sent."""
+    dep = fault_deployment
+    tag = f"nul {uuid.uuid4().hex[:8]}"
+    tail = " bell\x07 nul\x00 end"
+    simulator.set_faults([{"match": tag, "append_text": tail}])
+    worker = dep.stream_worker("nul-text", concurrency=10)
+    client = dep.client()
+    try:
+        ids = client.submit_many([request(f"{tag} q{i}") for i in range(3)])
+        rows = wait_final(dep.settings, ids, 60)
+    finally:
+        worker.stop()
+        simulator.set_faults([])
+    check_invariants(dep.settings, ids)
+    t = tally(dep.settings, ids)
+    fault_figures.record("provider: an answer holding a NUL", t, "stream; stored with U+FFFD")
+    assert t.lost == 0, t
+    for rid in ids:
+        row = rows[rid]
+        assert row.status == "succeeded", (rid, row.status, row.error)
+        assert row.attempts == 0, (rid, row.attempts, row.error)
+        assert row.text == direct_answer(simulator, row.body) + " bell\x07 nul\ufffd end", rid
+        msgs = log_types(dep, rid)
+        assert msgs[-1].type == "done", (rid, msgs[-1])
+        assert "".join(m.text or "" for m in msgs if m.type == "token") == row.text, rid

@@ -436,3 +436,14 @@ async def test_a_tls_connection_the_server_closed_is_not_reused(
         await asyncio.sleep(0.05)
         assert await stream_with(http) == ("again", "stop")
         assert server.connections == 2
+
+
+async def test_a_finish_reason_is_kept_to_what_the_row_holds() -> None:
+    """A relay may name any finish reason: the row's column holds 32 characters and no NUL."""
+    odd = {"choices": [{"index": 0, "delta": {}, "finish_reason": "x\x00" + "y" * 100}]}
+    body = sse("Hi")[: -len(b"data: [DONE]\n\n")] + b"data: " + orjson.dumps(odd) + b"\n\n"
+    body += b"data: [DONE]\n\n"
+    async with Server(always(chunked(body))) as server:
+        text, finish = await stream(server.url())
+    assert text == "Hi"
+    assert finish == ("x\ufffd" + "y" * 100)[:32]
