@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.tables import TOKENS_MAX
+
 CHAT_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
@@ -41,10 +43,13 @@ class InputLine(BaseModel):
 
 
 class LineUsage(BaseModel):
+    """A provider's usage object (a batch line's, a stream's last chunk): counts the token
+    columns can hold, or it is refused."""
+
     model_config = ConfigDict(extra="ignore")
 
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0, le=TOKENS_MAX)
+    completion_tokens: int = Field(ge=0, le=TOKENS_MAX)
 
 
 class LineMessage(BaseModel):

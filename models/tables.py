@@ -188,6 +188,9 @@ class Request(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+TOKENS_MAX = 2**31 - 1  # an Integer column's largest value (PostgreSQL refuses more)
+
+
 def storable(text: str) -> str:
     """`text` as a text column can hold it on every database: PostgreSQL's text cannot hold a
     NUL, which a provider's answer may carry; it becomes U+FFFD (the replacement character), in

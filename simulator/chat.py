@@ -215,7 +215,8 @@ class ChatStream:
         finish_reason = None if faults.no_finish_reason else answer.finish_reason
         end = head + _choice({}, finish_reason) + tail
         if chat.include_usage:
-            used = orjson.dumps(usage(chat.prompt_tokens(), len(answer.pieces), self.tier))
+            counted = usage(chat.prompt_tokens(), len(answer.pieces), self.tier)
+            used = orjson.dumps(counted if faults.stream_usage is None else faults.stream_usage)
             end += head + b"[]" + b',"usage":' + used + b"}\n\n"
         await send({"type": "http.response.body", "body": end + DONE, "more_body": False})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,7 +30,8 @@ class FaultRule(BaseModel):
     seconds after N content chunks, then carries on), ``no_finish_reason`` (the stream ends with
     ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do),
     ``append_text`` (the answer ends with this piece, e.g. control characters or a NUL, which
-    real models do emit).
+    real models do emit), ``stream_usage`` (a stream's usage chunk carries this object instead,
+    as a relay that miscounts might send).
 
     Batch effects: ``batch`` = ``fail_validation`` | ``expire`` (after ``after_lines`` lines,
     default half) | ``lose_lines`` (those custom_ids get no line anywhere) | ``error_lines``
@@ -54,6 +55,7 @@ class FaultRule(BaseModel):
     stall_s: float = Field(default=5.0, ge=0)
     no_finish_reason: bool | None = None
     append_text: str | None = None
+    stream_usage: dict[str, Any] | None = None
 
     batch: BatchFault | None = None
     after_lines: int | None = Field(default=None, ge=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -31,6 +32,7 @@ class ChatFaults:
     stall_s: float = 0.0
     no_finish_reason: bool = False
     append_text: str | None = None
+    stream_usage: dict[str, Any] | None = None
     applied: int = 0
 
 
@@ -147,6 +149,7 @@ def _merge(faults: ChatFaults, rule: FaultRule) -> None:
         "stall_after",
         "no_finish_reason",
         "append_text",
+        "stream_usage",
     ):
         value = getattr(rule, name)
         if value is not None:

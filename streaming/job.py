@@ -20,6 +20,7 @@ from models.stream_message import encode
 from models.tables import storable, utcnow
 from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens, count_tokens
+from rules.usage import reported_usage
 from streaming.job_services import JobServices
 from streaming.lanes import LaneRun
 from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
@@ -322,12 +323,15 @@ class StreamJob:
 
     def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> StreamResult:
         text = "".join(self.parts)
-        if usage is not None:
-            prompt, completion, estimated = (
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
-                False,
+        reported = reported_usage(usage) if usage is not None else None
+        if usage is not None and reported is None:
+            log.warning(
+                "%s: the provider's usage is not token counts (%.200r); counted locally",
+                self.request_id,
+                usage,
             )
+        if reported is not None:
+            (prompt, completion), estimated = reported, False
         else:
             prompt = count_message_tokens(self.body.get("messages") or [])
             completion, estimated = max(self.tokens, count_tokens(text)), True

@@ -17,6 +17,7 @@ from batch.job_status import move_job_now
 from batch.jsonl import split_lines
 from batch.results import _parse_validated, parse_line
 from core.db import session_scope
+from models.tables import storable
 from tests.fixtures.batch import add_requests, make_settings, rows, wipe
 
 JSON = st.recursive(
@@ -81,7 +82,8 @@ def test_parse_line_never_raises_nor_invents_answers(lines: list[bytes]) -> None
         parsed = parse_line(raw)
         if parsed is not None and parsed[1].kind == "ok":
             obj = json.loads(raw)
-            assert parsed[1].text == obj["response"]["body"]["choices"][0]["message"]["content"]
+            content = obj["response"]["body"]["choices"][0]["message"]["content"]
+            assert parsed[1].text == storable(content)  # a NUL as U+FFFD, as stored
             assert parsed[1].text is not None
 
 
@@ -186,3 +188,20 @@ def test_an_answer_and_a_reason_with_a_nul_are_stored_on_postgresql(
     got = rows(settings, ids)
     assert (got[ids[0]].status, got[ids[0]].text) == ("succeeded", "a\ufffdb")
     assert got[ids[1]].status == "failed" and "\x00" not in (got[ids[1]].error or "")
+
+
+@pytest.mark.unit
+def test_a_usage_past_an_integer_column_is_refused_on_both_paths() -> None:
+    """Counts PostgreSQL's Integer columns cannot hold make the line malformed, as negative
+    ones do, on the fast path and through the models alike (not an ingest that fails whole)."""
+    for usage in (
+        {"prompt_tokens": 2**31, "completion_tokens": 1},
+        {"prompt_tokens": 1, "completion_tokens": -1},
+    ):
+        raw = json.dumps(ok_line("req_a", "text", usage)).encode()
+        assert parse_line(raw) is None and _parse_validated(raw) is None, usage
+    raw = json.dumps(
+        ok_line("req_a", "text", {"prompt_tokens": 2**31 - 1, "completion_tokens": 0})
+    ).encode()
+    accepted = parse_line(raw)
+    assert accepted is not None and accepted == _parse_validated(raw)

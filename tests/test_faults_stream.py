@@ -198,3 +198,47 @@ def test_an_answer_with_a_nul_ends_succeeded_as_its_followers_saw_it(
         msgs = log_types(dep, rid)
         assert msgs[-1].type == "done", (rid, msgs[-1])
         assert "".join(m.text or "" for m in msgs if m.type == "token") == row.text, rid
+
+
+USAGES_THE_ROW_CANNOT_HOLD: list[dict[str, Any]] = [
+    {"prompt_tokens": 2**40, "completion_tokens": 5},  # past an Integer column
+    {"prompt_tokens": -3, "completion_tokens": 5},  # would credit the tenant's budget
+    {"prompt_tokens": "many", "completion_tokens": 5},
+    {"total_tokens": 9},
+]
+
+
+def test_a_usage_the_row_cannot_hold_is_counted_locally(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    """A relay's usage chunk that is not token counts the row can hold: the request still ends
+    `succeeded` on its first attempt, with its text, the counts made locally (marked
+    estimated) and a cost from them."""
+    dep = fault_deployment
+    run = uuid.uuid4().hex[:8]
+    tags = [f"usage{i} {run}" for i in range(len(USAGES_THE_ROW_CANNOT_HOLD))]
+    simulator.set_faults(
+        [
+            {"match": t, "stream_usage": u}
+            for t, u in zip(tags, USAGES_THE_ROW_CANNOT_HOLD, strict=True)
+        ]
+    )
+    worker = dep.stream_worker("odd-usage", concurrency=10)
+    client = dep.client()
+    try:
+        ids = client.submit_many([request(f"{t} q") for t in tags])
+        rows = wait_final(dep.settings, ids, 60)
+    finally:
+        worker.stop()
+        simulator.set_faults([])
+    check_invariants(dep.settings, ids)
+    t = tally(dep.settings, ids)
+    fault_figures.record("provider: a usage chunk the row cannot hold", t, "stream; estimated")
+    assert t.lost == 0, t
+    for rid in ids:
+        row = rows[rid]
+        assert row.status == "succeeded", (rid, row.status, row.error)
+        assert row.attempts == 0 and row.usage_estimated, (rid, row.attempts)
+        assert 0 < (row.prompt_tokens or 0) < 1000 and 0 < (row.completion_tokens or 0) < 1000
+        assert row.cost_usd is not None and row.cost_usd > 0, rid
+        assert row.text == direct_answer(simulator, row.body), rid
