@@ -11,8 +11,8 @@ from typing import Literal
 import orjson
 from pydantic import ValidationError
 
-from models.batch_lines import CompletionBody, ErrorObject, OutputLine
-from models.tables import TOKENS_MAX, storable
+from models.batch_lines import ID_CHARS, CompletionBody, ErrorObject, OutputLine
+from models.tables import TOKENS_MAX, bounded, storable
 
 # An answer; a failure the request ends with; or no answer worth keeping, tried in a later batch.
 ResultKind = Literal["ok", "fail", "requeue"]
@@ -36,6 +36,8 @@ class LineResult:
     def __post_init__(self) -> None:
         if self.text is not None:
             self.text = storable(self.text)
+        if self.finish_reason is not None:
+            self.finish_reason = bounded(self.finish_reason, "finish_reason")
         if self.reason is not None:
             self.reason = storable(self.reason)
 
@@ -60,7 +62,9 @@ def _plain_answer(raw: bytes) -> tuple[str, LineResult] | None:
     if type(line) is not dict or line.get("error") is not None:
         return None
     custom_id, response, line_id = line.get("custom_id"), line.get("response"), line.get("id")
-    if type(custom_id) is not str or not custom_id or type(response) is not dict:
+    if type(custom_id) is not str or not 0 < len(custom_id) <= ID_CHARS or "\x00" in custom_id:
+        return None
+    if type(response) is not dict:
         return None
     if not (line_id is None or type(line_id) is str) or response.get("status_code") != 200:
         return None

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.tables import TOKENS_MAX
+from models.tables import TOKENS_MAX, max_chars
+
+ID_CHARS = max_chars("id")
 
 CHAT_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
@@ -102,7 +104,8 @@ class OutputLine(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str | None = None
-    custom_id: str = Field(min_length=1)
+    # A request id, as the `requests` table holds one (anything else names no request).
+    custom_id: str = Field(min_length=1, max_length=ID_CHARS, pattern="^[^\x00]*$")
     response: LineResponse | None = None
     error: ErrorObject | None = None
 

@@ -198,6 +198,12 @@ def storable(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
+def bounded(text: str, column: str) -> str:
+    """`text` as the `requests` column `column` (a String) can hold it: storable, and cut to
+    the column's length (a provider's finish reason, say, may be anything)."""
+    return storable(text)[: max_chars(column)]
+
+
 def max_chars(column: str) -> int:
     """The length limit of one of the `requests` table's String columns."""
     kind = Request.__table__.c[column].type

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from core.errors import scrub_secrets
-from models.tables import max_chars, storable
+from models.tables import bounded
 from streaming.provider_http import ProviderHttp, Unsendable
 from streaming.provider_response import ResponseCut
 
@@ -80,16 +80,21 @@ OnText = Callable[[str], bool]
 BeforeBody = Callable[[], Awaitable[None]]
 
 
+RETRY_AFTER_MAX_S = 60.0
+
+
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date); None for a value
-    that is not a finite number of seconds (`inf` would hold a stream for good)."""
+    that is not a finite number of seconds from 0 to RETRY_AFTER_MAX_S. As the OpenAI SDKs do, a
+    longer wait is not taken (the caller's own backoff applies): a provider asking for a day
+    would hold the stream, its row and every worker's shared limiter that long."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             seconds = float(ms) / 1000
         except ValueError:
             seconds = math.nan
-        if math.isfinite(seconds):
+        if math.isfinite(seconds) and seconds <= RETRY_AFTER_MAX_S:
             return max(seconds, 0.0)
     value = headers.get("retry-after")
     if not value:
@@ -101,7 +106,9 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
         if parsed is None:
             return None
         seconds = email.utils.mktime_tz(parsed) - time.time()
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
+    if not math.isfinite(seconds) or seconds > RETRY_AFTER_MAX_S:
+        return None
+    return max(seconds, 0.0)
 
 
 def error_message(status: int, raw: bytes) -> str:
@@ -230,7 +237,7 @@ async def stream_once(
         if idle is not None:
             raise Retryable(f"stream cut: {_why(err)}") from None
         raise Retryable(f"cannot reach the provider: {_why(err)}") from None
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, AttributeError, TypeError):  # not JSON, or not a chunk's shape
         raise Retryable("malformed chunk from the provider") from None
     finally:
         if idle is not None:
@@ -272,6 +279,8 @@ class _SseReader:
     def _lines(self, data: bytes) -> None:
         lines = (self.rest + data).split(b"\n")
         self.rest = lines.pop()
+        if len(self.rest) > LINE_MAX_BYTES:  # unbounded, it would stall the loop's every stream
+            raise Retryable(f"a line of the provider's answer is over {LINE_MAX_BYTES} bytes")
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
@@ -289,6 +298,8 @@ class _SseReader:
                 self.usage = obj["usage"]
             for choice in obj.get("choices") or ():
                 text = (choice.get("delta") or {}).get("content")
+                if text and not isinstance(text, str):
+                    text = _content_text(text)
                 if text and not self.on_text(text):
                     self.ended.set_result(AttemptEnd("length", None, self.tier))
                     return
@@ -314,10 +325,22 @@ def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> 
     return AttemptEnd(finish, usage, tier)
 
 
-FINISH_REASON_CHARS = max_chars("finish_reason")
+LINE_MAX_BYTES = 1 << 20
+
+
+def _content_text(content: object) -> str:
+    """A delta's content given as parts (as some relays send it): their texts joined. Any
+    other shape is a TypeError (a malformed chunk)."""
+    if not isinstance(content, list):
+        raise TypeError(f"content is {type(content).__name__}")
+    return "".join(
+        part["text"]
+        for part in content
+        if isinstance(part, dict) and isinstance(part.get("text"), str)
+    )
 
 
 def _finish_reason(value: object) -> str:
     """A provider's finish reason as the row can hold it (a relay may send anything)."""
     text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    return storable(text)[:FINISH_REASON_CHARS]
+    return bounded(text, "finish_reason")

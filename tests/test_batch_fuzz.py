@@ -173,8 +173,9 @@ def test_fuzzed_output_files_never_crash_ingest(fuzz_settings: Any, data: st.Dat
 def test_an_answer_and_a_reason_with_a_nul_are_stored_on_postgresql(
     batch_pg_url: str, redis_url: str, simulator: Any, tmp_path: Any
 ) -> None:
-    """PostgreSQL's text cannot hold a NUL: the answer is stored with U+FFFD in its place, and
-    an error line's reason likewise, rather than the whole ingest failing on them."""
+    """PostgreSQL's text cannot hold a NUL: the answer is stored with U+FFFD in its place, an
+    error line's reason likewise, a finish reason cut to its column, and lines whose custom_id
+    no request can have are malformed, rather than the whole ingest failing on them."""
     settings = make_settings(batch_pg_url, redis_url, simulator, tmp_path)
     wipe(settings.database_url)
     ids = add_requests(settings, [("sheepdog-mini", f"nul {i}") for i in range(2)])
@@ -182,11 +183,18 @@ def test_an_answer_and_a_reason_with_a_nul_are_stored_on_postgresql(
         (group,) = claim(session, settings).groups
     move_job_now(settings, group.job_id, "completed", provider_batch_id=f"batch_n_{group.job_id}")
     refused = {"custom_id": ids[1], "response": None, "error": {"code": "x", "message": "m\x00"}}
-    lines = [json.dumps(ok_line(ids[0], "a\x00b")).encode(), json.dumps(refused).encode()]
+    answer = ok_line(ids[0], "a\x00b")
+    answer["response"]["body"]["choices"][0]["finish_reason"] = "stop\x00" + "s" * 60
+    # Ids no request can have: lines that name no request, not an ingest that fails on them.
+    strangers = [ok_line("req_" + "x" * 60), ok_line("req_\x00"), {**refused, "custom_id": "r\x00"}]
+    lines = [json.dumps(o).encode() for o in (answer, refused, *strangers)]
     report = ingest(group.job_id, settings, lines=split_lines([b"\n".join(lines)]))
     assert report.skipped is None
     got = rows(settings, ids)
     assert (got[ids[0]].status, got[ids[0]].text) == ("succeeded", "a\ufffdb")
+    assert got[ids[0]].finish_reason == ("stop\ufffd" + "s" * 60)[:32]
+    for raw in lines[2:]:
+        assert parse_line(raw) is None and _parse_validated(raw) is None, raw
     assert got[ids[1]].status == "failed" and "\x00" not in (got[ids[1]].error or "")
 
 

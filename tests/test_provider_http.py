@@ -447,3 +447,31 @@ async def test_a_finish_reason_is_kept_to_what_the_row_holds() -> None:
         text, finish = await stream(server.url())
     assert text == "Hi"
     assert finish == ("x\ufffd" + "y" * 100)[:32]
+
+
+def chunks(*objects: object) -> bytes:
+    """An SSE body of these chunk objects, then [DONE]."""
+    body = b"".join(b"data: " + orjson.dumps(o) + b"\n\n" for o in objects)
+    return body + b"data: [DONE]\n\n"
+
+
+async def test_content_given_as_parts_is_read_and_other_shapes_are_malformed() -> None:
+    parts = {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "Hi"}]}}]}
+    async with Server(always(chunked(chunks(parts)))) as server:
+        assert (await stream(server.url()))[0] == "Hi"
+    for odd in (
+        {"choices": [{"index": 0, "delta": {"content": 5}}]},
+        {"choices": [{"index": 0, "delta": ["x"]}]},
+        None,
+        3,
+    ):
+        async with Server(always(chunked(chunks(odd)))) as server:
+            with pytest.raises(Retryable, match="malformed chunk"):
+                await stream(server.url())
+
+
+async def test_an_endless_line_is_refused_before_it_stalls_the_loop() -> None:
+    line = b"data: " + b"x" * (2 << 20)  # no line break: a line the reader must hold
+    async with Server(always(chunked(line, pieces=64, end=True))) as server:
+        with pytest.raises(Retryable, match="over 1048576 bytes"):
+            await stream(server.url())
