@@ -254,6 +254,9 @@ class Executor:
                     model=body.pop("model"), messages=body.pop("messages"), extra_body=body
                 )
                 answer = orjson.loads(raw.content)
+                if not isinstance(answer, dict):  # `[]`, `null`: no answer's shape
+                    await self._retry(line, "malformed answer from the provider", None)
+                    return
                 request_id = raw.headers.get("x-request-id") or answer.get("id")
                 await self._write(line, output_line(line.custom_id, 200, request_id, answer))
             except openai.APIStatusError as err:
@@ -280,6 +283,9 @@ class Executor:
                 await self._retry(line, f"cannot reach the provider: {err.__cause__ or err}", None)
             except orjson.JSONDecodeError:
                 await self._retry(line, "malformed answer from the provider", None)
+            except Exception as err:  # anything else: the line is still tried, then ended
+                log.exception("job %s: %s: unexpected error", self.job_id, line.custom_id)
+                await self._retry(line, f"unexpected error: {err!r}", None)
         finally:
             self.slots.release()
 

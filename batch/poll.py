@@ -21,7 +21,7 @@ from core.db import session_scope
 from core.providers import client_for
 from core.settings import Settings, get_settings
 from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
-from models.tables import BatchJob
+from models.tables import TOKENS_MAX, BatchJob
 
 log = logging.getLogger("sheepdog.batch.poll")
 
@@ -38,19 +38,38 @@ class PollReport:
 
 def batch_values(batch: Any) -> dict[str, Any]:
     """batch_jobs columns, but the status, from a provider Batch object (a final status's
-    finished_at is stamped by the move)."""
+    finished_at is stamped by the move). The SDK builds the object without checking its
+    fields, so each value is taken only when the column can hold it: a relay's odd object must
+    not stop the poll of every job."""
     counts = batch.request_counts
     values: dict[str, Any] = {
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "completed_count": counts.completed if counts else 0,
-        "failed_count": counts.failed if counts else 0,
+        "output_file_id": _file_id(batch.output_file_id),
+        "error_file_id": _file_id(batch.error_file_id),
+        "completed_count": _count(getattr(counts, "completed", 0)),
+        "failed_count": _count(getattr(counts, "failed", 0)),
     }
-    if counts and counts.total:
-        values["request_count"] = counts.total
-    if batch.errors is not None:
-        values["errors"] = batch.errors.model_dump(mode="json")
+    if total := _count(getattr(counts, "total", 0)):
+        values["request_count"] = total
+    errors = batch.errors
+    if errors is not None:
+        dumped = errors.model_dump(mode="json") if hasattr(errors, "model_dump") else errors
+        values["errors"] = (
+            dumped if isinstance(dumped, dict) else {"data": [{"message": str(dumped)[:1000]}]}
+        )
     return values
+
+
+FILE_ID_CHARS: int = getattr(BatchJob.__table__.c.output_file_id.type, "length", 100)
+
+
+def _file_id(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= FILE_ID_CHARS and "\x00" not in value:
+        return value
+    return None
+
+
+def _count(value: object) -> int:
+    return value if type(value) is int and 0 <= value <= TOKENS_MAX else 0
 
 
 def poll(settings: Settings | None = None) -> PollReport:
@@ -86,7 +105,8 @@ def poll(settings: Settings | None = None) -> PollReport:
             client = client_for(provider_of(settings, provider, model))
             batch = client.batches.retrieve(batch_id)
             if (
-                batch.status in BATCH_OPEN
+                batch.status
+                not in BATCH_FINAL  # open, or a status no Batch API has: waits no longer
                 and batch.status != BatchStatus.CANCELLING
                 and submitted_at is not None
                 and now - submitted_at > max_wait

@@ -4,10 +4,13 @@ standard rate in the ledger, retries and faults, cancellation past the maximum w
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -176,3 +179,44 @@ def test_second_executor_is_busy_and_lapsed_one_is_resent(
     r.delete(keys.of(settings).emulated(job_id, "heartbeat"))
     assert poll(settings).resent == 1 and poll(settings).resent == 0  # once per TTL
     assert emulate(job_id, settings).outcome == "completed"
+
+
+class _NotAnAnswer(BaseHTTPRequestHandler):
+    """A relay that answers every chat completion 200 with a JSON body that is no answer."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.timeout(120)
+def test_an_answer_that_is_not_an_object_is_retried_then_requeued(make: Any) -> None:
+    """Before, `[]` as an answer escaped the executor's handling and the job waited out
+    its 26 h limit with the line never accounted for."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAnAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        odd = SimpleNamespace(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd"
+        )
+        settings = make(
+            unique("odd"),
+            provider(odd, batch_mode="emulated"),
+            emulated_max_attempts=2,
+            emulated_backoff_base_s=0.02,
+        )
+        ids = add_requests(settings, [(MINI, f"{uuid.uuid4().hex[:6]} not an answer")])
+        run_job(settings)
+    finally:
+        server.shutdown()
+    row = rows(settings, ids)[ids[0]]
+    assert row.status == "queued", (row.status, row.error)
+    assert "malformed answer" in (row.error or ""), row.error
