@@ -8,6 +8,7 @@ overlaps the provider's time to first token instead of adding to it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from models.status import Status
 from models.stream_message import encode
 from models.tables import storable, utcnow
 from rules.backoff import backoff_s
+from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
 from streaming.job_services import JobServices
@@ -200,10 +202,16 @@ class StreamJob:
         limit = self.max_tokens
         return limit is None or self.tokens < limit
 
-    @property
+    @functools.cached_property
     def max_tokens(self) -> int | None:
+        """The answer's limit in pieces: the request's, else its model's most output tokens
+        (a piece holds one token or more, so an honest answer is never cut; a provider that
+        never stops must not stream, and bill, without end)."""
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
-        return int(value) if value else None
+        if value:
+            return int(value)
+        price = price_table().models.get(str(self.body.get("model") or ""))
+        return price.max_output_tokens if price is not None else None
 
     # -- the run -----------------------------------------------------------------------------
 

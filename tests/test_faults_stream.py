@@ -168,6 +168,23 @@ def test_provider_faults_end_as_the_policy_says(
             )
 
 
+def streamed_under(
+    dep: Deployment, simulator: Any, rules: list[dict[str, Any]], prompts: list[str]
+) -> tuple[list[str], dict[str, Any]]:
+    """Stream `prompts` through a worker of their own while the simulator applies `rules`;
+    (ids, rows) once all have ended, the invariants checked."""
+    simulator.set_faults(rules)
+    worker = dep.stream_worker("provider-data", concurrency=10)
+    try:
+        ids = dep.client().submit_many([request(p) for p in prompts])
+        rows = wait_final(dep.settings, ids, 60)
+    finally:
+        worker.stop()
+        simulator.set_faults([])
+    check_invariants(dep.settings, ids)
+    return ids, rows
+
+
 def test_an_answer_with_a_nul_ends_succeeded_as_its_followers_saw_it(
     fault_deployment: Deployment, simulator: Any, fault_figures: Figures
 ) -> None:
@@ -176,17 +193,8 @@ def test_an_answer_with_a_nul_ends_succeeded_as_its_followers_saw_it(
     request ends `succeeded` on its first attempt. Other control characters pass as sent."""
     dep = fault_deployment
     tag = f"nul {uuid.uuid4().hex[:8]}"
-    tail = " bell\x07 nul\x00 end"
-    simulator.set_faults([{"match": tag, "append_text": tail}])
-    worker = dep.stream_worker("nul-text", concurrency=10)
-    client = dep.client()
-    try:
-        ids = client.submit_many([request(f"{tag} q{i}") for i in range(3)])
-        rows = wait_final(dep.settings, ids, 60)
-    finally:
-        worker.stop()
-        simulator.set_faults([])
-    check_invariants(dep.settings, ids)
+    rule = {"match": tag, "append_text": " bell\x07 nul\x00 end"}
+    ids, rows = streamed_under(dep, simulator, [rule], [f"{tag} q{i}" for i in range(3)])
     t = tally(dep.settings, ids)
     fault_figures.record("provider: an answer holding a NUL", t, "stream; stored with U+FFFD")
     assert t.lost == 0, t
@@ -217,21 +225,11 @@ def test_a_usage_the_row_cannot_hold_is_counted_locally(
     dep = fault_deployment
     run = uuid.uuid4().hex[:8]
     tags = [f"usage{i} {run}" for i in range(len(USAGES_THE_ROW_CANNOT_HOLD))]
-    simulator.set_faults(
-        [
-            {"match": t, "stream_usage": u}
-            for t, u in zip(tags, USAGES_THE_ROW_CANNOT_HOLD, strict=True)
-        ]
-    )
-    worker = dep.stream_worker("odd-usage", concurrency=10)
-    client = dep.client()
-    try:
-        ids = client.submit_many([request(f"{t} q") for t in tags])
-        rows = wait_final(dep.settings, ids, 60)
-    finally:
-        worker.stop()
-        simulator.set_faults([])
-    check_invariants(dep.settings, ids)
+    rules = [
+        {"match": t, "stream_usage": u}
+        for t, u in zip(tags, USAGES_THE_ROW_CANNOT_HOLD, strict=True)
+    ]
+    ids, rows = streamed_under(dep, simulator, rules, [f"{t} q" for t in tags])
     t = tally(dep.settings, ids)
     fault_figures.record("provider: a usage chunk the row cannot hold", t, "stream; estimated")
     assert t.lost == 0, t
@@ -242,3 +240,19 @@ def test_a_usage_the_row_cannot_hold_is_counted_locally(
         assert 0 < (row.prompt_tokens or 0) < 1000 and 0 < (row.completion_tokens or 0) < 1000
         assert row.cost_usd is not None and row.cost_usd > 0, rid
         assert row.text == direct_answer(simulator, row.body), rid
+
+
+def test_an_answer_past_its_models_output_limit_ends_at_the_limit(
+    fault_deployment: Deployment, simulator: Any
+) -> None:
+    """A request that names no max_tokens still has one: its model's most output tokens. A
+    provider that streams past it (never stopping, say) is cut there, `length`, as it would
+    be at the request's own limit; the shipped sheepdog-mini allows 2,048."""
+    before = simulator.configure(answer_tokens=[3000, 3000])
+    try:
+        ids, rows = streamed_under(fault_deployment, simulator, [], [f"long {uuid.uuid4().hex}"])
+    finally:
+        simulator.configure(answer_tokens=before["answer_tokens"])
+    row = rows[ids[0]]
+    assert row.status == "succeeded", (row.status, row.error)
+    assert (row.finish_reason, row.completion_tokens) == ("length", 2048), row.finish_reason
