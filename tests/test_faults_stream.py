@@ -172,7 +172,8 @@ def streamed_under(
     dep: Deployment, simulator: Any, rules: list[dict[str, Any]], prompts: list[str]
 ) -> tuple[list[str], dict[str, Any]]:
     """Stream `prompts` through a worker of their own while the simulator applies `rules`;
-    (ids, rows) once all have ended, the invariants checked."""
+    (ids, rows) once all have ended, the invariants checked, each row `succeeded` on its first
+    attempt (the provider's data is odd, not failing)."""
     simulator.set_faults(rules)
     worker = dep.stream_worker("provider-data", concurrency=10)
     try:
@@ -182,6 +183,9 @@ def streamed_under(
         worker.stop()
         simulator.set_faults([])
     check_invariants(dep.settings, ids)
+    for rid in ids:
+        row = rows[rid]
+        assert (row.status, row.attempts) == ("succeeded", 0), (rid, row.status, row.error)
     return ids, rows
 
 
@@ -195,13 +199,9 @@ def test_an_answer_with_a_nul_ends_succeeded_as_its_followers_saw_it(
     tag = f"nul {uuid.uuid4().hex[:8]}"
     rule = {"match": tag, "append_text": " bell\x07 nul\x00 end"}
     ids, rows = streamed_under(dep, simulator, [rule], [f"{tag} q{i}" for i in range(3)])
-    t = tally(dep.settings, ids)
-    fault_figures.record("provider: an answer holding a NUL", t, "stream; stored with U+FFFD")
-    assert t.lost == 0, t
+    fault_figures.record("provider: an answer holding a NUL", tally(dep.settings, ids), "stream")
     for rid in ids:
         row = rows[rid]
-        assert row.status == "succeeded", (rid, row.status, row.error)
-        assert row.attempts == 0, (rid, row.attempts, row.error)
         assert row.text == direct_answer(simulator, row.body) + " bell\x07 nul\ufffd end", rid
         msgs = log_types(dep, rid)
         assert msgs[-1].type == "done", (rid, msgs[-1])
@@ -232,11 +232,9 @@ def test_a_usage_the_row_cannot_hold_is_counted_locally(
     ids, rows = streamed_under(dep, simulator, rules, [f"{t} q" for t in tags])
     t = tally(dep.settings, ids)
     fault_figures.record("provider: a usage chunk the row cannot hold", t, "stream; estimated")
-    assert t.lost == 0, t
     for rid in ids:
         row = rows[rid]
-        assert row.status == "succeeded", (rid, row.status, row.error)
-        assert row.attempts == 0 and row.usage_estimated, (rid, row.attempts)
+        assert row.usage_estimated, rid
         assert 0 < (row.prompt_tokens or 0) < 1000 and 0 < (row.completion_tokens or 0) < 1000
         assert row.cost_usd is not None and row.cost_usd > 0, rid
         assert row.text == direct_answer(simulator, row.body), rid
@@ -254,5 +252,4 @@ def test_an_answer_past_its_models_output_limit_ends_at_the_limit(
     finally:
         simulator.configure(answer_tokens=before["answer_tokens"])
     row = rows[ids[0]]
-    assert row.status == "succeeded", (row.status, row.error)
     assert (row.finish_reason, row.completion_tokens) == ("length", 2048), row.finish_reason
