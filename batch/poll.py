@@ -52,10 +52,18 @@ def batch_values(batch: Any) -> dict[str, Any]:
         values["request_count"] = total
     errors = batch.errors
     if errors is not None:
-        dumped = errors.model_dump(mode="json") if hasattr(errors, "model_dump") else errors
-        values["errors"] = (
-            dumped if isinstance(dumped, dict) else {"data": [{"message": str(dumped)[:1000]}]}
+        dumped = (
+            errors.model_dump(mode="json", warnings=False)
+            if hasattr(errors, "model_dump")
+            else errors
         )
+        data = dumped.get("data") if isinstance(dumped, dict) else None
+        if isinstance(dumped, dict) and (
+            data is None or (isinstance(data, list) and all(isinstance(i, dict) for i in data))
+        ):
+            values["errors"] = dumped
+        else:  # what reads it (the leftovers' reasons) takes a list of error objects
+            values["errors"] = {"data": [{"message": str(dumped)[:1000]}]}
     return values
 
 

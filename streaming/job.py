@@ -69,6 +69,9 @@ class StreamResult:
     lane_reason: str | None = None
 
 
+RUNAWAY_PIECES_PER_TOKEN = 4
+
+
 def retry_delay_s(attempt: int, settings: Settings) -> float:
     """The wait before retry `attempt` (counted from 1) when the provider named none."""
     return backoff_s(attempt, settings.stream_backoff_base_s, settings.stream_backoff_max_s)
@@ -204,14 +207,14 @@ class StreamJob:
 
     @functools.cached_property
     def max_tokens(self) -> int | None:
-        """The answer's limit in pieces: the request's, else its model's most output tokens
-        (a piece holds one token or more, so an honest answer is never cut; a provider that
-        never stops must not stream, and bill, without end)."""
+        """The answer's limit in pieces: the request's, else RUNAWAY_PIECES_PER_TOKEN times its
+        model's most output tokens. A provider that never stops must not stream, and bill,
+        without end; the headroom spares a relay that streams smaller pieces than tokens."""
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         if value:
             return int(value)
         price = price_table().models.get(str(self.body.get("model") or ""))
-        return price.max_output_tokens if price is not None else None
+        return price.max_output_tokens * RUNAWAY_PIECES_PER_TOKEN if price is not None else None
 
     # -- the run -----------------------------------------------------------------------------
 

@@ -84,18 +84,18 @@ RETRY_AFTER_MAX_S = 60.0
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date); None for a value
-    that is not a finite number of seconds from 0 to RETRY_AFTER_MAX_S. As the OpenAI SDKs do, a
-    longer wait is not taken (the caller's own backoff applies): a provider asking for a day
-    would hold the stream, its row and every worker's shared limiter that long."""
+    """Seconds from `retry-after-ms` / `retry-after` (seconds or an HTTP date), at most
+    RETRY_AFTER_MAX_S; None for a value that is not a finite number of seconds. A provider
+    asking for a day would otherwise hold the stream, its row and every worker's shared
+    limiter that long; capped, a long throttle still slows every worker down."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             seconds = float(ms) / 1000
         except ValueError:
             seconds = math.nan
-        if math.isfinite(seconds) and seconds <= RETRY_AFTER_MAX_S:
-            return max(seconds, 0.0)
+        if math.isfinite(seconds):
+            return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
     value = headers.get("retry-after")
     if not value:
         return None
@@ -106,9 +106,7 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
         if parsed is None:
             return None
         seconds = email.utils.mktime_tz(parsed) - time.time()
-    if not math.isfinite(seconds) or seconds > RETRY_AFTER_MAX_S:
-        return None
-    return max(seconds, 0.0)
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S) if math.isfinite(seconds) else None
 
 
 def error_message(status: int, raw: bytes) -> str:
@@ -237,7 +235,7 @@ async def stream_once(
         if idle is not None:
             raise Retryable(f"stream cut: {_why(err)}") from None
         raise Retryable(f"cannot reach the provider: {_why(err)}") from None
-    except (orjson.JSONDecodeError, AttributeError, TypeError):  # not JSON, or not a chunk's shape
+    except orjson.JSONDecodeError:
         raise Retryable("malformed chunk from the provider") from None
     finally:
         if idle is not None:
@@ -290,21 +288,19 @@ class _SseReader:
                 self.ended.set_result(_end(self.finish, self.usage, self.tier))
                 return
             obj = orjson.loads(payload)
-            if obj.get("error") is not None:
+            error, tier, usage, choices = _chunk(obj)
+            if error is not None:
                 raise _stream_error(obj)
             if self.tier is None:  # every chunk names it; the bill is at its rate
-                self.tier = obj.get("service_tier")
-            if obj.get("usage"):
-                self.usage = obj["usage"]
-            for choice in obj.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text and not isinstance(text, str):
-                    text = _content_text(text)
+                self.tier = tier
+            if usage:
+                self.usage = usage
+            for text, finish in choices:
                 if text and not self.on_text(text):
                     self.ended.set_result(AttemptEnd("length", None, self.tier))
                     return
-                if choice.get("finish_reason"):
-                    self.finish = _finish_reason(choice["finish_reason"])
+                if finish:
+                    self.finish = _finish_reason(finish)
 
     def closed(self, done: asyncio.Future[None]) -> None:
         """The response is over (complete, cut, or failed in `feed`)."""
@@ -326,6 +322,21 @@ def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> 
 
 
 LINE_MAX_BYTES = 1 << 20
+
+
+def _chunk(obj: Any) -> tuple[Any, Any, Any, list[tuple[str | None, Any]]]:
+    """A chunk's (error, service tier, usage, [(text, finish reason)] of its choices); a chunk
+    not of that shape is a malformed chunk (retried)."""
+    try:
+        choices = []
+        for choice in obj.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content")
+            if text and not isinstance(text, str):
+                text = _content_text(text)
+            choices.append((text, choice.get("finish_reason")))
+        return obj.get("error"), obj.get("service_tier"), obj.get("usage"), choices
+    except (AttributeError, TypeError):
+        raise Retryable("malformed chunk from the provider") from None
 
 
 def _content_text(content: object) -> str:

@@ -31,6 +31,7 @@ ODD: dict[str, dict[str, Any]] = {
         "request_counts": {"total": 2**40, "completed": -1, "failed": "x"},
         "errors": "broken",
     },
+    "batch_odd_errors": {"status": "in_progress", "errors": {"data": 5}},
     "batch_own_status": {"status": "running"},  # a status no Batch API has
     "batch_fine": {
         "status": "in_progress",
@@ -111,6 +112,10 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
         assert (odd.output_file_id, odd.error_file_id) == (None, None)
         assert (odd.completed_count, odd.failed_count) == (0, 0)
         assert odd.errors == {"data": [{"message": "broken"}]}
+        errs = session.get(BatchJob, jobs["batch_odd_errors"])
+        assert errs is not None and errs.errors is not None
+        (item,) = errs.errors["data"]  # a list of error objects, as its readers take
+        assert "'data': 5" in item["message"]
     # Past the wait limit with a status of the relay's own: cancelled like an open one.
     assert _Relay.cancelled == ["batch_own_status"]
     assert jobs["batch_own_status"] in report.cancelled

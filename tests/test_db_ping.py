@@ -58,6 +58,7 @@ def test_a_connection_back_a_moment_ago_is_used_without_a_ping(
     own_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pings = _count_pings(monkeypatch, own_db)
+    monkeypatch.setattr(core.db, "PING_IDLE_S", 3600.0)  # however slow the box: a moment ago
     first = _backend_pid(own_db)  # a new connection: never pinged
     assert _backend_pid(own_db) == first  # back in the pool a moment ago: no ping
     assert pings == []

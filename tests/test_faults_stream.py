@@ -243,13 +243,11 @@ def test_a_usage_the_row_cannot_hold_is_counted_locally(
 def test_an_answer_past_its_models_output_limit_ends_at_the_limit(
     fault_deployment: Deployment, simulator: Any
 ) -> None:
-    """A request that names no max_tokens still has one: its model's most output tokens. A
-    provider that streams past it (never stopping, say) is cut there, `length`, as it would
-    be at the request's own limit; the shipped sheepdog-mini allows 2,048."""
-    before = simulator.configure(answer_tokens=[3000, 3000])
-    try:
-        ids, rows = streamed_under(fault_deployment, simulator, [], [f"long {uuid.uuid4().hex}"])
-    finally:
-        simulator.configure(answer_tokens=before["answer_tokens"])
+    """A request that names no max_tokens still has a limit: its model's most output tokens,
+    four times over in pieces (a relay may stream smaller pieces than tokens). A provider that
+    streams past it (never stopping, say) is cut there, `length`; the shipped sheepdog-mini
+    allows 2,048 tokens. The simulator's set-up is restored after each test (autouse)."""
+    simulator.configure(answer_tokens=[9000, 9000])
+    ids, rows = streamed_under(fault_deployment, simulator, [], [f"long {uuid.uuid4().hex}"])
     row = rows[ids[0]]
-    assert (row.finish_reason, row.completion_tokens) == ("length", 2048), row.finish_reason
+    assert (row.finish_reason, row.completion_tokens) == ("length", 4 * 2048), row.finish_reason
