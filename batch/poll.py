@@ -21,7 +21,7 @@ from core.db import session_scope
 from core.providers import client_for
 from core.settings import Settings, get_settings
 from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
-from models.tables import TOKENS_MAX, BatchJob
+from models.tables import INTEGER_MAX, BatchJob
 
 log = logging.getLogger("sheepdog.batch.poll")
 
@@ -50,20 +50,8 @@ def batch_values(batch: Any) -> dict[str, Any]:
     }
     if total := _count(getattr(counts, "total", 0)):
         values["request_count"] = total
-    errors = batch.errors
-    if errors is not None:
-        dumped = (
-            errors.model_dump(mode="json", warnings=False)
-            if hasattr(errors, "model_dump")
-            else errors
-        )
-        data = dumped.get("data") if isinstance(dumped, dict) else None
-        if isinstance(dumped, dict) and (
-            data is None or (isinstance(data, list) and all(isinstance(i, dict) for i in data))
-        ):
-            values["errors"] = dumped
-        else:  # what reads it (the leftovers' reasons) takes a list of error objects
-            values["errors"] = {"data": [{"message": str(dumped)[:1000]}]}
+    if batch.errors is not None:
+        values["errors"] = _errors(batch.errors)
     return values
 
 
@@ -76,8 +64,20 @@ def _file_id(value: object) -> str | None:
     return None
 
 
+def _errors(errors: Any) -> dict[str, Any]:
+    """A Batch object's `errors` as its readers (the leftovers' reasons) take it: `data` a list
+    of error objects, or none; anything else becomes one error's message."""
+    dumped = (
+        errors.model_dump(mode="json", warnings=False) if hasattr(errors, "model_dump") else errors
+    )
+    data = dumped.get("data") if isinstance(dumped, dict) else ()
+    if data is None or (isinstance(data, list) and all(isinstance(i, dict) for i in data)):
+        return dumped  # type: ignore[no-any-return]
+    return {"data": [{"message": str(dumped)[:1000]}]}
+
+
 def _count(value: object) -> int:
-    return value if type(value) is int and 0 <= value <= TOKENS_MAX else 0
+    return value if type(value) is int and 0 <= value <= INTEGER_MAX else 0
 
 
 def poll(settings: Settings | None = None) -> PollReport:

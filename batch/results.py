@@ -12,7 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from models.batch_lines import ID_CHARS, CompletionBody, ErrorObject, OutputLine
-from models.tables import TOKENS_MAX, bounded, storable
+from models.tables import INTEGER_MAX, bounded, storable
 
 # An answer; a failure the request ends with; or no answer worth keeping, tried in a later batch.
 ResultKind = Literal["ok", "fail", "requeue"]
@@ -89,7 +89,7 @@ def _plain_answer(raw: bytes) -> tuple[str, LineResult] | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if type(prompt) is not int or type(completion) is not int:
         return None
-    if not (0 <= prompt <= TOKENS_MAX and 0 <= completion <= TOKENS_MAX):  # as LineUsage
+    if not (0 <= prompt <= INTEGER_MAX and 0 <= completion <= INTEGER_MAX):  # as LineUsage
         return None
     return custom_id, LineResult("ok", text, finish, prompt, completion)
 

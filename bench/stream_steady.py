@@ -191,15 +191,15 @@ def steady(
     direct_used = direct_cpu.read()
     floor = floor_under_load(sim, client, rate, seconds, "floor" + tag)
     procs = [p for w in workers for p in process_tree(w)]
-    window = CpuWindow(procs)
-    groups = sheepdog_groups(workers, sim_pid)
-    by_group = GroupWindow(groups)
+    box = CpuWindow([])  # the box's busy share
+    by_group = GroupWindow(sheepdog_groups(workers, sim_pid))
     spy = start_pyspy(procs[0] if os.environ.get("BENCH_PYSPY_WORKER") else procs[-1])
     ttft, lengths, achieved, stages = through_sheepdog(
         client, r, db_url, rate, seconds, "steady" + tag
     )
-    used, busy = window.read()
+    _, busy = box.read()
     group_used = by_group.read()
+    worker_s = group_used["consumer"] + group_used["engine"]  # the stream workers' CPU
     if spy is not None:
         spy.wait()
     first, last = lengths[:10] or [0], lengths[-10:] or [0]
@@ -217,7 +217,7 @@ def steady(
         "steady_done": float(len(ttft)),
         "steady_sent": float(int(rate * seconds)),
         "steady_box_busy": busy,
-        "steady_cpu_us_chunk": sum(used) / max(len(ttft) * TOKENS, 1) * 1e6,
+        "steady_cpu_us_chunk": worker_s / max(len(ttft) * TOKENS, 1) * 1e6,
         **stages,
         # CPU ms a stream, by process group
         **{f"steady_direct_ms_{k}": v / max(len(base), 1) * MS for k, v in direct_used.items()},

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.tables import TOKENS_MAX, max_chars
+from models.tables import INTEGER_MAX, max_chars
 
 ID_CHARS = max_chars("id")
 
@@ -50,8 +50,8 @@ class LineUsage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt_tokens: int = Field(ge=0, le=TOKENS_MAX)
-    completion_tokens: int = Field(ge=0, le=TOKENS_MAX)
+    prompt_tokens: int = Field(ge=0, le=INTEGER_MAX)
+    completion_tokens: int = Field(ge=0, le=INTEGER_MAX)
 
 
 class LineMessage(BaseModel):

@@ -188,7 +188,7 @@ class Request(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-TOKENS_MAX = 2**31 - 1  # an Integer column's largest value (PostgreSQL refuses more)
+INTEGER_MAX = 2**31 - 1  # an Integer column's largest value (PostgreSQL refuses more)
 
 
 def storable(text: str) -> str:

@@ -95,7 +95,7 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
         except ValueError:
             seconds = math.nan
         if math.isfinite(seconds):
-            return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
+            return _capped(seconds)
     value = headers.get("retry-after")
     if not value:
         return None
@@ -106,7 +106,11 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
         if parsed is None:
             return None
         seconds = email.utils.mktime_tz(parsed) - time.time()
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S) if math.isfinite(seconds) else None
+    return _capped(seconds) if math.isfinite(seconds) else None
+
+
+def _capped(seconds: float) -> float:
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 
 def error_message(status: int, raw: bytes) -> str:
