@@ -52,7 +52,13 @@ async def with_engine(url: str, headers: dict[str, str], body: dict[str, Any], n
 
     async def one() -> None:
         await stream_once(
-            endpoint, body, include_usage=True, timeout_s=60, idle_timeout_s=30, on_text=on_text
+            endpoint,
+            body,
+            include_usage=True,
+            timeout_s=60,
+            idle_timeout_s=30,
+            answer_max_s=600,
+            on_text=on_text,
         )
 
     await asyncio.gather(*(one() for _ in range(n)))

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     metrics_stream_from_db: bool = True  # TTFT/duration histograms from finished rows
 
     # Streaming path
-    stream_idle_timeout_s: float = 30.0
+    stream_idle_timeout_s: float = 30.0  # the longest wait for an answer's next text
+    stream_answer_max_s: float = 600.0  # an answer still streaming this long after it began fails
     stream_max_attempts: int = 5
     stream_backoff_base_s: float = 0.5
     stream_backoff_max_s: float = 30.0

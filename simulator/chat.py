@@ -34,6 +34,7 @@ from simulator.stats import Stats
 from simulator.tiers import pace, parse_tier, served_tier
 
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment, as relays send while a model thinks
 CUT_MESSAGE = "ASGI callable returned without completing response."
 
 
@@ -183,7 +184,7 @@ class ChatStream:
             }
         )
         if faults.ttft_ms:
-            await asyncio.sleep(faults.ttft_ms / 1000)
+            await self._pause(send, gone, faults.ttft_ms / 1000)
         first = head + _choice({"role": "assistant", "content": "", "refusal": None}, None) + tail
         await send(_body(first))
         piece_head = head + b'[{"index":0,"delta":{"content":'
@@ -196,9 +197,9 @@ class ChatStream:
                 return  # no more_body=False: uvicorn drops the connection mid-body
             if faults.stall_after is not None and index == faults.stall_after:
                 self.stats.count("faults.stall")
-                await _wait(gone, faults.stall_s)
+                await self._pause(send, gone, faults.stall_s, stall=True)
             if delay and index:
-                await asyncio.sleep(delay)
+                await self._pause(send, gone, delay)
             if gone.is_set():
                 self.stats.count("chat.disconnects")
                 self.stats.count("chat.completion_tokens", sent)
@@ -208,7 +209,7 @@ class ChatStream:
         self.stats.count("chat.completion_tokens", sent)
         if faults.stall_after is not None and faults.stall_after >= len(answer.pieces):
             self.stats.count("faults.stall")
-            await _wait(gone, faults.stall_s)
+            await self._pause(send, gone, faults.stall_s, stall=True)
         if faults.cut_after is not None and faults.cut_after <= len(answer.pieces):
             self.stats.count("faults.cut")
             return
@@ -219,6 +220,25 @@ class ChatStream:
             used = orjson.dumps(counted if faults.stream_usage is None else faults.stream_usage)
             end += head + b"[]" + b',"usage":' + used + b"}\n\n"
         await send({"type": "http.response.body", "body": end + DONE, "more_body": False})
+
+    async def _pause(
+        self, send: Send, gone: asyncio.Event, seconds: float, stall: bool = False
+    ) -> None:
+        """Wait `seconds` (a stall ends early when the client goes), filled with keep-alive
+        comments when the `keepalive_ms` fault asks for them."""
+        every = self.faults.keepalive_ms
+        if every is None:
+            await (_wait(gone, seconds) if stall else asyncio.sleep(seconds))
+            return
+        until = asyncio.get_running_loop().time() + seconds
+        while not gone.is_set():
+            left = until - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await _wait(gone, min(every / 1000, left))
+            if not gone.is_set():
+                self.stats.count("faults.keepalives")
+                await send(_body(KEEPALIVE))
 
 
 def _body(data: bytes) -> Message:

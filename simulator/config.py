@@ -29,6 +29,8 @@ class FaultRule(BaseModel):
     content chunks, no ``[DONE]``), ``stall_after`` + ``stall_s`` (stream sends nothing for S
     seconds after N content chunks, then carries on), ``no_finish_reason`` (the stream ends with
     ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do),
+    ``keepalive_ms`` (every wait of a stream, before its first token, between tokens and in
+    a stall, is filled with an SSE comment this often, as relays keep a connection alive),
     ``append_text`` (the answer ends with this piece, e.g. control characters or a NUL, which
     real models do emit), ``stream_usage`` (a stream's usage chunk carries this object instead,
     as a relay that miscounts might send).
@@ -53,6 +55,7 @@ class FaultRule(BaseModel):
     cut_after: int | None = Field(default=None, ge=0)
     stall_after: int | None = Field(default=None, ge=0)
     stall_s: float = Field(default=5.0, ge=0)
+    keepalive_ms: float | None = Field(default=None, gt=0)
     no_finish_reason: bool | None = None
     append_text: str | None = None
     stream_usage: dict[str, Any] | None = None

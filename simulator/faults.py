@@ -30,6 +30,7 @@ class ChatFaults:
     cut_after: int | None = None
     stall_after: int | None = None
     stall_s: float = 0.0
+    keepalive_ms: float | None = None
     no_finish_reason: bool = False
     append_text: str | None = None
     stream_usage: dict[str, Any] | None = None
@@ -147,6 +148,7 @@ def _merge(faults: ChatFaults, rule: FaultRule) -> None:
         "message",
         "cut_after",
         "stall_after",
+        "keepalive_ms",
         "no_finish_reason",
         "append_text",
         "stream_usage",

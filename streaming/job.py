@@ -247,7 +247,7 @@ class StreamJob:
             # stalled; flex the SDK's long one); stream_once watches the idle limit itself.
             timeout_s = lanes.timeout_s()
             # An attempt in flight counts as progress within its own timeouts (connect and
-            # first byte, then the idle limit between chunks; the heartbeat sees the chunks).
+            # first byte, then the idle limit to its first text; the heartbeat sees the texts).
             in_flight_s = timeout_s + settings.stream_idle_timeout_s
             self.live_for(in_flight_s)
             try:
@@ -259,6 +259,7 @@ class StreamJob:
                     include_usage=include_usage,
                     timeout_s=timeout_s,
                     idle_timeout_s=settings.stream_idle_timeout_s,
+                    answer_max_s=settings.stream_answer_max_s,
                     on_text=self._on_text,
                     before_body=self._before_body,
                 )

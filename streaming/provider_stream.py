@@ -145,41 +145,67 @@ def _stream_error(obj: dict[str, Any]) -> Exception:
     return Fatal(f"provider error mid-stream: {message}")
 
 
-class _IdleWatch:
-    """Cancels the current task when no data arrived for `limit_s` (the idle limit between
-    chunks). One timer per stream, re-armed only when it fires: a chunk costs one clock read
-    (`seen()`), not a timer of its own."""
+class _TextWatch:
+    """Cancels the current task when the answer's text is late: the first text not within
+    `first_s` of the call, a later one not within `limit_s` of the one before, or the answer
+    not over `end_s` after the response's head. Keep-alive comments and chunks without text
+    are not text: a relay that keeps the connection open sending nothing else holds no stream
+    past these limits. One timer per stream, re-armed only when it fires: a text costs one
+    clock read."""
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float, first_s: float, end_s: float, called_at: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
-        self.limit_s = limit_s
-        self.last = self.loop.time()
-        self.busy = False  # set while a chunk's handler runs (e.g. waits for the row's claim)
-        self.fired = False
-        self.handle = self.loop.call_later(limit_s, self._check)
+        self.limit_s, self.first_s, self.end_s = limit_s, first_s, end_s
+        self.first_by = called_at + first_s
+        self.end_by = self.loop.time() + end_s
+        self.last: float | None = None  # the last text's arrival
+        self.busy = False  # set while the job's grant is awaited (the row's claim)
+        self.fired: Exception | None = None  # why it cancelled the task
+        self.handle = self.loop.call_at(self._due(), self._check)
 
-    def seen(self) -> None:
+    def texted(self) -> None:
+        first = self.last is None
         self.last = self.loop.time()
+        if first:  # the timer was set for the first text's limit: from now on, the gap's
+            self.handle.cancel()
+            self.handle = self.loop.call_at(self._due(), self._check)
+
+    def done_waiting(self) -> None:
+        """The grant came: the first text's limit starts again (the claim is not the
+        provider's time)."""
+        self.busy = False
+        self.first_by = max(self.first_by, self.loop.time() + self.limit_s)
+
+    def _due(self) -> float:
+        due = self.first_by if self.last is None else self.last + self.limit_s
+        return min(due, self.end_by)
 
     def _check(self) -> None:
-        idle = 0.0 if self.busy else self.loop.time() - self.last
-        if idle < self.limit_s:
-            self.handle = self.loop.call_later(self.limit_s - idle, self._check)
-        elif self.task is not None:
-            self.fired = True
+        now = self.loop.time()
+        if now >= self.end_by:
+            self.fired = Fatal(f"the answer took longer than {self.end_s:g}s")
+        elif self.busy or now < self._due():
+            due = now + self.limit_s if self.busy else self._due()
+            self.handle = self.loop.call_at(min(due, self.end_by), self._check)
+            return
+        elif self.last is None:
+            self.fired = Retryable(f"no text for {self.first_s:g}s after the call")
+        else:
+            self.fired = Retryable(f"stream stalled: no text for {self.limit_s:g}s")
+        if self.task is not None:
             self.task.cancel()
 
     def close(self) -> None:
         self.handle.cancel()
 
-    def stalled(self) -> bool:
-        """After a CancelledError: True when it was this watch's (taken back), False when
-        someone else cancelled the task too (let it through)."""
-        if not self.fired or self.task is None:
-            return False
+    def why(self) -> Exception | None:
+        """After a CancelledError: this watch's reason when the cancel was its own (taken
+        back), None when someone else cancelled the task too (let it through)."""
+        if self.fired is None or self.task is None:
+            return None
         self.task.uncancel()
-        return self.task.cancelling() == 0
+        return self.fired if self.task.cancelling() == 0 else None
 
 
 async def stream_once(
@@ -189,19 +215,23 @@ async def stream_once(
     include_usage: bool,
     timeout_s: float,
     idle_timeout_s: float,
+    answer_max_s: float,
     on_text: OnText,
     before_body: BeforeBody | None = None,
 ) -> AttemptEnd:
     """Stream one answer; raise Retryable or Fatal on failure.
 
     `timeout_s` bounds the call up to the response's head (a busy provider may take a while to
-    start answering: that is not a stall); from then on no data for `idle_timeout_s` is a
-    stall. `before_body` is awaited once the head says the answer streams, before any of it
-    is handed to `on_text` (the job's grant); what arrives meanwhile waits in the response."""
+    start answering: that is not a stall), and the first text must come within `idle_timeout_s`
+    more; from then on no text for `idle_timeout_s` is a stall (retried), and an answer still
+    streaming `answer_max_s` after the head fails. `before_body` is awaited once the head says
+    the answer streams, before any of it is handed to `on_text` (the job's grant); what arrives
+    meanwhile waits in the response."""
     kwargs: dict[str, Any] = {**body, "stream": True}
     if include_usage:
         kwargs["stream_options"] = {"include_usage": True}
-    idle: _IdleWatch | None = None
+    called_at = asyncio.get_running_loop().time()
+    watch: _TextWatch | None = None
     response = None
     reader: _SseReader | None = None
     reuse = False
@@ -215,35 +245,35 @@ async def stream_once(
                 raw = await response.read(ERROR_BODY_LIMIT)
                 reuse = True
                 raise _status_error(response.status, raw, response.headers)
-        idle = _IdleWatch(idle_timeout_s)
+        watch = _TextWatch(idle_timeout_s, timeout_s + idle_timeout_s, answer_max_s, called_at)
         if before_body is not None:
-            idle.busy = True
+            watch.busy = True
             await before_body()
-            idle.busy = False
-            idle.seen()
-        reader = _SseReader(on_text, idle)
+            watch.done_waiting()
+        reader = _SseReader(on_text, watch)
         response.done.add_done_callback(reader.closed)
         response.read_into(reader.feed)
         end = await reader.ended
         reuse = reader.saw_done
         return end
     except asyncio.CancelledError:
-        if idle is not None and idle.stalled():
-            raise Retryable(f"stream stalled: no data for {idle_timeout_s:g}s") from None
+        why = watch.why() if watch is not None else None
+        if why is not None:
+            raise why from None
         raise
     except TimeoutError:
-        if idle is not None:
+        if watch is not None:
             raise Retryable("stream cut: a read timed out") from None
         raise Retryable("provider timed out before answering") from None
     except OSError as err:  # ConnectionError (a cut, a malformed answer), TLS errors
-        if idle is not None:
+        if watch is not None:
             raise Retryable(f"stream cut: {_why(err)}") from None
         raise Retryable(f"cannot reach the provider: {_why(err)}") from None
     except orjson.JSONDecodeError:
         raise Retryable("malformed chunk from the provider") from None
     finally:
-        if idle is not None:
-            idle.close()
+        if watch is not None:
+            watch.close()
         if response is not None:
             response.release(reuse=reuse)
         if reader is not None and reader.ended.done() and not reader.ended.cancelled():
@@ -258,9 +288,9 @@ class _SseReader:
     """The body's SSE lines, parsed as they arrive (on the loop, in the connection's callback):
     each text to `on_text`, the end into `ended`."""
 
-    def __init__(self, on_text: OnText, idle: _IdleWatch) -> None:
+    def __init__(self, on_text: OnText, watch: _TextWatch) -> None:
         self.on_text = on_text
-        self.idle = idle
+        self.watch = watch
         self.ended: asyncio.Future[AttemptEnd] = asyncio.get_running_loop().create_future()
         self.saw_done = False
         self.rest = b""
@@ -271,7 +301,6 @@ class _SseReader:
     def feed(self, data: bytes) -> None:
         if self.ended.done():
             return  # what follows the end (or a stop) is not read
-        self.idle.seen()
         try:
             self._lines(data)
         except Exception as err:  # the stream ends with it (the connection is closed too)
@@ -283,6 +312,7 @@ class _SseReader:
         self.rest = lines.pop()
         if len(self.rest) > LINE_MAX_BYTES:  # unbounded, it would stall the loop's every stream
             raise Retryable(f"a line of the provider's answer is over {LINE_MAX_BYTES} bytes")
+        texted = False
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
@@ -300,11 +330,15 @@ class _SseReader:
             if usage:
                 self.usage = usage
             for text, finish in choices:
-                if text and not self.on_text(text):
-                    self.ended.set_result(AttemptEnd("length", None, self.tier))
-                    return
+                if text:
+                    texted = True
+                    if not self.on_text(text):
+                        self.ended.set_result(AttemptEnd("length", None, self.tier))
+                        return
                 if finish:
                     self.finish = _finish_reason(finish)
+        if texted:  # once a read: a clock read, not one a chunk
+            self.watch.texted()
 
     def closed(self, done: asyncio.Future[None]) -> None:
         """The response is over (complete, cut, or failed in `feed`)."""

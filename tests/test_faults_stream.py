@@ -251,3 +251,84 @@ def test_an_answer_past_its_models_output_limit_ends_at_the_limit(
     ids, rows = streamed_under(fault_deployment, simulator, [], [f"long {uuid.uuid4().hex}"])
     row = rows[ids[0]]
     assert (row.finish_reason, row.completion_tokens) == ("length", 4 * 2048), row.finish_reason
+
+
+# An attempt's time limits, shortened in the worker's environment below: the first text within
+# the provider timeout plus the idle limit of the call (2 + 1 s), then text at least every idle
+# limit, the whole answer within the answer limit (4 s). Keep-alive comments are not text.
+TIME_LIMITS_ENV = {"SHEEPDOG_PROVIDER_TIMEOUT_S": "2", "SHEEPDOG_STREAM_ANSWER_MAX_S": "4"}
+TIME_LIMITS: list[tuple[str, dict[str, Any], int, str]] = [
+    (
+        "keep-alives while the first token takes 1.5 s",
+        {"ttft_ms": 1500, "keepalive_ms": 100},
+        2,
+        "ok",
+    ),
+    (
+        "keep-alives only, twice, then the answer",
+        {"stall_after": 0, "stall_s": 600, "keepalive_ms": 100, "first": 2},
+        2,
+        "ok",
+    ),
+    (
+        "keep-alives only after 3 tokens, twice",
+        {"stall_after": 3, "stall_s": 600, "keepalive_ms": 100, "first": 2},
+        2,
+        "ok",
+    ),
+    (
+        "keep-alives only, on every attempt",
+        {"stall_after": 0, "stall_s": 600, "keepalive_ms": 100},
+        2,
+        "no text for 3s after the call (gave up after 4 attempts)",
+    ),
+    (
+        "tokens trickling past the answer limit",
+        {"chunk_delay_ms": 300, "keepalive_ms": 100},
+        2,
+        "the answer took longer than 4s",
+    ),
+]
+
+
+def test_an_attempt_has_time_limits_keep_alives_notwithstanding(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    """A relay that keeps a stream open with comments while sending no text, or that trickles
+    tokens without end, holds no stream past its limits: the attempt is retried, or the
+    request fails, with a reason; the followers end with what the row holds."""
+    dep = fault_deployment
+    run = uuid.uuid4().hex[:8]
+    tags = {name: f"tl{i} {run}" for i, (name, *_) in enumerate(TIME_LIMITS)}
+    simulator.set_faults([{"match": tags[name], **rule} for name, rule, _, _ in TIME_LIMITS])
+    worker = dep.stream_worker("time-limits", concurrency=20, **TIME_LIMITS_ENV)
+    beat = dep.stack.start_beat(name="time-limits-beat")  # the janitor, to see no row lapse
+    try:
+        groups = {
+            name: dep.client().submit_many([request(f"{tags[name]} q{i}") for i in range(n)])
+            for name, _, n, _ in TIME_LIMITS
+        }
+        everything = [rid for ids in groups.values() for rid in ids]
+        rows = wait_final(dep.settings, everything, 90)
+    finally:
+        beat.stop()
+        worker.stop()
+        simulator.set_faults([])
+    check_invariants(dep.settings, everything)
+    for name, _, _, expected in TIME_LIMITS:
+        ids = groups[name]
+        t = tally(dep.settings, ids)
+        fault_figures.record(f"provider: {name}", t, "stream; " + expected)
+        assert t.lost == 0, (name, t)
+        for rid in ids:
+            row, msgs = rows[rid], log_types(dep, rid)
+            # The worker ended it itself: no heartbeat lapsed for the janitor to take it back.
+            assert row.attempts == 0, (name, rid, row.attempts, row.error)
+            if expected == "ok":
+                assert row.status == "succeeded", (name, rid, row.status, row.error)
+                assert row.text == direct_answer(simulator, row.body), (name, rid)
+                assert msgs[-1].type == "done", (name, rid, msgs[-1])
+            else:
+                assert row.status == "failed", (name, rid, row.status, row.text)
+                assert expected in (row.error or ""), (name, rid, row.error)
+                assert msgs[-1].type == "error", (name, rid, msgs[-1])

@@ -137,6 +137,7 @@ async def stream_with(
         include_usage=True,
         timeout_s=5,
         idle_timeout_s=2,
+        answer_max_s=10,
         on_text=on_text,
         before_body=before_body,
     )
