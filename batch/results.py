@@ -106,7 +106,14 @@ def _parse_validated(raw: bytes) -> tuple[str, LineResult] | None:
             body = CompletionBody.model_validate(response.body or {})
         except ValidationError:
             return None
-        choice = body.choices[0]
+        # A lone choice is the answer; among several (a relay answering n > 1) choice 0 is,
+        # and no other's text is taken for it.
+        choices = body.choices
+        choice = (
+            choices[0] if len(choices) == 1 else next((c for c in choices if c.index == 0), None)
+        )
+        if choice is None:
+            return None
         if choice.message.content is None:
             if choice.message.refusal:
                 return line.custom_id, LineResult(

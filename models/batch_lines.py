@@ -64,6 +64,7 @@ class LineMessage(BaseModel):
 class LineChoice(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    index: Any = None  # read only to pick choice 0 among several (batch/results.py)
     message: LineMessage
     finish_reason: str | None = None
 

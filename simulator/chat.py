@@ -127,9 +127,9 @@ def _chunk_parts(
     return b"data: " + head[:-1] + b',"choices":', tail
 
 
-def _choice(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+def _choice(delta: dict[str, Any], finish_reason: str | None, index: int = 0) -> bytes:
     return orjson.dumps(
-        [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     )
 
 
@@ -204,7 +204,10 @@ class ChatStream:
                 self.stats.count("chat.disconnects")
                 self.stats.count("chat.completion_tokens", sent)
                 return
-            await send(_body(piece_head + orjson.dumps(piece) + piece_tail))
+            chunk = piece_head + orjson.dumps(piece) + piece_tail
+            if faults.second_choice:  # as a relay answering n=2: another text in between
+                chunk += head + _choice({"content": piece[::-1]}, None, index=1) + tail
+            await send(_body(chunk))
             sent += 1
         self.stats.count("chat.completion_tokens", sent)
         if faults.stall_after is not None and faults.stall_after >= len(answer.pieces):

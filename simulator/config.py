@@ -31,6 +31,8 @@ class FaultRule(BaseModel):
     ``data: [DONE]`` but never names a finish reason, as some OpenAI-compatible servers do),
     ``keepalive_ms`` (every wait of a stream, before its first token, between tokens and in
     a stall, is filled with an SSE comment this often, as relays keep a connection alive),
+    ``second_choice`` (each content chunk of a stream is followed by one of a choice with
+    index 1 holding other text, as a relay answering ``n=2`` streams them),
     ``append_text`` (the answer ends with this piece, e.g. control characters or a NUL, which
     real models do emit), ``stream_usage`` (a stream's usage chunk carries this object instead,
     as a relay that miscounts might send).
@@ -56,6 +58,7 @@ class FaultRule(BaseModel):
     stall_after: int | None = Field(default=None, ge=0)
     stall_s: float = Field(default=5.0, ge=0)
     keepalive_ms: float | None = Field(default=None, gt=0)
+    second_choice: bool | None = None
     no_finish_reason: bool | None = None
     append_text: str | None = None
     stream_usage: dict[str, Any] | None = None

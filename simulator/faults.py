@@ -31,6 +31,7 @@ class ChatFaults:
     stall_after: int | None = None
     stall_s: float = 0.0
     keepalive_ms: float | None = None
+    second_choice: bool = False
     no_finish_reason: bool = False
     append_text: str | None = None
     stream_usage: dict[str, Any] | None = None
@@ -149,6 +150,7 @@ def _merge(faults: ChatFaults, rule: FaultRule) -> None:
         "cut_after",
         "stall_after",
         "keepalive_ms",
+        "second_choice",
         "no_finish_reason",
         "append_text",
         "stream_usage",

@@ -363,11 +363,14 @@ LINE_MAX_BYTES = 1 << 20
 
 
 def _chunk(obj: Any) -> tuple[Any, Any, Any, list[tuple[str | None, Any]]]:
-    """A chunk's (error, service tier, usage, [(text, finish reason)] of its choices); a chunk
-    not of that shape is a malformed chunk (retried)."""
+    """A chunk's (error, service tier, usage, [(text, finish reason)] of its first choice); a
+    chunk not of that shape is a malformed chunk (retried). Only choice 0 is the answer (a
+    request asks one): a relay streaming others too (as for `n` > 1) must not splice them in."""
     try:
         choices = []
         for choice in obj.get("choices") or ():
+            if choice.get("index") not in (0, None):
+                continue
             text = (choice.get("delta") or {}).get("content")
             if text and not isinstance(text, str):
                 text = _content_text(text)

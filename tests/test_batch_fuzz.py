@@ -213,3 +213,17 @@ def test_a_usage_past_an_integer_column_is_refused_on_both_paths() -> None:
     ).encode()
     accepted = parse_line(raw)
     assert accepted is not None and accepted == _parse_validated(raw)
+
+
+@pytest.mark.unit
+def test_only_choice_0_is_the_answer_among_several() -> None:
+    """A relay answering `n` > 1 in a batch line: choice 0's text is taken, wherever it is in
+    the list; a line with several choices and no choice 0 is malformed."""
+    line = ok_line("req_a", "the answer")
+    first = line["response"]["body"]["choices"][0]
+    other = {**first, "index": 1, "message": {"role": "assistant", "content": "another"}}
+    line["response"]["body"]["choices"] = [other, first]
+    got = parse_line(json.dumps(line).encode())
+    assert got is not None and got[1].text == "the answer", got
+    line["response"]["body"]["choices"] = [other, {**other, "index": 2}]
+    assert parse_line(json.dumps(line).encode()) is None

@@ -332,3 +332,20 @@ def test_an_attempt_has_time_limits_keep_alives_notwithstanding(
                 assert row.status == "failed", (name, rid, row.status, row.text)
                 assert expected in (row.error or ""), (name, rid, row.error)
                 assert msgs[-1].type == "error", (name, rid, msgs[-1])
+
+
+def test_a_second_choice_in_the_stream_is_not_spliced_in(
+    fault_deployment: Deployment, simulator: Any, fault_figures: Figures
+) -> None:
+    """A relay that streams a second choice (index 1) between the first's chunks, as for
+    `n=2`: the answer is choice 0's alone, stored and followed alike."""
+    dep = fault_deployment
+    tag = f"choices {uuid.uuid4().hex[:8]}"
+    rule = {"match": tag, "second_choice": True}
+    ids, rows = streamed_under(dep, simulator, [rule], [f"{tag} q{i}" for i in range(3)])
+    fault_figures.record("provider: a second choice streamed", tally(dep.settings, ids), "stream")
+    for rid in ids:
+        row = rows[rid]
+        assert row.text == direct_answer(simulator, row.body), rid
+        msgs = log_types(dep, rid)
+        assert "".join(m.text or "" for m in msgs if m.type == "token") == row.text, rid
