@@ -127,15 +127,24 @@ def poll(settings: Settings | None = None) -> PollReport:
         except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
             continue
-        if batch.status not in KNOWN:  # a relay's own word: keep polling, move nothing
+        status = batch.status
+        if status not in KNOWN and job_id in report.cancelled:
+            # Past the wait and cancelled, and still a status of the relay's own: it would
+            # never end, nor would its requests. Ended here; the ingest takes whatever file
+            # the relay names and requeues the rest, as for any cancelled batch.
             log.warning(
-                "job %s: provider status %r is not a Batch API status", job_id, batch.status
+                "job %s: provider status %r past the wait limit; ended as cancelled",
+                job_id,
+                status,
             )
+            status = BatchStatus.CANCELLED
+        elif status not in KNOWN:  # a relay's own word: keep polling, move nothing
+            log.warning("job %s: provider status %r is not a Batch API status", job_id, status)
             continue
-        move_job_now(settings, job_id, batch.status, **batch_values(batch))
-        if batch.status != old_status:
+        move_job_now(settings, job_id, status, **batch_values(batch))
+        if status != old_status:
             report.changed += 1
-            log.info("job %s: %s -> %s", job_id, old_status, batch.status)
+            log.info("job %s: %s -> %s", job_id, old_status, status)
     with session_scope(settings.database_url) as session:
         report.to_ingest = list(
             session.scalars(

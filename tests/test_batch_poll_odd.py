@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from batch.claim import claim
+from batch.ingest import ingest
 from batch.job_status import move_job_now
 from batch.poll import poll
 from core.db import session_scope
-from models.tables import BatchJob, utcnow
+from models.tables import BatchJob, Request, utcnow
 from tests.fixtures.batch import add_requests, make_settings, wipe
 
 ODD: dict[str, dict[str, Any]] = {
@@ -103,6 +104,9 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
             .where(BatchJob.id == jobs["batch_own_status"])
             .values(submitted_at=utcnow() - timedelta(hours=2))
         )
+        (own_request,) = session.scalars(
+            select(Request.id).where(Request.batch_job_id == jobs["batch_own_status"])
+        ).all()
     _Relay.cancelled.clear()
     report = poll(settings)
     assert report.checked == len(ODD)
@@ -116,6 +120,16 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
         assert errs is not None and errs.errors is not None
         (item,) = errs.errors["data"]  # a list of error objects, as its readers take
         assert "'data': 5" in item["message"]
-    # Past the wait limit with a status of the relay's own: cancelled like an open one.
+    # Past the wait limit with a status of the relay's own: cancelled like an open one, and,
+    # its answer still a status of its own, ended here: its request is requeued by the ingest
+    # (as for any cancelled batch), and the relay is not asked again.
+    own = jobs["batch_own_status"]
     assert _Relay.cancelled == ["batch_own_status"]
-    assert jobs["batch_own_status"] in report.cancelled
+    assert own in report.cancelled
+    assert own in poll(settings).to_ingest and _Relay.cancelled == ["batch_own_status"]
+    ingest(own, settings)
+    with session_scope(settings.database_url) as session:
+        job = session.get(BatchJob, own)
+        assert job is not None and job.status == "cancelled" and job.ingested_at is not None
+        row = session.get(Request, own_request)
+        assert row is not None and (row.status, row.attempts) == ("queued", 1), row.error
