@@ -127,7 +127,7 @@ def poll(settings: Settings | None = None) -> PollReport:
         except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
             continue
-        status = batch.status
+        status: str = batch.status
         if status not in KNOWN and job_id in report.cancelled:
             # Past the wait and cancelled, and still a status of the relay's own: it would
             # never end, nor would its requests. Ended here; the ingest takes whatever file
@@ -137,7 +137,7 @@ def poll(settings: Settings | None = None) -> PollReport:
                 job_id,
                 status,
             )
-            status = BatchStatus.CANCELLED
+            status = BatchStatus.CANCELLED.value
         elif status not in KNOWN:  # a relay's own word: keep polling, move nothing
             log.warning("job %s: provider status %r is not a Batch API status", job_id, status)
             continue
