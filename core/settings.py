@@ -45,7 +45,8 @@ class Settings(BaseSettings):
 
     # Streaming path
     stream_idle_timeout_s: float = 30.0  # the longest wait for an answer's next text
-    stream_answer_max_s: float = 600.0  # an answer still streaming this long after it began fails
+    # An answer still streaming this long after its first text ends there (`length`).
+    stream_answer_max_s: float = Field(default=1800.0, gt=0)
     stream_max_attempts: int = 5
     stream_backoff_base_s: float = 0.5
     stream_backoff_max_s: float = 30.0

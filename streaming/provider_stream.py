@@ -146,34 +146,36 @@ def _stream_error(obj: dict[str, Any]) -> Exception:
 
 
 class _TextWatch:
-    """Cancels the current task when the answer's text is late: the first text not within
-    `first_s` of the call, a later one not within `limit_s` of the one before, or the answer
-    not over `end_s` after the response's head. Keep-alive comments and chunks without text
-    are not text: a relay that keeps the connection open sending nothing else holds no stream
-    past these limits. One timer per stream, re-armed only when it fires: a text costs one
-    clock read."""
+    """Watches the answer's text: the first must come within `first_s` of the call and each
+    next within `limit_s` of the one before, else the current task is cancelled (a stall,
+    retried); an answer still streaming `end_s` after its first text is ended there, as one
+    cut at its token limit is (`cap`). Keep-alive comments and chunks without text are not
+    text: a relay that keeps the connection open and sends nothing else holds a stream no
+    longer than one that sends nothing. Nothing fires while `busy` (the job's grant is
+    awaited: the row's claim is not the provider's time). One timer a stream, re-armed when
+    it fires and at the first text: a read with text costs one clock read."""
 
     def __init__(self, limit_s: float, first_s: float, end_s: float, called_at: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
         self.limit_s, self.first_s, self.end_s = limit_s, first_s, end_s
         self.first_by = called_at + first_s
-        self.end_by = self.loop.time() + end_s
+        self.end_by = math.inf  # set at the first text
         self.last: float | None = None  # the last text's arrival
-        self.busy = False  # set while the job's grant is awaited (the row's claim)
+        self.busy = False
+        self.cap: Callable[[], None] | None = None  # ends the answer (the reader's)
         self.fired: Exception | None = None  # why it cancelled the task
         self.handle = self.loop.call_at(self._due(), self._check)
 
     def texted(self) -> None:
-        first = self.last is None
         self.last = self.loop.time()
-        if first:  # the timer was set for the first text's limit: from now on, the gap's
+        if self.end_by == math.inf:  # the first text: the gap's limit and the answer's start
+            self.end_by = self.last + self.end_s
             self.handle.cancel()
             self.handle = self.loop.call_at(self._due(), self._check)
 
     def done_waiting(self) -> None:
-        """The grant came: the first text's limit starts again (the claim is not the
-        provider's time)."""
+        """The grant came: the first text's limit starts again."""
         self.busy = False
         self.first_by = max(self.first_by, self.loop.time() + self.limit_s)
 
@@ -183,17 +185,18 @@ class _TextWatch:
 
     def _check(self) -> None:
         now = self.loop.time()
-        if now >= self.end_by:
-            self.fired = Fatal(f"the answer took longer than {self.end_s:g}s")
-        elif self.busy or now < self._due():
-            due = now + self.limit_s if self.busy else self._due()
-            self.handle = self.loop.call_at(min(due, self.end_by), self._check)
-            return
-        elif self.last is None:
-            self.fired = Retryable(f"no text for {self.first_s:g}s after the call")
-        else:
-            self.fired = Retryable(f"stream stalled: no text for {self.limit_s:g}s")
-        if self.task is not None:
+        if self.busy:
+            self.handle = self.loop.call_at(now + self.limit_s, self._check)
+        elif now >= self.end_by and self.cap is not None:
+            self.cap()
+        elif now < self._due():
+            self.handle = self.loop.call_at(self._due(), self._check)
+        elif self.task is not None:
+            self.fired = (
+                Retryable(f"no text for {self.first_s:g}s after the call")
+                if self.last is None
+                else Retryable(f"stream stalled: no text for {self.limit_s:g}s")
+            )
             self.task.cancel()
 
     def close(self) -> None:
@@ -224,9 +227,9 @@ async def stream_once(
     `timeout_s` bounds the call up to the response's head (a busy provider may take a while to
     start answering: that is not a stall), and the first text must come within `idle_timeout_s`
     more; from then on no text for `idle_timeout_s` is a stall (retried), and an answer still
-    streaming `answer_max_s` after the head fails. `before_body` is awaited once the head says
-    the answer streams, before any of it is handed to `on_text` (the job's grant); what arrives
-    meanwhile waits in the response."""
+    streaming `answer_max_s` after its first text ends there (`length`). `before_body` is
+    awaited once the head says the answer streams, before any of it is handed to `on_text`
+    (the job's grant); what arrives meanwhile waits in the response."""
     kwargs: dict[str, Any] = {**body, "stream": True}
     if include_usage:
         kwargs["stream_options"] = {"include_usage": True}
@@ -251,6 +254,7 @@ async def stream_once(
             await before_body()
             watch.done_waiting()
         reader = _SseReader(on_text, watch)
+        watch.cap = reader.cap
         response.done.add_done_callback(reader.closed)
         response.read_into(reader.feed)
         end = await reader.ended
@@ -297,6 +301,7 @@ class _SseReader:
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
         self.tier: str | None = None
+        self.index: Any = _UNSEEN  # the answer's choice: the first index the stream names
 
     def feed(self, data: bytes) -> None:
         if self.ended.done():
@@ -329,7 +334,11 @@ class _SseReader:
                 self.tier = tier
             if usage:
                 self.usage = usage
-            for text, finish in choices:
+            for index, text, finish in choices:
+                if index != self.index:  # a request asks one answer: the first choice's
+                    if self.index is not _UNSEEN:
+                        continue  # another's (a relay answering n > 1) is not spliced in
+                    self.index = index
                 if text:
                     texted = True
                     if not self.on_text(text):
@@ -339,6 +348,11 @@ class _SseReader:
                     self.finish = _finish_reason(finish)
         if texted:  # once a read: a clock read, not one a chunk
             self.watch.texted()
+
+    def cap(self) -> None:
+        """End the answer here, as one cut at its token limit (the time limit's)."""
+        if not self.ended.done():
+            self.ended.set_result(AttemptEnd("length", None, self.tier))
 
     def closed(self, done: asyncio.Future[None]) -> None:
         """The response is over (complete, cut, or failed in `feed`)."""
@@ -360,21 +374,20 @@ def _end(finish: str | None, usage: dict[str, Any] | None, tier: str | None) -> 
 
 
 LINE_MAX_BYTES = 1 << 20
+_UNSEEN = object()
 
 
-def _chunk(obj: Any) -> tuple[Any, Any, Any, list[tuple[str | None, Any]]]:
-    """A chunk's (error, service tier, usage, [(text, finish reason)] of its first choice); a
-    chunk not of that shape is a malformed chunk (retried). Only choice 0 is the answer (a
-    request asks one): a relay streaming others too (as for `n` > 1) must not splice them in."""
+def _chunk(obj: Any) -> tuple[Any, Any, Any, list[tuple[Any, str | None, Any]]]:
+    """A chunk's (error, service tier, usage, [(index, text, finish reason)] of its choices);
+    a chunk not of that shape is a malformed chunk (retried)."""
     try:
         choices = []
         for choice in obj.get("choices") or ():
-            if choice.get("index") not in (0, None):
-                continue
             text = (choice.get("delta") or {}).get("content")
             if text and not isinstance(text, str):
                 text = _content_text(text)
-            choices.append((text, choice.get("finish_reason")))
+            index = choice.get("index")
+            choices.append((0 if index is None else index, text, choice.get("finish_reason")))
         return obj.get("error"), obj.get("service_tier"), obj.get("usage"), choices
     except (AttributeError, TypeError):
         raise Retryable("malformed chunk from the provider") from None

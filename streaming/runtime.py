@@ -150,7 +150,7 @@ class Runtime:
 def progressing(jobs: dict[str, StreamJob], now: float, idle_s: float) -> dict[str, int]:
     """The owned jobs (id -> attempts) that made progress: within the allowance of their last
     state change, or published since the last round (which extends it by the idle limit, the
-    longest a live stream may go without a chunk)."""
+    longest a live stream may go without a text)."""
     owned: dict[str, int] = {}
     for rid, job in list(jobs.items()):
         if job.grant is None:

@@ -35,6 +35,17 @@ def direct_answer(simulator: Any, body: dict[str, Any]) -> str:
         sdk.close()
 
 
+def followed(msgs: list[Any]) -> str:
+    """What a follower that drops what it showed at each `reset` ends with."""
+    shown: list[str] = []
+    for m in msgs:
+        if m.type == "reset":
+            shown.clear()
+        elif m.type == "token":
+            shown.append(m.text or "")
+    return "".join(shown)
+
+
 def log_types(dep: Deployment, rid: str) -> list[Any]:
     """Every message of the request's replay log, checked to be in seq order without gaps."""
     msgs = list(events(rid, timeout=10, settings=dep.settings))
@@ -153,13 +164,7 @@ def test_provider_faults_end_as_the_policy_says(
                 # (text shown before a cut or stall is followed by a reset; text the worker had
                 # not shown yet, before its claim, needs none).
                 msgs = log_types(dep, rid)
-                shown: list[str] = []
-                for m in msgs:
-                    if m.type == "reset":
-                        shown.clear()
-                    elif m.type == "token":
-                        shown.append(m.text or "")
-                assert msgs[-1].type == "done" and "".join(shown) == rows[rid].text, (name, rid)
+                assert msgs[-1].type == "done" and followed(msgs) == rows[rid].text, (name, rid)
         else:
             assert t.failed == len(ids), (name, t)
             assert all(expected in (rows[rid].error or "") for rid in ids), (
@@ -255,8 +260,10 @@ def test_an_answer_past_its_models_output_limit_ends_at_the_limit(
 
 # An attempt's time limits, shortened in the worker's environment below: the first text within
 # the provider timeout plus the idle limit of the call (2 + 1 s), then text at least every idle
-# limit, the whole answer within the answer limit (4 s). Keep-alive comments are not text.
+# limit; an answer still streaming 4 s after its first text ends there (`length`). Keep-alive
+# comments are not text.
 TIME_LIMITS_ENV = {"SHEEPDOG_PROVIDER_TIMEOUT_S": "2", "SHEEPDOG_STREAM_ANSWER_MAX_S": "4"}
+KEEP_ALIVES = {"stall_s": 600, "keepalive_ms": 100}
 TIME_LIMITS: list[tuple[str, dict[str, Any], int, str]] = [
     (
         "keep-alives while the first token takes 1.5 s",
@@ -266,37 +273,33 @@ TIME_LIMITS: list[tuple[str, dict[str, Any], int, str]] = [
     ),
     (
         "keep-alives only, twice, then the answer",
-        {"stall_after": 0, "stall_s": 600, "keepalive_ms": 100, "first": 2},
+        {"stall_after": 0, **KEEP_ALIVES, "first": 2},
         2,
         "ok",
     ),
     (
         "keep-alives only after 3 tokens, twice",
-        {"stall_after": 3, "stall_s": 600, "keepalive_ms": 100, "first": 2},
+        {"stall_after": 3, **KEEP_ALIVES, "first": 2},
         2,
         "ok",
     ),
     (
         "keep-alives only, on every attempt",
-        {"stall_after": 0, "stall_s": 600, "keepalive_ms": 100},
+        {"stall_after": 0, **KEEP_ALIVES},
         2,
         "no text for 3s after the call (gave up after 4 attempts)",
     ),
-    (
-        "tokens trickling past the answer limit",
-        {"chunk_delay_ms": 300, "keepalive_ms": 100},
-        2,
-        "the answer took longer than 4s",
-    ),
+    ("tokens trickling 300 ms apart", {"chunk_delay_ms": 300, "keepalive_ms": 100}, 2, "length"),
 ]
 
 
 def test_an_attempt_has_time_limits_keep_alives_notwithstanding(
     fault_deployment: Deployment, simulator: Any, fault_figures: Figures
 ) -> None:
-    """A relay that keeps a stream open with comments while sending no text, or that trickles
-    tokens without end, holds no stream past its limits: the attempt is retried, or the
-    request fails, with a reason; the followers end with what the row holds."""
+    """A relay that keeps a stream open with comments while sending no text is retried, then
+    the request fails with the reason; one that trickles tokens past the answer's time limit
+    is ended there, `length`, with what it sent. The worker does it, not the janitor (no row
+    taken back), and the followers end with what the row holds."""
     dep = fault_deployment
     run = uuid.uuid4().hex[:8]
     tags = {name: f"tl{i} {run}" for i, (name, *_) in enumerate(TIME_LIMITS)}
@@ -324,10 +327,16 @@ def test_an_attempt_has_time_limits_keep_alives_notwithstanding(
             row, msgs = rows[rid], log_types(dep, rid)
             # The worker ended it itself: no heartbeat lapsed for the janitor to take it back.
             assert row.attempts == 0, (name, rid, row.attempts, row.error)
-            if expected == "ok":
+            shown = followed(msgs)
+            if expected in ("ok", "length"):
                 assert row.status == "succeeded", (name, rid, row.status, row.error)
-                assert row.text == direct_answer(simulator, row.body), (name, rid)
-                assert msgs[-1].type == "done", (name, rid, msgs[-1])
+                assert msgs[-1].type == "done" and shown == row.text, (name, rid, msgs[-1])
+                full = direct_answer(simulator, row.body)
+                if expected == "ok":
+                    assert row.text == full, (name, rid)
+                else:  # cut at the time limit: a start of the answer, counted locally
+                    assert row.finish_reason == "length" and row.usage_estimated, (name, rid)
+                    assert row.text and full.startswith(row.text) and row.text != full, rid
             else:
                 assert row.status == "failed", (name, rid, row.status, row.text)
                 assert expected in (row.error or ""), (name, rid, row.error)
