@@ -6,7 +6,7 @@ import re
 import secrets
 import unicodedata
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ MAX_CONTENT_CHARS = 2_000_000
 # here so that a request the table cannot store is refused at the edge, not lost at intake.
 TENANT_MAX_CHARS = max_chars("tenant")
 MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
+USD_STEP = Decimal(10) ** -USD.scale  # type: ignore[operator]
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 1_000
@@ -179,11 +180,16 @@ class ChatRequest(BaseModel):
     def _non_negative_cap(cls, value: Decimal | None) -> Decimal | None:
         if value is not None and value < 0:
             raise ValueError(f"max_cost_usd must not be negative, got {value}")
-        if value is not None and value >= MAX_COST_USD_LIMIT:
+        if value is None:
+            return None
+        # As the column stores it (its scale, rounded): 9999999999.99999999999 is below the
+        # limit but rounds up to it, which PostgreSQL refuses.
+        stored = value if value >= MAX_COST_USD_LIMIT else value.quantize(USD_STEP, ROUND_HALF_UP)
+        if stored >= MAX_COST_USD_LIMIT:
             raise ValueError(
                 f"max_cost_usd {value} is too large (must be below {MAX_COST_USD_LIMIT:,})"
             )
-        return value
+        return stored
 
     @field_validator("idempotency_key")
     @classmethod

@@ -238,6 +238,43 @@ def test_tenant_isolation(api_server: ApiServer, simulator: Any) -> None:
         )
 
 
+def test_no_tenant_can_hold_anothers_idempotency_keys(api_server: ApiServer) -> None:
+    """Tenant names may hold a "/", and the default tenant's keys were kept bare: neither lets a
+    tenant reach another's keys (its request ids, or a 409 on the other's own submit). A key
+    as long as the door allows is taken, and shown back as given."""
+    run = uuid.uuid4().hex[:8]
+    team, acme = api_server.key(f"acme{run}/team"), api_server.key(f"acme{run}")
+    beta, default = api_server.key(f"beta{run}"), api_server.key("default")
+    with (
+        api_server.http(team) as t,
+        api_server.http(acme) as a,
+        api_server.http(beta) as b,
+        api_server.http(default) as d,
+    ):
+
+        def submit(http: Any, key: str, text: str) -> Any:
+            return http.post("/v1/requests", json=req(text, "low", idempotency_key=key))
+
+        first = submit(t, "x", "one").json()["id"]
+        other = submit(a, "team/x", "two")  # `acme` + `team/x` read as `acme/team` + `x`
+        assert other.status_code == 202 and other.json()["id"] != first, other.text
+        early = submit(d, f"beta{run}/next", "three")  # the default tenant's bare keys
+        assert early.status_code == 202, early.text
+        own = submit(b, "next", "four")
+        assert own.status_code == 202 and own.json()["id"] != early.json()["id"], own.text
+        longest = "k" * 183
+        rid = submit(a, longest, "five").json()["id"]
+        assert a.get(f"/v1/requests/{rid}").json()["idempotency_key"] == longest
+        conflict = submit(t, "x", "another text")
+        assert conflict.status_code == 409, conflict.text
+        assert conflict.json()["error"]["message"].startswith("idempotency key 'x' was already")
+        too_long = submit(a, longest + "k", "six")
+        assert too_long.status_code == 400, too_long.text
+        assert too_long.json()["error"]["message"] == (
+            "idempotency_key: at most 183 characters, got 184"
+        )
+
+
 def test_event_stream_key_in_the_query_is_not_logged(api_server: ApiServer) -> None:
     """A browser's EventSource cannot send headers: the events call takes ?access_token=, and
     the access log masks it."""
