@@ -4,6 +4,7 @@ and enqueue nothing; no key, --no-auth, Redis or the database away; health and m
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx2
+import orjson
 import pytest
 
 from tests.fixtures.api import ApiServer, free_port, start_api
@@ -85,6 +87,32 @@ def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiSer
             time.sleep(0.1)
         time.sleep(1)
         assert [v["id"] for v in http.get("/v1/requests").json()["data"]] == [sentinel]
+
+
+def test_odd_query_and_header_values_are_400_not_500(api_server: ApiServer) -> None:
+    """Values that passed a loose check and then broke a conversion (several dashes, digits
+    that are not ASCII, past 64 bits, a time past the year 9999 once in UTC, a NUL)."""
+    key = api_server.key()
+    with api_server.http(key) as http:
+        rid = http.post("/v1/requests", json=GOOD).json()["id"]
+        for value in (b"--5", b"\xb2", b"9" * 4301, b"18446744073709551615"):
+            r = http.get(f"/v1/requests/{rid}/events", headers={b"Last-Event-ID": value})
+            assert openai_error(r, 400)["param"] == "Last-Event-ID", value
+        r = http.get(f"/v1/requests/{rid}/events", params={"last_event_id": "\u00b2"})
+        assert openai_error(r, 400)["param"] == "Last-Event-ID"
+        assert (
+            openai_error(http.get("/v1/requests", params={"limit": "\u00b2"}), 400)["param"]
+            == "limit"
+        )
+        late = "9999-12-31T23:59:59-12:00"
+        assert (
+            openai_error(http.get("/v1/requests", params={"since": late}), 400)["param"] == "since"
+        )
+        for at, cursor_id in ((late, rid), ("2026-01-01T00:00:00+00:00", "req_\x00")):
+            raw = base64.urlsafe_b64encode(orjson.dumps([at, cursor_id])).decode().rstrip("=")
+            r = http.get("/v1/requests", params={"cursor": raw})
+            assert openai_error(r, 400)["code"] == "invalid_cursor", at
+        assert openai_error(http.delete("/v1/webhooks/%00"), 404)["code"] == "not_found"
 
 
 def test_no_key_or_a_wrong_scheme_is_401(api_server: ApiServer) -> None:
@@ -168,3 +196,29 @@ def test_redis_or_database_away_is_503(stack: Stack, api_server: ApiServer, away
             e = openai_error(http.post("/v1/requests", json=GOOD), 503)
         assert e["code"] == "unavailable" and dead not in e["message"]
         e = openai_error(http.post("/v1/chat/completions", json=CHAT), 503)
+
+
+@pytest.mark.unit
+def test_sheepdog_errors_the_door_did_not_know_are_logged() -> None:
+    """A missing webhook key is the server's configuration (503, logged for the operator);
+    any other error of Sheepdog's the map does not know is a 500, logged, not a silent one."""
+    import logging
+
+    from core.errors import SheepdogError
+    from sheepdog.api.errors import from_sheepdog
+    from webhooks.crypto import WebhookKeyError
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("sheepdog.api")
+    logger.addHandler(handler)
+    try:
+        missing = from_sheepdog(WebhookKeyError("webhook signing secrets need a key"))
+        other = from_sheepdog(SheepdogError("something new"))
+    finally:
+        logger.removeHandler(handler)
+    assert (missing.status, missing.code) == (503, "unavailable")
+    assert "need a key" not in missing.message  # the hint is the operator's
+    assert (other.status, other.code) == (500, "internal_error")
+    assert any("need a key" in m for m in seen) and any("something new" in m for m in seen)

@@ -6,6 +6,7 @@ tenant's endpoint or delivery is treated as unknown."""
 
 from __future__ import annotations
 
+import re
 import secrets as _random
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -125,8 +126,12 @@ def list_endpoints(session: Session, tenant: str | None) -> list[EndpointView]:
     return [EndpointView.from_row(r) for r in session.scalars(query)]
 
 
+ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
+
+
 def _endpoint(session: Session, tenant: str | None, endpoint_id: str) -> WebhookEndpoint:
-    row = session.get(WebhookEndpoint, endpoint_id)
+    # An id no endpoint can have (a NUL, which PostgreSQL refuses) is not looked up.
+    row = session.get(WebhookEndpoint, endpoint_id) if ENDPOINT_ID.fullmatch(endpoint_id) else None
     if row is None or (tenant is not None and row.tenant != tenant):
         raise WebhookError(f"no webhook endpoint {endpoint_id!r}")
     return row

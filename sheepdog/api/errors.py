@@ -7,6 +7,7 @@ rule refused the call.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import Response
@@ -18,6 +19,9 @@ from core.errors import (
     ServiceUnavailable,
 )
 from sheepdog.api.responses import FastJSONResponse
+from webhooks.crypto import WebhookKeyError
+
+log = logging.getLogger("sheepdog.api")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -79,4 +83,8 @@ def from_sheepdog(err: Exception) -> ApiError:
     if isinstance(err, ServiceUnavailable):
         # The URL and hint are for operators; a caller learns which service is away.
         return ApiError(503, f"{err.service} is unavailable; try again later", "unavailable")
+    if isinstance(err, WebhookKeyError):  # the server's configuration, not the call's fault
+        log.error("api: %s", err)
+        return ApiError(503, "webhook signing is not configured on this server", "unavailable")
+    log.error("api: unexpected %s: %s", type(err).__name__, err)
     return ApiError(500, "internal error", "internal_error")

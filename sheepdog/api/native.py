@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import orjson
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from models.request import REQUEST_ID
 from models.status import Status, is_final
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
@@ -81,19 +83,26 @@ def _encode_cursor(created_at: datetime, rid: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         at, rid = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(rid)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        if not (isinstance(rid, str) and REQUEST_ID.fullmatch(rid)):
+            raise ValueError(rid)
+        return _in_utc(datetime.fromisoformat(at)), rid
+    except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise ApiError(
             400, "invalid request: cursor is not one this API gave", "invalid_cursor", "cursor"
         ) from None
+
+
+def _in_utc(at: datetime) -> datetime:
+    """`at` in UTC (naive: taken as UTC); OverflowError past the year 9999 there."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def _since(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return _in_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except (ValueError, OverflowError):
         raise ApiError(
             400,
             f"invalid request: since {value!r} is not an ISO 8601 time",
@@ -116,7 +125,7 @@ async def list_requests(request: Request) -> Response:
             "status",
         )
     raw_limit = q.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
+    if not SMALL_NUMBER.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIST:
         raise ApiError(
             400, f"invalid request: limit must be 1 to {MAX_LIST}", "invalid_request", "limit"
         )
@@ -136,7 +145,7 @@ def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if raw is None or raw == "":
         return -1
-    if not raw.strip().lstrip("-").isdigit():
+    if not SEQ.fullmatch(raw.strip()):
         raise ApiError(
             400,
             f"invalid request: Last-Event-ID {raw[:40]!r} is not a seq",
@@ -144,6 +153,10 @@ def last_event_id(request: Request) -> int:
             "Last-Event-ID",
         )
     return max(-1, int(raw))
+
+
+SMALL_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only (str.isdigit takes "²")
+SEQ = re.compile(r"-?[0-9]{1,18}")  # a seq, or -1 for none: within 64 bits, and the next too
 
 
 async def events(request: Request) -> Response:
