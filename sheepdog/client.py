@@ -133,14 +133,16 @@ class Client(Submitter):
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request: a queued one never starts, an in-flight stream stops. False when
-        it had already ended; InvalidRequest for something that is not a request id."""
+        it had already ended or is in a provider batch; InvalidRequest for something that is
+        not a request id."""
         from streaming.cancel import cancel_request
 
         return cancel_request(request_id, settings=self.settings)
 
     def cancel_outcome(self, request_id: str) -> str:
-        """Cancel a request and say what that did: `cancelled`, `already ended` or `not
-        recorded` (an unknown id, or one still in the queue, which then never starts)."""
+        """Cancel a request and say what that did: `cancelled`, `already ended`, `in a batch`
+        (a provider has it: it ends with the batch's answer) or `not recorded` (an unknown id,
+        or one still in the queue, which then never starts)."""
         from streaming.cancel import cancel_outcome
 
         return cancel_outcome(request_id, settings=self.settings).value

@@ -24,12 +24,19 @@ class CancelOutcome(StrEnum):
     # No row: an unknown id, or a request still in the queue (a stream request's row is written
     # when a worker takes it). The flag is set all the same, so a queued one never starts.
     UNRECORDED = "not recorded"
+    # In a provider batch: the provider has it, and a batch is cancelled whole or not at all,
+    # so it ends with the batch's answer (and is billed as usual). Nothing changed.
+    IN_BATCH = "in a batch"
 
 
 def cancel_request(request_id: str, settings: Settings | None = None) -> bool:
     """Cancel `request_id`; False, and nothing changes, when it had already ended (succeeded,
-    failed or cancelled). See cancel_outcome; InvalidRequest for an id of the wrong shape."""
-    return cancel_outcome(request_id, settings) is not CancelOutcome.ENDED
+    failed or cancelled) or is in a provider batch. See cancel_outcome; InvalidRequest for an
+    id of the wrong shape."""
+    return cancel_outcome(request_id, settings) in (
+        CancelOutcome.CANCELLED,
+        CancelOutcome.UNRECORDED,
+    )
 
 
 def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelOutcome:
@@ -38,7 +45,8 @@ def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelO
 
     Sets the cancel flag (checked by a stream task before it starts) and announces the id on
     the cancel channel (every stream worker process stops the stream if it holds it). A row
-    still `queued` is moved to `cancelled` here, whichever path it is on."""
+    still `queued` is moved to `cancelled` here, whichever path it is on; a `batched` one is
+    left to its batch (IN_BATCH)."""
     check_request_id(request_id)
     settings = settings or get_settings()
     # Read before announcing: a worker holding the stream ends the row `cancelled` a few ms
@@ -50,6 +58,8 @@ def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelO
         ).one_or_none()
     if row is not None and is_final(row.status):
         return CancelOutcome.ENDED
+    if row is not None and row.status == Status.BATCHED:
+        return CancelOutcome.IN_BATCH
     redis = get_redis(settings.redis_url)
     names = keys.of(settings)
     redis.set(names.cancel_flag(request_id), b"1", ex=CANCEL_FLAG_TTL_S)
@@ -63,6 +73,12 @@ def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelO
             session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
         )
         attempts = moved_attempts(session, request_id, moved)
+        if not moved and row.route == "batch":  # batched (or ended) since it was read
+            now = session.scalar(select(Request.status).where(Request.id == request_id))
+            if now == Status.BATCHED:
+                return CancelOutcome.IN_BATCH
+            if now is not None and now != Status.CANCELLED:
+                return CancelOutcome.ENDED
     if attempts is not None and row.route == "stream":
         from streaming.out_of_band import publish_error
 

@@ -169,3 +169,17 @@ def test_cancel_of_a_queued_batch_row_is_immediate(deployment: StreamDeployment,
     assert client.cancel(item.id) is True
     assert read(deployment, item.id).status == "cancelled"
     assert time.monotonic() - started < 30
+
+
+def test_cancel_of_a_batched_row_says_it_is_in_a_batch(deployment: StreamDeployment, client: Any):
+    """A provider has a batched request (a batch is cancelled whole or not at all): the cancel
+    says so and changes nothing; it used to answer `cancelled` while the row went on to
+    succeed and be billed."""
+    item = client.prepare({**body(f"low {uuid.uuid4().hex}"), "priority": "low"})
+    with session_scope(deployment.settings.database_url) as session:
+        record_requests(session, [item])
+    with session_scope(deployment.settings.database_url) as session:
+        assert move(session, item.id, Status.BATCHED, from_=[Status.QUEUED])
+    assert client.cancel_outcome(item.id) == "in a batch"
+    assert client.cancel(item.id) is False
+    assert read(deployment, item.id).status == "batched"
