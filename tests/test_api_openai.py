@@ -146,6 +146,35 @@ def test_errors_map_to_sdk_exceptions(api_server: ApiServer) -> None:
     assert int(rate.value.response.headers["retry-after"]) >= 1
 
 
+# Each was coerced (true -> 1, "10" -> 10, 10.0 -> 10, a null text part -> "None") or taken for
+# no limit (max_completion_tokens 0); the native API refused them all.
+NOT_COERCED: list[tuple[dict[str, Any], str]] = [
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"max_tokens": 10.0}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_tokens must be positive"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"n": True}, "n"),
+    ({"stream": "true"}, "stream"),
+    ({"stream_options": {"include_usage": "yes"}, "stream": True}, "include_usage"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "null"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 12}]}]}, "a number"),
+]
+
+
+@pytest.mark.parametrize(("extra", "why"), NOT_COERCED)
+def test_values_of_the_wrong_type_are_refused(
+    api_server: ApiServer, extra: dict[str, Any], why: str
+) -> None:
+    key = api_server.key()
+    with api_server.http(key) as http:
+        body = {"model": MODEL, "messages": ask("coerce"), **extra}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, (extra, r.status_code, r.text)
+        assert why in r.json()["error"]["message"], (extra, r.text)
+        assert http.get("/v1/requests").json()["data"] == []  # nothing enqueued
+
+
 def test_budget_refusal_reaches_the_caller(api_server: ApiServer) -> None:
     tenant = new_tenant()
     with session_scope(api_server.settings.database_url) as session:

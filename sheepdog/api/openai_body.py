@@ -29,8 +29,10 @@ LOW_REFUSED = (
 )
 
 
+# Strict, as the native API is (and as OpenAI's own API answers `"max_tokens": "10"` or 10.0):
+# a JSON `true`, a string or a float where a whole number goes is refused, never coerced.
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -38,7 +40,7 @@ class StreamOptions(BaseModel):
 class ChatBody(BaseModel):
     """What Sheepdog takes of OpenAI's chat.completions body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     messages: list[dict[str, Any]]
@@ -77,8 +79,27 @@ def _content(message: dict[str, Any], index: int) -> Any:
                 "invalid_request",
                 f"messages.{index}.content",
             )
-        texts.append(str(part.get("text", "")))
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ApiError(
+                400,
+                f"invalid request: messages.{index}.content: a text part's text must be a"
+                f" string, got {_json_type(text)}",
+                "invalid_request",
+                f"messages.{index}.content",
+            )
+        texts.append(text)
     return "".join(texts)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an object" if isinstance(value, dict) else "an array"
 
 
 def parse_chat_body(raw: object) -> ChatBody:
@@ -110,7 +131,11 @@ def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:
     request: dict[str, Any] = {"model": body.model, "messages": messages, "priority": priority}
     if asked_priority:
         request["lane"] = "priority"
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    # max_completion_tokens is OpenAI's current name (0 is a value: refused by the request's
+    # own check, not taken for "no limit").
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
     if body.temperature is not None:
