@@ -238,6 +238,25 @@ def test_tenant_isolation(api_server: ApiServer, simulator: Any) -> None:
         )
 
 
+def test_the_idempotency_key_header_keys_a_native_submit(api_server: ApiServer) -> None:
+    """The standard header, as an HTTP client's retry sends it, works on POST /v1/requests as on
+    the chat endpoint (two retries used to make two requests); with a list, or a body naming
+    another key, it is a 400."""
+    key = f"hdr-{uuid.uuid4().hex}"
+    with api_server.http(api_server.key()) as http:
+        sent = [
+            http.post(
+                "/v1/requests", json=req("hdr", "low"), headers={"Idempotency-Key": key}
+            ).json()["id"]
+            for _ in range(2)
+        ]
+        assert sent[0] == sent[1]
+        assert http.get(f"/v1/requests/{sent[0]}").json()["idempotency_key"] == key
+        for body in ([req("hdr", "low")], req("hdr", "low", idempotency_key="other")):
+            r = http.post("/v1/requests", json=body, headers={"Idempotency-Key": key})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "Idempotency-Key", r.text
+
+
 def test_no_tenant_can_hold_anothers_idempotency_keys(api_server: ApiServer) -> None:
     """Tenant names may hold a "/", and the default tenant's keys were kept bare: neither lets a
     tenant reach another's keys (its request ids, or a 409 on the other's own submit). A key

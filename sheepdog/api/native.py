@@ -50,8 +50,36 @@ async def submit(request: Request) -> Response:
     items = body if as_list else [body]
     if not items:
         raise ApiError(400, "invalid request: the list is empty", "invalid_request")
+    header_key = request.headers.get("idempotency-key")
+    if header_key is not None:
+        items = [with_header_key(body, header_key.strip(), as_list)]
     ids = await front.submit(who.tenant, items, as_list, size)
     return FastJSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
+
+
+def with_header_key(body: object, key: str, as_list: bool) -> object:
+    """The request with the `Idempotency-Key` header's key (the standard header, which HTTP
+    clients send on a retry); a list takes each request's own `idempotency_key`, and a body
+    that names another key is a contradiction: both are 400s."""
+    if as_list:
+        raise ApiError(
+            400,
+            "invalid request: Idempotency-Key keys one request; in a list, give each request "
+            "its idempotency_key",
+            "invalid_request",
+            "Idempotency-Key",
+        )
+    if not isinstance(body, dict):
+        return body  # refused by the request's own validation
+    given = body.get("idempotency_key")
+    if given is not None and given != key:
+        raise ApiError(
+            400,
+            "invalid request: the Idempotency-Key header and the body's idempotency_key differ",
+            "invalid_request",
+            "Idempotency-Key",
+        )
+    return {**body, "idempotency_key": key}
 
 
 async def get_one(request: Request) -> Response:
