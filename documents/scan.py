@@ -23,13 +23,13 @@ from core.errors import InvalidRequest
 from core.settings import Settings, get_settings
 from documents.files import SourceDocument, find_files, read_document
 from documents.split import part_budget, split_text
-from models.tables import Document, Request, utcnow
+from models.tables import DOCUMENTS_TENANT, Document, Request, utcnow
 from rules.prices import PriceTable
 from rules.tokens import count_tokens
 
 log = logging.getLogger("sheepdog.documents")
 
-TENANT = "documents"
+TENANT = DOCUMENTS_TENANT
 LOCK_TTL_S = 600
 HASH_TAG = 16  # hex digits of the content hash carried in request metadata and keys
 

@@ -24,7 +24,7 @@ from core.redis_conn import get_redis
 from core.settings import Settings
 from models.intake_message import IntakeItem
 from models.status import Status
-from models.tables import Request, max_chars, utcnow
+from models.tables import DOCUMENTS_TENANT, Request, max_chars, utcnow
 
 log = logging.getLogger("sheepdog.intake")
 
@@ -63,7 +63,7 @@ def row_values(item: IntakeItem, status: Status = Status.QUEUED) -> dict[str, An
 
 
 def _document_link(metadata: dict[str, Any]) -> dict[str, int | None]:
-    if metadata.get("tenant") != "documents":
+    if metadata.get("tenant") != DOCUMENTS_TENANT:
         return {"document_id": None, "document_part": None}
     return {
         "document_id": _int_or_none(metadata.get("document_id")),

@@ -88,6 +88,9 @@ class BatchJob(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+DOCUMENTS_TENANT = "documents"  # the nightly document job's: only its requests link a document
+
+
 class Document(Base):
     """A source document of the nightly job; each version (content hash) is sent once."""
 

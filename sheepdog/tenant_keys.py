@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.db import session_scope
 from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
-from models.tables import ApiKey, utcnow
+from models.tables import DOCUMENTS_TENANT, ApiKey, utcnow
 
 KEY_PREFIX = "sk-sd-"
 SHOWN_CHARS = 12  # what `keys list` shows of a key: enough to tell keys apart
@@ -67,6 +67,10 @@ def create_key(
     tenant = tenant.strip()
     if not tenant or len(tenant) > 100:
         raise InvalidRequest("the tenant must be 1 to 100 characters")
+    if tenant == DOCUMENTS_TENANT:
+        raise InvalidRequest(
+            f"the tenant {DOCUMENTS_TENANT!r} is the nightly document job's: choose another name"
+        )
     if len(name) > 100:
         raise InvalidRequest("the key's name must be at most 100 characters")
     if rate_limit_per_minute is not None and rate_limit_per_minute <= 0:

@@ -12,9 +12,12 @@ from decimal import Decimal
 from typing import Any
 
 import httpx2
+import pytest
 import redis
 
 from core import keys
+from core.db import session_scope
+from models.tables import Request as RequestRow
 from tests.fixtures.api import ApiServer, new_tenant
 from tests.fixtures.workers import Stack
 
@@ -325,6 +328,24 @@ def test_revoked_key_gets_401(api_server: ApiServer) -> None:
         r = http.get("/v1/requests")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_no_caller_links_a_document(api_server: ApiServer) -> None:
+    """Links to a document are the nightly document job's (its tenant's): no key is made for
+    that tenant, and a caller's document_id is dropped whatever its tenant is called."""
+    from core.errors import InvalidRequest
+    from sheepdog.tenant_keys import create_key
+
+    with pytest.raises(InvalidRequest, match="nightly document job"):
+        create_key(api_server.settings.database_url, "documents")
+    with api_server.http(api_server.key()) as http:
+        meta = {"document_id": "987654321", "document_part": "1", "mine": "kept"}
+        rid = http.post("/v1/requests", json=req("doc", "low", metadata=meta)).json()["id"]
+        view = http.get(f"/v1/requests/{rid}").json()
+    assert "document_id" not in view["metadata"] and view["metadata"]["mine"] == "kept"
+    with session_scope(api_server.settings.database_url) as session:
+        row = session.get(RequestRow, rid)
+        assert row is not None and row.document_id is None
 
 
 def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: ApiServer) -> None:

@@ -35,6 +35,7 @@ from sheepdog.client import Client
 
 OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
 DEFAULT_TENANT = "default"
+DOCUMENT_LINKS = frozenset({"document_id", "document_part"})
 
 
 SCOPE_CHARS = 17  # 16 hex digits and the "/"
@@ -71,7 +72,10 @@ def in_tenant(request: object, tenant: str) -> object:
     out = dict(request)
     metadata = out.get("metadata")
     if metadata is None or isinstance(metadata, dict):
-        out["metadata"] = {**(metadata or {}), "tenant": tenant}
+        # Links to a document are the nightly document job's (lifecycle/record.py), never a
+        # caller's: dropped whatever the tenant is called.
+        kept = {k: v for k, v in (metadata or {}).items() if k not in DOCUMENT_LINKS}
+        out["metadata"] = {**kept, "tenant": tenant}
     key = out.get("idempotency_key")
     if isinstance(key, str) and key:
         out["idempotency_key"] = scoped_key(tenant, key)
