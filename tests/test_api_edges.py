@@ -5,6 +5,7 @@ and enqueue nothing; no key, --no-auth, Redis or the database away; health and m
 from __future__ import annotations
 
 import base64
+import gzip
 import subprocess
 import sys
 import time
@@ -55,6 +56,9 @@ def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiSer
             )
             assert "application/json" in e["message"]
             openai_error(http.post(path, data={"model": MODEL}), 415)  # a form
+            zipped = {**json_type, "Content-Encoding": "gzip"}
+            e = openai_error(http.post(path, content=gzip.compress(b"{}"), headers=zipped), 415)
+            assert "uncompressed" in e["message"], e
             e = openai_error(http.post(path, content=huge, headers=json_type), 413)
             assert e["code"] == "body_too_large"
             e = openai_error(http.post(path, content=chunked(), headers=json_type), 413)

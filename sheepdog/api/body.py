@@ -15,7 +15,8 @@ def _too_large(limit: int) -> ApiError:
 
 
 async def read_json(request: Request, limit: int) -> tuple[Any, int]:
-    """The body as JSON, and its size in bytes: 415 unless it is application/json, 413 past
+    """The body as JSON, and its size in bytes: 415 unless it is application/json sent
+    uncompressed (a gzip body would read as bytes that are not JSON), 413 past
     `limit` bytes (refused from Content-Length before anything is read, else as soon as the
     count passes it), 400 when it does not parse."""
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -23,6 +24,13 @@ async def read_json(request: Request, limit: int) -> tuple[Any, int]:
         raise ApiError(
             415,
             f"the body must be application/json, got {kind or 'no content type'}",
+            "unsupported_media_type",
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ApiError(
+            415,
+            f"the body must be sent uncompressed, got Content-Encoding {encoding[:40]}",
             "unsupported_media_type",
         )
     declared = request.headers.get("content-length")
