@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from streaming import provider_http
 from streaming.provider_http import ProviderHttp, Unsendable
-from streaming.provider_stream import Endpoint, Fatal, Retryable, stream_once
+from streaming.provider_stream import Fatal, Retryable
+from tests.fixtures.stream_once import stream_with
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -118,30 +119,6 @@ async def stream(
 ) -> tuple[str, str | None]:
     """One stream_once through a fresh pool: (text, finish_reason)."""
     return await stream_with(ProviderHttp(url, proxy, ssl_context))
-
-
-async def stream_with(
-    http: ProviderHttp,
-    headers: dict[str, str] | None = None,
-    before_body: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[str, str | None]:
-    parts: list[str] = []
-
-    def on_text(text: str) -> bool:
-        parts.append(text)
-        return True
-
-    end = await stream_once(
-        Endpoint(http, headers or {"Authorization": "Bearer k"}),
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-        include_usage=True,
-        timeout_s=5,
-        idle_timeout_s=2,
-        answer_max_s=10,
-        on_text=on_text,
-        before_body=before_body,
-    )
-    return "".join(parts), end.finish_reason
 
 
 async def a_moment() -> None:

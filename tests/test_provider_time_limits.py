@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from streaming.provider_http import ProviderHttp
-from streaming.provider_stream import Endpoint, Retryable, stream_once
+from streaming.provider_stream import Retryable
+from tests.fixtures.stream_once import stream_with
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -63,24 +64,15 @@ async def run(
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     http = ProviderHttp(f"http://127.0.0.1:{port}/v1/chat/completions")
-    parts: list[str] = []
-
-    def on_text(piece: str) -> bool:
-        parts.append(piece)
-        return True
-
     try:
-        end = await stream_once(
-            Endpoint(http, {"Authorization": "Bearer k"}),
-            {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        return await stream_with(
+            http,
+            before_body=before_body,
             include_usage=False,
             timeout_s=0.5,
             idle_timeout_s=1.0,
             answer_max_s=1.5,
-            on_text=on_text,
-            before_body=before_body,
         )
-        return "".join(parts), end.finish_reason
     finally:
         http.close()
         server.close()
