@@ -17,6 +17,7 @@ import redis
 
 from core import keys
 from core.db import session_scope
+from core.errors import InvalidRequest
 from models.tables import Request as RequestRow
 from tests.fixtures.api import ApiServer, new_tenant
 from tests.fixtures.workers import Stack
@@ -332,20 +333,30 @@ def test_revoked_key_gets_401(api_server: ApiServer) -> None:
 
 def test_no_caller_links_a_document(api_server: ApiServer) -> None:
     """Links to a document are the nightly document job's (its tenant's): no key is made for
-    that tenant, and a caller's document_id is dropped whatever its tenant is called."""
-    from core.errors import InvalidRequest
+    that tenant, one made before answers 401, and another tenant's `document_id` is metadata of
+    its own (no link)."""
+    from models.tables import ApiKey
     from sheepdog.tenant_keys import create_key
 
+    url = api_server.settings.database_url
     with pytest.raises(InvalidRequest, match="nightly document job"):
-        create_key(api_server.settings.database_url, "documents")
+        create_key(url, "documents")
+    old, info = create_key(url, "was-documents")
+    with session_scope(url) as session:  # as a key made before the tenant was refused
+        row = session.get(ApiKey, info.id)
+        assert row is not None
+        row.tenant = "documents"
+    with api_server.http(old) as http:
+        r = http.get("/v1/requests")
+        assert r.status_code == 401 and "document job" in r.json()["error"]["message"], r.text
     with api_server.http(api_server.key()) as http:
-        meta = {"document_id": "987654321", "document_part": "1", "mine": "kept"}
+        meta = {"document_id": "987654321", "mine": "kept"}
         rid = http.post("/v1/requests", json=req("doc", "low", metadata=meta)).json()["id"]
         view = http.get(f"/v1/requests/{rid}").json()
-    assert "document_id" not in view["metadata"] and view["metadata"]["mine"] == "kept"
-    with session_scope(api_server.settings.database_url) as session:
-        row = session.get(RequestRow, rid)
-        assert row is not None and row.document_id is None
+    assert view["metadata"]["document_id"] == "987654321" and view["metadata"]["mine"] == "kept"
+    with session_scope(url) as session:
+        stored = session.get(RequestRow, rid)
+        assert stored is not None and stored.document_id is None
 
 
 def test_concurrent_calls_are_refused_or_accepted_each_on_its_own(api_server: ApiServer) -> None:

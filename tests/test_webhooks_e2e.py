@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.settings import Settings, get_settings
+from models.idempotency import scope
 from models.webhook_tables import WebhookDelivery
 from sheepdog.client import Client
 from tests.fixtures.webhooks import Receiver
@@ -105,13 +106,17 @@ def test_stream_batch_and_cancelled_requests_deliver(client: Client, receiver: R
     streamed = client.submit(ask(tenant, "high"))
     batched = client.submit(ask(tenant, "low"))
     cancelled = client.submit(ask(tenant, "low", max_tokens=21))
+    # A key as the front door stores a tenant's: the payload shows it as the tenant gave it.
+    given = f"order-{uuid.uuid4().hex[:8]}"
+    keyed = client.submit(ask(tenant, "high", idempotency_key=scope(tenant) + given))
     deadline = time.monotonic() + 30
     while client.get(cancelled) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.cancel(cancelled)
-    ended(client, [streamed, batched, cancelled])
-    receiver.wait_for(4, timeout=60)  # three request events and the batch job's
+    ended(client, [streamed, batched, cancelled, keyed])
+    receiver.wait_for(5, timeout=60)  # four request events and the batch job's
     got = by_request(receiver)
+    assert got[keyed]["data"]["idempotency_key"] == given, got[keyed]["data"]
     for rid, kind in ((streamed, "succeeded"), (batched, "succeeded"), (cancelled, "cancelled")):
         assert got[rid]["type"] == f"request.{kind}", (got.get(rid), client.get(rid))
         assert got[rid]["data"] == client.get(rid).model_dump(mode="json")  # type: ignore[union-attr]

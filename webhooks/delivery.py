@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from core import keys
 from core.db import is_postgres, session_scope
 from core.settings import Settings
+from models.idempotency import as_given
 from models.tables import Request, utcnow
 from models.views import RequestView
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
@@ -280,6 +281,7 @@ def _render(session: Session, rows: list[WebhookDelivery]) -> None:
             row.payload = envelope(row.event_type, data, row.created_at.isoformat())
             continue
         view = RequestView.from_row(request).model_dump(mode="json")
+        view["idempotency_key"] = as_given(request.tenant, request.idempotency_key)
         row.payload = envelope(
             row.event_type, view, (request.finished_at or row.created_at).isoformat()
         )

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from core import keys
 from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
+from models.tables import DOCUMENTS_TENANT
 from sheepdog.api.errors import ApiError
 from sheepdog.tenant_keys import KeyCache, KeyInfo
 
@@ -65,6 +66,8 @@ class Authenticator:
             info = await self._lookup(token)
         if info is None:
             raise _unauthorized("invalid API key")
+        if info.tenant == DOCUMENTS_TENANT:  # a key made before that tenant was refused
+            raise _unauthorized("this key's tenant is the nightly document job's; make another")
         await self._check_rate(info)
         return Principal(info.tenant, info.id)
 

@@ -3,10 +3,9 @@ submit in its name, and read, list and cancel only its own requests. Blocking ca
 handlers run them in a thread).
 
 - The tenant is the key's: `metadata.tenant` is set from it, whatever the body said, so budgets
-  apply to it. Idempotency keys are the tenant's own, stored as `<scope>/<key>`, the scope 16
-  hex digits of the tenant's SHA-256: no tenant's key is another's (a tenant's name may hold a
-  "/", and the in-deployment client's keys have no scope), so one tenant can neither learn
-  another's request ids nor hold its keys, and every tenant has the same room for its keys.
+  apply to it. Idempotency keys are the tenant's own, stored under its scope
+  (models/idempotency.py), so one tenant can neither learn another's request ids nor hold its
+  keys.
 - A request belongs to the tenant of its row. The producer writes the row before the ids go
   back (the default); with `producer_writes_rows` off a worker writes it later, and until then
   the request belongs to the tenant the front door wrote down when it submitted it (a Redis
@@ -16,10 +15,8 @@ handlers run them in a thread).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -27,25 +24,13 @@ import orjson
 from core import keys
 from core.errors import BudgetExceeded, IdempotencyConflict, InvalidRequest, SheepdogError
 from core.redis_conn import get_redis
+from models.idempotency import KEY_MAX_CHARS, as_given, scope
 from models.request import REQUEST_ID, Priority
-from models.tables import max_chars
 from models.views import RequestView
 from rules.admission import Admitted, admit
 from sheepdog.client import Client
 
 OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
-DEFAULT_TENANT = "default"
-DOCUMENT_LINKS = frozenset({"document_id", "document_part"})
-
-
-SCOPE_CHARS = 17  # 16 hex digits and the "/"
-KEY_MAX_CHARS = max_chars("idempotency_key") - SCOPE_CHARS  # what the row's column leaves
-
-
-@lru_cache(maxsize=4096)
-def scope(tenant: str) -> str:
-    """The prefix of `tenant`'s idempotency keys as stored."""
-    return hashlib.sha256(tenant.encode()).hexdigest()[: SCOPE_CHARS - 1] + "/"
 
 
 def scoped_key(tenant: str, key: str) -> str:
@@ -56,11 +41,10 @@ def scoped_key(tenant: str, key: str) -> str:
     return scope(tenant) + key
 
 
-def as_given(err: Exception, tenant: str) -> Exception:
+def conflict_as_given(err: Exception, tenant: str) -> Exception:
     """An idempotency conflict names the key as the tenant gave it, not as stored."""
-    mine = scope(tenant)
-    if isinstance(err, IdempotencyConflict) and err.key.startswith(mine):
-        return IdempotencyConflict(err.key[len(mine) :], err.first_id)
+    if isinstance(err, IdempotencyConflict):
+        return IdempotencyConflict(as_given(tenant, err.key) or err.key, err.first_id)
     return err
 
 
@@ -72,10 +56,7 @@ def in_tenant(request: object, tenant: str) -> object:
     out = dict(request)
     metadata = out.get("metadata")
     if metadata is None or isinstance(metadata, dict):
-        # Links to a document are the nightly document job's (lifecycle/record.py), never a
-        # caller's: dropped whatever the tenant is called.
-        kept = {k: v for k, v in (metadata or {}).items() if k not in DOCUMENT_LINKS}
-        out["metadata"] = {**kept, "tenant": tenant}
+        out["metadata"] = {**(metadata or {}), "tenant": tenant}
     key = out.get("idempotency_key")
     if isinstance(key, str) and key:
         out["idempotency_key"] = scoped_key(tenant, key)
@@ -85,11 +66,7 @@ def in_tenant(request: object, tenant: str) -> object:
 def public(view: RequestView) -> dict[str, Any]:
     """The view as its tenant reads it (its idempotency key as it gave it)."""
     data = view.model_dump(mode="json")
-    key = view.idempotency_key
-    if key and key.startswith(mine := scope(view.tenant)):
-        data["idempotency_key"] = key[len(mine) :]
-    elif key and view.tenant != DEFAULT_TENANT and key.startswith(view.tenant + "/"):
-        data["idempotency_key"] = key[len(view.tenant) + 1 :]  # stored before scopes
+    data["idempotency_key"] = as_given(view.tenant, view.idempotency_key)
     return data
 
 
@@ -129,7 +106,7 @@ class Tenancy:
             ids = self.client.submit_admitted(flat)
         except (InvalidRequest, BudgetExceeded) as err:
             if len(calls) == 1:
-                return [as_given(err, calls[0][0])]
+                return [conflict_as_given(err, calls[0][0])]
             return [self.submit_calls([call])[0] for call in calls]
         except SheepdogError as err:
             return [err for _ in calls]
