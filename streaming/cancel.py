@@ -68,19 +68,37 @@ def cancel_outcome(request_id: str, settings: Settings | None = None) -> CancelO
         return CancelOutcome.UNRECORDED  # if it is in the queue, its task sees the flag
     from streaming.store import moved_attempts
 
-    with session_scope(settings.database_url) as session:
-        moved = move(
-            session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
-        )
-        attempts = moved_attempts(session, request_id, moved)
-        if not moved and row.route == "batch":  # batched (or ended) since it was read
-            now = session.scalar(select(Request.status).where(Request.id == request_id))
-            if now == Status.BATCHED:
-                return CancelOutcome.IN_BATCH
-            if now is not None and now != Status.CANCELLED:
-                return CancelOutcome.ENDED
+    for _ in range(3):  # a row may move between the read and the move; read it again
+        with session_scope(settings.database_url) as session:
+            moved = move(
+                session, request_id, Status.CANCELLED, from_=[Status.QUEUED], error="cancelled"
+            )
+            attempts = moved_attempts(session, request_id, moved)
+            now = (
+                None
+                if moved
+                else session.scalar(select(Request.status).where(Request.id == request_id))
+            )
+        if moved or now != Status.QUEUED:
+            break
+    if not moved:
+        outcome = _after_the_move(now)
+        if outcome is CancelOutcome.IN_BATCH:  # nothing changed: the flag must not act later
+            redis.delete(names.cancel_flag(request_id))
+        return outcome
     if attempts is not None and row.route == "stream":
         from streaming.out_of_band import publish_error
 
         publish_error(settings, request_id, "cancelled", attempts=attempts)
+    return CancelOutcome.CANCELLED
+
+
+def _after_the_move(status: str | None) -> CancelOutcome:
+    """What a cancel did to a row it found queued but could not move, by its status now."""
+    if status == Status.BATCHED:  # batched meanwhile
+        return CancelOutcome.IN_BATCH
+    if status is not None and is_final(status) and status != Status.CANCELLED:
+        return CancelOutcome.ENDED
+    # Streaming (its worker sees the announcement, or its task the flag), cancelled by one of
+    # them already, or gone: the request ends `cancelled`.
     return CancelOutcome.CANCELLED

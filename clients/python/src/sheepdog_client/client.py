@@ -136,7 +136,8 @@ class Client:
 
     def cancel(self, request_id: str) -> CancelResult:
         """Stop a request: a queued one never starts, a live stream stops. `cancelled` is False
-        for one that had already ended."""
+        for one that had already ended, or is in a batch (`status` `batched`: it ends with the
+        batch's answer)."""
         return CancelResult.model_validate(self._send(c.request_path(request_id, "/cancel"), {}))
 
     # -- follow -----------------------------------------------------------------------------
