@@ -21,6 +21,7 @@ from typing import Any
 import openai
 from sqlalchemy import select
 
+from batch.batch_object import batch_values, status_of
 from batch.claim import Group, claim
 from batch.emulated_job import EMULATED, submit_emulated
 from batch.job_status import KNOWN, move_job, move_job_now
@@ -312,19 +313,19 @@ def _create(client: openai.OpenAI, job_id: str, input_file_id: str) -> Any:
 
 
 def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
-    counts = batch.request_counts
+    read = batch_values(batch)  # each field as the row can hold it
     # An adopted batch may have ended already (its submitter died long enough ago): poll never
     # refreshes a final job, so its result files must be recorded here or the ingest finds none
     # and sends every request to the provider a second time.
     ended: dict[str, Any] = {}
-    if batch.status in BATCH_FINAL:
+    status = status_of(batch)
+    if status in BATCH_FINAL:
         ended = {
-            "output_file_id": batch.output_file_id,
-            "error_file_id": batch.error_file_id,
-            "errors": batch.errors.model_dump(mode="json") if batch.errors else None,
+            "output_file_id": read["output_file_id"],
+            "error_file_id": read["error_file_id"],
+            "errors": read.get("errors"),
             "finished_at": utcnow(),
         }
-    status = batch.status
     if status not in KNOWN:  # a relay's own word: the job is open; poll takes it from here
         log.warning("job %s: status %r is not a Batch API status; kept open", job_id, status)
         status = BatchStatus.VALIDATING
@@ -336,8 +337,8 @@ def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
         provider_batch_id=batch.id,
         input_file_id=batch.input_file_id,
         submitted_at=datetime.fromtimestamp(batch.created_at, UTC),
-        completed_count=counts.completed if counts else 0,
-        failed_count=counts.failed if counts else 0,
+        completed_count=read["completed_count"],
+        failed_count=read["failed_count"],
         **ended,
     )
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import openai
 from sqlalchemy import or_, select
 
 from batch import emulated_job
+from batch.batch_object import batch_values, status_of
 from batch.emulated_job import EMULATED
 from batch.flush import repair_preparing
 from batch.job_status import KNOWN, move_job_now
@@ -21,7 +21,7 @@ from core.db import session_scope
 from core.providers import client_for
 from core.settings import Settings, get_settings
 from models.status import BATCH_FINAL, BATCH_OPEN, BatchStatus
-from models.tables import INTEGER_MAX, BatchJob
+from models.tables import BatchJob
 
 log = logging.getLogger("sheepdog.batch.poll")
 
@@ -34,50 +34,6 @@ class PollReport:
     repaired: int = 0
     resent: int = 0  # emulated jobs whose executor was sent again (heartbeat lapsed)
     to_ingest: list[str] = field(default_factory=list)
-
-
-def batch_values(batch: Any) -> dict[str, Any]:
-    """batch_jobs columns, but the status, from a provider Batch object (a final status's
-    finished_at is stamped by the move). The SDK builds the object without checking its
-    fields, so each value is taken only when the column can hold it: a relay's odd object must
-    not stop the poll of every job."""
-    counts = batch.request_counts
-    values: dict[str, Any] = {
-        "output_file_id": _file_id(batch.output_file_id),
-        "error_file_id": _file_id(batch.error_file_id),
-        "completed_count": _count(getattr(counts, "completed", 0)),
-        "failed_count": _count(getattr(counts, "failed", 0)),
-    }
-    if total := _count(getattr(counts, "total", 0)):
-        values["request_count"] = total
-    if batch.errors is not None:
-        values["errors"] = _errors(batch.errors)
-    return values
-
-
-FILE_ID_CHARS: int = getattr(BatchJob.__table__.c.output_file_id.type, "length", 100)
-
-
-def _file_id(value: object) -> str | None:
-    if isinstance(value, str) and 0 < len(value) <= FILE_ID_CHARS and "\x00" not in value:
-        return value
-    return None
-
-
-def _errors(errors: Any) -> dict[str, Any]:
-    """A Batch object's `errors` as its readers (the leftovers' reasons) take it: `data` a list
-    of error objects, or none; anything else becomes one error's message."""
-    dumped = (
-        errors.model_dump(mode="json", warnings=False) if hasattr(errors, "model_dump") else errors
-    )
-    data = dumped.get("data") if isinstance(dumped, dict) else ()
-    if data is None or (isinstance(data, list) and all(isinstance(i, dict) for i in data)):
-        return dumped  # type: ignore[no-any-return]
-    return {"data": [{"message": str(dumped)[:1000]}]}
-
-
-def _count(value: object) -> int:
-    return value if type(value) is int and 0 <= value <= INTEGER_MAX else 0
 
 
 def poll(settings: Settings | None = None) -> PollReport:
@@ -102,6 +58,7 @@ def poll(settings: Settings | None = None) -> PollReport:
             .order_by(BatchJob.created_at)
         ).all()
     max_wait = timedelta(seconds=settings.batch_max_wait_s)
+    grace = timedelta(seconds=settings.batch_orphan_timeout_s)
     now = datetime.now(UTC)
     resent, cancelled = emulated_job.watch(settings, max_wait, now)
     report.resent += resent
@@ -113,9 +70,9 @@ def poll(settings: Settings | None = None) -> PollReport:
             client = client_for(provider_of(settings, provider, model))
             batch = client.batches.retrieve(batch_id)
             if (
-                batch.status
+                status_of(batch)
                 not in BATCH_FINAL  # open, or a status no Batch API has: waits no longer
-                and batch.status != BatchStatus.CANCELLING
+                and status_of(batch) != BatchStatus.CANCELLING
                 and submitted_at is not None
                 and now - submitted_at > max_wait
             ):
@@ -127,11 +84,13 @@ def poll(settings: Settings | None = None) -> PollReport:
         except (openai.APIError, KeyError) as err:
             log.warning("job %s: cannot retrieve %s: %s", job_id, batch_id, err)
             continue
-        status: str = batch.status
-        if status not in KNOWN and job_id in report.cancelled:
-            # Past the wait and cancelled, and still a status of the relay's own: it would
-            # never end, nor would its requests. Ended here; the ingest takes whatever file
-            # the relay names and requeues the rest, as for any cancelled batch.
+        status = status_of(batch)
+        over = submitted_at is not None and now - submitted_at > max_wait + grace
+        if status not in KNOWN and job_id in report.cancelled and over:
+            # Cancelled past the wait, and still a status of the relay's own a grace period
+            # after it (a cancel takes a while to finish): it would never end, nor would its
+            # requests. Ended here; the ingest takes whatever file the relay names and
+            # requeues the rest, as for any cancelled batch.
             log.warning(
                 "job %s: provider status %r past the wait limit; ended as cancelled",
                 job_id,

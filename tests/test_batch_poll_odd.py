@@ -34,6 +34,9 @@ ODD: dict[str, dict[str, Any]] = {
     },
     "batch_odd_errors": {"status": "in_progress", "errors": {"data": 5}},
     "batch_own_status": {"status": "running"},  # a status no Batch API has
+    "batch_own_recent": {"status": "running"},  # the same, cancelled inside the grace period
+    "batch_dict_status": {"status": {"phase": 2}},  # not even a string
+    "batch_dot_file": {"status": "completed", "output_file_id": ".."},  # no download can name
     "batch_fine": {
         "status": "in_progress",
         "request_counts": {"total": 1, "completed": 0, "failed": 0},
@@ -89,6 +92,7 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
         openai_base_url=relay,
         openai_api_key=SecretStr("sk-relay"),
         batch_max_wait_s=60.0,
+        batch_orphan_timeout_s=600.0,  # the grace after a cancel
     )
     wipe(settings.database_url)
     jobs: dict[str, str] = {}
@@ -99,11 +103,12 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
         move_job_now(settings, group.job_id, "in_progress", provider_batch_id=name)
         jobs[name] = group.job_id
     with session_scope(settings.database_url) as session:  # submitted two hours ago
-        session.execute(
-            update(BatchJob)
-            .where(BatchJob.id == jobs["batch_own_status"])
-            .values(submitted_at=utcnow() - timedelta(hours=2))
-        )
+        for name, ago in (("batch_own_status", 7200), ("batch_own_recent", 90)):
+            session.execute(
+                update(BatchJob)
+                .where(BatchJob.id == jobs[name])
+                .values(submitted_at=utcnow() - timedelta(seconds=ago))
+            )
         (own_request,) = session.scalars(
             select(Request.id).where(Request.batch_job_id == jobs["batch_own_status"])
         ).all()
@@ -124,9 +129,21 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
     # its answer still a status of its own, ended here: its request is requeued by the ingest
     # (as for any cancelled batch), and the relay is not asked again.
     own = jobs["batch_own_status"]
-    assert _Relay.cancelled == ["batch_own_status"]
-    assert own in report.cancelled
-    assert own in poll(settings).to_ingest and _Relay.cancelled == ["batch_own_status"]
+    assert sorted(_Relay.cancelled) == ["batch_own_recent", "batch_own_status"]
+    assert own in report.cancelled and jobs["batch_own_recent"] in report.cancelled
+    # Inside the grace period a cancel may still be finishing: kept open, asked again.
+    _Relay.cancelled.clear()
+    again = poll(settings)
+    assert own in again.to_ingest and jobs["batch_own_recent"] not in again.to_ingest
+    assert _Relay.cancelled == ["batch_own_recent"]
+    # A status that is not a string is the relay's own word; a file id no download can name
+    # is left out, so the completed job's ingest requeues its request instead of failing.
+    with session_scope(settings.database_url) as session:
+        odd_status = session.get(BatchJob, jobs["batch_dict_status"])
+        dot = session.get(BatchJob, jobs["batch_dot_file"])
+        assert odd_status is not None and odd_status.status == "in_progress"
+        assert dot is not None and (dot.status, dot.output_file_id) == ("completed", None)
+    ingest(jobs["batch_dot_file"], settings)
     ingest(own, settings)
     with session_scope(settings.database_url) as session:
         job = session.get(BatchJob, own)
