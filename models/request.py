@@ -6,7 +6,7 @@ import re
 import secrets
 import unicodedata
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ MAX_CONTENT_CHARS = 2_000_000
 TENANT_MAX_CHARS = max_chars("tenant")
 MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
 USD_STEP = Decimal(10) ** -USD.scale  # type: ignore[operator]
+USD_CONTEXT = Context(prec=(USD.precision or 20) + 2)  # digits for any value under the limit
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 1_000
@@ -184,7 +185,11 @@ class ChatRequest(BaseModel):
             return None
         # As the column stores it (its scale, rounded): 9999999999.99999999999 is below the
         # limit but rounds up to it, which PostgreSQL refuses.
-        stored = value if value >= MAX_COST_USD_LIMIT else value.quantize(USD_STEP, ROUND_HALF_UP)
+        stored = (
+            value
+            if value >= MAX_COST_USD_LIMIT
+            else value.quantize(USD_STEP, ROUND_HALF_UP, context=USD_CONTEXT)
+        )
         if stored >= MAX_COST_USD_LIMIT:
             raise ValueError(
                 f"max_cost_usd {value} is too large (must be below {MAX_COST_USD_LIMIT:,})"

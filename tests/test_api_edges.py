@@ -117,6 +117,9 @@ def test_odd_query_and_header_values_are_400_not_500(api_server: ApiServer) -> N
             r = http.get("/v1/requests", params={"cursor": raw})
             assert openai_error(r, 400)["code"] == "invalid_cursor", at
         assert openai_error(http.delete("/v1/webhooks/%00"), 404)["code"] == "not_found"
+        # An empty Idempotency-Key or Content-Encoding is none, as on the chat endpoint.
+        empty = {"Idempotency-Key": "", "Content-Encoding": ""}
+        assert http.post("/v1/requests", json=GOOD, headers=empty).status_code == 202
 
 
 def test_no_key_or_a_wrong_scheme_is_401(api_server: ApiServer) -> None:

@@ -39,6 +39,11 @@ def test_a_tenant_manages_its_own_webhooks(hooks_api: ApiServer) -> None:
         assert rotated.startswith("whsec_") and rotated != added["secret"]
         assert http_a.get("/v1/webhooks/failed").json()["data"] == []
 
+        # Ids no row can have (a NUL, a number past an Integer column) are unknown, not 500s.
+        for ref in ("msg_%00", "9" * 30, "%00"):
+            r = http_a.post(f"/v1/webhooks/deliveries/{ref}/redeliver")
+            assert r.status_code == 404, (ref, r.status_code, r.text)
+        assert http_a.delete("/v1/webhooks/%00").status_code == 404
         assert http_a.delete(f"/v1/webhooks/{endpoint_id}").status_code == 204
         assert http_a.delete(f"/v1/webhooks/{endpoint_id}").status_code == 404
         assert len(http_a.get("/v1/webhooks").json()["data"]) == 1

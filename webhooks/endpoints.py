@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from core.errors import InvalidRequest, SheepdogError
 from core.settings import Settings
 from models.intake_message import IntakeItem
-from models.tables import utcnow
+from models.tables import INTEGER_MAX, utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
 from rules.addresses import HostNotFound, UnsafeURL, check_form, resolve
 from webhooks import crypto
@@ -127,6 +127,7 @@ def list_endpoints(session: Session, tenant: str | None) -> list[EndpointView]:
 
 
 ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
+WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")  # webhooks/signing.py new_webhook_id
 
 
 def _endpoint(session: Session, tenant: str | None, endpoint_id: str) -> WebhookEndpoint:
@@ -177,8 +178,12 @@ def failed_deliveries(session: Session, tenant: str | None, limit: int = 100) ->
 def get_delivery(session: Session, tenant: str | None, ref: str) -> WebhookDelivery:
     """A delivery by its number or its webhook-id (`msg_...`)."""
     d = WebhookDelivery
-    query = select(d).where(d.webhook_id == ref if ref.startswith("msg_") else d.id == _int(ref))
-    row = session.scalar(query)
+    if ref.startswith("msg_"):
+        # An id no delivery can have (a NUL, which PostgreSQL refuses) is not looked up.
+        query = select(d).where(d.webhook_id == ref) if WEBHOOK_ID.fullmatch(ref) else None
+    else:
+        query = select(d).where(d.id == _int(ref))
+    row = session.scalar(query) if query is not None else None
     if row is None or (tenant is not None and row.tenant != tenant):
         raise WebhookError(f"no webhook delivery {ref!r}")
     return row
@@ -186,7 +191,10 @@ def get_delivery(session: Session, tenant: str | None, ref: str) -> WebhookDeliv
 
 def _int(ref: str) -> int:
     try:
-        return int(ref)
+        number = int(ref) if ref.isascii() and ref.isdigit() else -1
+        if not 0 <= number <= INTEGER_MAX:  # an Integer id (a larger one PostgreSQL refuses)
+            raise ValueError(ref)
+        return number
     except ValueError:
         raise WebhookError(f"no webhook delivery {ref!r} (give its number or msg_ id)") from None
 

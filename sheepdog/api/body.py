@@ -26,8 +26,8 @@ async def read_json(request: Request, limit: int) -> tuple[Any, int]:
             f"the body must be application/json, got {kind or 'no content type'}",
             "unsupported_media_type",
         )
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
         raise ApiError(
             415,
             f"the body must be sent uncompressed, got Content-Encoding {encoding[:40]}",

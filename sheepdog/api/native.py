@@ -50,9 +50,9 @@ async def submit(request: Request) -> Response:
     items = body if as_list else [body]
     if not items:
         raise ApiError(400, "invalid request: the list is empty", "invalid_request")
-    header_key = request.headers.get("idempotency-key")
-    if header_key is not None:
-        items = [with_header_key(body, header_key.strip(), as_list)]
+    header_key = (request.headers.get("idempotency-key") or "").strip()
+    if header_key:  # (an empty one is none, as on the chat endpoint)
+        items = [with_header_key(body, header_key, as_list)]
     ids = await front.submit(who.tenant, items, as_list, size)
     return FastJSONResponse({"ids": ids} if as_list else {"id": ids[0]}, status_code=202)
 
