@@ -26,7 +26,14 @@ def parse_url(url: str) -> SplitResult:
     """The URL's parts, if its form is acceptable (no DNS): http(s), a host, no credentials."""
     if len(url) > MAX_URL_CHARS:
         raise UnsafeURL(f"webhook URL is {len(url)} characters, over the limit of {MAX_URL_CHARS}")
-    parts = urlsplit(url)
+    if not url.isascii() or not url.isprintable():
+        # No request line can carry it (a delivery would fail on every attempt); a name or
+        # path in another script goes percent-encoded (IDNA for the host).
+        raise UnsafeURL("webhook URL must be printable ASCII (percent-encode the rest)")
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # e.g. an unclosed IPv6 bracket
+        raise UnsafeURL(f"webhook URL cannot be read: {err}") from None
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL(f"webhook URL must be http or https, got {parts.scheme or 'none'!r}")
     if not parts.hostname:
@@ -37,6 +44,7 @@ def parse_url(url: str) -> SplitResult:
         raise UnsafeURL("webhook URL contains whitespace")
     try:
         parts.port  # noqa: B018  (raises on a bad port)
+        parts.hostname  # noqa: B018
     except ValueError:
         raise UnsafeURL("webhook URL has an invalid port") from None
     return parts

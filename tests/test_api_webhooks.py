@@ -57,10 +57,23 @@ def test_bad_webhook_bodies_are_refused_in_openai_shape(hooks_api: ApiServer) ->
             {"url": "http://127.0.0.1:9/x", "events": ["request.exploded"]},
             {"url": "http://127.0.0.1:9/x", "extra": 1},
             {"events": ["request.failed"]},
+            # No request line can carry these (a 500, or deliveries failing forever, before):
+            {"url": "http://127.0.0.1:9/a\u0000"},
+            {"url": "http://127.0.0.1:9/caf\u00e9"},
+            {"url": "http://[::1"},
         ):
             r = http.post("/v1/webhooks", json=body)
             assert r.status_code == 400, (body, r.text)
             assert set(r.json()["error"]) >= {"message", "type", "code"}
         assert http.get("/v1/webhooks").json()["data"] == []
+        request = {
+            "model": "sheepdog-mini",
+            "messages": [{"role": "user", "content": "hook"}],
+            "priority": "low",
+            "webhook_url": "http://127.0.0.1:9/a\u0000",
+        }
+        r = http.post("/v1/requests", json=request)
+        assert r.status_code == 400 and "webhook_url" in r.json()["error"]["message"], r.text
+        assert http.get("/v1/requests").json()["data"] == []
     with hooks_api.http() as anonymous:
         assert anonymous.get("/v1/webhooks").status_code == 401

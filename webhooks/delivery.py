@@ -303,6 +303,8 @@ def send(settings: Settings, claimed: Claimed) -> SendResult:
         return SendResult("dead", str(err))
     except (OSError, HTTPException) as err:  # TimeoutError and HostNotFound are OSErrors
         return SendResult("retry", f"{type(err).__name__}: {err}"[:500])
+    except ValueError as err:  # a URL no request can carry (stored before it was refused)
+        return SendResult("dead", f"{type(err).__name__}: {err}"[:500])
     status = response.status
     if 200 <= status < 300:
         return SendResult("delivered", status_code=status)

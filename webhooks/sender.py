@@ -5,8 +5,11 @@ the answer read."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,7 +59,13 @@ def post(
     if parts.query:
         path += "?" + parts.query
     host_header = parts.netloc.rsplit("@", 1)[-1]
-    deadline = time.monotonic() + 3 * timeout_s  # a receiver dribbling bytes is cut off too
+    # The whole exchange (connect, TLS, the status line, the headers, the body) has a deadline:
+    # each read is bounded by the timeout, but a receiver dribbling a byte a second would hold
+    # the sender (and its slot) for as long as it liked. At the deadline the socket is shut
+    # down under whatever read is waiting.
+    limit_s = 3 * timeout_s
+    deadline = time.monotonic() + limit_s
+    watchdog = _Watchdog(conn, limit_s)
     try:
         conn.request(
             "POST",
@@ -77,7 +86,33 @@ def post(
                 break
             data += chunk
         return Response(resp.status, data)
-    except TimeoutError as err:
-        raise TimeoutError(f"no answer within {timeout_s:g}s") from err
+    except (OSError, http.client.HTTPException) as err:
+        if watchdog.fired:
+            raise TimeoutError(f"the answer took longer than {limit_s:g}s") from err
+        if isinstance(err, TimeoutError):
+            raise TimeoutError(f"no answer within {timeout_s:g}s") from err
+        raise
     finally:
+        watchdog.cancel()
         conn.close()
+
+
+class _Watchdog:
+    """Shuts a connection's socket down after `seconds` (a blocked read then returns)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+        self.conn = conn
+        self.fired = False
+        self.timer = threading.Timer(seconds, self._cut)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _cut(self) -> None:
+        self.fired = True
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
