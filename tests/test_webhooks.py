@@ -157,6 +157,33 @@ def _one_delivery(settings: Settings, receiver: Receiver) -> str:
     return tenant
 
 
+def test_one_endpoints_backlog_does_not_hide_another_target(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """Due targets are one a target, oldest first: a backlog of one endpoint's deliveries (older
+    than every other's) used to fill the list, and other tenants waited with workers idle."""
+    busy, quiet = f"t-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:6]}"
+    register(settings, busy, receiver.url)
+    register(settings, quiet, receiver.url + "/quiet")
+    for tenant, n in ((busy, 12), (quiet, 1)):
+        for rid in add_requests(
+            settings, [(MODEL, f"x{i}") for i in range(n)], metadata={"tenant": tenant}
+        ):
+            with session_scope(settings.database_url) as session:
+                move(session, rid, Status.FAILED, error="boom")
+    with session_scope(settings.database_url) as session:
+        for tenant, ago in ((busy, 600), (quiet, 60)):
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.tenant == tenant)
+                .values(next_attempt_at=utcnow() - timedelta(seconds=ago))
+            )
+        quiet_target = session.scalar(
+            select(WebhookDelivery.target).where(WebhookDelivery.tenant == quiet)
+        )
+    assert quiet_target in due_targets(settings, limit=2)
+
+
 def test_failures_retry_with_the_same_webhook_id(settings: Settings, receiver: Receiver) -> None:
     _one_delivery(settings, receiver)
     receiver.status = 500

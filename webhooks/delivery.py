@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import orjson
 import redis
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import keys
@@ -102,11 +102,15 @@ def due_targets(settings: Settings, limit: int = 500) -> list[str]:
     """Targets with a due, unleased delivery: endpoint ids, and `url:<url>` for requests' own
     URLs (so one URL named by many requests still gets its few slots, not one each)."""
     d = WebhookDelivery
+    # One row a target (the oldest due first): a backlog of one endpoint's deliveries must not
+    # fill the list, or every other tenant's wait behind it with the workers idle.
+    oldest = func.min(d.next_attempt_at)
     with session_scope(settings.database_url) as session:
         rows = session.execute(
             select(d.target, d.url)
             .where(*_due(utcnow()))
-            .order_by(d.next_attempt_at)
+            .group_by(d.target, d.url)
+            .order_by(oldest)
             .limit(limit * 4)
         ).all()
     targets: list[str] = []
