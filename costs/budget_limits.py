@@ -18,10 +18,11 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
-from core.errors import DATABASE_HINT, ServiceUnavailable, redact_url
+from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
 from core.settings import Settings
 from costs.reservations import HELD
 from models.intake_message import IntakeItem
+from models.request import MAX_COST_USD_LIMIT, TENANT_MAX_CHARS
 from models.tables import Budget, CostEntry, Reservation, utcnow
 
 log = logging.getLogger("sheepdog.budgets")
@@ -199,9 +200,13 @@ def set_budget(
 ) -> Budget:
     """Create or update a tenant's budget; fields left None keep their value, `clear` names
     limits ("daily", "monthly") to remove."""
+    if not 0 < len(tenant) <= TENANT_MAX_CHARS:
+        raise InvalidRequest(f"a tenant is 1 to {TENANT_MAX_CHARS} characters")
     for value in (daily_usd, monthly_usd):
         if value is not None and value < 0:
             raise ValueError(f"a budget must not be negative, got {value}")
+        if value is not None and value >= MAX_COST_USD_LIMIT:  # what the column holds
+            raise InvalidRequest(f"a budget must be below {MAX_COST_USD_LIMIT:,} USD, got {value}")
     values: dict[str, Any] = {"updated_at": utcnow()}
     if daily_usd is not None or "daily" in clear:
         values["daily_usd"] = daily_usd

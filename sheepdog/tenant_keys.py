@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.db import session_scope
 from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
-from models.tables import DOCUMENTS_TENANT, ApiKey, utcnow
+from models.tables import DOCUMENTS_TENANT, INTEGER_MAX, ApiKey, utcnow
 
 KEY_PREFIX = "sk-sd-"
 SHOWN_CHARS = 12  # what `keys list` shows of a key: enough to tell keys apart
@@ -73,8 +73,10 @@ def create_key(
         )
     if len(name) > 100:
         raise InvalidRequest("the key's name must be at most 100 characters")
-    if rate_limit_per_minute is not None and rate_limit_per_minute <= 0:
-        raise InvalidRequest(f"the rate limit must be positive, got {rate_limit_per_minute}")
+    if rate_limit_per_minute is not None and not 0 < rate_limit_per_minute <= INTEGER_MAX:
+        raise InvalidRequest(
+            f"the rate limit must be 1 to {INTEGER_MAX:,} a minute, got {rate_limit_per_minute}"
+        )
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         id="key_" + secrets.token_hex(8),

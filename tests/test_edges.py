@@ -108,6 +108,30 @@ def test_cli_file_edges(idle: Any, tmp_path: Path) -> None:
     assert enqueued(r, settings.broker_prefix) == 2
 
 
+# Each printed a traceback (exit 1) before: values past what a time, a column or a file can
+# hold.
+CLI_VALUES_REFUSED: list[tuple[tuple[str, ...], str]] = [
+    (("costs", "--since", "99999999999d"), "--since"),
+    (("costs", "--since", "9999-12-31T23:59:59-12:00"), "--since"),
+    (("costs", "--plot", "/nonexistent/dir/x.png"), "--plot"),
+    (("costs", "budget", "set", "zed", "--daily", "1e20"), "below 10,000,000,000"),
+    (("costs", "budget", "set", "t" * 150, "--daily", "1"), "1 to 100 characters"),
+    (("costs", "budget", "release-stale", "--hours", "1e12"), "--hours"),
+    (("webhooks", "add", "--tenant", "x", "http://[::1"), "cannot be read"),
+    (("webhooks", "add", "--tenant", "t" * 150, "http://example.com/h"), "1 to 100 characters"),
+    (("keys", "create", "--tenant", "x", "--rate-limit", "9" * 20), "rate limit"),
+    (("submit", "--file", "/proc/self/mem"), "cannot read"),
+]
+
+
+@pytest.mark.parametrize(("args", "why"), CLI_VALUES_REFUSED)
+def test_cli_values_past_what_can_be_held_get_one_line(
+    idle: Any, args: tuple[str, ...], why: str
+) -> None:
+    _, env = idle
+    assert_refused(cli(env, *args), why)
+
+
 def test_cli_argv_edges(idle: Any) -> None:
     settings, env = idle
     r = redis.Redis.from_url(settings.redis_url)

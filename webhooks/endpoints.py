@@ -108,6 +108,8 @@ def ensure_secret(session: Session, settings: Settings, tenant: str) -> str | No
 def add_endpoint(
     session: Session, settings: Settings, tenant: str, url: str, events: list[str] | None = None
 ) -> Added:
+    if not 0 < len(tenant) <= TENANT_CHARS:
+        raise WebhookError(f"a tenant is 1 to {TENANT_CHARS} characters")
     check_url(settings, url)
     column = events_column(events)
     secret = ensure_secret(session, settings, tenant)
@@ -127,6 +129,7 @@ def list_endpoints(session: Session, tenant: str | None) -> list[EndpointView]:
 
 
 ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
+TENANT_CHARS: int = getattr(WebhookEndpoint.__table__.c.tenant.type, "length", 100)
 WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")  # webhooks/signing.py new_webhook_id
 
 

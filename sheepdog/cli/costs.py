@@ -31,14 +31,14 @@ def register(app: typer.Typer) -> None:
 def parse_since(text: str) -> datetime:
     """YYYY-MM-DD, an ISO datetime, or a relative `7d` / `12h` (UTC)."""
     match = re.fullmatch(r"(\d+)([dh])", text.strip())
-    if match:
-        n, unit = int(match[1]), match[2]
-        return datetime.now(UTC) - (timedelta(days=n) if unit == "d" else timedelta(hours=n))
     try:
+        if match:
+            n, unit = int(match[1]), match[2]
+            return datetime.now(UTC) - (timedelta(days=n) if unit == "d" else timedelta(hours=n))
         when = datetime.fromisoformat(text)
-    except ValueError:
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # past the years a datetime holds, in UTC included
         fail(f"--since: expected YYYY-MM-DD, an ISO datetime or e.g. 7d, got {text!r}")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def costs(
@@ -63,6 +63,8 @@ def costs(
         fail(f"--by: unknown grouping {by!r}; use one of {', '.join(GROUPS)}")
     if plot is not None:
         _require_plot()
+        if plot.is_dir() or not plot.parent.is_dir():
+            fail(f"--plot: {plot} is not a file in an existing folder")
     start = parse_since(since) if since else datetime.now(UTC) - timedelta(days=DEFAULT_DAYS)
     settings = get_settings()
     with edge():
@@ -290,9 +292,13 @@ def budget_release_stale(
     from core.settings import get_settings
     from costs.reservations import release_stale
 
+    try:
+        older = timedelta(hours=hours)
+    except (OverflowError, ValueError):  # past what a time holds, or NaN
+        fail(f"--hours: expected a number of hours a time can hold, got {hours:g}")
     url = get_settings().database_url
     with edge():
         check_database(url)
         with session_scope(url) as session:
-            n = release_stale(session, timedelta(hours=hours))
+            n = release_stale(session, older)
     typer.echo(f"released {n} stale reservations")

@@ -36,20 +36,28 @@ def read_request_file(path: Path) -> list[dict[str, Any]]:
     except OSError as err:
         raise InvalidRequest(f"cannot read {path}: {err.strerror}") from None
     with fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8", errors="strict")
-            except UnicodeDecodeError:
-                raise InvalidRequest(f"{path}:{number}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            obj = loads(line, f"{path}:{number}")
-            if not isinstance(obj, dict):
-                raise InvalidRequest(f"{path}:{number}: expected a JSON object")
-            requests.append(obj)
+        try:
+            for number, raw in enumerate(fh, start=1):
+                requests.extend(_line(path, number, raw, loads))
+        except OSError as err:  # a read that fails midway (EIO, a special file)
+            raise InvalidRequest(f"cannot read {path}: {err.strerror or err}") from None
     if not requests:
         raise InvalidRequest(f"{path}: no requests in the file")
     return requests
+
+
+def _line(path: Path, number: int, raw: bytes, loads: Any) -> list[dict[str, Any]]:
+    """The request on one line of the file (none for a blank line)."""
+    try:
+        line = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{path}:{number}: not UTF-8 text") from None
+    if not line.strip():
+        return []
+    obj = loads(line, f"{path}:{number}")
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"{path}:{number}: expected a JSON object")
+    return [obj]
 
 
 def submit(
