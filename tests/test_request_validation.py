@@ -28,7 +28,10 @@ def bad(**changes: object) -> dict[str, object]:
             "priority: unknown priority 'urgent' (expected high, normal or low)",
         ),
         (bad(model="gpt-9"), "model: unknown model 'gpt-9' (known: "),
-        (bad(webhook_url="http://[::1/"), "webhook_url: Invalid IPv6 URL"),
+        (
+            bad(webhook_url="http://[::1/"),
+            "webhook_url: webhook URL cannot be read: Invalid IPv6 URL",
+        ),
         (bad(webhook_url="ftp://hooks.example.com/x"), "webhook_url: webhook URL must be http"),
         (bad(messages=[]), "messages: messages is empty"),
         (
