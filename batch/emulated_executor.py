@@ -52,11 +52,10 @@ from models.status import BatchStatus
 from models.tables import BatchJob
 from rules.backoff import backoff_s
 from rules.tokens import count_message_tokens
-from streaming.provider_stream import retry_after_s
+from streaming.provider_errors import RETRYABLE_STATUS, retry_after_s
 
 log = logging.getLogger("sheepdog.batch.emulator")
 
-RETRYABLE_STATUS = frozenset({408, 409, 429})
 BACKOFF_MAX_S = 30.0
 NO_STREAM = ("stream", "stream_options")
 

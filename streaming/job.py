@@ -25,7 +25,8 @@ from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
 from streaming.job_services import JobServices
 from streaming.lanes import LaneRun
-from streaming.provider_stream import Fatal, RejectsStreamOptions, Retryable, stream_once
+from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
+from streaming.provider_stream import stream_once
 from streaming.publisher import fence_token
 
 log = logging.getLogger("sheepdog.streaming")

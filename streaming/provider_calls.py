@@ -22,8 +22,9 @@ from core.providers import ProviderConfig, async_client_for, load_providers
 from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
 from rules.tokens import count_message_tokens
+from streaming.provider_errors import Fatal, Retryable
 from streaming.provider_http import ProviderHttp, Unsendable
-from streaming.provider_stream import Endpoint, Fatal, Retryable
+from streaming.provider_stream import Endpoint
 
 DEFAULT_ANSWER_TOKENS = 1024  # token estimate of a request without max_tokens
 log = logging.getLogger("sheepdog.streaming.providers")

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from streaming import provider_http
+from streaming.provider_errors import Fatal, Retryable
 from streaming.provider_http import ProviderHttp, Unsendable
-from streaming.provider_stream import Fatal, Retryable
 from tests.fixtures.stream_once import stream_with
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]

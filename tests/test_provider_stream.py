@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from streaming.provider_calls import env_proxy
-from streaming.provider_stream import error_message, retry_after_s
+from streaming.provider_errors import error_message, retry_after_s
 
 pytestmark = pytest.mark.unit
 

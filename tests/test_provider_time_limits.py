@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import orjson
 import pytest
 
+from streaming.provider_errors import Retryable
 from streaming.provider_http import ProviderHttp
-from streaming.provider_stream import Retryable
 from tests.fixtures.stream_once import stream_with
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
