@@ -11,9 +11,7 @@ from models.tables import INTEGER_MAX, BatchJob
 
 def batch_values(batch: Any) -> dict[str, Any]:
     """batch_jobs columns, but the status, from a provider Batch object (a final status's
-    finished_at is stamped by the move). The SDK builds the object without checking its
-    fields, so each value is taken only when the column can hold it: a relay's odd object must
-    not stop the poll of every job."""
+    finished_at is stamped by the move)."""
     counts = batch.request_counts
     values: dict[str, Any] = {
         "output_file_id": _file_id(batch.output_file_id),

@@ -69,10 +69,10 @@ def poll(settings: Settings | None = None) -> PollReport:
         try:
             client = client_for(provider_of(settings, provider, model))
             batch = client.batches.retrieve(batch_id)
+            status = status_of(batch)
             if (
-                status_of(batch)
-                not in BATCH_FINAL  # open, or a status no Batch API has: waits no longer
-                and status_of(batch) != BatchStatus.CANCELLING
+                status not in BATCH_FINAL  # open, or a status no Batch API has: waits no longer
+                and status != BatchStatus.CANCELLING
                 and submitted_at is not None
                 and now - submitted_at > max_wait
             ):

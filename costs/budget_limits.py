@@ -22,7 +22,7 @@ from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redac
 from core.settings import Settings
 from costs.reservations import HELD
 from models.intake_message import IntakeItem
-from models.request import MAX_COST_USD_LIMIT, TENANT_MAX_CHARS
+from models.request import MAX_COST_USD_LIMIT, check_tenant
 from models.tables import Budget, CostEntry, Reservation, utcnow
 
 log = logging.getLogger("sheepdog.budgets")
@@ -200,8 +200,7 @@ def set_budget(
 ) -> Budget:
     """Create or update a tenant's budget; fields left None keep their value, `clear` names
     limits ("daily", "monthly") to remove."""
-    if not 0 < len(tenant) <= TENANT_MAX_CHARS:
-        raise InvalidRequest(f"a tenant is 1 to {TENANT_MAX_CHARS} characters")
+    check_tenant(tenant)
     for value in (daily_usd, monthly_usd):
         if value is not None and value < 0:
             raise ValueError(f"a budget must not be negative, got {value}")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from models.tables import max_chars
+from models.tables import DEFAULT_TENANT, max_chars
 
 SCOPE_CHARS = 17  # 16 hex digits of the tenant's SHA-256, and a "/"
 KEY_MAX_CHARS = max_chars("idempotency_key") - SCOPE_CHARS  # what the row's column leaves
-DEFAULT_TENANT = "default"  # the in-deployment client's (its keys have no scope)
 
 
 @lru_cache(maxsize=4096)

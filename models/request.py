@@ -30,6 +30,15 @@ MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[
 USD_STEP = Decimal(10) ** -USD.scale  # type: ignore[operator]
 USD_CONTEXT = Context(prec=(USD.precision or 20) + 2)  # digits for any value under the limit
 MAX_METADATA_PAIRS = 16
+
+
+def check_tenant(tenant: str) -> None:
+    """InvalidRequest unless `tenant` fits the tables' tenant columns (a budget, a key, a
+    webhook endpoint is kept for one)."""
+    if not 0 < len(tenant) <= TENANT_MAX_CHARS:
+        raise InvalidRequest(f"a tenant is 1 to {TENANT_MAX_CHARS} characters")
+
+
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 1_000
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a message's `name`, as the OpenAI API takes it

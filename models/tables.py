@@ -32,6 +32,14 @@ NAMING = {
 USD = Numeric(20, 10)
 
 
+DEFAULT_TENANT = "default"  # a request's tenant when it names none (the in-deployment client)
+
+
+def in_utc(at: datetime) -> datetime:
+    """`at` in UTC, a naive one taken as UTC already; OverflowError past the year 9999 there."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -43,9 +51,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.astimezone(UTC) if value is not None else None
+        return in_utc(value) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
@@ -156,7 +162,7 @@ class Request(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
-    tenant: Mapped[str] = mapped_column(String(100), default="default")
+    tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT)
     priority: Mapped[str] = mapped_column(String(8))
     route: Mapped[str] = mapped_column(String(8))
     # priority | stream | flex | batch (null: a row from before lanes, its route's lane)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.db import session_scope
 from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redact_url
+from models.request import check_tenant
 from models.tables import DOCUMENTS_TENANT, INTEGER_MAX, ApiKey, utcnow
 
 KEY_PREFIX = "sk-sd-"
@@ -65,8 +66,7 @@ def create_key(
 ) -> tuple[str, KeyInfo]:
     """A new key for `tenant`: (the key, shown once; what is stored)."""
     tenant = tenant.strip()
-    if not tenant or len(tenant) > 100:
-        raise InvalidRequest("the tenant must be 1 to 100 characters")
+    check_tenant(tenant)
     if tenant == DOCUMENTS_TENANT:
         raise InvalidRequest(
             f"the tenant {DOCUMENTS_TENANT!r} is the nightly document job's: choose another name"

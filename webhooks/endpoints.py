@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from core.errors import InvalidRequest, SheepdogError
 from core.settings import Settings
 from models.intake_message import IntakeItem
+from models.request import check_tenant
 from models.tables import INTEGER_MAX, utcnow
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
 from rules.addresses import HostNotFound, UnsafeURL, check_form, resolve
@@ -108,8 +109,7 @@ def ensure_secret(session: Session, settings: Settings, tenant: str) -> str | No
 def add_endpoint(
     session: Session, settings: Settings, tenant: str, url: str, events: list[str] | None = None
 ) -> Added:
-    if not 0 < len(tenant) <= TENANT_CHARS:
-        raise WebhookError(f"a tenant is 1 to {TENANT_CHARS} characters")
+    check_tenant(tenant)
     check_url(settings, url)
     column = events_column(events)
     secret = ensure_secret(session, settings, tenant)
@@ -129,7 +129,6 @@ def list_endpoints(session: Session, tenant: str | None) -> list[EndpointView]:
 
 
 ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
-TENANT_CHARS: int = getattr(WebhookEndpoint.__table__.c.tenant.type, "length", 100)
 WEBHOOK_ID = re.compile(r"msg_[0-9a-f]{32}")  # webhooks/signing.py new_webhook_id
 
 
@@ -193,13 +192,10 @@ def get_delivery(session: Session, tenant: str | None, ref: str) -> WebhookDeliv
 
 
 def _int(ref: str) -> int:
-    try:
-        number = int(ref) if ref.isascii() and ref.isdigit() else -1
-        if not 0 <= number <= INTEGER_MAX:  # an Integer id (a larger one PostgreSQL refuses)
-            raise ValueError(ref)
-        return number
-    except ValueError:
-        raise WebhookError(f"no webhook delivery {ref!r} (give its number or msg_ id)") from None
+    # ASCII digits an Integer id can be (a larger one PostgreSQL refuses).
+    if ref.isascii() and ref.isdigit() and len(ref) <= 10 and int(ref) <= INTEGER_MAX:
+        return int(ref)
+    raise WebhookError(f"no webhook delivery {ref!r} (give its number or msg_ id)")
 
 
 def redeliver(session: Session, settings: Settings, tenant: str | None, ref: str) -> DeliveryView:

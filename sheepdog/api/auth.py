@@ -12,11 +12,11 @@ from starlette.requests import Request
 from core import keys
 from core.ratelimit import AsyncRateLimiter, RateLimits
 from core.settings import Settings
-from models.tables import DOCUMENTS_TENANT
+from models.tables import DEFAULT_TENANT, DOCUMENTS_TENANT
 from sheepdog.api.errors import ApiError
 from sheepdog.tenant_keys import KeyCache, KeyInfo
 
-NO_AUTH_TENANT = "default"
+NO_AUTH_TENANT = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import base64
 import contextlib
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import orjson
@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 
 from models.request import REQUEST_ID
 from models.status import Status, is_final
+from models.tables import in_utc
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
 from sheepdog.api.responses import FastJSONResponse
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from sheepdog.api.front import Front
 
 MAX_LIST = 500
+SMALL_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only (str.isdigit takes "²")
+SEQ = re.compile(r"-?[0-9]{1,18}")  # a seq, or -1 for none: within 64 bits, and the next too
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -113,23 +116,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         at, rid = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not (isinstance(rid, str) and REQUEST_ID.fullmatch(rid)):
             raise ValueError(rid)
-        return _in_utc(datetime.fromisoformat(at)), rid
+        return in_utc(datetime.fromisoformat(at)), rid
     except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise ApiError(
             400, "invalid request: cursor is not one this API gave", "invalid_cursor", "cursor"
         ) from None
 
 
-def _in_utc(at: datetime) -> datetime:
-    """`at` in UTC (naive: taken as UTC); OverflowError past the year 9999 there."""
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-
-
 def _since(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return _in_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        return in_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
     except (ValueError, OverflowError):
         raise ApiError(
             400,
@@ -181,10 +179,6 @@ def last_event_id(request: Request) -> int:
             "Last-Event-ID",
         )
     return max(-1, int(raw))
-
-
-SMALL_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only (str.isdigit takes "²")
-SEQ = re.compile(r"-?[0-9]{1,18}")  # a seq, or -1 for none: within 64 bits, and the next too
 
 
 async def events(request: Request) -> Response:

@@ -30,13 +30,15 @@ def register(app: typer.Typer) -> None:
 
 def parse_since(text: str) -> datetime:
     """YYYY-MM-DD, an ISO datetime, or a relative `7d` / `12h` (UTC)."""
+    from models.tables import in_utc
+
     match = re.fullmatch(r"(\d+)([dh])", text.strip())
     try:
         if match:
             n, unit = int(match[1]), match[2]
             return datetime.now(UTC) - (timedelta(days=n) if unit == "d" else timedelta(hours=n))
         when = datetime.fromisoformat(text)
-        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+        return in_utc(when)
     except (ValueError, OverflowError):  # past the years a datetime holds, in UTC included
         fail(f"--since: expected YYYY-MM-DD, an ISO datetime or e.g. 7d, got {text!r}")
 
