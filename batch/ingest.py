@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from batch import emulated_job
 from batch.download import result_lines, validation_failures
 from batch.emulated_job import EMULATED
-from batch.jobs import LostLock, discount_for, job_lock, provider_of, unlock
+from batch.jobs import LostLock, job_lock, provider_of, unlock
 from batch.leftovers import leftover_reason, settle_leftovers
 from batch.results import parse_line
 from batch.sink import Sink
@@ -34,7 +34,7 @@ from core.providers import ProviderConfig, client_for
 from core.settings import Settings, get_settings
 from models.status import BatchStatus, is_batch_final
 from models.tables import BatchJob, utcnow
-from rules.prices import PriceTable, load_price_table
+from rules.prices import PriceTable, load_price_table, provider_batch_discount
 from webhooks.outbox import batch_ended
 
 log = logging.getLogger("sheepdog.batch.ingest")
@@ -91,7 +91,9 @@ def ingest(
         provider: ProviderConfig | None = provider_of(settings, job.provider, job.model)
     except KeyError:
         provider = None  # no longer configured: price table rates, files unreachable
-    discount = discount_for(provider, job.mode) if provider is not None else None
+    discount = (
+        provider_batch_discount(provider.batch_discount, job.mode) if provider is not None else None
+    )
     lock = job_lock(settings, job_id)
     if not lock.acquire():
         return IngestReport(job_id, job.status, skipped="another ingest holds the job")

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from decimal import Decimal
 from typing import Any
 
 import redis
@@ -163,11 +162,3 @@ def provider_of(settings: Settings, name: str | None, model: str) -> ProviderCon
         except KeyError:
             pass
     return providers.for_model(model)
-
-
-def discount_for(provider: ProviderConfig, mode: str) -> Decimal | None:
-    """A job's batch discount: the provider's own when configured; an emulated job's lines are
-    plain calls billed at the standard rate (0); else the price table's (None)."""
-    if provider.batch_discount is not None:
-        return provider.batch_discount
-    return Decimal(0) if mode == "emulated" else None

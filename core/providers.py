@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import openai
+import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from core.settings import Settings, get_settings
@@ -173,20 +174,37 @@ def async_client_for(provider: ProviderConfig) -> openai.AsyncOpenAI:
     )
 
 
-def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = None) -> str:
-    """`native` or `emulated`. For `auto`, ask the provider once (a 404 on /v1/batches means it
-    has no Batch API) and remember the answer in Redis for a day, for every worker."""
+def known_batch_mode(provider: ProviderConfig, settings: Settings | None = None) -> str | None:
+    """`native` or `emulated` as far as known without asking the provider: the configured mode,
+    or for `auto` the probe's remembered answer (None: not probed yet, or Redis away)."""
     if provider.batch_mode != "auto":
         return provider.batch_mode
     from core import keys
     from core.redis_conn import get_redis
 
     settings = settings or get_settings()
+    name = keys.of(settings).provider_batch_mode(provider.name, provider.base_url)
+    try:
+        known = get_redis(settings.redis_url).get(name)
+    except redis.RedisError:
+        return None
+    if not known:
+        return None
+    return known.decode() if isinstance(known, bytes) else str(known)
+
+
+def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = None) -> str:
+    """`native` or `emulated`. For `auto`, ask the provider once (a 404 on /v1/batches means it
+    has no Batch API) and remember the answer in Redis for a day, for every worker."""
+    known = known_batch_mode(provider, settings)
+    if known is not None:
+        return known
+    from core import keys
+    from core.redis_conn import get_redis
+
+    settings = settings or get_settings()
     r = get_redis(settings.redis_url)
     name = keys.of(settings).provider_batch_mode(provider.name, provider.base_url)
-    known = r.get(name)
-    if known:
-        return known.decode() if isinstance(known, bytes) else str(known)
     try:
         client_for(provider).batches.list(limit=1)
         mode = "native"

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from costs.reservations import HELD, SETTLED, settle
 from models.intake_message import Route
 from models.tables import CostEntry, Reservation, utcnow
-from rules.prices import ModelPrice, PriceTable, Tier, price_table, tier_of
+from rules.prices import PriceTable, Tier, price_table, tier_of
 from rules.tokens import count_message_tokens, count_tokens
 
 
@@ -89,17 +89,10 @@ def cost_of(usage: Usage, prices: PriceTable | None = None) -> tuple[Decimal, De
     """(actual cost at the tier that served the usage, what it would have cost at the
     standard rate)."""
     table = prices or price_table()
-    price = with_discount(table.get(usage.model), usage.batch_discount)
+    price = table.get(usage.model).at_batch_discount(usage.batch_discount)
     actual = price.cost(usage.prompt_tokens, usage.completion_tokens, tier_billed(usage))
     standard = price.cost(usage.prompt_tokens, usage.completion_tokens, "stream")
     return actual, standard
-
-
-def with_discount(price: ModelPrice, batch_discount: Decimal | None) -> ModelPrice:
-    """`price` with another batch discount (None: unchanged)."""
-    if batch_discount is None or batch_discount == price.batch_discount:
-        return price
-    return price.model_copy(update={"batch_discount": batch_discount})
 
 
 def record(session: Session, usages: Sequence[Usage], prices: PriceTable | None = None) -> int:

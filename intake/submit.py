@@ -32,6 +32,7 @@ from core.providers import tiers_for
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from costs.budgets import release_items, reserve
+from intake.provider_prices import ProviderPrices
 from lifecycle.dispatch import send_stream
 from lifecycle.record import TRANSIENT, record_safely, release_keys
 from models.intake_message import IntakeItem
@@ -57,6 +58,7 @@ class Submitter:
         self._prices = prices
         self._app: Any = None
         self._tier_cache: dict[str, frozenset[str]] = {}
+        self._provider_prices = ProviderPrices(self.settings)
 
     def warm_up(self) -> None:
         """Do a first submit's one-off work now (a server calls this at start-up): build the
@@ -82,14 +84,22 @@ class Submitter:
         return self._app
 
     @property
-    def prices(self) -> PriceTable:
+    def table(self) -> PriceTable:
+        """The price table as configured: which models there are, their limits (no I/O)."""
         return self._prices or price_table()
+
+    @property
+    def prices(self) -> PriceTable:
+        """The price table, its batch lane at each provider's own rate: what a hold and a cap
+        are priced at (intake/provider_prices.py; an `auto` provider's remembered batch mode
+        is read from Redis once a minute)."""
+        return self._provider_prices.get(self.table)
 
     # -- submit -----------------------------------------------------------------------------
 
     def prepare(self, request: RequestLike) -> IntakeItem:
-        """Validate one request and build its intake message (no I/O)."""
-        return self._item(admit(request, prices=self.prices))
+        """Validate one request and build its intake message (no I/O but `prices`')."""
+        return self._item(admit(request, prices=self.table))
 
     def _item(self, admitted: Admitted) -> IntakeItem:
         req = admitted.request

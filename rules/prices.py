@@ -5,6 +5,7 @@ served it."""
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -91,6 +92,14 @@ class ModelPrice(BaseModel):
         """Exact USD cost of a usage at a tier (or a path or lane's tier)."""
         return cost_usd(self, prompt_tokens, completion_tokens, what)
 
+    def at_batch_discount(self, discount: Decimal | None) -> ModelPrice:
+        """These prices with a provider's own batch discount (None: unchanged). Flex keeps its
+        rate: it is a service tier of the provider, not its Batch API."""
+        if discount is None or discount == self.batch_discount:
+            return self
+        flex = self.batch_discount if self.flex_discount is None else self.flex_discount
+        return self.model_copy(update={"batch_discount": discount, "flex_discount": flex})
+
 
 def cost_usd(
     price: ModelPrice, prompt_tokens: int, completion_tokens: int, what: Priced
@@ -136,10 +145,29 @@ class PriceTable(BaseModel):
     ) -> Decimal:
         """`cost`, at `batch_discount` when given: a provider's own batch discount, not the
         table's (an emulated batch runs at the standard rate: 0)."""
-        price = self.get(model)
-        if batch_discount is not None and batch_discount != price.batch_discount:
-            price = price.model_copy(update={"batch_discount": batch_discount})
-        return price.cost(prompt_tokens, completion_tokens, route)
+        return (
+            self.get(model)
+            .at_batch_discount(batch_discount)
+            .cost(prompt_tokens, completion_tokens, route)
+        )
+
+    def at_batch_discounts(self, discounts: Mapping[str, Decimal]) -> PriceTable:
+        """The table with each named model's batch lane at its provider's own discount."""
+        changed = {
+            model: self.models[model].at_batch_discount(discount)
+            for model, discount in discounts.items()
+            if model in self.models
+        }
+        return PriceTable(models={**self.models, **changed}) if changed else self
+
+
+def provider_batch_discount(configured: Decimal | None, mode: str | None) -> Decimal | None:
+    """The batch discount a provider's batch lines are billed at: its own when configured; an
+    emulated Batch API's lines are plain calls at the standard rate (0); else the price
+    table's (None). Submit prices holds and caps with it, ingest bills with it."""
+    if configured is not None:
+        return configured
+    return Decimal(0) if mode == "emulated" else None
 
 
 def parse_price_file(path: Path) -> PriceTable:

@@ -24,7 +24,6 @@ from batch.ingest import ingest
 from batch.poll import poll
 from core import keys
 from core.db import session_scope
-from costs.ledger import with_discount
 from models.tables import CostEntry
 from rules.prices import price_table
 from tests.fixtures.batch import add_requests, drive, jobs, rows
@@ -111,7 +110,7 @@ def test_provider_batch_discount_is_used(make: Any, relay: Any) -> None:
     settings = make(unique("relay"), provider(relay, batch_mode="emulated", batch_discount=0.25))
     ids = add_requests(settings, [(MINI, f"discounted {i}") for i in range(5)])
     run_job(settings)
-    price = with_discount(price_table().get(MINI), Decimal("0.25"))
+    price = price_table().get(MINI).at_batch_discount(Decimal("0.25"))
     for row in rows(settings, ids).values():
         assert row.cost_usd == price.cost(row.prompt_tokens, row.completion_tokens, "batch")
 
@@ -220,3 +219,60 @@ def test_an_answer_that_is_not_an_object_is_retried_then_requeued(make: Any) -> 
     row = rows(settings, ids)[ids[0]]
     assert row.status == "queued", (row.status, row.error)
     assert "malformed answer" in (row.error or ""), row.error
+
+
+@pytest.mark.parametrize(
+    ("mode", "configured", "discount"),
+    [("emulated", None, "0"), ("auto", None, "0"), ("emulated", 0.25, "0.25")],
+    ids=["emulated", "auto-probed", "own-discount"],
+)
+def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
+    make: Any, relay: Any, mode: str, configured: float | None, discount: str
+) -> None:
+    """A provider with no Batch API bills its batch lines at the standard rate (or at its own
+    `batch_discount`): a cost cap buys, and a budget holds, the tokens at that rate, so no
+    answer costs more than its cap or its hold (the table's half-price batch rate let an
+    emulated line cost 1.93x its cap)."""
+    from core.providers import load_providers, resolve_batch_mode
+    from rules.caps import max_tokens_for_cap
+    from rules.tokens import count_message_tokens
+    from sheepdog.client import Client
+    from tests.fixtures.costs import budget, reservations
+
+    entry = provider(relay, batch_mode=mode)
+    if configured is not None:
+        entry["batch_discount"] = configured
+    name = unique("relay")
+    settings = make(name, entry)
+    if mode == "auto":  # the flush's probe has answered once: submit reads its answer
+        assert resolve_batch_mode(load_providers(settings).get(name), settings) == "emulated"
+    tenant = unique("t")
+    budget(settings.database_url, tenant, daily_usd="1")
+    cap = Decimal("0.000017")  # ~80 output tokens at the table's batch rate, ~38 at standard
+    requests = [
+        {
+            "model": MINI,
+            "messages": [{"role": "user", "content": f"capped {name} {i}"}],
+            "priority": "low",
+            "max_cost_usd": str(cap),
+            "metadata": {"tenant": tenant},
+        }
+        for i in range(20)
+    ]
+    ids = Client(settings).submit_many(requests)
+    price = price_table().get(MINI).at_batch_discount(Decimal(discount))
+    before = rows(settings, ids)
+    for rid, request in zip(ids, requests, strict=True):
+        prompt = count_message_tokens(request["messages"])
+        expected = max_tokens_for_cap(price, MINI, prompt, cap, "batch")
+        assert before[rid].body["max_tokens"] == expected
+    run_job(settings)
+    held = reservations(settings.database_url, ids)
+    ended = rows(settings, ids)
+    assert any(r.completion_tokens == r.body["max_tokens"] for r in ended.values())  # cut there
+    for rid in ids:
+        row = ended[rid]
+        assert row.status == "succeeded", (row.status, row.error)
+        assert row.cost_usd == price.cost(row.prompt_tokens, row.completion_tokens, "batch")
+        assert row.cost_usd <= cap, (row.cost_usd, row.prompt_tokens, row.completion_tokens)
+        assert held[rid].settled_usd == row.cost_usd <= held[rid].amount_usd

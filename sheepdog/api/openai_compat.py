@@ -48,7 +48,7 @@ async def models(request: Request) -> Response:
     await front.auth.principal(request)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "sheepdog"}
-        for name in front.client.prices.names()
+        for name in front.client.table.names()
     ]
     return FastJSONResponse({"object": "list", "data": data})
 

@@ -85,7 +85,7 @@ class Tenancy:
         out = []
         for index, request in enumerate(requests):
             try:
-                out.append(admit(in_tenant(request, tenant), prices=self.client.prices))
+                out.append(admit(in_tenant(request, tenant), prices=self.client.table))
             except InvalidRequest as err:
                 raise InvalidRequest(f"request {index}: {err}" if as_list else str(err)) from None
         return out
