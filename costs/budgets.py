@@ -51,11 +51,13 @@ log = logging.getLogger("sheepdog.budgets")
 
 def worst_case(item: IntakeItem, prices: PriceTable, route: Route | None = None) -> Decimal:
     """The most `item` can cost: its prompt estimate plus max_tokens (the model's output limit
-    when unset) at its lane's rate (or `route`'s)."""
+    when unset) at its lane's rate (or `route`'s). A flex request may fall back to the standard
+    lane: it is held at that rate, as its cap is (intake/submit.py)."""
     price = prices.get(item.body["model"])
     prompt = count_message_tokens(item.body["messages"])
     out = item.body.get("max_tokens") or price.max_output_tokens
-    return price.cost(prompt, int(out), route or item.lane_or_route)
+    lane = route or item.lane_or_route
+    return price.cost(prompt, int(out), "stream" if lane == "flex" else lane)
 
 
 def reserve(
