@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from core.db import begin_write
 from core.providers import tiers_for
 from core.settings import Settings
+from costs.lane_change import refit_for_stream
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import BatchStatus, Status
@@ -83,16 +84,30 @@ ESCALATED = {
 }
 
 
-def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) -> set[str]:
+def _escalate_rows(
+    session: Session, settings: Settings, due: Any, base: Any
+) -> tuple[list[str], set[str]]:
     """Move rows whose deadline a batch submitted now would miss to the stream path, on the
-    cheapest lane that still meets it (flex when their provider sells it); the flex ones."""
+    cheapest lane that still meets it (flex when their provider sells it), their max_tokens
+    within their cap and hold there (costs/lane_change.py); (the moved, the flex ones). A row
+    whose prompt alone its cap or hold cannot pay for there stays for this flush's batch."""
     prices = price_table()
+    refit = refit_for_stream(session, [rid for rid, _, _ in due], prices)
     by_lane: dict[str, list[str]] = {}
     for rid, model, deadline in due:
+        if rid in refit.kept:
+            continue
         price = prices.get(model) if model in prices else None
         tiers = tiers_for(model, settings)
         choice = cheapest_lane(deadline, settings, tiers, price, flushing=True)
         by_lane.setdefault(choice.lane, []).append(rid)
+    if refit.kept:
+        log.warning(
+            "flush: %d request(s) stay on the batch lane past their deadline: the stream lane's"
+            " rate would take them past their cost cap or budget hold",
+            len(refit.kept),
+        )
+    refit.write(session)
     for lane, ids in by_lane.items():
         reason = ESCALATED.get(lane, ESCALATED["stream"])
         session.execute(
@@ -103,7 +118,7 @@ def _escalate_rows(session: Session, settings: Settings, due: Any, base: Any) ->
             )
             .execution_options(synchronize_session=False)
         )
-    return set(by_lane.get("flex", ()))
+    return [rid for ids in by_lane.values() for rid in ids], set(by_lane.get("flex", ()))
 
 
 def split(
@@ -155,8 +170,7 @@ def claim(
         )
     ).all()
     if due:
-        result.flex = _escalate_rows(session, settings, due, base)
-        result.escalated = [row.id for row in due]
+        result.escalated, result.flex = _escalate_rows(session, settings, due, base)
     rows = session.execute(
         lock_rows(
             select(Request.id, Request.model, _body_bytes(session))

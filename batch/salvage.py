@@ -18,6 +18,7 @@ from core.celery_app import celery_for
 from core.db import among
 from core.providers import tiers_for
 from core.settings import Settings
+from costs.lane_change import refit_for_stream
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each
 from models.status import Status
@@ -45,8 +46,17 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         )
     )
     due = {rid: (model, deadline) for rid, model, deadline in found if deadline is not None}
+    refit = refit_for_stream(session, list(due))  # its cap and hold on the dearer lane
+    for rid in refit.kept:
+        log.warning(
+            "request %s stays for the next batch: the stream lane's rate would take it"
+            " past its cost cap or budget hold",
+            rid,
+        )
+        del due[rid]
     if not due:
         return list(rows), 0
+    refit.write(session)
     moves = [_lane_move(settings, rid, *due[rid], why, now) for rid, _, why in rows if rid in due]
     moved = 0
     for lane in ("flex", "stream"):

@@ -163,3 +163,71 @@ def test_an_expired_batch_finishes_its_unfinished_lines_through_flex(
         assert view.lane_reason.startswith("salvaged (the batch expired")
         assert row(db, view.id).batch_job_id is None
         assert ledger_row(db, view.id).tier == "flex"
+
+
+def capped(seconds: float, text: str, tenant: str, cap: str = "0.00025") -> dict[str, Any]:
+    """A low request with a cost cap, of a budgeted tenant: $0.00025 buys its 40 tokens at the
+    batch rate, and about 28 at the standard rate."""
+    return {**low(seconds, text), "max_cost_usd": cap, "metadata": {"tenant": tenant}}
+
+
+def assert_within_cap_and_hold(db: str, rid: str, cap: str) -> CostEntry:
+    from tests.fixtures.costs import reservations
+
+    entry = ledger_row(db, rid)
+    held = reservations(db, [rid])[rid]
+    assert entry.cost_usd <= Decimal(cap), (entry.cost_usd, entry.tier, entry.completion_tokens)
+    assert held.state == "settled" and held.settled_usd == entry.cost_usd
+    assert entry.cost_usd <= held.amount_usd, (entry.cost_usd, held.amount_usd, entry.tier)
+    return entry
+
+
+def test_a_flex_fallback_bills_within_what_the_budget_held(
+    client: Any, stack: Stack, simulator: Any, tenant: str
+) -> None:
+    """Flex may end on the standard lane: the budget holds the standard rate from the start,
+    as the cap does (a flex hold at the batch rate was overrun 2x by the fallback)."""
+    from tests.fixtures.costs import budget
+
+    db = stack.env["SHEEPDOG_DATABASE_URL"]
+    budget(db, tenant, daily_usd="1")
+    simulator.configure(flex_capacity=0)
+    rid = client.submit(capped(25, "storm, capped", tenant))
+    view = assert_ended(client.result(rid, wait=60))
+    assert view.lane == "stream" and "moved to stream: flex refused" in view.lane_reason
+    entry = assert_within_cap_and_hold(db, rid, "0.00025")
+    assert entry.tier == "standard"
+
+
+def test_a_salvaged_line_is_capped_again_at_the_rate_of_its_new_lane(
+    client: Any, stack: Stack, simulator: Any, tenant: str
+) -> None:
+    """Capped and held at the batch rate, then salvaged to a lane that may bill the standard
+    rate (flex, which may fall back): its max_tokens is cut to what its cap and its hold buy
+    there before it moves, and every answer ends within both."""
+    from rules.caps import max_tokens_for_cap
+    from rules.tokens import count_message_tokens
+    from tests.fixtures.costs import budget, reservations
+
+    db = stack.env["SHEEPDOG_DATABASE_URL"]
+    budget(db, tenant, daily_usd="1")
+    simulator.configure(
+        batch_validate_s=10_000,
+        faults=[{"batch": "expire", "after_lines": 0, "match": "salvage capped"}],
+    )
+    requests = [capped(38, f"salvage capped {n}", tenant) for n in range(3)]
+    ids = client.submit_many(requests)
+    assert {row(db, rid).body["max_tokens"] for rid in ids} == {40}  # the batch rate's
+    views = [assert_ended(client.result(rid, wait=60)) for rid in ids]
+    price = price_table().get(MODEL)
+    held = reservations(db, ids)
+    for view, request in zip(views, requests, strict=True):
+        assert view.lane_reason.startswith("salvaged (the batch expired")
+        prompt = count_message_tokens(request["messages"])
+        # The hold (40 tokens at the batch rate) is the tighter limit here.
+        expected = min(
+            max_tokens_for_cap(price, MODEL, prompt, limit, "stream")
+            for limit in (Decimal("0.00025"), held[view.id].amount_usd)
+        )
+        assert row(db, view.id).body["max_tokens"] == expected < 40
+        assert_within_cap_and_hold(db, view.id, "0.00025")
