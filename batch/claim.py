@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from core.db import begin_write
 from core.providers import tiers_for
 from core.settings import Settings
-from costs.lane_change import refit_for_stream
+from costs.lane_change import refit
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import BatchStatus, Status
@@ -92,22 +92,22 @@ def _escalate_rows(
     within their cap and hold there (costs/lane_change.py); (the moved, the flex ones). A row
     whose prompt alone its cap or hold cannot pay for there stays for this flush's batch."""
     prices = price_table()
-    refit = refit_for_stream(session, [rid for rid, _, _ in due], prices)
+    fit = refit(session, [rid for rid, _, _ in due], "stream", prices)
     by_lane: dict[str, list[str]] = {}
     for rid, model, deadline in due:
-        if rid in refit.kept:
+        if rid in fit.kept:
             continue
         price = prices.get(model) if model in prices else None
         tiers = tiers_for(model, settings)
         choice = cheapest_lane(deadline, settings, tiers, price, flushing=True)
         by_lane.setdefault(choice.lane, []).append(rid)
-    if refit.kept:
+    if fit.kept:
         log.warning(
             "flush: %d request(s) stay on the batch lane past their deadline: the stream lane's"
             " rate would take them past their cost cap or budget hold",
-            len(refit.kept),
+            len(fit.kept),
         )
-    refit.write(session)
+    fit.write(session)
     for lane, ids in by_lane.items():
         reason = ESCALATED.get(lane, ESCALATED["stream"])
         session.execute(

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -29,13 +30,19 @@ from core.celery_app import EMULATE_TASK, celery_for
 from core.db import session_scope
 from core.redis_conn import get_redis
 from core.settings import Settings
+from costs.lane_change import refit
 from lifecycle.moves import move_each
 from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
+from rules.prices import price_table
 
 log = logging.getLogger("sheepdog.batch.emulated")
 
 EMULATED = "emulated"
+TOO_POOR = (
+    "invalid request: max_cost_usd or the budget's hold does not cover the prompt at the rate"
+    " this provider bills its batch lines (it has no Batch API)"
+)
 RUNNING = BatchStatus.IN_PROGRESS  # an emulated job's status while its executor works
 STATE_TTL_S = 7 * 24 * 3600  # output kept this long if the job is never ingested
 READ_CHUNK_LINES = 1000
@@ -80,18 +87,29 @@ class Submitted:
     failed: int
 
 
-def submit_emulated(settings: Settings, job_id: str, model: str) -> Submitted:
+def submit_emulated(
+    settings: Settings, job_id: str, model: str, discount: Decimal | None = None
+) -> Submitted:
     """Check the job's rows as batch lines (failing those that cannot be one, as the file
-    writer does), mark the job running and send its executor. Caller holds the job lock."""
+    writer does), mark the job running and send its executor. Caller holds the job lock.
+
+    The lines are billed at the provider's `discount` (rules.prices.provider_batch_discount):
+    a row capped and held at the table's batch rate (its `auto` provider not yet probed when
+    it was submitted) has its max_tokens cut to that rate first; one whose cap or hold does
+    not cover its prompt there fails, saying so."""
     lines = size = 0
     rejected: list[dict[str, Any]] = []
     with session_scope(settings.database_url) as session:
-        stmt = (
-            select(Request.id, Request.body)
-            .where(Request.batch_job_id == job_id, Request.status == Status.BATCHED.value)
-            .execution_options(yield_per=2000)
-        )
+        mine = (Request.batch_job_id == job_id) & (Request.status == Status.BATCHED.value)
+        ids = list(session.scalars(select(Request.id).where(mine)))
+        rates = price_table().at_batch_discounts({model: discount} if discount is not None else {})
+        fit = refit(session, ids, "batch", rates)
+        fit.write(session)
+        rejected = [{"id": rid, "error": TOO_POOR} for rid in fit.kept]
+        stmt = select(Request.id, Request.body).where(mine).execution_options(yield_per=2000)
         for request_id, body in session.execute(stmt):
+            if request_id in fit.kept:
+                continue
             try:
                 data = encode_line(request_id, body, model)
             except ValueError as err:

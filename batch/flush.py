@@ -46,6 +46,7 @@ from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each, move_many
 from models.status import BATCH_FINAL, BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
+from rules.prices import provider_batch_discount
 
 log = logging.getLogger("sheepdog.batch.flush")
 
@@ -232,7 +233,8 @@ def submit_job(
     else:
         provider, mode = provider_of(settings, recorded_provider, model), recorded_mode
     if mode == EMULATED:
-        sent = submit_emulated(settings, job_id, model)
+        discount = provider_batch_discount(provider.batch_discount, mode)
+        sent = submit_emulated(settings, job_id, model, discount)
         return JobReport(job_id, model, sent.lines, sent.bytes, None), sent.failed
     client = client_for(provider)
     if not fresh:

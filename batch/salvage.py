@@ -18,7 +18,7 @@ from core.celery_app import celery_for
 from core.db import among
 from core.providers import tiers_for
 from core.settings import Settings
-from costs.lane_change import refit_for_stream
+from costs.lane_change import refit
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each
 from models.status import Status
@@ -46,8 +46,8 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         )
     )
     due = {rid: (model, deadline) for rid, model, deadline in found if deadline is not None}
-    refit = refit_for_stream(session, list(due))  # its cap and hold on the dearer lane
-    for rid in refit.kept:
+    fit = refit(session, list(due))  # its cap and hold on the dearer lane
+    for rid in fit.kept:
         log.warning(
             "request %s stays for the next batch: the stream lane's rate would take it"
             " past its cost cap or budget hold",
@@ -56,7 +56,7 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         del due[rid]
     if not due:
         return list(rows), 0
-    refit.write(session)
+    fit.write(session)
     moves = [_lane_move(settings, rid, *due[rid], why, now) for rid, _, why in rows if rid in due]
     moved = 0
     for lane in ("flex", "stream"):

@@ -3,7 +3,8 @@ salvage send it to flex or the standard stream, billed at up to twice the batch 
 capped and held at. Before it moves, its `max_tokens` is cut so that its worst case at the
 standard rate (flex may fall back to it) stays within its cost cap and within what its budget
 held; one whose prompt alone does not fit stays on the batch lane (its deadline is a wish, the
-cap and the budget are limits)."""
+cap and the budget are limits). The same holds for an `auto` provider whose probe answered only
+after the submit that it has no Batch API: its lines are billed at the standard rate."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from core.db import among
 from core.errors import InvalidRequest
 from costs.reservations import HELD
+from models.intake_message import Route
 from models.tables import Request, Reservation
 from rules.caps import max_tokens_for_cap
 from rules.prices import PriceTable, price_table
@@ -42,10 +44,14 @@ class Refit:
             )
 
 
-def refit_for_stream(
-    session: Session, ids: Sequence[str], prices: PriceTable | None = None
+def refit(
+    session: Session,
+    ids: Sequence[str],
+    route: Route = "stream",
+    prices: PriceTable | None = None,
 ) -> Refit:
-    """Each of `ids`' body with `max_tokens` within its cap and its hold at the standard rate."""
+    """Each of `ids`' body with `max_tokens` within its cap and its hold at `route`'s rate in
+    `prices` (the table's by default)."""
     out = Refit()
     if not ids:
         return out
@@ -72,7 +78,7 @@ def refit_for_stream(
         tokens = given
         try:
             for limit in limits:
-                tokens = min(tokens, max_tokens_for_cap(price, model, prompt, limit, "stream"))
+                tokens = min(tokens, max_tokens_for_cap(price, model, prompt, limit, route))
         except InvalidRequest:
             out.kept.add(rid)
             continue

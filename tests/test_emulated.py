@@ -223,8 +223,13 @@ def test_an_answer_that_is_not_an_object_is_retried_then_requeued(make: Any) -> 
 
 @pytest.mark.parametrize(
     ("mode", "configured", "discount"),
-    [("emulated", None, "0"), ("auto", None, "0"), ("emulated", 0.25, "0.25")],
-    ids=["emulated", "auto-probed", "own-discount"],
+    [
+        ("emulated", None, "0"),
+        ("auto", None, "0"),
+        ("unprobed", None, "0"),
+        ("emulated", 0.25, "0.25"),
+    ],
+    ids=["emulated", "auto-probed", "auto-unprobed", "own-discount"],
 )
 def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
     make: Any, relay: Any, mode: str, configured: float | None, discount: str
@@ -232,14 +237,15 @@ def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
     """A provider with no Batch API bills its batch lines at the standard rate (or at its own
     `batch_discount`): a cost cap buys, and a budget holds, the tokens at that rate, so no
     answer costs more than its cap or its hold (the table's half-price batch rate let an
-    emulated line cost 1.93x its cap)."""
+    emulated line cost 1.93x its cap). An `auto` provider the flush probes only after the
+    submit: its lines are cut to that rate when the job is handed to the executor."""
     from core.providers import load_providers, resolve_batch_mode
     from rules.caps import max_tokens_for_cap
     from rules.tokens import count_message_tokens
     from sheepdog.client import Client
     from tests.fixtures.costs import budget, reservations
 
-    entry = provider(relay, batch_mode=mode)
+    entry = provider(relay, batch_mode="auto" if mode == "unprobed" else mode)
     if configured is not None:
         entry["batch_discount"] = configured
     name = unique("relay")
@@ -261,14 +267,21 @@ def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
     ]
     ids = Client(settings).submit_many(requests)
     price = price_table().get(MINI).at_batch_discount(Decimal(discount))
+    at_submit = price_table().get(MINI) if mode == "unprobed" else price  # the table's rate
     before = rows(settings, ids)
-    for rid, request in zip(ids, requests, strict=True):
-        prompt = count_message_tokens(request["messages"])
-        expected = max_tokens_for_cap(price, MINI, prompt, cap, "batch")
-        assert before[rid].body["max_tokens"] == expected
+    prompts = [count_message_tokens(request["messages"]) for request in requests]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        assert before[rid].body["max_tokens"] == max_tokens_for_cap(
+            at_submit, MINI, prompt, cap, "batch"
+        )
     run_job(settings)
     held = reservations(settings.database_url, ids)
     ended = rows(settings, ids)
+    for rid, prompt in zip(ids, prompts, strict=True):
+        assert ended[rid].body["max_tokens"] == min(
+            max_tokens_for_cap(price, MINI, prompt, limit, "batch")
+            for limit in (cap, held[rid].amount_usd)
+        )
     assert any(r.completion_tokens == r.body["max_tokens"] for r in ended.values())  # cut there
     for rid in ids:
         row = ended[rid]
@@ -276,3 +289,32 @@ def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
         assert row.cost_usd == price.cost(row.prompt_tokens, row.completion_tokens, "batch")
         assert row.cost_usd <= cap, (row.cost_usd, row.prompt_tokens, row.completion_tokens)
         assert held[rid].settled_usd == row.cost_usd <= held[rid].amount_usd
+
+
+def test_a_line_its_cap_cannot_pay_for_at_the_standard_rate_fails_saying_so(
+    make: Any, relay: Any
+) -> None:
+    """Capped at the table's batch rate (its `auto` provider not yet probed) with room for
+    its prompt and one token there, not at the standard rate the relay bills: it fails at the
+    hand-over with the reason, and nothing is billed."""
+    from batch.emulated_job import TOO_POOR
+    from rules.tokens import count_message_tokens
+    from sheepdog.client import Client
+
+    settings = make(unique("relay"), provider(relay, batch_mode="auto"))
+    text = [{"role": "user", "content": f"too poor {unique('p')}"}]
+    price = price_table().get(MINI)
+    prompt = count_message_tokens(text)
+    cap = price.cost(prompt, 1, "batch") + Decimal("0.0000000001")
+    assert cap < price.cost(prompt, 1, "stream")
+    rich, poor = Client(settings).submit_many(
+        [
+            {"model": MINI, "messages": text, "priority": "low"},
+            {"model": MINI, "messages": text, "priority": "low", "max_cost_usd": str(cap)},
+        ]
+    )
+    run_job(settings)
+    ended = rows(settings, [rich, poor])
+    assert ended[rich].status == "succeeded", ended[rich].error
+    assert (ended[poor].status, ended[poor].error) == ("failed", TOO_POOR)
+    assert ended[poor].cost_usd is None
