@@ -177,6 +177,14 @@ def async_client_for(provider: ProviderConfig) -> openai.AsyncOpenAI:
 def known_batch_mode(provider: ProviderConfig, settings: Settings | None = None) -> str | None:
     """`native` or `emulated` as far as known without asking the provider: the configured mode,
     or for `auto` the probe's remembered answer (None: not probed yet, or Redis away)."""
+    try:
+        return _remembered_mode(provider, settings)
+    except redis.RedisError:
+        return None
+
+
+def _remembered_mode(provider: ProviderConfig, settings: Settings | None) -> str | None:
+    """`known_batch_mode`, a Redis error raised."""
     if provider.batch_mode != "auto":
         return provider.batch_mode
     from core import keys
@@ -184,10 +192,7 @@ def known_batch_mode(provider: ProviderConfig, settings: Settings | None = None)
 
     settings = settings or get_settings()
     name = keys.of(settings).provider_batch_mode(provider.name, provider.base_url)
-    try:
-        known = get_redis(settings.redis_url).get(name)
-    except redis.RedisError:
-        return None
+    known = get_redis(settings.redis_url).get(name)
     if not known:
         return None
     return known.decode() if isinstance(known, bytes) else str(known)
@@ -195,8 +200,9 @@ def known_batch_mode(provider: ProviderConfig, settings: Settings | None = None)
 
 def resolve_batch_mode(provider: ProviderConfig, settings: Settings | None = None) -> str:
     """`native` or `emulated`. For `auto`, ask the provider once (a 404 on /v1/batches means it
-    has no Batch API) and remember the answer in Redis for a day, for every worker."""
-    known = known_batch_mode(provider, settings)
+    has no Batch API) and remember the answer in Redis for a day, for every worker. Redis away
+    raises before the provider is asked (its answer could not be kept)."""
+    known = _remembered_mode(provider, settings)
     if known is not None:
         return known
     from core import keys

@@ -32,14 +32,14 @@ from core.providers import tiers_for
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from costs.budgets import release_items, reserve
-from intake.provider_prices import ProviderPrices
+from costs.provider_prices import ProviderPrices
 from lifecycle.dispatch import send_stream
 from lifecycle.record import TRANSIENT, record_safely, release_keys
 from models.intake_message import IntakeItem
 from models.request import ChatRequest, new_request_id
 from rules.admission import Admitted, admit
 from rules.caps import effective_max_tokens
-from rules.prices import PriceTable, price_table
+from rules.prices import PriceTable, billed_lane, price_table
 from rules.routing import choose_lane
 from webhooks.endpoints import require_signing_secrets
 
@@ -91,7 +91,7 @@ class Submitter:
     @property
     def prices(self) -> PriceTable:
         """The price table, its batch lane at each provider's own rate: what a hold and a cap
-        are priced at (intake/provider_prices.py; an `auto` provider's remembered batch mode
+        are priced at (costs/provider_prices.py; an `auto` provider's remembered batch mode
         is read from Redis once a minute)."""
         return self._provider_prices.get(self.table)
 
@@ -113,8 +113,7 @@ class Submitter:
             prompt_tokens,
             req.max_tokens,
             req.max_cost_usd,
-            # A flex request may fall back to the standard lane: its cap must hold there too.
-            "stream" if lane.lane == "flex" else lane.lane,
+            billed_lane(lane.lane),
         )
         if max_tokens is not None:
             body["max_tokens"] = max_tokens

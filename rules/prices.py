@@ -170,6 +170,12 @@ def provider_batch_discount(configured: Decimal | None, mode: str | None) -> Dec
     return Decimal(0) if mode == "emulated" else None
 
 
+def billed_lane(lane: Lane) -> Lane:
+    """The lane whose rate caps and holds a request on `lane`: a flex call may fall back to the
+    standard lane (or be served at the standard tier), so it is priced there."""
+    return "stream" if lane == "flex" else lane
+
+
 def parse_price_file(path: Path) -> PriceTable:
     """Read a TOML price file (see rules/prices.toml for the shape)."""
     raw = tomllib.loads(path.read_text())

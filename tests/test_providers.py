@@ -78,3 +78,60 @@ def test_default_provider_from_settings() -> None:
         "http://127.0.0.1:1/v1",
         "sk-x",
     )
+
+
+def test_redis_away_stops_an_auto_probe_before_the_provider_is_asked(
+    providers_file: Path,
+) -> None:
+    """The probe's answer could not be kept: the flush must not ask the provider every time."""
+    import redis
+
+    from core.providers import known_batch_mode
+
+    settings = Settings(providers_file=str(providers_file), redis_url="redis://127.0.0.1:1/0")
+    unreachable = (
+        load_providers(settings)
+        .get("relay")
+        .model_copy(
+            update={"base_url": "http://127.0.0.1:1/v1"}  # asked, it would fail otherwise (slowly)
+        )
+    )
+    assert known_batch_mode(unreachable, settings) is None  # submit: the table's rate
+    with pytest.raises(redis.RedisError):
+        resolve_batch_mode(unreachable, settings)
+
+
+def test_a_producer_prices_the_batch_lane_at_the_probe_s_answer_within_a_refresh(
+    providers_file: Path, redis_url: str
+) -> None:
+    """Submit reads an `auto` provider's remembered probe answer, at most REFRESH_S old."""
+    from core import keys
+    from core.redis_conn import get_redis
+    from costs.provider_prices import REFRESH_S, ProviderPrices
+    from rules.prices import load_price_table
+
+    settings = Settings(
+        providers_file=str(providers_file),
+        redis_url=redis_url,
+        broker_prefix=f"t-prices-{uuid.uuid4().hex[:6]}:",  # a probe memory of its own
+    )
+    main = load_providers(settings).get("main")
+    table = load_price_table()
+    standard, half = table.get("gpt-4.1").rates("stream"), table.get("gpt-4.1").rates("batch")
+    assert half != standard
+    now = [0.0]
+    prices = ProviderPrices(settings, clock=lambda: now[0])
+    # `relay` sets its own batch_discount 0; `main` (auto) is not probed yet: the table's rate.
+    assert prices.get(table).get("deepseek-v3.2").rates("batch") == (
+        table.get("deepseek-v3.2").rates("stream")
+    )
+    assert prices.get(table).get("gpt-4.1").rates("batch") == half
+    name = keys.of(settings).provider_batch_mode(main.name, main.base_url)
+    get_redis(redis_url).set(name, "emulated", ex=60)  # a flush's probe found no Batch API
+    try:
+        now[0] = REFRESH_S - 1
+        assert prices.get(table).get("gpt-4.1").rates("batch") == half  # kept a minute
+        now[0] = REFRESH_S + 1
+        assert prices.get(table).get("gpt-4.1").rates("batch") == standard
+    finally:
+        get_redis(redis_url).delete(name)
