@@ -21,11 +21,12 @@ from core.db import begin_write
 from core.providers import tiers_for
 from core.settings import Settings
 from costs.lane_change import refit
+from costs.provider_prices import billed_prices
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
-from rules.prices import price_table
+from rules.prices import billed_lane
 from rules.routing import batch_horizon, cheapest_lane
 
 log = logging.getLogger("sheepdog.batch.claim")
@@ -91,8 +92,8 @@ def _escalate_rows(
     cheapest lane that still meets it (flex when their provider sells it), their max_tokens
     within their cap and hold there (costs/lane_change.py); (the moved, the flex ones). A row
     whose prompt alone its cap or hold cannot pay for there stays for this flush's batch."""
-    prices = price_table()
-    fit = refit(session, [rid for rid, _, _ in due], "stream", prices)
+    prices = billed_prices(settings)  # the lane choice at the rates the provider bills
+    fit = refit(session, [rid for rid, _, _ in due], billed_lane("flex"), prices)
     by_lane: dict[str, list[str]] = {}
     for rid, model, deadline in due:
         if rid in fit.kept:
@@ -107,7 +108,7 @@ def _escalate_rows(
             " rate would take them past their cost cap or budget hold",
             len(fit.kept),
         )
-    fit.write(session)
+    fit.write(session, base)
     for lane, ids in by_lane.items():
         reason = ESCALATED.get(lane, ESCALATED["stream"])
         session.execute(

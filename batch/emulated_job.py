@@ -34,7 +34,7 @@ from costs.lane_change import refit
 from lifecycle.moves import move_each
 from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
-from rules.prices import price_table
+from rules.prices import load_price_table
 
 log = logging.getLogger("sheepdog.batch.emulated")
 
@@ -102,13 +102,18 @@ def submit_emulated(
     with session_scope(settings.database_url) as session:
         mine = (Request.batch_job_id == job_id) & (Request.status == Status.BATCHED.value)
         ids = list(session.scalars(select(Request.id).where(mine)))
-        rates = price_table().at_batch_discounts({model: discount} if discount is not None else {})
-        fit = refit(session, ids, "batch", rates)
-        fit.write(session)
-        rejected = [{"id": rid, "error": TOO_POOR} for rid in fit.kept]
+        table = load_price_table(settings.price_table_file)  # the one ingest bills from
+        rates = table.at_batch_discounts({model: discount} if discount is not None else {})
+        kept: set[str] = set()
+        step = settings.batch_ingest_chunk  # (bodies in memory, ids in one IN list)
+        for start in range(0, len(ids), step):
+            fit = refit(session, ids[start : start + step], "batch", rates)
+            fit.write(session, mine)
+            kept |= fit.kept
+        rejected = [{"id": rid, "error": TOO_POOR} for rid in kept]
         stmt = select(Request.id, Request.body).where(mine).execution_options(yield_per=2000)
         for request_id, body in session.execute(stmt):
-            if request_id in fit.kept:
+            if request_id in kept:
                 continue
             try:
                 data = encode_line(request_id, body, model)

@@ -19,11 +19,12 @@ from core.db import among
 from core.providers import tiers_for
 from core.settings import Settings
 from costs.lane_change import refit
+from costs.provider_prices import billed_prices
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each
 from models.status import Status
 from models.tables import Request, max_chars
-from rules.prices import price_table
+from rules.prices import PriceTable, billed_lane
 from rules.routing import batch_horizon, cheapest_lane
 
 log = logging.getLogger("sheepdog.batch.salvage")
@@ -46,7 +47,8 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         )
     )
     due = {rid: (model, deadline) for rid, model, deadline in found if deadline is not None}
-    fit = refit(session, list(due))  # its cap and hold on the dearer lane
+    prices = billed_prices(settings)  # the lane choice at the rates the provider bills
+    fit = refit(session, list(due), billed_lane("flex"), prices)  # cap and hold there
     for rid in fit.kept:
         log.warning(
             "request %s stays for the next batch: the stream lane's rate would take it"
@@ -56,8 +58,10 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         del due[rid]
     if not due:
         return list(rows), 0
-    fit.write(session)
-    moves = [_lane_move(settings, rid, *due[rid], why, now) for rid, _, why in rows if rid in due]
+    fit.write(session, Request.status == Status.BATCHED.value)
+    moves = [
+        _lane_move(settings, prices, rid, *due[rid], why, now) for rid, _, why in rows if rid in due
+    ]
     moved = 0
     for lane in ("flex", "stream"):
         group = [m for m in moves if m["lane"] == lane]
@@ -68,9 +72,14 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
 
 
 def _lane_move(
-    settings: Settings, rid: str, model: str, deadline: datetime, why: str, now: datetime
+    settings: Settings,
+    prices: PriceTable,
+    rid: str,
+    model: str,
+    deadline: datetime,
+    why: str,
+    now: datetime,
 ) -> dict[str, Any]:
-    prices = price_table()
     price = prices.get(model) if model in prices else None
     choice = cheapest_lane(deadline, settings, tiers_for(model, settings), price, now)
     reason = f"salvaged ({_short(why)}): {choice.reason.removeprefix('low: ')}"

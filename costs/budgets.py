@@ -4,7 +4,9 @@ or is cancelled (costs/reservations.py); limits and spending are costs/budget_li
 
 Spent in a period = the ledger's cost in that period + every reservation still held. A submit
 that would take a tenant past its daily or monthly limit is refused (BudgetExceeded) or, when the
-tenant allows it, a normal-priority request is downgraded to the batch path, where it costs half.
+tenant allows it, a normal-priority request is downgraded to the batch path, where it costs
+its provider's batch rate (half the table's by default; the standard rate on an emulated Batch
+API, where a downgrade saves nothing).
 
 Atomicity: the reservations of one submit_many call are one transaction that first locks the
 tenant's budget row (PostgreSQL `SELECT ... FOR UPDATE`) or takes SQLite's single writer lock
@@ -39,7 +41,7 @@ from costs.reservations import HELD, release
 from models.intake_message import IntakeItem, Route
 from models.tables import Budget, Reservation, utcnow
 from rules.caps import effective_max_tokens
-from rules.prices import PriceTable, price_table
+from rules.prices import PriceTable, billed_lane, price_table
 from rules.routing import batch_horizon
 from rules.tokens import count_message_tokens
 
@@ -51,13 +53,12 @@ log = logging.getLogger("sheepdog.budgets")
 
 def worst_case(item: IntakeItem, prices: PriceTable, route: Route | None = None) -> Decimal:
     """The most `item` can cost: its prompt estimate plus max_tokens (the model's output limit
-    when unset) at its lane's rate (or `route`'s). A flex request may fall back to the standard
-    lane: it is held at that rate, as its cap is (intake/submit.py)."""
+    when unset) at the rate of its lane (or `route`), as rules.prices.billed_lane bills it."""
     price = prices.get(item.body["model"])
     prompt = count_message_tokens(item.body["messages"])
     out = item.body.get("max_tokens") or price.max_output_tokens
     lane = route or item.lane_or_route
-    return price.cost(prompt, int(out), "stream" if lane == "flex" else lane)
+    return price.cost(prompt, int(out), billed_lane(lane))
 
 
 def reserve(

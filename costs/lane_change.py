@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import ColumnElement, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.db import among
 from core.errors import InvalidRequest
 from costs.reservations import HELD
-from models.intake_message import Route
+from models.intake_message import Lane
 from models.tables import Request, Reservation
 from rules.caps import max_tokens_for_cap
 from rules.prices import PriceTable, price_table
@@ -32,12 +32,13 @@ class Refit:
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # only the changed ones
     kept: set[str] = field(default_factory=set)
 
-    def write(self, session: Session) -> None:
-        """Store the new bodies (of rows the caller has locked and moves in this transaction)."""
+    def write(self, session: Session, still: ColumnElement[bool]) -> None:
+        """Store the new bodies of the rows that `still` holds for (the state they were read
+        in: a row that has moved on since keeps its body)."""
         if self.bodies:
             session.connection().execute(
                 update(Request)
-                .where(Request.id == bindparam("_id"))
+                .where(Request.id == bindparam("_id"), still)
                 .values(body=bindparam("body"))
                 .execution_options(synchronize_session=False),
                 [{"_id": rid, "body": body} for rid, body in self.bodies.items()],
@@ -47,11 +48,12 @@ class Refit:
 def refit(
     session: Session,
     ids: Sequence[str],
-    route: Route = "stream",
+    route: Lane = "stream",
     prices: PriceTable | None = None,
 ) -> Refit:
     """Each of `ids`' body with `max_tokens` within its cap and its hold at `route`'s rate in
-    `prices` (the table's by default)."""
+    `prices` (the table's by default); a move to the stream path is priced at
+    `billed_lane("flex")`, the standard rate (flex may fall back to it)."""
     out = Refit()
     if not ids:
         return out

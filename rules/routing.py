@@ -82,6 +82,8 @@ def cheapest_lane(
     if not open_:  # the deadline has passed (a late flush or salvage): no lane meets it
         return LaneChoice("stream", "low: stream, escalated (the deadline has passed)", True)
     lane = min(open_, key=lambda x: (rate(x), PREFERENCE.index(x)))
+    if lane != "batch" and "batch" in open_:  # a batch would meet the deadline: dearer there
+        return LaneChoice(lane, f"low: {lane}, cheaper than this provider's batch lane")
     return LaneChoice(lane, _why(lane, deadline, now, tiers), escalated=lane != "batch")
 
 

@@ -318,3 +318,21 @@ def test_a_line_its_cap_cannot_pay_for_at_the_standard_rate_fails_saying_so(
     assert ended[rich].status == "succeeded", ended[rich].error
     assert (ended[poor].status, ended[poor].error) == ("failed", TOO_POOR)
     assert ended[poor].cost_usd is None
+
+
+def test_a_low_request_takes_flex_where_the_relay_s_batch_lane_costs_the_standard_rate(
+    make: Any, relay: Any
+) -> None:
+    """The lane is chosen at the rates the provider bills: emulated batch lines cost the
+    standard rate, so flex (half price, when sold) is the cheapest lane; without flex, batch."""
+    from sheepdog.client import Client
+
+    sells = make(unique("relay"), provider(relay, batch_mode="emulated", service_tiers=["flex"]))
+    plain = make(unique("relay"), provider(relay, batch_mode="emulated"))
+    body = {"model": MINI, "messages": [{"role": "user", "content": "hi"}], "priority": "low"}
+    flex = Client(sells).submit(body)
+    batch = Client(plain).submit(body)
+    got = rows(sells, [flex, batch])
+    assert (got[flex].route, got[flex].lane, got[flex].escalated) == ("stream", "flex", False)
+    assert got[flex].lane_reason == "low: flex, cheaper than this provider's batch lane"
+    assert (got[batch].route, got[batch].lane) == ("batch", "batch")

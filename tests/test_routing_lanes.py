@@ -94,8 +94,21 @@ def test_a_cheaper_flex_rate_wins_over_batch(tmp_path) -> None:  # type: ignore[
     )
     now = datetime.now(UTC)
     req = validate_request(request("low", None, None))
-    assert choose_lane(req, SETTINGS, BOTH, parse_price_file(path), now).lane == "flex"
+    cheaper = choose_lane(req, SETTINGS, BOTH, parse_price_file(path), now)
+    assert (cheaper.lane, cheaper.escalated) == ("flex", False)  # its price, not its deadline
+    assert cheaper.reason == "low: flex, cheaper than this provider's batch lane"
     assert choose_lane(req, SETTINGS, (), parse_price_file(path), now).lane == "batch"
+
+
+def test_an_emulated_batch_lane_at_the_standard_rate_loses_to_flex() -> None:
+    """The lane is chosen at the rates the provider bills (costs/provider_prices.py): a relay
+    with no Batch API bills its batch lines at the standard rate, flex is cheaper."""
+    now = datetime.now(UTC)
+    req = validate_request(request("low", None, None))
+    billed = load_price_table().at_batch_discounts({"gpt-4.1": Decimal(0)})
+    assert choose_lane(req, SETTINGS, BOTH, billed, now).lane == "flex"
+    assert choose_lane(req, SETTINGS, (), billed, now).lane == "batch"  # no flex sold: a tie
+    assert choose_lane(req, SETTINGS, BOTH, load_price_table(), now).lane == "batch"
 
 
 def test_one_horizon_rule_per_lane() -> None:
