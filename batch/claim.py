@@ -80,7 +80,7 @@ class ClaimedRows:
 
 # One reason a lane (one UPDATE a lane, however many rows): a deadline a batch would miss.
 ESCALATED = {
-    "flex": "escalated at the flush: flex at the batch rate, the deadline cannot wait a batch",
+    "flex": "escalated at the flush: flex, the deadline cannot wait a batch",
     "stream": "escalated at the flush: stream, the deadline is too close for batch or flex",
 }
 

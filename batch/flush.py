@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import openai
+import redis
 from sqlalchemy import select
 
 from batch.batch_object import batch_values, status_of
@@ -133,7 +134,7 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
             except REFUSED as err:
                 report.failed += give_up_job(settings, g.job_id, err)
                 continue
-            except (openai.APIError, OSError, KeyError) as err:
+            except (openai.APIError, redis.RedisError, OSError, KeyError) as err:
                 # The job stays `preparing`; the next flush or poll finishes it.
                 log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
                 continue
@@ -172,7 +173,7 @@ def repair_preparing(
                 if report is not None:
                     report.failed += failed
                 continue
-            except (openai.APIError, OSError, KeyError) as err:
+            except (openai.APIError, redis.RedisError, OSError, KeyError) as err:
                 log.warning("job %s: repair failed, will retry: %s", job_id, err)
                 continue
         if done is not None:

@@ -47,6 +47,8 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
         )
     )
     due = {rid: (model, deadline) for rid, model, deadline in found if deadline is not None}
+    if not due:
+        return list(rows), 0
     prices = billed_prices(settings)  # the lane choice at the rates the provider bills
     fit = refit(session, list(due), billed_lane("flex"), prices)  # cap and hold there
     for rid in fit.kept:

@@ -92,7 +92,7 @@ def _why(lane: Lane, deadline: datetime | None, now: datetime, tiers: Collection
         return "low: batch, the deadline allows a batch window" if deadline else "low: batch"
     left = f"deadline in {_span((deadline - now).total_seconds())}" if deadline else "no deadline"
     if lane == "flex":
-        return f"low: flex at the batch rate, {left} is before a batch window could end"
+        return f"low: flex, {left} is before a batch window could end"
     no_flex = "" if "flex" in tiers else "; the provider sells no flex tier"
     return f"low: stream, escalated ({left}, too close for batch or flex{no_flex})"
 

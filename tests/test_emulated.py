@@ -249,7 +249,7 @@ def test_a_cap_and_a_hold_are_priced_at_the_rate_the_provider_bills(
     if configured is not None:
         entry["batch_discount"] = configured
     name = unique("relay")
-    settings = make(name, entry)
+    settings = make(name, entry, batch_ingest_chunk=7)  # the hand-over refits 20 rows in 3 chunks
     if mode == "auto":  # the flush's probe has answered once: submit reads its answer
         assert resolve_batch_mode(load_providers(settings).get(name), settings) == "emulated"
     tenant = unique("t")

@@ -45,8 +45,8 @@ def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
     settings = make_settings(batch_db, redis_url, simulator, tmp_path)
     price = price_table().get(MINI)
     prompt = count_message_tokens([{"role": "user", "content": TEXT}])
-    cap = price.cost(prompt, 30, "batch")  # 15 output tokens at the standard rate
-    hold = price.cost(prompt, 20, "batch")  # fewer: the hold is the limit that binds
+    cap = price.cost(prompt, 30, "batch")  # ~15 output tokens at the standard rate
+    hold = price.cost(prompt, 20, "batch")  # fewer: where it is held, the hold binds
     poor = price.cost(prompt, 1, "batch")  # not even the prompt at the standard rate
     capped, held, kept = (
         add_requests(settings, [(MINI, TEXT)], max_cost_usd=str(cap))[0],
@@ -54,7 +54,7 @@ def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
         add_requests(settings, [(MINI, TEXT)])[0],
     )
     _hold(batch_db, held, hold)
-    _hold(batch_db, capped, hold)
+    _hold(batch_db, capped, cap * 2)  # the cap binds here
     _hold(batch_db, kept, poor)
     ids = [capped, held, kept]
     with session_scope(batch_db) as session:
@@ -62,9 +62,10 @@ def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
         fit.write(session, Request.status == Status.QUEUED.value)
     assert fit.kept == {kept}
     want = max_tokens_for_cap(price, MINI, prompt, hold, "stream")
-    assert want < 40
+    by_cap = max_tokens_for_cap(price, MINI, prompt, cap, "stream")
+    assert want < by_cap < 30
     bodies = _bodies(batch_db, ids)
-    assert bodies[capped]["max_tokens"] == want and bodies[held]["max_tokens"] == want
+    assert bodies[capped]["max_tokens"] == by_cap and bodies[held]["max_tokens"] == want
     assert bodies[kept]["max_tokens"] == 40
     with session_scope(batch_db) as session:  # a redelivered flush or salvage: the same rows
         again = refit(session, ids, "stream")

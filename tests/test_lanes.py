@@ -88,7 +88,7 @@ def test_an_hour_away_takes_flex_and_pays_the_batch_rate(client: Any, stack: Sta
     rid = client.submit(low(25))
     view = assert_ended(client.result(rid, wait=60))
     assert view.lane == "flex" and view.route == "stream"
-    assert view.lane_reason.startswith("low: flex at the batch rate")
+    assert view.lane_reason.startswith("low: flex, deadline in")
     entry = ledger_row(stack.env["SHEEPDOG_DATABASE_URL"], rid)
     assert entry.tier == "flex" and entry.route == "stream"
     assert entry.cost_usd == at("batch", entry) and entry.standard_cost_usd == at("standard", entry)

@@ -40,7 +40,7 @@ def test_flush_escalates_to_flex_when_the_provider_sells_it(
     assert report.escalated == 1
     got = lanes_of(batch_db, flex)
     assert got[flex[0]][:2] == ("stream", "flex")
-    assert got[flex[0]][2] is not None and "flex at the batch rate" in got[flex[0]][2]
+    assert got[flex[0]][2] is not None and "escalated at the flush: flex," in got[flex[0]][2]
     assert got[flex[0]][3] == "queued"
 
 
