@@ -8,9 +8,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select, update
 
 from core.db import session_scope
+from core.settings import Settings
 from costs.lane_change import refit
 from costs.reservations import HELD
 from models.status import Status
@@ -39,15 +41,21 @@ def _bodies(url: str, ids: list[str]) -> dict[str, dict[str, Any]]:
         return {rid: body for rid, body in found}
 
 
+PRICE = price_table().get(MINI)
+PROMPT = count_message_tokens([{"role": "user", "content": TEXT}])
+
+
+@pytest.fixture
+def settings(batch_db: str, redis_url: str, simulator: Any, tmp_path: Path) -> Settings:
+    return make_settings(batch_db, redis_url, simulator, tmp_path)
+
+
 def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
-    batch_db: str, redis_url: str, simulator: Any, tmp_path: Path
+    batch_db: str, settings: Settings
 ) -> None:
-    settings = make_settings(batch_db, redis_url, simulator, tmp_path)
-    price = price_table().get(MINI)
-    prompt = count_message_tokens([{"role": "user", "content": TEXT}])
-    cap = price.cost(prompt, 30, "batch")  # ~15 output tokens at the standard rate
-    hold = price.cost(prompt, 20, "batch")  # fewer: where it is held, the hold binds
-    poor = price.cost(prompt, 1, "batch")  # not even the prompt at the standard rate
+    cap = PRICE.cost(PROMPT, 30, "batch")  # ~15 output tokens at the standard rate
+    hold = PRICE.cost(PROMPT, 20, "batch")  # fewer: where it is held, the hold binds
+    poor = PRICE.cost(PROMPT, 1, "batch")  # not even the prompt at the standard rate
     capped, held, kept = (
         add_requests(settings, [(MINI, TEXT)], max_cost_usd=str(cap))[0],
         add_requests(settings, [(MINI, TEXT)])[0],
@@ -61,8 +69,8 @@ def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
         fit = refit(session, ids, billed_lane("flex"))
         fit.write(session, Request.status == Status.QUEUED.value)
     assert fit.kept == {kept}
-    want = max_tokens_for_cap(price, MINI, prompt, hold, "stream")
-    by_cap = max_tokens_for_cap(price, MINI, prompt, cap, "stream")
+    want = max_tokens_for_cap(PRICE, MINI, PROMPT, hold, "stream")
+    by_cap = max_tokens_for_cap(PRICE, MINI, PROMPT, cap, "stream")
     assert want < by_cap < 30
     bodies = _bodies(batch_db, ids)
     assert bodies[capped]["max_tokens"] == by_cap and bodies[held]["max_tokens"] == want
@@ -72,13 +80,8 @@ def test_a_refit_keeps_to_the_smaller_limit_and_a_second_one_changes_nothing(
     assert again.bodies == {} and again.kept == {kept}
 
 
-def test_a_refit_does_not_write_over_a_row_that_moved_on(
-    batch_db: str, redis_url: str, simulator: Any, tmp_path: Path
-) -> None:
-    settings = make_settings(batch_db, redis_url, simulator, tmp_path)
-    price = price_table().get(MINI)
-    prompt = count_message_tokens([{"role": "user", "content": TEXT}])
-    rid = add_requests(settings, [(MINI, TEXT)], max_cost_usd=str(price.cost(prompt, 30, "batch")))
+def test_a_refit_does_not_write_over_a_row_that_moved_on(batch_db: str, settings: Settings) -> None:
+    rid = add_requests(settings, [(MINI, TEXT)], max_cost_usd=str(PRICE.cost(PROMPT, 30, "batch")))
     given = _bodies(batch_db, rid)[rid[0]]["max_tokens"]  # 30: what the cap buys on batch
     with session_scope(batch_db) as session:
         fit = refit(session, rid, "stream")
