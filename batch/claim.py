@@ -21,12 +21,11 @@ from core.db import begin_write
 from core.providers import tiers_for
 from core.settings import Settings
 from costs.lane_change import refit
-from costs.provider_prices import billed_prices
 from lifecycle.moves import move_many
 from models.batch_lines import CHAT_URL
 from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
-from rules.prices import billed_lane
+from rules.prices import billed_lane, load_price_table
 from rules.routing import batch_horizon, cheapest_lane
 
 log = logging.getLogger("sheepdog.batch.claim")
@@ -92,7 +91,9 @@ def _escalate_rows(
     cheapest lane that still meets it (flex when their provider sells it), their max_tokens
     within their cap and hold there (costs/lane_change.py); (the moved, the flex ones). A row
     whose prompt alone its cap or hold cannot pay for there stays for this flush's batch."""
-    prices = billed_prices(settings)  # the lane choice at the rates the provider bills
+    # Flex or stream only (a batch cannot meet these deadlines): rates no provider's batch
+    # discount changes, so the settings' table, with no Redis read under the write lock.
+    prices = load_price_table(settings.price_table_file)
     fit = refit(session, [rid for rid, _, _ in due], billed_lane("flex"), prices)
     by_lane: dict[str, list[str]] = {}
     for rid, model, deadline in due:

@@ -63,6 +63,14 @@ REFUSED = (
     openai.NotFoundError,
     openai.UnprocessableEntityError,
 )  # provider/our clock skew tolerated when paging batches.list
+# A job's submit or repair that failed on these stays `preparing`: the next flush or poll
+# finishes it.
+REPAIRABLE = (
+    openai.APIError,
+    redis.RedisError,
+    OSError,
+    KeyError,
+)
 
 
 @dataclass
@@ -134,7 +142,7 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
             except REFUSED as err:
                 report.failed += give_up_job(settings, g.job_id, err)
                 continue
-            except (openai.APIError, redis.RedisError, OSError, KeyError) as err:
+            except REPAIRABLE as err:
                 # The job stays `preparing`; the next flush or poll finishes it.
                 log.warning("job %s: submit failed, will be repaired: %s", g.job_id, err)
                 continue
@@ -173,7 +181,7 @@ def repair_preparing(
                 if report is not None:
                     report.failed += failed
                 continue
-            except (openai.APIError, redis.RedisError, OSError, KeyError) as err:
+            except REPAIRABLE as err:
                 log.warning("job %s: repair failed, will retry: %s", job_id, err)
                 continue
         if done is not None:

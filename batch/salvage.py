@@ -19,12 +19,11 @@ from core.db import among
 from core.providers import tiers_for
 from core.settings import Settings
 from costs.lane_change import refit
-from costs.provider_prices import billed_prices
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each
 from models.status import Status
 from models.tables import Request, max_chars
-from rules.prices import PriceTable, billed_lane
+from rules.prices import PriceTable, billed_lane, load_price_table
 from rules.routing import batch_horizon, cheapest_lane
 
 log = logging.getLogger("sheepdog.batch.salvage")
@@ -49,7 +48,9 @@ def salvage(session: Session, settings: Settings, rows: Sequence[Row]) -> tuple[
     due = {rid: (model, deadline) for rid, model, deadline in found if deadline is not None}
     if not due:
         return list(rows), 0
-    prices = billed_prices(settings)  # the lane choice at the rates the provider bills
+    # Flex or stream only (a batch cannot meet these deadlines): rates no provider's batch
+    # discount changes, so the settings' table, with no Redis read under the write lock.
+    prices = load_price_table(settings.price_table_file)
     fit = refit(session, list(due), billed_lane("flex"), prices)  # cap and hold there
     for rid in fit.kept:
         log.warning(

@@ -1,8 +1,8 @@
-"""The price table as this deployment's providers bill it: what a low request's lane is chosen
-by (at submit, at the flush's escalation, at a salvage), and what a budget's hold and a cost
-cap's `max_tokens` are priced at. A batch line is billed at its provider's own batch rate
-(rules.prices.provider_batch_discount: a configured `batch_discount`, or the standard rate on a
-provider with no Batch API), so the batch lane is priced at that rate, not the table's."""
+"""The price table as this deployment's providers bill it: what submit chooses a low request's
+lane by, and prices a budget's hold and a cost cap's `max_tokens` at. A batch line is billed at
+its provider's own batch rate (rules.prices.provider_batch_discount: a configured
+`batch_discount`, or the standard rate on a provider with no Batch API), so the batch lane is
+priced at that rate, not the table's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from core.providers import ProviderConfig, known_batch_mode, load_providers
 from core.settings import Settings
-from rules.prices import PriceTable, load_price_table, provider_batch_discount
+from rules.prices import PriceTable, provider_batch_discount
 
 REFRESH_S = 60.0  # how long a process keeps its table: an `auto` provider's probe may answer
 
@@ -34,12 +34,6 @@ def provider_prices(table: PriceTable, settings: Settings) -> PriceTable:
         if discount is not None:
             discounts[model] = discount
     return table.at_batch_discounts(discounts)
-
-
-def billed_prices(settings: Settings) -> PriceTable:
-    """`provider_prices` of the settings' own price table (read now: for the flush, the
-    salvage and the emulated hand-over, each a few calls a minute)."""
-    return provider_prices(load_price_table(settings.price_table_file), settings)
 
 
 class ProviderPrices:
