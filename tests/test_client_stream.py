@@ -127,6 +127,33 @@ def test_async_stream_resumes_after_a_cut(api_server: ApiServer, simulator) -> N
     assert text == row_text
 
 
+def test_an_ended_stream_leaves_its_connection_for_the_next_call(
+    api_server: ApiServer, simulator
+) -> None:  # type: ignore[no-untyped-def]
+    """Submit, follow to the end, twice, then read back: one connection for all of it, sync and
+    async (a stream left half-read at its end closes its connection, and every next call
+    paid a new one)."""
+    tag = f"reuse-{uuid.uuid4().hex[:8]}"
+    key = api_server.key()
+    with tcp_proxy(port_of(api_server.url)) as proxy, Client(proxy.url, api_key=key) as client:
+        for i in range(2):
+            rid = client.submit(ask(f"{tag} sync {i}"), priority="high")
+            text = client.stream_text(rid)
+        assert text == succeeded(client.result(rid, wait=30)).text
+        assert proxy.connections == 1
+
+    async def main() -> int:
+        with tcp_proxy(port_of(api_server.url)) as proxy:
+            async with AsyncClient(proxy.url, api_key=key) as client:
+                for i in range(2):
+                    rid = await client.submit(ask(f"{tag} async {i}"), priority="high")
+                    text = await client.stream_text(rid)
+                assert text == succeeded(await client.result(rid, wait=30)).text
+            return proxy.connections
+
+    assert asyncio.run(main()) == 1
+
+
 # -- the pieces without a server: the SSE format and the error table --------------------------
 
 

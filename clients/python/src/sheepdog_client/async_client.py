@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import datetime
@@ -217,7 +218,8 @@ class AsyncEventStream:
                     if response.status_code >= 400:
                         await response.aread()
                         c.decode(response)  # raises the mapped error
-                    async for line in response.aiter_lines():
+                    lines = response.aiter_lines()
+                    async for line in lines:
                         sse = state.decoder.feed(line)
                         if sse is None:
                             continue
@@ -227,6 +229,7 @@ class AsyncEventStream:
                         progressed = True
                         yield event
                         if event.is_final:
+                            await _read_to_end(lines)
                             return
             except httpx.ReadTimeout as exc:
                 cause, quiet = exc, True  # a quiet wait, not a broken server
@@ -240,6 +243,15 @@ class AsyncEventStream:
                 ) from cause
             state.reconnects += 1
             await asyncio.sleep(c.reconnect_delay(failures, state, cause))
+
+
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """Read what is left of an ended stream's body (the server closes it right after the final
+    event), so that its connection goes back to the pool: one left half-read is closed, and
+    the next call pays a new connection."""
+    with contextlib.suppress(httpx.HTTPError):
+        async for _ in lines:
+            pass
 
 
 __all__ = ["AsyncClient", "AsyncEventStream"]

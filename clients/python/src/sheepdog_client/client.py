@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -242,7 +243,8 @@ class EventStream:
                     if response.status_code >= 400:
                         response.read()
                         c.decode(response)  # raises the mapped error
-                    for line in response.iter_lines():
+                    lines = response.iter_lines()
+                    for line in lines:
                         sse = state.decoder.feed(line)
                         if sse is None:
                             continue
@@ -252,6 +254,7 @@ class EventStream:
                         progressed = True
                         yield event
                         if event.is_final:
+                            _read_to_end(lines)
                             return
             except httpx.ReadTimeout as exc:
                 cause, quiet = exc, True  # a quiet wait, not a broken server
@@ -265,6 +268,15 @@ class EventStream:
                 ) from cause
             state.reconnects += 1
             time.sleep(c.reconnect_delay(failures, state, cause))
+
+
+def _read_to_end(lines: Iterator[str]) -> None:
+    """Read what is left of an ended stream's body (the server closes it right after the final
+    event), so that its connection goes back to the pool: one left half-read is closed, and
+    the next call pays a new connection (~1 ms here)."""
+    with contextlib.suppress(httpx.HTTPError):
+        for _ in lines:
+            pass
 
 
 __all__ = ["Client", "EventStream"]
