@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import httpx
 import orjson
 from openai import AsyncOpenAI, DefaultAioHttpClient, OpenAI
 from sheepdog_client import Client as HttpClient
@@ -55,6 +56,7 @@ def ttft(
     a direct SDK stream to the simulator; the in-deployment client (submit + pub/sub follow);
     the front door through sheepdog-client (POST /v1/requests, then the SSE event stream); the
     same SDK as the direct stream, pointed at the front door's /v1/chat/completions (one call).
+    A fifth way is the floor of one HTTP hop: an httpx GET of the front door's /healthz.
     The order turns each round, so each way follows each other way as often: a call that comes
     after Sheepdog sat idle through a direct stream pays ~1.4 ms more here (the processes and
     the box waking), and a fixed order gave that to one way only."""
@@ -67,7 +69,9 @@ def ttft(
         "door": [],
         "door_post": [],
         "openai": [],
+        "hop": [],
     }
+    plain = httpx.Client()
 
     def direct(i: int) -> None:
         out["direct"].append(_sdk_first_token(sdk, chat_body(i, tag + "d")))
@@ -95,13 +99,19 @@ def ttft(
                 break
         stream.final_text()
 
-    ways = [direct, openai_door, in_deployment, sheepdog_client]
+    def http_hop(i: int) -> None:
+        t0 = time.perf_counter()
+        plain.get(door_url + "/healthz").raise_for_status()
+        out["hop"].append(time.perf_counter() - t0)
+
+    ways = [direct, openai_door, in_deployment, sheepdog_client, http_hop]
     for i in range(n):
         turn = i % len(ways)
         for way in ways[turn:] + ways[:turn]:
             way(i)
     sdk.close()
     via_door.close()
+    plain.close()
     return out
 
 

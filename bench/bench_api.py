@@ -9,7 +9,9 @@ to change it).
 1. Time to first token, the same kind of request four ways, interleaved: a direct SDK stream
    to the simulator (the baseline), the in-deployment client (submit + pub/sub follow), the
    front door through sheepdog-client (POST /v1/requests, then GET …/events over SSE), and the
-   same OpenAI SDK pointed at the front door (one streaming POST /v1/chat/completions).
+   same OpenAI SDK pointed at the front door (one streaming POST /v1/chat/completions); and,
+   in the same rounds, the floor of one HTTP hop on this box: an httpx GET of /healthz (the
+   front door idle before each call, as it is before each of the others).
 2. Low-priority intake over HTTP: `--clients` keep-alive clients, one request per call, then the
    bulk form (lists of `--bulk`, 4 clients): accepted requests/s and accept latency. Baselines:
    the in-deployment client in one process, `submit` one by one and `submit_many` in lists. No
@@ -110,6 +112,8 @@ def ttft_rows(lat: dict[str, list[float]]) -> Rows:
         )
     post = f"{ms(pct(lat['door_post'], 0.5))} / {ms(pct(lat['door_post'], 0.99))}"
     rows.append(["  of which POST /v1/requests → 202, p50 / p99", "", post, ""])
+    hop = f"{ms(pct(lat['hop'], 0.5))} / {ms(pct(lat['hop'], 0.99))}"
+    rows.append(["HTTP hop: GET /healthz round trip, p50 / p99", "", hop, ""])
     return rows
 
 
