@@ -15,6 +15,7 @@ from sheepdog_client import (
     NotFound,
     RequestFailed,
     RequestView,
+    WaitTimeout,
 )
 
 from tests.fixtures.api import ApiServer
@@ -154,6 +155,57 @@ def test_an_ended_stream_leaves_its_connection_for_the_next_call(
     assert asyncio.run(main()) == 1
 
 
+def test_text_with_unicode_line_separators_streams_whole(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    """U+2028, U+2029 and U+0085 travel unescaped in the events' JSON: only CR and LF end an
+    event-stream line (a client splitting as str.splitlines did cut the JSON and raised)."""
+    tag = f"seps-{uuid.uuid4().hex[:8]}"
+    odd = "a\u2028b\u2029c\x85d\x1ce"
+    simulator.set_faults([{"match": tag, "append_text": odd}])
+    key = api_server.key()
+    with Client(api_server.url, api_key=key) as client:
+        rid = client.submit(ask(f"{tag} sync"), priority="high")
+        text = client.stream_text(rid)
+        assert text.endswith(odd) and text == succeeded(client.result(rid, wait=30)).text
+
+    async def main() -> tuple[str, str]:
+        async with AsyncClient(api_server.url, api_key=key) as client:
+            rid = await client.submit(ask(f"{tag} async"), priority="high")
+            text = await client.stream_text(rid)
+            return text, succeeded(await client.result(rid, wait=30)).text or ""
+
+    text, row = asyncio.run(main())
+    assert text.endswith(odd) and text == row
+
+
+def test_a_follow_timeout_bounds_a_stream_still_sending(api_server: ApiServer, simulator) -> None:  # type: ignore[no-untyped-def]
+    """`stream(timeout=)` bounds the whole follow, also while tokens keep coming (each read's
+    timeout restarts with every token, so a check before each connection alone let it run to
+    the answer's end)."""
+    tag = f"bound-{uuid.uuid4().hex[:8]}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 300}])
+    key = api_server.key()
+    with Client(api_server.url, api_key=key) as client:
+        rid = client.submit(ask(f"{tag} a long answer please"), priority="high")
+        stream = client.stream(rid, timeout=0.6)
+        with pytest.raises(WaitTimeout):
+            for _ in stream:
+                pass
+        assert stream.final is None  # raised while the answer was still streaming
+        client.cancel(rid)
+
+    async def main() -> object:
+        async with AsyncClient(api_server.url, api_key=key) as client:
+            rid = await client.submit(ask(f"{tag} async, a long answer please"), priority="high")
+            stream = client.stream(rid, timeout=0.6)
+            with pytest.raises(WaitTimeout):
+                async for _ in stream:
+                    pass
+            await client.cancel(rid)
+            return stream.final
+
+    assert asyncio.run(main()) is None
+
+
 # -- the pieces without a server: the SSE format and the error table --------------------------
 
 
@@ -180,9 +232,29 @@ def test_sse_decoder_follows_the_format() -> None:
         ("message", "no id or event", "7"),  # the last event id persists
     ]
     assert decoder.retry_ms == 1000
+    decoder.feed("retry: ²")  # not ASCII digits: ignored
+    assert decoder.retry_ms == 1000
     decoder.feed("data: half an event")
     decoder.new_connection()  # a dropped connection loses the half-read event
     assert decoder.feed("") is None
+
+
+@pytest.mark.unit
+def test_lines_break_at_cr_lf_and_crlf_only() -> None:
+    from sheepdog_client._sse import LineSplitter
+
+    def lines(*chunks: bytes) -> list[str]:
+        splitter = LineSplitter()
+        return [line for chunk in chunks for line in splitter.feed(chunk)]
+
+    sep = "data: a\u2028b\x85c".encode()
+    assert lines(sep + b"\n\n") == ["data: a\u2028b\x85c", ""]
+    assert lines(b"one\r", b"\ntwo\rthree\n", b"\n") == ["one", "two", "three", ""]
+    assert lines(b"one\r", b"", b"\r\n") == ["one", ""]  # an empty chunk keeps the CR's pair
+    assert lines(b"\xef\xbb", b"\xbfretry: 5\n") == ["retry: 5"]  # a BOM split in two
+    assert lines(b"x\n\xef\xbb\xbfy\n") == ["x", "\ufeffy"]  # only a leading one is dropped
+    assert lines(b"data: \xe2\x80", b"\xa8\n") == ["data: \u2028"]  # a character split in two
+    assert lines(b"no break at the end") == []
 
 
 @pytest.mark.unit
@@ -220,6 +292,10 @@ def test_error_answers_map_to_the_exception_classes() -> None:
         assert type(e) is cls and e.status == status and e.message == "m" and e.type == "t"
     limited = err(429, "rate_limit_exceeded", retry_after="3")
     assert isinstance(limited, RateLimited) and limited.retry_after == 3.0
+    # No number, or none a sleep can take: the client backs off on its own; a long one is capped.
+    for odd in ("inf", "nan", "1e999", "Wed, 21 Oct 2026 07:28:00 GMT"):
+        assert err(429, retry_after=odd).retry_after is None  # type: ignore[attr-defined]
+    assert err(429, retry_after="86400").retry_after == 60.0  # type: ignore[attr-defined]
     assert isinstance(err(429, "budget_exceeded"), BudgetExceeded)
     plain = error_from_response(502, "<html>bad gateway</html>", {})
     assert isinstance(plain, Unavailable) and plain.code is None

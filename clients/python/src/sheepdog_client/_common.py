@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
@@ -25,6 +26,7 @@ from sheepdog_client.errors import (
 from sheepdog_client.models import Event
 
 DEFAULT_TIMEOUT_S = 30.0
+DRAIN_S = 0.5  # how long an ended event stream's rest is read for, to keep its connection
 USER_AGENT = "sheepdog-client/0.1"
 
 
@@ -95,9 +97,11 @@ def field(body: Any, name: str) -> Any:
 
 def backoff(attempt: int, retry_ms: int | None = None, cap_s: float = 2.0) -> float:
     """Seconds before reconnect number `attempt` (1, 2, …): the server's `retry:` when it sent
-    one, else jittered exponential from 0.1 s."""
-    if retry_ms is not None:
-        return retry_ms / 1000
+    one (jittered), else jittered exponential from 0.1 s."""
+    if (
+        retry_ms is not None
+    ):  # up to half as long again: clients cut together do not return together
+        return retry_ms / 1000 * random.uniform(1.0, 1.5)
     return min(cap_s, 0.1 * float(2 ** (attempt - 1))) * random.uniform(0.5, 1.0)
 
 
@@ -161,16 +165,22 @@ def list_params(
 
 
 def check_deadline(state: StreamState, deadline: float | None, timeout: float | None) -> None:
-    import time
-
     if deadline is not None and time.monotonic() >= deadline:
         raise WaitTimeout(f"request {state.request_id} has not ended after {timeout}s")
 
 
-def reconnect_delay(failures: int, state: StreamState, cause: BaseException | None) -> float:
+def reconnect_delay(
+    failures: int, state: StreamState, cause: BaseException | None, deadline: float | None
+) -> float:
+    """Seconds to wait before the next connection: a 429's Retry-After, else `backoff`; never
+    past the follow's deadline (the next check_deadline then raises WaitTimeout)."""
     if isinstance(cause, RateLimited) and cause.retry_after is not None:
-        return float(cause.retry_after)
-    return backoff(failures, state.decoder.retry_ms)
+        delay = float(cause.retry_after)
+    else:
+        delay = backoff(failures, state.decoder.retry_ms)
+    if deadline is not None:
+        delay = min(delay, max(0.0, deadline - time.monotonic()))
+    return delay
 
 
 def final_text(state: StreamState) -> str:

@@ -1,8 +1,42 @@
-"""A server-sent events decoder (the WHATWG event-stream format), fed one line at a time."""
+"""A server-sent events decoder (the WHATWG event-stream format): a body's bytes into lines,
+lines into events."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+LINE_END = re.compile(rb"\r\n|\r|\n")
+DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only (str.isdigit takes "²")
+BOM = b"\xef\xbb\xbf"
+
+
+class LineSplitter:
+    """One connection's body, chunk by chunk, into lines without their line break. Lines break
+    at CR, LF or CRLF only, as the format says (httpx's `iter_lines`, like `str.splitlines`,
+    also breaks at U+2028, U+2029 and U+0085, which JSON carries unescaped), and a leading BOM
+    is dropped. A last line with no break is never handed on (its event is incomplete)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._after_cr = False  # the last chunk ended in CR: an LF first in the next is its pair
+        self._start = True
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._rest + chunk
+        if self._after_cr and data:
+            self._after_cr = False
+            data = data.removeprefix(b"\n")
+        if self._start:
+            if BOM.startswith(data):  # (a BOM split across chunks, or nothing yet)
+                self._rest = data
+                return []
+            self._start = False
+            data = data.removeprefix(BOM)
+        lines = LINE_END.split(data)
+        self._rest = lines.pop()
+        self._after_cr = data.endswith(b"\r")
+        return [line.decode("utf-8", "replace") for line in lines]
 
 
 @dataclass(frozen=True)
@@ -41,7 +75,7 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self.last_event_id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and DIGITS.fullmatch(value):
             self.retry_ms = int(value)
         return None
 

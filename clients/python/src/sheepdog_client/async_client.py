@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from sheepdog_client import _common as c
+from sheepdog_client._sse import LineSplitter
 from sheepdog_client.errors import APIConnectionError, RateLimited, Unavailable, WaitTimeout
 from sheepdog_client.models import CancelResult, Event, Page, RequestView
 
@@ -206,7 +207,7 @@ class AsyncEventStream:
         failures = 0
         while True:
             c.check_deadline(state, self._deadline, self._timeout)
-            progressed = quiet = False
+            progressed = quiet = alive = False
             cause: BaseException | None = None
             try:
                 async with client._http.stream(
@@ -218,8 +219,10 @@ class AsyncEventStream:
                     if response.status_code >= 400:
                         await response.aread()
                         c.decode(response)  # raises the mapped error
-                    lines = response.aiter_lines()
+                    lines = _lines(response)
                     async for line in lines:
+                        c.check_deadline(state, self._deadline, self._timeout)
+                        alive = alive or line.startswith(":")
                         sse = state.decoder.feed(line)
                         if sse is None:
                             continue
@@ -235,23 +238,33 @@ class AsyncEventStream:
                 cause, quiet = exc, True  # a quiet wait, not a broken server
             except (RateLimited, Unavailable, httpx.HTTPError, c.Gap) as exc:
                 cause = exc
-            failures = 1 if (progressed or quiet) else failures + 1
+            # A connection that stayed open for a keep-alive is no failure when it ends (the server
+            # ends every follow after api_events_max_s; a low request's may take hours).
+            failures = 1 if (progressed or quiet or alive) else failures + 1
             if failures > client.max_reconnects:
                 raise APIConnectionError(
                     f"event stream of {state.request_id} broke {failures} times in a row"
                     f" (last: {cause or 'closed before the end'})"
                 ) from cause
             state.reconnects += 1
-            await asyncio.sleep(c.reconnect_delay(failures, state, cause))
+            await asyncio.sleep(c.reconnect_delay(failures, state, cause, self._deadline))
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+    splitter = LineSplitter()
+    async for chunk in response.aiter_bytes():
+        for line in splitter.feed(chunk):
+            yield line
 
 
 async def _read_to_end(lines: AsyncIterator[str]) -> None:
-    """Read what is left of an ended stream's body (the server closes it right after the final
+    """Read what is left of an ended stream's body (the server ends it right after the final
     event), so that its connection goes back to the pool: one left half-read is closed, and
-    the next call pays a new connection."""
-    with contextlib.suppress(httpx.HTTPError):
-        async for _ in lines:
-            pass
+    the next call pays a new connection. A body that goes on is given up after c.DRAIN_S."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(c.DRAIN_S):
+            async for _ in lines:
+                pass
 
 
 __all__ = ["AsyncClient", "AsyncEventStream"]

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from sheepdog_client import _common as c
+from sheepdog_client._sse import LineSplitter
 from sheepdog_client.errors import APIConnectionError, RateLimited, Unavailable, WaitTimeout
 from sheepdog_client.models import CancelResult, Event, Page, RequestView
 
@@ -231,7 +232,7 @@ class EventStream:
         failures = 0
         while True:
             c.check_deadline(state, self._deadline, self._timeout)
-            progressed = quiet = False
+            progressed = quiet = alive = False
             cause: BaseException | None = None
             try:
                 with client._http.stream(
@@ -243,8 +244,10 @@ class EventStream:
                     if response.status_code >= 400:
                         response.read()
                         c.decode(response)  # raises the mapped error
-                    lines = response.iter_lines()
+                    lines = _lines(response)
                     for line in lines:
+                        c.check_deadline(state, self._deadline, self._timeout)
+                        alive = alive or line.startswith(":")
                         sse = state.decoder.feed(line)
                         if sse is None:
                             continue
@@ -260,23 +263,34 @@ class EventStream:
                 cause, quiet = exc, True  # a quiet wait, not a broken server
             except (RateLimited, Unavailable, httpx.HTTPError, c.Gap) as exc:
                 cause = exc
-            failures = 1 if (progressed or quiet) else failures + 1
+            # A connection that stayed open for a keep-alive is no failure when it ends (the server
+            # ends every follow after api_events_max_s; a low request's may take hours).
+            failures = 1 if (progressed or quiet or alive) else failures + 1
             if failures > client.max_reconnects:
                 raise APIConnectionError(
                     f"event stream of {state.request_id} broke {failures} times in a row"
                     f" (last: {cause or 'closed before the end'})"
                 ) from cause
             state.reconnects += 1
-            time.sleep(c.reconnect_delay(failures, state, cause))
+            time.sleep(c.reconnect_delay(failures, state, cause, self._deadline))
+
+
+def _lines(response: httpx.Response) -> Iterator[str]:
+    splitter = LineSplitter()
+    for chunk in response.iter_bytes():
+        yield from splitter.feed(chunk)
 
 
 def _read_to_end(lines: Iterator[str]) -> None:
-    """Read what is left of an ended stream's body (the server closes it right after the final
+    """Read what is left of an ended stream's body (the server ends it right after the final
     event), so that its connection goes back to the pool: one left half-read is closed, and
-    the next call pays a new connection (~1 ms here)."""
+    the next call pays a new connection (~1 ms here). A body that goes on (a proxy's
+    comments) is given up after c.DRAIN_S, and its connection closed."""
+    give_up = time.monotonic() + c.DRAIN_S
     with contextlib.suppress(httpx.HTTPError):
         for _ in lines:
-            pass
+            if time.monotonic() > give_up:
+                return
 
 
 __all__ = ["Client", "EventStream"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is taken as this (a stream reconnects then)
 
 
 class SheepdogError(Exception):
@@ -98,12 +101,18 @@ _BY_STATUS: dict[int, type[SheepdogError]] = {
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, within 0 to MAX_RETRY_AFTER_S; None for none, an HTTP date
+    (rare from an API: the caller backs off on its own) or a value that is no number
+    ("inf", "nan", "1e999")."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: rare from an API; the caller backs off on its own
+        return None
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 def error_from_response(status: int, body: Any, headers: Any) -> SheepdogError:
