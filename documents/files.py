@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_TITLE_CHARS = 200
+MAX_PATH_CHARS = 1000  # the documents table's `path` column
+_CONTROL = {c: " " for c in range(32) if chr(c) not in "\t\n"} | {0x7F: " "}
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,35 @@ def find_files(patterns: str, root: Path | None = None) -> list[Path]:
     return sorted(found)
 
 
+def unfit_file(path: Path, max_bytes: int) -> str | None:
+    """Why `path` cannot be a document row, before it is read (None: it can): a name that is
+    not UTF-8 or longer than the table takes, a size past `max_bytes` (its parts could never
+    fit; reading it would hold the whole of it in memory)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not UTF-8"
+    if len(name) > MAX_PATH_CHARS:
+        return f"the path is over {MAX_PATH_CHARS} characters"
+    size = path.stat().st_size
+    if size > max_bytes:
+        return f"{size:,} bytes, over the {max_bytes:,} its parts could ever hold"
+    return None
+
+
+def shown(path: Path) -> str:
+    """`path` for a report: a name that is not UTF-8 with its odd bytes escaped."""
+    return str(path).encode("utf-8", "backslashreplace").decode()
+
+
 def title_of(text: str, fallback: str) -> str:
-    """The first Markdown heading, else the first non-empty line, else `fallback`."""
+    """The first Markdown heading, else the first non-empty line, else `fallback`; control
+    characters (a NUL: PostgreSQL refuses it in text) as spaces."""
+    return _title(text.translate(_CONTROL), fallback)
+
+
+def _title(text: str, fallback: str) -> str:
     first_line = ""
     for line in text.splitlines():
         stripped = line.strip()

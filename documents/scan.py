@@ -16,12 +16,13 @@ from typing import Any
 
 import redis
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
 from core.db import session_scope
 from core.errors import InvalidRequest
 from core.settings import Settings, get_settings
-from documents.files import SourceDocument, find_files, read_document
+from documents.files import SourceDocument, find_files, read_document, shown, unfit_file
 from documents.split import part_budget, split_text
 from models.tables import DOCUMENTS_TENANT, Document, Request, utcnow
 from rules.prices import PriceTable
@@ -167,45 +168,20 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
         refresh(session)  # so a document whose requests all failed is seen as failed
         known = {d.path: d for d in session.scalars(select(Document))}
         planned: list[Planned] = []
+        max_bytes = _max_bytes(settings, prices)
         for path in paths:
+            # One file's trouble is that file's: its row's write in a savepoint of its own.
             try:
-                source = read_document(path)
-            except OSError as err:
-                report.items.append({"path": str(path), "action": "error", "reason": str(err)})
-                continue
-            row = known.get(source.path)
-            action = "new" if row is None else "changed"
-            retry = 0
-            if row is not None and row.content_hash == source.content_hash:
-                if row.status != "failed":
-                    report.unchanged += 1
-                    report.items.append({"path": source.path, "action": "unchanged"})
-                    continue
-                action, retry = "retried", _sent_versions(session, row)
-            try:
-                parts = plan_parts(source, settings, prices)
-                for i, text in enumerate(parts, start=1):
-                    client.prepare(
-                        document_request(
-                            settings,
-                            prices,
-                            source.title,
-                            text,
-                            0,
-                            source.content_hash,
-                            i,
-                            len(parts),
-                        )
-                    )
-            except InvalidRequest as err:
-                _store(session, row, source, status="refused", parts=0, error=str(err))
-                report.refused += 1
-                report.items.append({"path": source.path, "action": "refused", "reason": str(err)})
-                continue
-            setattr(report, action, getattr(report, action) + 1)
-            report.items.append({"path": source.path, "action": action, "parts": len(parts)})
-            stored = _store(session, row, source, status="pending", parts=len(parts), error=None)
-            planned.append(Planned(source, parts, row_id=stored.id, retry=retry))
+                reason = unfit_file(path, max_bytes)
+                if reason is None:
+                    with session.begin_nested():
+                        source = read_document(path)
+                        _examine(session, source, known, settings, prices, client, report, planned)
+            except (OSError, SQLAlchemyError, ValueError) as err:
+                reason = f"{type(err).__name__}: {err}"[:500]
+            if reason is not None:
+                report.items.append({"path": shown(path), "action": "error", "reason": reason})
+                log.warning("documents scan: %s: %s", shown(path), reason)
 
     # The rows are committed before their requests exist, so the intake (another process)
     # can link each request to its document row.
@@ -243,6 +219,54 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
         len(requests),
     )
     return report
+
+
+def _max_bytes(settings: Settings, prices: PriceTable) -> int:
+    """A file past this size is refused unread: every part's text is under the model's context
+    window, and tokens average well under 16 bytes of UTF-8 (~4 in English prose). With the
+    defaults (8 parts of sheepdog-mini's 8,192 tokens) that is 1 MiB."""
+    window = prices.get(settings.documents_model).context_window
+    return settings.documents_max_parts * window * 16
+
+
+def _examine(
+    session: Any,
+    source: SourceDocument,
+    known: dict[str, Document],
+    settings: Settings,
+    prices: PriceTable,
+    client: Any,
+    report: ScanReport,
+    planned: list[Planned],
+) -> None:
+    """Plan one document: unchanged, refused (stored with its reason) or to send (stored
+    pending, into `planned`), counted into `report` once its row is written."""
+    row = known.get(source.path)
+    action = "new" if row is None else "changed"
+    retry = 0
+    if row is not None and row.content_hash == source.content_hash:
+        if row.status != "failed":
+            report.unchanged += 1
+            report.items.append({"path": source.path, "action": "unchanged"})
+            return
+        action, retry = "retried", _sent_versions(session, row)
+    try:
+        parts = plan_parts(source, settings, prices)
+        for i, text in enumerate(parts, start=1):
+            client.prepare(
+                document_request(
+                    settings, prices, source.title, text, 0, source.content_hash, i, len(parts)
+                )
+            )
+    except InvalidRequest as err:
+        _store(session, row, source, status="refused", parts=0, error=str(err))
+        report.refused += 1
+        report.items.append({"path": source.path, "action": "refused", "reason": str(err)})
+        return
+    stored = _store(session, row, source, status="pending", parts=len(parts), error=None)
+    setattr(report, action, getattr(report, action) + 1)
+    report.items.append({"path": source.path, "action": action, "parts": len(parts)})
+    planned.append(Planned(source, parts, row_id=stored.id, retry=retry))
 
 
 def _store(

@@ -139,3 +139,51 @@ def test_a_second_scan_while_one_runs_is_skipped(scan_settings: Settings) -> Non
     r.set(keys.of(scan_settings).documents_lock, "someone", ex=30)
     report = scan_documents(scan_settings)
     assert report.skipped and report.requests == 0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_settings(request: pytest.FixtureRequest, scan_settings: Settings) -> Iterator[Settings]:
+    """scan_settings on SQLite, or on a PostgreSQL database of its own (which, unlike SQLite,
+    refuses a NUL in text and a string over its column's length)."""
+    if request.param == "sqlite":
+        yield scan_settings
+        return
+    from tests.fixtures.pg import create_database, drop_database
+
+    url = create_database("sheepdog_docs")
+    try:
+        yield scan_settings.model_copy(update={"database_url": url})
+    finally:
+        drop_database(url)
+
+
+def test_a_bad_file_fails_alone_and_the_scan_goes_on(
+    any_db_settings: Settings, tmp_path: Path
+) -> None:
+    """A file too large to ever fit, a path longer than the table's column, and a title with a
+    NUL (a UTF-16 file without a BOM reads as UTF-8 full of NULs) each end as that file's
+    error or refusal with a reason; the good file is still sent. Before, a database refusal of
+    one row rolled back every document's and sent nothing, every night."""
+    settings = any_db_settings
+    (tmp_path / "good.md").write_text("# Good\n\nA short runbook.\n")
+    (tmp_path / "big.md").write_bytes(b"# Big\n\n" + b"word " * 60_000)  # 300 KB > 2 parts' bytes
+    (tmp_path / "utf16.md").write_bytes("Title\n\nbody text here\n".encode("utf-16-le"))
+    deep = tmp_path
+    for i in range(5):
+        deep = deep / (f"d{i}" + "x" * 200)
+    deep.mkdir(parents=True)
+    (deep / "long-path.md").write_text("# Deep\n\nSomething.\n")
+
+    report = scan_documents(settings, root=tmp_path, client=Client(settings))
+    assert report.error is None, report.error
+    by_name = {Path(i["path"]).name: i for i in report.items}
+    utf16_sent = by_name["utf16.md"]["action"] == "new"
+    assert by_name["good.md"]["action"] == "new" and report.requests == 1 + utf16_sent
+    assert by_name["big.md"]["action"] == "error"
+    assert "bytes, over the 262,144" in by_name["big.md"]["reason"]
+    assert by_name["long-path.md"]["action"] == "error"
+    assert "over 1000 characters" in by_name["long-path.md"]["reason"]
+    assert by_name["utf16.md"]["action"] in ("new", "refused"), by_name["utf16.md"]
+    rows = _rows(settings, tmp_path)
+    assert set(rows) == {"good.md", "utf16.md"} and "\x00" not in rows["utf16.md"].title
+    assert len(_queued_intake(settings)) == 1 + utf16_sent
