@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,14 @@ def _store(
 
 
 def _sent_versions(session: Any, row: Document) -> int:
-    """How many times this version was sent before (gives a retry a fresh idempotency key)."""
+    """How many times this version was sent before (gives a retry a fresh idempotency key). A
+    version never sent (documents.status.UNSENT) gets this second instead: the keys of the
+    submit that stopped may be held still, for requests that do not exist, and a count of
+    none would name them again."""
+    from documents.status import UNSENT
+
+    if row.error == UNSENT:
+        return int(time.time())
     count = session.scalar(select(func.count()).where(Request.document_id == row.id)) or 0
     return max(1, int(count) // max(1, row.parts))
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -14,9 +15,17 @@ from sqlalchemy.orm import Session
 
 from documents.files import display_path
 from models.status import FINAL, Status
-from models.tables import Document, Request
+from models.tables import Document, Request, in_utc, utcnow
 
 EXPORT_FIELDS = ("path", "title", "hash", "status", "parts", "error", "summary")
+# A pending document with no request this long after its scan was never sent (the scan stopped
+# between writing its row and its submit: killed, or the database away for both the submit and
+# the mark): it is failed, and the next scan sends it again. Far past any scan's length.
+UNSENT_AFTER = timedelta(hours=1)
+UNSENT = (
+    "its requests were never enqueued (the scan stopped before its submit); the next scan"
+    " sends it again"
+)
 
 
 class DocumentView(BaseModel):
@@ -49,9 +58,14 @@ def _version_requests(session: Session, docs: Sequence[Document]) -> dict[int, l
     return by_doc
 
 
-def derive(doc: Document, requests: Iterable[Request]) -> tuple[str, int, str | None, str | None]:
+def derive(
+    doc: Document, requests: Iterable[Request], now: datetime
+) -> tuple[str, int, str | None, str | None]:
     """(status, parts done, error, summary) of a pending document from its requests. A part sent
     more than once (a retry) counts by its best request."""
+    requests = list(requests)
+    if not requests and in_utc(doc.scanned_at) + UNSENT_AFTER < now:
+        return "failed", 0, UNSENT, None
     best: dict[int, Request] = {}
     rank = {"succeeded": 3, "queued": 2, "batched": 2, "streaming": 2, "failed": 1, "cancelled": 1}
     for req in requests:
@@ -76,10 +90,11 @@ def refresh(session: Session) -> list[DocumentView]:
     document's view."""
     docs = list(session.scalars(select(Document).order_by(Document.path)))
     pending = [d for d in docs if d.status == "pending"]
+    now = utcnow()
     requests = _version_requests(session, pending) if pending else {}
     done_parts: dict[int, int] = {}
     for doc in pending:
-        status, done, error, summary = derive(doc, requests[doc.id])
+        status, done, error, summary = derive(doc, requests[doc.id], now)
         done_parts[doc.id] = done
         if status != "pending":
             doc.status, doc.error, doc.summary = status, error, summary

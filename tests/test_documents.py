@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,40 @@ def test_a_bad_file_fails_alone_and_the_scan_goes_on(
     rows = _rows(settings, tmp_path)
     assert set(rows) == {"good.md", "utf16.md"} and "\x00" not in rows["utf16.md"].title
     assert len(_queued_intake(settings)) == 1 + utf16_sent
+
+
+class _StopsBeforeSending(Client):
+    """A scan's client that stops as a killed process would: after claiming the requests'
+    idempotency keys and holding their budget, before any message or row exists."""
+
+    def _enqueue(self, items: object) -> None:  # type: ignore[override]
+        raise KeyboardInterrupt
+
+
+def test_a_document_whose_scan_stopped_before_its_submit_is_sent_again(
+    any_db_settings: Settings, tmp_path: Path
+) -> None:
+    """The scan writes a document's row (pending, its hash) before its requests exist. Stopped
+    in between, the row stayed pending with no request forever: every later scan took it as
+    unchanged. An hour on it is failed with the reason, and the next scan sends it with fresh
+    idempotency keys (the stopped submit's are still held, for requests that do not exist)."""
+    settings = any_db_settings
+    (tmp_path / "a.md").write_text("# Alpha\n\nRestart the thing.\n")
+    with pytest.raises(KeyboardInterrupt):
+        scan_documents(settings, root=tmp_path, client=_StopsBeforeSending(settings))
+    row = _rows(settings, tmp_path)["a.md"]
+    assert row.status == "pending" and _queued_intake(settings) == []
+
+    client = Client(settings)
+    soon = scan_documents(settings, root=tmp_path, client=client)
+    assert soon.unchanged == 1 and soon.requests == 0  # within the hour: its scan may still run
+
+    with session_scope(settings.database_url) as session:
+        doc = session.get(Document, row.id)
+        assert doc is not None
+        doc.scanned_at = doc.scanned_at - timedelta(hours=2)
+    later = scan_documents(settings, root=tmp_path, client=client)
+    assert (later.retried, later.requests) == (1, 1), later.items
+    items = _queued_intake(settings)
+    assert len(items) == 1 and items[0]["request"]["metadata"]["document_id"] == str(row.id)
+    assert _rows(settings, tmp_path)["a.md"].status == "pending"
