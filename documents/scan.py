@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
 from core.db import session_scope
-from core.errors import InvalidRequest
+from core.errors import BudgetExceeded, InvalidRequest
 from core.settings import Settings, get_settings
 from documents.files import SourceDocument, find_files, read_document, shown, unfit_file
 from documents.split import part_budget, split_text
@@ -44,6 +44,7 @@ class Planned:
     parts: list[str]
     row_id: int | None = None
     retry: int = 0
+    item: dict[str, Any] | None = None  # its line in the scan's report
 
 
 @dataclass
@@ -186,24 +187,16 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
 
     # The rows are committed before their requests exist, so the intake (another process)
     # can link each request to its document row.
-    requests = [
-        document_request(
-            settings,
-            prices,
-            p.source.title,
-            text,
-            p.row_id or 0,
-            p.source.content_hash,
-            i,
-            len(p.parts),
-            p.retry,
-        )
-        for p in planned
-        for i, text in enumerate(p.parts, start=1)
-    ]
+    sends = [(p, _requests_of(p, settings, prices)) for p in planned]
+    requests = [r for _, rs in sends for r in rs]
     if requests:
         try:
             client.submit_many(requests)
+        except (BudgetExceeded, InvalidRequest):
+            # Some document's requests were refused (a budget, an idempotency conflict): all or
+            # nothing is per document then, so the others go tonight and not one refusal's
+            # backlog every night.
+            requests = _submit_each(client, sends, url, report)
         except Exception as err:
             _mark_unsent([p.row_id for p in planned if p.row_id], str(err), url)
             report.error = f"could not enqueue the documents' requests: {err}"
@@ -220,6 +213,49 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
         len(requests),
     )
     return report
+
+
+def _requests_of(p: Planned, settings: Settings, prices: PriceTable) -> list[dict[str, Any]]:
+    """The producer requests of one planned document, a part each."""
+    return [
+        document_request(
+            settings,
+            prices,
+            p.source.title,
+            text,
+            p.row_id or 0,
+            p.source.content_hash,
+            i,
+            len(p.parts),
+            p.retry,
+        )
+        for i, text in enumerate(p.parts, start=1)
+    ]
+
+
+def _submit_each(
+    client: Any, sends: list[tuple[Planned, list[dict[str, Any]]]], url: str, report: ScanReport
+) -> list[dict[str, Any]]:
+    """Submit each document's requests on their own; a refused document is marked for the next
+    scan with its reason (its report item too). Returns the requests sent; any other error
+    stops the rest, as it stops a whole submit."""
+    sent: list[dict[str, Any]] = []
+    for index, (p, requests) in enumerate(sends):
+        try:
+            client.submit_many(requests)
+        except (BudgetExceeded, InvalidRequest) as err:
+            _mark_unsent([p.row_id] if p.row_id else [], str(err), url)
+            if p.item is not None:
+                setattr(report, p.item["action"], getattr(report, p.item["action"]) - 1)
+                p.item.update(action="error", reason=str(err)[:500])
+            continue
+        except Exception as err:
+            _mark_unsent([q.row_id for q, _ in sends[index:] if q.row_id], str(err), url)
+            report.error = f"could not enqueue the documents' requests: {err}"
+            log.error("documents scan: %s", report.error)
+            break
+        sent.extend(requests)
+    return sent
 
 
 def _max_bytes(settings: Settings, prices: PriceTable) -> int:
@@ -266,8 +302,9 @@ def _examine(
         return
     stored = _store(session, row, source, status="pending", parts=len(parts), error=None)
     setattr(report, action, getattr(report, action) + 1)
-    report.items.append({"path": source.path, "action": action, "parts": len(parts)})
-    planned.append(Planned(source, parts, row_id=stored.id, retry=retry))
+    item = {"path": source.path, "action": action, "parts": len(parts)}
+    report.items.append(item)
+    planned.append(Planned(source, parts, row_id=stored.id, retry=retry, item=item))
 
 
 def _store(

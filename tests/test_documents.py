@@ -225,3 +225,30 @@ def test_a_document_whose_scan_stopped_before_its_submit_is_sent_again(
     items = _queued_intake(settings)
     assert len(items) == 1 and items[0]["request"]["metadata"]["document_id"] == str(row.id)
     assert _rows(settings, tmp_path)["a.md"].status == "pending"
+
+
+def test_a_budget_refusal_fails_only_the_documents_it_refuses(
+    any_db_settings: Settings, tmp_path: Path
+) -> None:
+    """One submit for the whole night was all or nothing: a budget with room for some of the
+    night's documents refused every one, and the next night the same again. The refused
+    document is marked for the next scan with the reason; the others go tonight."""
+    from tests.fixtures.costs import budget
+
+    settings = any_db_settings
+    (tmp_path / "a.md").write_text("# Alpha\n\nRestart the thing.\n")
+    words = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(100)) for p in range(90))
+    (tmp_path / "long.md").write_text("# Long\n\n" + words)  # two parts of ~4,500 tokens
+    budget(settings.database_url, "documents", daily_usd="0.0003")  # room for a.md only
+
+    report = scan_documents(settings, root=tmp_path, client=Client(settings))
+    assert report.error is None, report.error
+    by_name = {Path(i["path"]).name: i for i in report.items}
+    assert by_name["a.md"]["action"] == "new" and report.requests == 1, report.items
+    assert by_name["long.md"]["action"] == "error" and "budget" in by_name["long.md"]["reason"]
+    assert report.new == 1
+    rows = _rows(settings, tmp_path)
+    assert rows["a.md"].status == "pending"
+    assert rows["long.md"].status == "error" and rows["long.md"].content_hash == ""
+    items = _queued_intake(settings)
+    assert [i["request"]["metadata"]["document_id"] for i in items] == [str(rows["a.md"].id)]
