@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
@@ -25,7 +25,8 @@ from core.errors import BudgetExceeded, InvalidRequest
 from core.settings import Settings, get_settings
 from documents.files import SourceDocument, find_files, read_document, shown, unfit_file
 from documents.split import part_budget, split_text
-from models.tables import DOCUMENTS_TENANT, Document, Request, utcnow
+from models.status import Status
+from models.tables import DOCUMENTS_TENANT, Document, utcnow
 from rules.prices import PriceTable
 from rules.tokens import count_tokens
 
@@ -45,6 +46,7 @@ class Planned:
     row_id: int | None = None
     retry: int = 0
     item: dict[str, Any] | None = None  # its line in the scan's report
+    done: frozenset[int] = frozenset()  # parts this version has answered already: not sent
 
 
 @dataclass
@@ -230,6 +232,7 @@ def _requests_of(p: Planned, settings: Settings, prices: PriceTable) -> list[dic
             p.retry,
         )
         for i, text in enumerate(p.parts, start=1)
+        if i not in p.done
     ]
 
 
@@ -281,12 +284,14 @@ def _examine(
     row = known.get(source.path)
     action = "new" if row is None else "changed"
     retry = 0
+    done: frozenset[int] = frozenset()
     if row is not None and row.content_hash == source.content_hash:
         if row.status != "failed":
             report.unchanged += 1
             report.items.append({"path": source.path, "action": "unchanged"})
             return
-        action, retry = "retried", _sent_versions(session, row)
+        action = "retried"
+        retry, done = _retry_plan(session, row)
     try:
         parts = plan_parts(source, settings, prices)
         for i, text in enumerate(parts, start=1):
@@ -304,7 +309,7 @@ def _examine(
     setattr(report, action, getattr(report, action) + 1)
     item = {"path": source.path, "action": action, "parts": len(parts)}
     report.items.append(item)
-    planned.append(Planned(source, parts, row_id=stored.id, retry=retry, item=item))
+    planned.append(Planned(source, parts, row_id=stored.id, retry=retry, item=item, done=done))
 
 
 def _store(
@@ -331,17 +336,23 @@ def _store(
     return row
 
 
-def _sent_versions(session: Any, row: Document) -> int:
-    """How many times this version was sent before (gives a retry a fresh idempotency key). A
-    version never sent (documents.status.UNSENT) gets this second instead: the keys of the
-    submit that stopped may be held still, for requests that do not exist, and a count of
-    none would name them again."""
-    from documents.status import UNSENT
+def _retry_plan(session: Any, row: Document) -> tuple[int, frozenset[int]]:
+    """For a failed version's retry: its number, which makes its idempotency keys fresh, and
+    the parts that succeeded (not sent again: their answers are paid for, and the summary
+    takes them). Every part not yet answered went out once per attempt, so the most requests
+    any part has is the attempts so far. A version never sent (documents.status.UNSENT) gets
+    this second instead: the keys of the submit that stopped may be held still, for requests
+    that do not exist."""
+    from documents.status import UNSENT, version_requests
 
+    requests = version_requests(session, [row])[row.id]
+    done = frozenset(r.document_part or 1 for r in requests if r.status == Status.SUCCEEDED)
     if row.error == UNSENT:
-        return int(time.time())
-    count = session.scalar(select(func.count()).where(Request.document_id == row.id)) or 0
-    return max(1, int(count) // max(1, row.parts))
+        return int(time.time()), done
+    sent: dict[int, int] = {}
+    for r in requests:
+        sent[r.document_part or 1] = sent.get(r.document_part or 1, 0) + 1
+    return max([1, *sent.values()]), done
 
 
 def _mark_unsent(ids: list[int], reason: str, url: str) -> None:

@@ -35,14 +35,14 @@ class DocumentView(BaseModel):
     path: str
     title: str
     hash: str
-    status: str  # pending, succeeded, failed, refused, error
+    status: str  # pending, succeeded, failed, cancelled, refused, error
     parts: int
     done_parts: int
     error: str | None
     summary: str | None
 
 
-def _version_requests(session: Session, docs: Sequence[Document]) -> dict[int, list[Request]]:
+def version_requests(session: Session, docs: Sequence[Document]) -> dict[int, list[Request]]:
     """Each document's requests for its current version (older versions' requests are kept)."""
     by_doc: dict[int, list[Request]] = {d.id: [] for d in docs}
     tags = {d.id: d.content_hash[:16] for d in docs}
@@ -80,8 +80,12 @@ def derive(
     failed = (Status.FAILED, Status.CANCELLED)
     ended = [best[p] for p in wanted if p in best and best[p].status in failed]
     if ended and all(p in best and best[p].status in FINAL for p in wanted):
-        reason = ended[0].error or ended[0].status
-        return "failed", done, f"part {ended[0].document_part or 1}: {reason}", None
+        # Only cancelled parts: an operator's choice, which the next scan keeps (a failed
+        # document is sent again).
+        status = "failed" if any(r.status == Status.FAILED for r in ended) else "cancelled"
+        first = next((r for r in ended if r.status == Status.FAILED), ended[0])
+        reason = first.error or first.status
+        return status, done, f"part {first.document_part or 1}: {reason}", None
     return "pending", done, None, None
 
 
@@ -91,7 +95,7 @@ def refresh(session: Session) -> list[DocumentView]:
     docs = list(session.scalars(select(Document).order_by(Document.path)))
     pending = [d for d in docs if d.status == "pending"]
     now = utcnow()
-    requests = _version_requests(session, pending) if pending else {}
+    requests = version_requests(session, pending) if pending else {}
     done_parts: dict[int, int] = {}
     for doc in pending:
         status, done, error, summary = derive(doc, requests[doc.id], now)

@@ -252,3 +252,59 @@ def test_a_budget_refusal_fails_only_the_documents_it_refuses(
     assert rows["long.md"].status == "error" and rows["long.md"].content_hash == ""
     items = _queued_intake(settings)
     assert [i["request"]["metadata"]["document_id"] for i in items] == [str(rows["a.md"].id)]
+
+
+def _end_parts(settings: Settings, doc_id: int, ends: dict[int, tuple[str, str]]) -> None:
+    """End the open requests of document `doc_id`'s parts as a batch would have: part ->
+    (status, text or error)."""
+    from sqlalchemy import update
+
+    from models.tables import Request
+
+    with session_scope(settings.database_url) as session:
+        for part, (status, value) in ends.items():
+            field = "text" if status == "succeeded" else "error"
+            session.execute(
+                update(Request)
+                .where(
+                    Request.document_id == doc_id,
+                    Request.document_part == part,
+                    Request.status == "queued",
+                )
+                .values(status=status, **{field: value})
+            )
+
+
+def test_a_retry_sends_only_the_parts_not_answered(
+    any_db_settings: Settings, tmp_path: Path
+) -> None:
+    """A failed document's retry sent every part again, the answered ones too (paid twice);
+    a second retry named the first one's keys again and sent nothing. Now: only the parts with
+    no answer, each retry with keys of its own; the summary joins the parts' answers. A
+    document whose parts were only cancelled is `cancelled`, and not sent again."""
+    settings = any_db_settings
+    words = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(100)) for p in range(90))
+    (tmp_path / "long.md").write_text("# Long\n\n" + words)  # two parts
+    (tmp_path / "short.md").write_text("# Short\n\nOne part.\n")
+    client = Client(settings)
+    assert scan_documents(settings, root=tmp_path, client=client).requests == 3
+    rows = _rows(settings, tmp_path)
+    long_id, short_id = rows["long.md"].id, rows["short.md"].id
+
+    _end_parts(settings, long_id, {1: ("succeeded", "S1"), 2: ("failed", "provider said no")})
+    _end_parts(settings, short_id, {1: ("cancelled", "cancelled by an operator")})
+    first = scan_documents(settings, root=tmp_path, client=client)
+    assert (first.retried, first.unchanged, first.requests) == (1, 1, 1), first.items
+    assert _rows(settings, tmp_path)["short.md"].status == "cancelled"
+
+    _end_parts(settings, long_id, {2: ("failed", "provider said no again")})
+    second = scan_documents(settings, root=tmp_path, client=client)
+    assert (second.retried, second.requests) == (1, 1), second.items
+    queued = [i["request"]["metadata"]["document_part"] for i in _queued_intake(settings)]
+    assert queued == ["2"]  # the second retry's part 2, a request of its own
+
+    _end_parts(settings, long_id, {2: ("succeeded", "S2")})
+    with session_scope(settings.database_url) as session:
+        views = {Path(v.path).name: v for v in refresh(session)}
+    assert views["long.md"].status == "succeeded" and views["long.md"].summary == "S1\n\nS2"
+    assert views["short.md"].status == "cancelled"
