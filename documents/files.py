@@ -22,6 +22,7 @@ class SourceDocument:
     text: str | None  # None when the file is not UTF-8 text
     content_hash: str  # sha256 of the bytes
     size_bytes: int
+    refused: str | None = None  # why it is refused unread (too large)
 
 
 def find_files(patterns: str, root: Path | None = None) -> list[Path]:
@@ -40,10 +41,9 @@ def find_files(patterns: str, root: Path | None = None) -> list[Path]:
     return sorted(found)
 
 
-def unfit_file(path: Path, max_bytes: int) -> str | None:
-    """Why `path` cannot be a document row, before it is read (None: it can): a name that is
-    not UTF-8 or longer than the table takes, a size past `max_bytes` (its parts could never
-    fit; reading it would hold the whole of it in memory)."""
+def unfit_file(path: Path) -> str | None:
+    """Why `path` cannot be a document row (None: it can): a name that is not UTF-8, or longer
+    than the table takes."""
     name = str(path)
     try:
         name.encode("utf-8")
@@ -51,9 +51,6 @@ def unfit_file(path: Path, max_bytes: int) -> str | None:
         return "the file name is not UTF-8"
     if len(name) > MAX_PATH_CHARS:
         return f"the path is over {MAX_PATH_CHARS} characters"
-    size = path.stat().st_size
-    if size > max_bytes:
-        return f"{size:,} bytes, over the {max_bytes:,} its parts could ever hold"
     return None
 
 
@@ -81,11 +78,19 @@ def _title(text: str, fallback: str) -> str:
     return first_line[:MAX_TITLE_CHARS] or fallback
 
 
-def read_document(path: Path) -> SourceDocument:
-    """Read one file; its hash is over the raw bytes, so any change is a new version."""
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+def read_document(path: Path, max_bytes: int) -> SourceDocument:
+    """Read one file; its hash is over the raw bytes, so any change is a new version. A file
+    over `max_bytes` is hashed as it is read and not kept: its `refused` says why."""
     fallback = path.stem.replace("-", " ").replace("_", " ")
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            size = f.tell()
+            reason = f"{size:,} bytes, over the {max_bytes:,} its parts could ever hold"
+            return SourceDocument(str(path.resolve()), fallback, None, digest, size, reason)
+    digest = hashlib.sha256(data).hexdigest()
     try:
         text: str | None = data.decode("utf-8")
     except UnicodeDecodeError:

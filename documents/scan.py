@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from core.errors import BudgetExceeded, InvalidRequest
 from core.settings import Settings, get_settings
 from documents.files import SourceDocument, find_files, read_document, shown, unfit_file
 from documents.split import part_budget, split_text
-from models.status import Status
-from models.tables import DOCUMENTS_TENANT, Document, utcnow
+from lifecycle.record import TRANSIENT
+from models.status import FINAL
+from models.tables import DOCUMENTS_TENANT, Document, in_utc, utcnow
 from rules.prices import PriceTable
 from rules.tokens import count_tokens
 
@@ -103,6 +103,8 @@ def document_request(
 
 def plan_parts(source: SourceDocument, settings: Settings, prices: PriceTable) -> list[str]:
     """The document's text cut to fit the model; InvalidRequest with the reason to refuse it."""
+    if source.refused is not None:
+        raise InvalidRequest(source.refused)
     if source.text is None:
         raise InvalidRequest("not UTF-8 text")
     if not source.text.strip():
@@ -176,11 +178,13 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
         for path in paths:
             # One file's trouble is that file's: its row's write in a savepoint of its own.
             try:
-                reason = unfit_file(path, max_bytes)
+                reason = unfit_file(path)
                 if reason is None:
                     with session.begin_nested():
-                        source = read_document(path)
+                        source = read_document(path, max_bytes)
                         _examine(session, source, known, settings, prices, client, report, planned)
+            except TRANSIENT:
+                raise  # the database away: the scan's, not this file's
             except (OSError, SQLAlchemyError, ValueError) as err:
                 reason = f"{type(err).__name__}: {err}"[:500]
             if reason is not None:
@@ -262,9 +266,9 @@ def _submit_each(
 
 
 def _max_bytes(settings: Settings, prices: PriceTable) -> int:
-    """A file past this size is refused unread: every part's text is under the model's context
-    window, and tokens average well under 16 bytes of UTF-8 (~4 in English prose). With the
-    defaults (8 parts of sheepdog-mini's 8,192 tokens) that is 1 MiB."""
+    """A file past this size is refused, its text not kept: every part's text is under the
+    model's context window, and tokens average well under 16 bytes of UTF-8 (~4 in English
+    prose). With the defaults (8 parts of sheepdog-mini's 8,192 tokens) that is 1 MiB."""
     window = prices.get(settings.documents_model).context_window
     return settings.documents_max_parts * window * 16
 
@@ -291,9 +295,10 @@ def _examine(
             report.items.append({"path": source.path, "action": "unchanged"})
             return
         action = "retried"
-        retry, done = _retry_plan(session, row)
     try:
         parts = plan_parts(source, settings, prices)
+        if action == "retried" and row is not None:
+            retry, done = _retry_plan(session, row, len(parts))
         for i, text in enumerate(parts, start=1):
             client.prepare(
                 document_request(
@@ -326,7 +331,7 @@ def _store(
         session.add(row)
     row.title = source.title
     row.content_hash = source.content_hash
-    row.size_bytes = source.size_bytes
+    row.size_bytes = min(source.size_bytes, 2**31 - 1)  # the column's limit
     row.status = status
     row.parts = parts
     row.error = error
@@ -336,29 +341,28 @@ def _store(
     return row
 
 
-def _retry_plan(session: Any, row: Document) -> tuple[int, frozenset[int]]:
+def _retry_plan(session: Any, row: Document, parts: int) -> tuple[int, frozenset[int]]:
     """For a failed version's retry: its number, which makes its idempotency keys fresh, and
-    the parts that succeeded (not sent again: their answers are paid for, and the summary
-    takes them). Every part not yet answered went out once per attempt, so the most requests
-    any part has is the attempts so far. A version never sent (documents.status.UNSENT) gets
-    this second instead: the keys of the submit that stopped may be held still, for requests
-    that do not exist."""
-    from documents.status import UNSENT, version_requests
+    the parts not to send again (answered: paid for, and the summary takes them; or still
+    open). The number is the time of the scan that wrote the row last, in ms: the same for two
+    scans at once (their keys dedupe), another for each attempt, including one whose submit
+    stopped with its keys held for requests that do not exist. The parts count only when the
+    split is the one they answered (the prompt, the model or its limits may have changed)."""
+    from documents.status import version_requests
 
+    number = int(in_utc(row.scanned_at).timestamp() * 1000)
+    if row.parts != parts:
+        return number, frozenset()
     requests = version_requests(session, [row])[row.id]
-    done = frozenset(r.document_part or 1 for r in requests if r.status == Status.SUCCEEDED)
-    if row.error == UNSENT:
-        return int(time.time()), done
-    sent: dict[int, int] = {}
-    for r in requests:
-        sent[r.document_part or 1] = sent.get(r.document_part or 1, 0) + 1
-    return max([1, *sent.values()]), done
+    return number, frozenset(
+        r.document_part or 1 for r in requests if r.status == "succeeded" or r.status not in FINAL
+    )
 
 
 def _mark_unsent(ids: list[int], reason: str, url: str) -> None:
-    # Clearing the hash makes the next scan send the document again.
+    """Failed, with the reason: the next scan sends the document again as a retry (fresh keys;
+    the parts already answered or open stay as they are)."""
     with session_scope(url) as session:
         for row in session.scalars(select(Document).where(Document.id.in_(ids))):
-            row.status = "error"
+            row.status = "failed"
             row.error = reason[:2000]
-            row.content_hash = ""

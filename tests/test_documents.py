@@ -161,10 +161,11 @@ def any_db_settings(request: pytest.FixtureRequest, scan_settings: Settings) -> 
 def test_a_bad_file_fails_alone_and_the_scan_goes_on(
     any_db_settings: Settings, tmp_path: Path
 ) -> None:
-    """A file too large to ever fit, a path longer than the table's column, and a title with a
-    NUL (a UTF-16 file without a BOM reads as UTF-8 full of NULs) each end as that file's
-    error or refusal with a reason; the good file is still sent. Before, a database refusal of
-    one row rolled back every document's and sent nothing, every night."""
+    """A file too large to ever fit (refused, hashed as it is read), a path longer than the
+    table's column, and a title with a NUL (a UTF-16 file without a BOM reads as UTF-8 full of
+    NULs) each end as that file's error or refusal with a reason; the good file is still sent.
+    Before, a database refusal of one row rolled back every document's and sent nothing,
+    every night."""
     settings = any_db_settings
     (tmp_path / "good.md").write_text("# Good\n\nA short runbook.\n")
     (tmp_path / "big.md").write_bytes(b"# Big\n\n" + b"word " * 60_000)  # 300 KB > 2 parts' bytes
@@ -180,13 +181,14 @@ def test_a_bad_file_fails_alone_and_the_scan_goes_on(
     by_name = {Path(i["path"]).name: i for i in report.items}
     utf16_sent = by_name["utf16.md"]["action"] == "new"
     assert by_name["good.md"]["action"] == "new" and report.requests == 1 + utf16_sent
-    assert by_name["big.md"]["action"] == "error"
+    assert by_name["big.md"]["action"] == "refused"  # its row says why, and it stays so
     assert "bytes, over the 262,144" in by_name["big.md"]["reason"]
     assert by_name["long-path.md"]["action"] == "error"
     assert "over 1000 characters" in by_name["long-path.md"]["reason"]
     assert by_name["utf16.md"]["action"] in ("new", "refused"), by_name["utf16.md"]
     rows = _rows(settings, tmp_path)
-    assert set(rows) == {"good.md", "utf16.md"} and "\x00" not in rows["utf16.md"].title
+    assert set(rows) == {"good.md", "utf16.md", "big.md"} and "\x00" not in rows["utf16.md"].title
+    assert rows["big.md"].status == "refused" and len(rows["big.md"].content_hash) == 64
     assert len(_queued_intake(settings)) == 1 + utf16_sent
 
 
@@ -226,13 +228,22 @@ def test_a_document_whose_scan_stopped_before_its_submit_is_sent_again(
     assert len(items) == 1 and items[0]["request"]["metadata"]["document_id"] == str(row.id)
     assert _rows(settings, tmp_path)["a.md"].status == "pending"
 
+    # Its request fails; the retry's scan stops the same way (its keys held); the next one
+    # sends it all the same, with keys of its own, not the stopped retry's again.
+    _end_parts(settings, row.id, {1: ("failed", "provider said no")})
+    with pytest.raises(KeyboardInterrupt):
+        scan_documents(settings, root=tmp_path, client=_StopsBeforeSending(settings))
+    last = scan_documents(settings, root=tmp_path, client=client)
+    assert (last.retried, last.requests) == (1, 1), last.items
+    assert len(_queued_intake(settings)) == 1  # a new request, queued
+
 
 def test_a_budget_refusal_fails_only_the_documents_it_refuses(
     any_db_settings: Settings, tmp_path: Path
 ) -> None:
     """One submit for the whole night was all or nothing: a budget with room for some of the
     night's documents refused every one, and the next night the same again. The refused
-    document is marked for the next scan with the reason; the others go tonight."""
+    document is failed with the reason, for the next scan; the others go tonight."""
     from tests.fixtures.costs import budget
 
     settings = any_db_settings
@@ -249,9 +260,15 @@ def test_a_budget_refusal_fails_only_the_documents_it_refuses(
     assert report.new == 1
     rows = _rows(settings, tmp_path)
     assert rows["a.md"].status == "pending"
-    assert rows["long.md"].status == "error" and rows["long.md"].content_hash == ""
+    assert rows["long.md"].status == "failed" and "budget" in (rows["long.md"].error or "")
     items = _queued_intake(settings)
     assert [i["request"]["metadata"]["document_id"] for i in items] == [str(rows["a.md"].id)]
+
+    # With room again, the next scan sends it as a retry (its keys released by the refusal).
+    budget(settings.database_url, "documents", daily_usd="1")
+    again = scan_documents(settings, root=tmp_path, client=Client(settings))
+    assert (again.retried, again.unchanged, again.requests) == (1, 1, 2), again.items
+    assert len(_queued_intake(settings)) == 3
 
 
 def _end_parts(settings: Settings, doc_id: int, ends: dict[int, tuple[str, str]]) -> None:

@@ -116,7 +116,8 @@ def _views() -> list:
 def documents_status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a document.")] = False,
 ) -> None:
-    """Each document's state: pending, succeeded, failed, refused (with the reason) or error."""
+    """Each document's state: pending, succeeded, failed, cancelled, refused (with the reason)
+    or error."""
     from rich.console import Console
     from rich.table import Table
 

@@ -111,7 +111,7 @@ class BatchSnapshot:
 
         by_status = select(Document.status, func.count()).group_by(Document.status)
         scanned_parts = select(func.sum(Document.parts)).where(
-            Document.status.in_(("pending", "succeeded", "failed"))
+            Document.status.in_(("pending", "succeeded", "failed", "cancelled"))
         )
         batch_rows = select(Request.id, Request.status).where(Request.route == "batch")
         job_states = select(BatchJob.status, func.count()).group_by(BatchJob.status)
