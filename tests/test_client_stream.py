@@ -206,6 +206,47 @@ def test_a_follow_timeout_bounds_a_stream_still_sending(api_server: ApiServer, s
     assert asyncio.run(main()) is None
 
 
+def test_a_redirect_or_a_page_is_an_error_where_it_happens() -> None:
+    """A base URL that is not the front door's (a redirect, a proxy's HTML page with 200)
+    raised nothing at the call: `submit` failed later on a missing id, `get` on validation."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sheepdog_client import SheepdogError
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "redirect" in self.path:
+                self.send_response(302)
+                self.send_header("Location", "https://login.example/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            page = b"<html>a proxy's page</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{server.server_port}", api_key="k") as client:
+            with pytest.raises(SheepdogError, match="not JSON"):
+                client.get("req_page")
+            with pytest.raises(
+                SheepdogError, match=r"HTTP 302 from the server \(to https://login\.example/\)"
+            ):
+                client.get("req_redirect")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- the pieces without a server: the SSE format and the error table --------------------------
 
 

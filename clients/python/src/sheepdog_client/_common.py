@@ -74,13 +74,29 @@ def request_body(request: Mapping[str, Any] | None, fields: Mapping[str, Any]) -
 
 
 def decode(response: httpx.Response) -> Any:
-    """The JSON of a 2xx answer; the mapped exception for anything else."""
+    """The JSON of a 2xx answer; the mapped exception for an error, and SheepdogError for
+    anything else (a redirect, which is not followed, or a 2xx that is not JSON: a proxy's
+    page, a wrong base URL), which would otherwise fail later, far from its cause."""
+    status = response.status_code
     try:
         body: Any = response.json() if response.content else None
     except ValueError:
+        if 200 <= status < 300:
+            raise SheepdogError(
+                f"unexpected answer from the server (HTTP {status}, not JSON): "
+                f"{response.text!r:.200}",
+                status=status,
+            ) from None
         body = response.text
-    if response.status_code >= 400:
-        raise error_from_response(response.status_code, body, response.headers)
+    if status >= 400:
+        raise error_from_response(status, body, response.headers)
+    if not 200 <= status < 300:
+        where = response.headers.get("location", "")
+        raise SheepdogError(
+            f"unexpected HTTP {status} from the server{f' (to {where})' if where else ''}:"
+            " redirects are not followed; is the base URL the front door's?",
+            status=status,
+        )
     return body
 
 
