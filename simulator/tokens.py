@@ -1,8 +1,9 @@
 """The simulator's token count for ``usage``: the same approximation Sheepdog estimates with.
 
-A token is a run of word characters or one punctuation mark; each chat message adds a fixed
-overhead. Sheepdog's own estimate (``rules/tokens.py``) counts the same way, so a provider's usage
-and Sheepdog's estimate agree on the simulator; the tests compare the two. Kept here rather than
+A token is a run of up to ten word characters, one character of a script written without
+spaces (Han, kana, Hangul), or one punctuation mark; each chat message adds a fixed overhead.
+Sheepdog's own estimate (``rules/tokens.py``) counts the same way, so a provider's usage and
+Sheepdog's estimate agree on the simulator; the tests compare the two. Kept here rather than
 imported so the simulator stands alone.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]{{1,10}}|[^\w\s]")
 MESSAGE_OVERHEAD = 4
 REPLY_PRIMING = 3
 

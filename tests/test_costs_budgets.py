@@ -69,6 +69,20 @@ def test_reserve_within_budget_then_refuse_naming_tenant_budget_and_left(
     assert second.id not in reservations(db_url, [second.id])  # all or nothing
 
 
+def test_a_prompt_without_spaces_is_held_at_its_length(db_url: str, tenant: str) -> None:
+    """A Chinese prompt of 20,000 characters is ~20,000 tokens; the local count took any run of
+    word characters for one token, so its hold was priced as if the prompt were empty and a
+    budget of a cent let it through (and a base64 blob likewise)."""
+    settings = Settings(database_url=db_url)
+    budget(db_url, tenant, daily_usd="0.01")
+    for prompt in ("中文" * 10_000, "QUJD" * 25_000):
+        item = make_item(settings, tenant, max_tokens=10, prompt=prompt)
+        assert worst_case(item, price_table()) > Decimal("0.01")
+        with pytest.raises(BudgetExceeded):
+            reserve([item], settings)
+    assert len(reserve([make_item(settings, tenant, max_tokens=10)], settings)) == 1
+
+
 def test_a_bulk_submit_is_all_or_nothing(db_url: str, tenant: str) -> None:
     settings = Settings(database_url=db_url)
     budget(db_url, tenant, monthly_usd="1")

@@ -53,7 +53,29 @@ def test_simulator_models_are_the_price_table() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text", ["", "Hello, world!", "naïve café: 3.14 -- ok?", "a\nb\tc"])
+def test_the_estimate_counts_long_runs_and_unspaced_scripts() -> None:
+    """A run of word characters is a token per ten characters at most; Han, kana and Hangul a
+    token a character (they are written without spaces); English words stay one each."""
+    assert count_tokens("The quick brown fox, jumps!") == 7
+    assert count_tokens("internationalization") == 2
+    assert count_tokens("x" * 57) == 6
+    assert count_tokens("中文字符串") == 5 and count_tokens("カタカナ") == 4
+    assert count_tokens("한국어 텍스트") == 6 and count_tokens("abc中文def") == 4
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Hello, world!",
+        "naïve café: 3.14 -- ok?",
+        "a\nb\tc",
+        "中文字符\uff0c好吗\uff1f",
+        "x" * 57,
+        "abc中文def 한국어",
+    ],
+)
 def test_simulator_counts_tokens_as_sheepdog_estimates(text: str) -> None:
     """The simulator's usage and Sheepdog's estimate count the same way (two copies, one rule)."""
     from simulator import tokens
