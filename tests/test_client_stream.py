@@ -247,6 +247,49 @@ def test_a_redirect_or_a_page_is_an_error_where_it_happens() -> None:
         server.server_close()
 
 
+def test_a_server_that_never_answers_is_a_failed_attempt() -> None:
+    """A read timeout before any answer (the server accepts the connection and is hung) counts
+    as a broken attempt; one after the headers is a quiet wait. Both were quiet waits, so a hung
+    server was reconnected to without end."""
+    import socket
+    import threading
+
+    from sheepdog_client import APIConnectionError
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with (
+            Client(base, api_key="k", timeout=0.2, max_reconnects=2) as client,
+            pytest.raises(APIConnectionError, match="broke 3 times in a row"),
+        ):
+            client.stream("req_" + "0" * 32, timeout=20).final_text()
+
+        async def follow() -> None:
+            async with AsyncClient(base, api_key="k", timeout=0.2, max_reconnects=2) as client:
+                stream = client.stream("req_" + "0" * 32, timeout=20)
+                with pytest.raises(APIConnectionError, match="broke 3 times in a row"):
+                    await stream.final_text()
+
+        asyncio.run(follow())
+        assert len(held) == 6, "each attempt opens one connection"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
 # -- the pieces without a server: the SSE format and the error table --------------------------
 
 

@@ -207,7 +207,7 @@ class AsyncEventStream:
         failures = 0
         while True:
             c.check_deadline(state, self._deadline, self._timeout)
-            progressed = quiet = alive = False
+            progressed = quiet = alive = opened = False
             cause: BaseException | None = None
             try:
                 async with client._http.stream(
@@ -219,6 +219,7 @@ class AsyncEventStream:
                     if response.status_code >= 400:
                         await response.aread()
                         c.decode(response)  # raises the mapped error
+                    opened = True
                     lines = _lines(response)
                     async for line in lines:
                         c.check_deadline(state, self._deadline, self._timeout)
@@ -235,7 +236,8 @@ class AsyncEventStream:
                             await _read_to_end(lines)
                             return
             except httpx.ReadTimeout as exc:
-                cause, quiet = exc, True  # a quiet wait, not a broken server
+                # A quiet wait once the server answered; no answer at all is a hung server.
+                cause, quiet = exc, opened
             except (RateLimited, Unavailable, httpx.HTTPError, c.Gap) as exc:
                 cause = exc
             # A connection that stayed open for a keep-alive is no failure when it ends (the server
