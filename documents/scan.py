@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ log = logging.getLogger("sheepdog.documents")
 
 TENANT = DOCUMENTS_TENANT
 LOCK_TTL_S = 600
+LOCK_RENEW_S = LOCK_TTL_S / 3  # the lock is renewed this often while a scan runs
 HASH_TAG = 16  # hex digits of the content hash carried in request metadata and keys
 
 
@@ -152,13 +154,35 @@ def scan_documents(
     if not lock.acquire(blocking=False):
         return ScanReport(skipped=True, error="another documents scan is running")
     try:
-        return _scan(settings, patterns, root, client)
+        return _scan(settings, patterns, root, client, ScanLease(lock))
+    except redis.exceptions.LockError:
+        log.error("documents scan: stopped, its lock expired (another scan may be running)")
+        return ScanReport(error="the scan's lock expired before it ended; nothing of it was sent")
     finally:
         with contextlib.suppress(redis.RedisError):
             lock.release()
 
 
-def _scan(settings: Settings, patterns: str | None, root: Path | None, client: Any) -> ScanReport:
+class ScanLease:
+    """The scan's lock, renewed as the scan goes: a scan of many files outlives one TTL, and a
+    second scan must not start beside it. A lock found taken by another raises `LockError`."""
+
+    def __init__(self, lock: Any, every_s: float | None = None) -> None:
+        self._lock = lock
+        self._every_s = LOCK_RENEW_S if every_s is None else every_s
+        self._renewed = time.monotonic()
+
+    def renew(self, *, now: bool = False) -> None:
+        """Renew the lock if `every_s` has passed since the last time (or `now`)."""
+        at = time.monotonic()
+        if now or at - self._renewed >= self._every_s:
+            self._lock.reacquire()  # resets the TTL; raises LockNotOwnedError if lost
+            self._renewed = at
+
+
+def _scan(
+    settings: Settings, patterns: str | None, root: Path | None, client: Any, lease: ScanLease
+) -> ScanReport:
     from documents.status import refresh
     from intake.submit import Submitter
 
@@ -176,6 +200,7 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
         planned: list[Planned] = []
         max_bytes = _max_bytes(settings, prices)
         for path in paths:
+            lease.renew()
             # One file's trouble is that file's: its row's write in a savepoint of its own.
             try:
                 reason = unfit_file(path)
@@ -190,6 +215,7 @@ def _scan(settings: Settings, patterns: str | None, root: Path | None, client: A
             if reason is not None:
                 report.items.append({"path": shown(path), "action": "error", "reason": reason})
                 log.warning("documents scan: %s: %s", shown(path), reason)
+        lease.renew(now=True)  # still ours before the rows commit, and a full TTL for the send
 
     # The rows are committed before their requests exist, so the intake (another process)
     # can link each request to its document row.

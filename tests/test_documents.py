@@ -142,6 +142,47 @@ def test_a_second_scan_while_one_runs_is_skipped(scan_settings: Settings) -> Non
     assert report.skipped and report.requests == 0
 
 
+def test_a_scan_renews_its_lock_and_stops_when_it_lost_it(
+    scan_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan's lock had one TTL (10 min) for the whole scan: a longer one (many files, a slow
+    disk) ran on unlocked, and a second scan could start beside it. It is renewed as the scan
+    goes; one that finds the lock taken by another stops before its rows commit: no document
+    row, no request."""
+    import documents.scan as scan_module
+    from core import keys
+
+    lock_key = keys.of(scan_settings).documents_lock
+    r = redis.Redis.from_url(scan_settings.redis_url)
+    for name in ("a.md", "b.md"):
+        (tmp_path / name).write_text(f"# {name}\n\nSome text.\n")
+    read, ttls = scan_module.read_document, []
+
+    def read_and_check(path: Path, max_bytes: int) -> object:
+        ttls.append(r.pttl(lock_key))
+        r.pexpire(lock_key, 2_000)  # most of its TTL gone, as after a long stretch of files
+        return read(path, max_bytes)
+
+    monkeypatch.setattr(scan_module, "read_document", read_and_check)
+    monkeypatch.setattr(scan_module, "LOCK_RENEW_S", 0.0)
+    report = scan_documents(scan_settings, root=tmp_path, client=Client(scan_settings))
+    assert report.error is None and report.requests == 2, report
+    assert ttls[0] > 500_000 and ttls[1] > 500_000, ttls  # renewed before each file
+
+    (tmp_path / "c.md").write_text("# c\n\nNew text.\n")
+
+    def read_and_lose(path: Path, max_bytes: int) -> object:
+        r.set(lock_key, "another scan", ex=30)  # this one's TTL ran out; another took it
+        return read(path, max_bytes)
+
+    monkeypatch.setattr(scan_module, "read_document", read_and_lose)
+    lost = scan_documents(scan_settings, root=tmp_path, client=Client(scan_settings))
+    assert lost.error is not None and "lock expired" in lost.error, lost
+    assert "c.md" not in _rows(scan_settings, tmp_path)
+    assert len(_queued_intake(scan_settings)) == 2
+    assert r.get(lock_key) == b"another scan"  # the other scan's lock is left alone
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_db_settings(request: pytest.FixtureRequest, scan_settings: Settings) -> Iterator[Settings]:
     """scan_settings on SQLite, or on a PostgreSQL database of its own (which, unlike SQLite,
