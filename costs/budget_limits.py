@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, literal, or_, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
@@ -22,7 +22,7 @@ from core.errors import DATABASE_HINT, InvalidRequest, ServiceUnavailable, redac
 from core.settings import Settings
 from costs.reservations import HELD
 from models.intake_message import IntakeItem
-from models.request import MAX_COST_USD_LIMIT, check_tenant
+from models.request import MAX_COST_USD_LIMIT, check_tenant, column_usd
 from models.tables import Budget, CostEntry, Reservation, utcnow
 
 log = logging.getLogger("sheepdog.budgets")
@@ -77,32 +77,38 @@ def period_starts(now: datetime | None = None) -> tuple[datetime, datetime]:
 def spend(
     session: Session, tenants: Iterable[str], now: datetime | None = None
 ) -> dict[str, Spend]:
-    """Each tenant's spending in the current day and month, plus its held reservations."""
+    """Each tenant's spending in the current day and month, plus its held reservations.
+
+    One statement for both sums: a settle moves an amount from held to the ledger in one commit
+    without the budget's lock, and two statements (each its own snapshot under PostgreSQL's
+    READ COMMITTED) could miss it in both, letting a concurrent submit overspend."""
     names = sorted(set(tenants))
     if not names:
         return {}
     day, month = period_starts(now)
     zero = Decimal(0)
     out = {t: Spend(zero, zero, zero) for t in names}
-    ledger = session.execute(
-        select(
-            CostEntry.tenant,
-            func.sum(case((CostEntry.created_at >= day, CostEntry.cost_usd), else_=0)),
-            func.sum(CostEntry.cost_usd),
-        )
-        .where(CostEntry.tenant.in_(names), CostEntry.created_at >= month)
-        .group_by(CostEntry.tenant)
+    spent = select(
+        CostEntry.tenant,
+        literal(False).label("held"),
+        func.sum(case((CostEntry.created_at >= day, CostEntry.cost_usd), else_=0)),
+        func.sum(CostEntry.cost_usd),
+    ).where(CostEntry.tenant.in_(names), CostEntry.created_at >= month)
+    held = select(
+        Reservation.tenant,
+        literal(True).label("held"),
+        func.sum(Reservation.amount_usd),
+        literal(None),
+    ).where(Reservation.tenant.in_(names), Reservation.state == HELD)
+    rows = session.execute(
+        union_all(spent.group_by(CostEntry.tenant), held.group_by(Reservation.tenant))
     ).all()
-    for tenant, daily, monthly in ledger:
-        out[tenant] = Spend(_dec(daily), _dec(monthly), zero)
-    held = session.execute(
-        select(Reservation.tenant, func.sum(Reservation.amount_usd))
-        .where(Reservation.tenant.in_(names), Reservation.state == HELD)
-        .group_by(Reservation.tenant)
-    ).all()
-    for tenant, amount in held:
+    for tenant, is_held, first, second in rows:
         s = out[tenant]
-        out[tenant] = Spend(s.daily_usd, s.monthly_usd, _dec(amount))
+        if is_held:
+            out[tenant] = Spend(s.daily_usd, s.monthly_usd, _dec(first))
+        else:
+            out[tenant] = Spend(_dec(first), _dec(second), s.held_usd)
     return out
 
 
@@ -204,7 +210,7 @@ def set_budget(
     for value in (daily_usd, monthly_usd):
         if value is not None and value < 0:
             raise ValueError(f"a budget must not be negative, got {value}")
-        if value is not None and value >= MAX_COST_USD_LIMIT:  # what the column holds
+        if value is not None and column_usd(value) is None:  # what the column holds
             raise InvalidRequest(f"a budget must be below {MAX_COST_USD_LIMIT:,} USD, got {value}")
     values: dict[str, Any] = {"updated_at": utcnow()}
     if daily_usd is not None or "daily" in clear:

@@ -160,6 +160,43 @@ def _spend(url: str, tenant: str) -> budget_limits.Spend:
         return budget_limits.spend(session, [tenant])[tenant]
 
 
+def test_a_settle_between_the_reads_of_a_spend_is_not_missed(pg_url: str, tenant: str) -> None:
+    """A tenant's ledger and held sums were two statements: on PostgreSQL (READ COMMITTED, a
+    snapshot a statement) a request settled between them was in neither, and a concurrent
+    submit could pass the budget by that amount. The settle is made to land right after the
+    spend's first statement."""
+    settings = Settings(database_url=pg_url)
+    budget(pg_url, tenant, daily_usd="10")
+    item = make_item(settings, tenant, max_tokens=1_000)
+    reserve([item], settings)
+    insert_rows(pg_url, [item])
+    held = reservations(pg_url, [item.id])[item.id].amount_usd
+    with session_scope(pg_url) as session:
+        move(session, item.id, Status.STREAMING)
+
+    def settle_now() -> None:
+        with session_scope(pg_url) as other:
+            move(
+                other, item.id, Status.SUCCEEDED, text="hi", prompt_tokens=10, completion_tokens=20
+            )
+            record(other, [Usage(item.id, tenant, "gpt-4.1", "stream", 10, 20)])
+
+    with session_scope(pg_url) as session:
+        execute, statements = session.execute, []
+
+        def execute_then_settle(*args: object, **kwargs: object) -> object:
+            result = execute(*args, **kwargs)  # type: ignore[arg-type]
+            if not statements:
+                settle_now()
+            statements.append(args[0])
+            return result
+
+        session.execute = execute_then_settle  # type: ignore[method-assign]
+        seen = budget_limits.spend(session, [tenant])[tenant]
+    assert reservations(pg_url, [item.id])[item.id].state == "settled"
+    assert (seen.daily_usd, seen.held_usd) in ((0, held), (Decimal("0.00018"), 0)), seen
+
+
 def test_concurrent_submits_never_pass_the_budget(db_url: str, tenant: str) -> None:
     """20 producers at once, each reserving a worst case of ~1/5.5 of the budget: exactly 5 fit."""
     settings = Settings(database_url=db_url)
