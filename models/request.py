@@ -32,6 +32,15 @@ USD_CONTEXT = Context(prec=(USD.precision or 20) + 2)  # digits for any value un
 MAX_METADATA_PAIRS = 16
 
 
+def column_usd(value: Decimal) -> Decimal | None:
+    """`value` as a USD column stores it (its scale, rounded as PostgreSQL rounds), or None when
+    the column cannot hold it: 9999999999.99999999999 is below the limit but rounds up to it."""
+    if value >= MAX_COST_USD_LIMIT:
+        return None
+    stored = value.quantize(USD_STEP, ROUND_HALF_UP, context=USD_CONTEXT)
+    return stored if stored < MAX_COST_USD_LIMIT else None
+
+
 def check_tenant(tenant: str) -> None:
     """InvalidRequest unless `tenant` fits the tables' tenant columns (a budget, a key, a
     webhook endpoint is kept for one)."""
@@ -192,14 +201,8 @@ class ChatRequest(BaseModel):
             raise ValueError(f"max_cost_usd must not be negative, got {value}")
         if value is None:
             return None
-        # As the column stores it (its scale, rounded): 9999999999.99999999999 is below the
-        # limit but rounds up to it, which PostgreSQL refuses.
-        stored = (
-            value
-            if value >= MAX_COST_USD_LIMIT
-            else value.quantize(USD_STEP, ROUND_HALF_UP, context=USD_CONTEXT)
-        )
-        if stored >= MAX_COST_USD_LIMIT:
+        stored = column_usd(value)
+        if stored is None:
             raise ValueError(
                 f"max_cost_usd {value} is too large (must be below {MAX_COST_USD_LIMIT:,})"
             )

@@ -286,6 +286,9 @@ def budget_list(
         typer.echo("no budgets: every tenant is unlimited")
 
 
+MIN_STALE = timedelta(minutes=15)
+
+
 def budget_release_stale(
     hours: Annotated[float, typer.Option(help="Held longer than this many hours.")] = 1.0,
 ) -> None:
@@ -298,6 +301,10 @@ def budget_release_stale(
         older = timedelta(hours=hours)
     except (OverflowError, ValueError):  # past what a time holds, or NaN
         fail(f"--hours: expected a number of hours a time can hold, got {hours:g}")
+    if older < MIN_STALE:  # a newer hold may be a submit still under way: its row comes next
+        fail(
+            f"--hours: at least {MIN_STALE.total_seconds() / 3600:g} (holds of live submits), got {hours:g}"
+        )
     url = get_settings().database_url
     with edge():
         check_database(url)
