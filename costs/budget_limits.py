@@ -100,7 +100,7 @@ def spend(
         func.sum(Reservation.amount_usd),
         literal(None),
     ).where(Reservation.tenant.in_(names), Reservation.state == HELD)
-    rows = session.execute(
+    rows: Sequence[Any] = session.execute(
         union_all(spent.group_by(CostEntry.tenant), held.group_by(Reservation.tenant))
     ).all()
     for tenant, is_held, first, second in rows:

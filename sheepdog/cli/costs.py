@@ -303,7 +303,8 @@ def budget_release_stale(
         fail(f"--hours: expected a number of hours a time can hold, got {hours:g}")
     if older < MIN_STALE:  # a newer hold may be a submit still under way: its row comes next
         fail(
-            f"--hours: at least {MIN_STALE.total_seconds() / 3600:g} (holds of live submits), got {hours:g}"
+            f"--hours: at least {MIN_STALE.total_seconds() / 3600:g}"
+            f" (a newer hold may be a submit under way), got {hours:g}"
         )
     url = get_settings().database_url
     with edge():
