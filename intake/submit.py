@@ -200,14 +200,18 @@ class Submitter:
             count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
 
     def _cancel_unrecorded(self, items: Sequence[IntakeItem]) -> None:
+        """Cancel stream messages whose rows failed: the flag stops a task not started yet, the
+        announcement one a worker already streams (it inserts the row it did not find)."""
         from streaming.cancel import CANCEL_FLAG_TTL_S
 
+        names = keys.of(self.settings)
         with (
             contextlib.suppress(redis.RedisError),
             get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe,
         ):
             for item in items:
-                pipe.set(keys.of(self.settings).cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
+                pipe.set(names.cancel_flag(item.id), b"1", ex=CANCEL_FLAG_TTL_S)
+                pipe.publish(names.cancel_channel, item.id)
             pipe.execute()
 
     def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:

@@ -231,6 +231,44 @@ def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: 
     assert stored.text and len(stored.text) < len(direct_answer(simulator, stored.body))
 
 
+def test_a_submit_whose_row_failed_stops_the_stream_it_sent(
+    deployment: StreamDeployment, client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """A stream message goes out before its row. When the row then fails (the producer's
+    connection lost before the commit), submit says ServiceUnavailable and the stream must not
+    run on: it was only flagged, which a task that had already started never reads, so it ran
+    to its end, succeeded and was charged, for a caller told it was not stored."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    import intake.submit as submit_module
+    from core.errors import ServiceUnavailable
+
+    tag = prompt("unrecorded")
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
+    sent: list[str] = []
+
+    def started_then_lost(session: Any, items: Any) -> Any:
+        sent.extend(item.id for item in items)
+        log = keys.of(deployment.settings).replay_log(sent[0])
+        until = time.monotonic() + 15
+        while not deployment.redis.exists(log) and time.monotonic() < until:
+            time.sleep(0.02)  # until the worker streams it
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(submit_module, "record_safely", started_then_lost)
+    with pytest.raises(ServiceUnavailable, match="database"):
+        submit(client, tag)
+    [rid] = sent
+    assert deployment.redis.exists(keys.of(deployment.settings).replay_log(rid))
+    with pytest.raises(StreamFailed, match="cancelled"):
+        follow(deployment, rid)
+    stored = row(deployment, rid)
+    assert_ended(stored, "cancelled")
+    assert len(stored.text or "") < len(direct_answer(simulator, stored.body))
+
+
 def test_redelivered_message_does_not_run_twice(
     deployment: StreamDeployment, client: Any, simulator: Any
 ):
