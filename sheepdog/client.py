@@ -29,6 +29,10 @@ from intake.submit import RequestLike, Submitter
 from models.tables import Request
 from models.views import RequestView
 
+# A view's row is read without its deadline: not part of the view, and a caller's far-future
+# deadline (year 10000 once in the database session's time zone) fails to load as a datetime.
+VIEW_COLUMNS = (defer(Request.deadline),)
+
 
 class Client(Submitter):
     """Submit requests (intake/submit.py), read them back, follow streams and cancel them."""
@@ -37,9 +41,7 @@ class Client(Submitter):
 
     def get(self, request_id: str) -> RequestView | None:
         """The request as stored, or None when no worker has recorded it yet."""
-        # The deadline is not part of the view and is not read: a caller's far-future deadline
-        # (year 10000 once in UTC) would fail to load as a Python datetime.
-        query = select(Request).options(defer(Request.deadline)).where(Request.id == request_id)
+        query = select(Request).options(*VIEW_COLUMNS).where(Request.id == request_id)
         with self._reading(request_id) as session:
             row = session.scalar(query)
             return RequestView.from_row(row) if row is not None else None
@@ -83,7 +85,7 @@ class Client(Submitter):
     ) -> list[RequestView]:
         """A tenant's requests, newest first (created_at, then id, descending): those created
         at or after `since`, strictly after the (created_at, id) `before` position."""
-        stmt = select(Request).where(Request.tenant == tenant)
+        stmt = select(Request).options(*VIEW_COLUMNS).where(Request.tenant == tenant)
         if status is not None:
             stmt = stmt.where(Request.status == status)
         if since is not None:

@@ -171,8 +171,21 @@ def test_no_auth_only_on_loopback(stack: Stack) -> None:
         }
         r = http.options(f"/v1/requests/{rid}/events", headers=preflight)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        # The chat endpoint's own headers, and those the OpenAI JS SDK sends from a browser,
+        # were refused (400 "Disallowed CORS headers").
+        sdk_headers = "authorization, content-type, x-sheepdog-priority, x-sheepdog-deadline,"
+        sdk_headers += " x-sheepdog-max-cost-usd, idempotency-key, x-stainless-os"
+        chat = {**preflight, "Access-Control-Request-Method": "POST"}
+        chat["Access-Control-Request-Headers"] = sdk_headers
+        r = http.options("/v1/chat/completions", headers=chat)
+        assert r.status_code == 200, r.text
+        r = http.options(
+            "/v1/webhooks/x", headers={**preflight, "Access-Control-Request-Method": "DELETE"}
+        )
+        assert r.status_code == 200, r.text
         r = http.get(f"/v1/requests/{rid}", headers={"Origin": origin})
         assert r.headers["access-control-allow-origin"] == origin
+        assert "retry-after" in r.headers["access-control-expose-headers"].lower()
         r = http.get(f"/v1/requests/{rid}", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in r.headers
 
@@ -229,3 +242,17 @@ def test_sheepdog_errors_the_door_did_not_know_are_logged() -> None:
     assert "need a key" not in missing.message  # the hint is the operator's
     assert (other.status, other.code) == (500, "internal_error")
     assert any("need a key" in m for m in seen) and any("something new" in m for m in seen)
+
+
+@pytest.mark.unit
+def test_a_last_event_id_with_a_minus_is_none() -> None:
+    """`-0` resumed after seq 0, so the answer's first token was skipped."""
+    from starlette.requests import Request
+
+    from sheepdog.api.native import last_event_id
+
+    def seen(value: bytes) -> int:
+        scope = {"type": "http", "headers": [(b"last-event-id", value)], "query_string": b""}
+        return last_event_id(Request(scope))
+
+    assert [seen(v) for v in (b"-0", b"-1", b"-00", b" -5 ", b"0", b"7")] == [-1, -1, -1, -1, 0, 7]

@@ -218,6 +218,8 @@ def test_status_of_a_row_with_a_year_10000_deadline(idle: Any) -> None:
         )
     view = Client(settings).get(rid)
     assert view is not None and view.status == "queued"
+    listed = Client(settings).list_requests(view.tenant, since=view.created_at, limit=500)
+    assert rid in [v.id for v in listed]  # the list read the deadline: a 500 on the API
     out = cli(env, "status", rid, "--json")
     assert out.returncode == 0, out.stderr.decode()
     assert rid in out.stdout.decode()

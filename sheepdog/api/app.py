@@ -119,8 +119,12 @@ def build_app(settings: Settings, *, no_auth: bool = False) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                # Any request header: the key travels in Authorization, never in a cookie, so
+                # the origin is the whole check; and the SDKs send headers of their own
+                # (the OpenAI JS SDK's x-stainless-*, Sheepdog's X-Sheepdog-*).
+                allow_headers=["*"],
+                expose_headers=["Retry-After", "WWW-Authenticate"],
                 max_age=600,
             )
         )

@@ -178,7 +178,8 @@ def last_event_id(request: Request) -> int:
             "invalid_request",
             "Last-Event-ID",
         )
-    return max(-1, int(raw))
+    raw = raw.strip()
+    return -1 if raw.startswith("-") else int(raw)  # "-0" is none too, not seq 0
 
 
 async def events(request: Request) -> Response:
