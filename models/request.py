@@ -29,7 +29,10 @@ TENANT_MAX_CHARS = max_chars("tenant")
 MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
 USD_STEP = Decimal(10) ** -USD.scale  # type: ignore[operator]
 USD_CONTEXT = Context(prec=(USD.precision or 20) + 2)  # digits for any value under the limit
-MAX_METADATA_PAIRS = 16
+MAX_METADATA_PAIRS = 16  # as OpenAI's metadata, besides the keys Sheepdog sets itself:
+SHEEPDOG_METADATA = frozenset(
+    {"tenant", "user"}
+)  # the front door's (from the key, OpenAI's `user`)
 
 
 def column_usd(value: Decimal) -> Decimal | None:
@@ -255,8 +258,12 @@ class ChatRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"metadata has {len(value)} pairs, over the limit of 16")
+        own = len(value.keys() - SHEEPDOG_METADATA)
+        if own > MAX_METADATA_PAIRS:
+            raise ValueError(
+                f"metadata has {own} pairs besides tenant and user,"
+                f" over the limit of {MAX_METADATA_PAIRS}"
+            )
         tenant = value.get("tenant")
         if tenant is not None and len(tenant) > TENANT_MAX_CHARS:
             raise ValueError(

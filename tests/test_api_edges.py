@@ -122,6 +122,20 @@ def test_odd_query_and_header_values_are_400_not_500(api_server: ApiServer) -> N
         assert http.post("/v1/requests", json=GOOD, headers=empty).status_code == 202
 
 
+def test_sixteen_metadata_pairs_of_the_callers_own(api_server: ApiServer) -> None:
+    """OpenAI's limit is 16 pairs; the door adds `tenant` (and `user` from OpenAI's field), and
+    those counted, so 16 of the caller's own were refused as "17 pairs, over the limit of 16"."""
+    own = {f"k{i}": "v" for i in range(16)}
+    with api_server.http(api_server.key()) as http:
+        r = http.post("/v1/requests", json={**GOOD, "metadata": {**own, "user": "u-1"}})
+        assert r.status_code == 202, r.text
+        view = http.get(f"/v1/requests/{r.json()['id']}").json()
+        assert view["metadata"] == {**own, "user": "u-1", "tenant": view["tenant"]}
+        r = http.post("/v1/requests", json={**GOOD, "metadata": {**own, "k16": "v"}})
+        e = openai_error(r, 400)
+        assert "17 pairs besides tenant and user, over the limit of 16" in e["message"]
+
+
 def test_no_key_or_a_wrong_scheme_is_401(api_server: ApiServer) -> None:
     with api_server.http() as http:
         for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
