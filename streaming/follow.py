@@ -179,6 +179,20 @@ def from_row(
     return out
 
 
+async def open_feed(
+    request_id: str, settings: Settings, feeds: FeedSource
+) -> tuple[Feed, list[Entry]]:
+    """A feed of the request's log and its first read (no wait), for `follow(opened=...)`;
+    the feed is closed again if the read fails."""
+    names = keys.of(settings)
+    feed = feeds(names.replay_log(request_id), names.stream_channel(request_id))
+    try:
+        return feed, await feed.read(None)
+    except BaseException:
+        await feed.aclose()
+        raise
+
+
 async def follow(
     request_id: str,
     settings: Settings,
@@ -188,20 +202,24 @@ async def follow(
     keepalive_s: float = 15.0,
     row_known_open: bool = False,
     feeds: FeedSource | None = None,
+    opened: tuple[Feed, list[Entry]] | None = None,
 ) -> AsyncGenerator[StreamMessage | Tick, None]:
     """The request's messages with seq > `after`, ending after `done` or `error`; TICK after
     each `keepalive_s` without one. Stops (without an end) after `max_s`: resume from the last
     seq. `row_known_open`: the caller has just seen the request not ended (so the first look
     at its row can wait ROW_CHECK_S: a burst of new streams costs no burst of queries). Reads
     the log from `feeds` (a server's shared reader), else through a Redis connection of its
-    own, closed at the end."""
+    own, closed at the end; or from `opened`, a feed and its first read (`open_feed`), taken
+    by the caller before it answered (so Redis away is its error, not a broken stream)."""
     names = keys.of(settings)
     key = names.replay_log(request_id)
-    feed = (
-        feeds(key, names.stream_channel(request_id))
-        if feeds is not None
-        else _OwnFeed(settings.redis_url, key)
-    )
+    first: list[Entry] | None = None
+    if opened is not None:
+        feed, first = opened
+    elif feeds is not None:
+        feed = feeds(key, names.stream_channel(request_id))
+    else:
+        feed = _OwnFeed(settings.redis_url, key)
     deadline = time.monotonic() + max_s
     expected = after + 1  # the next seq to yield
     parts: list[str] = []  # the text the caller holds (the skipped messages' included)
@@ -213,7 +231,10 @@ async def follow(
     try:
         while (remaining := deadline - time.monotonic()) > 0:
             got = False
-            entries, again = again or await feed.read(block), []
+            if first is not None:
+                entries, first = first, None
+            else:
+                entries, again = again or await feed.read(block), []
             for _, fields in entries:
                 msg = StreamMessage.parse(fields[FIELD])
                 shown_known = True

@@ -223,6 +223,10 @@ def test_redis_or_database_away_is_503(stack: Stack, api_server: ApiServer, away
             assert r.status_code == 202, r.text
             view = http.get(f"/v1/requests/{r.json()['id']}")
             assert view.status_code == 200 and view.json()["status"] == "queued", view.text
+            # Its event stream needs Redis: a 503 before the head (it was a 200 whose body
+            # broke, with a traceback in the log).
+            e = openai_error(http.get(f"/v1/requests/{r.json()['id']}/events"), 503)
+            assert e["code"] == "unavailable"
             # What needs Redis (a stream's message, an idempotency key) is refused.
             keyed = {**GOOD, "idempotency_key": "away"}
             e = openai_error(http.post("/v1/requests", json=keyed), 503)

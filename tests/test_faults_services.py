@@ -5,6 +5,8 @@ module's own, never the machine's main one). Workers and beat keep running throu
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from core import keys
 from core.db import session_scope
 from core.errors import ServiceUnavailable
 from lifecycle.record import record_requests
+from tests.fixtures.api import ApiServer, start_api
 from tests.fixtures.faults import (
     Deployment,
     Figures,
@@ -66,6 +69,32 @@ def streams_showing(dep: Deployment, ids: list[str]) -> int:
         return sum(pipe.execute())
 
 
+class FollowedThroughTheDoor:
+    """Streams followed by sheepdog-client, one thread each: each text as it ended."""
+
+    def __init__(self, door: ApiServer, ids: list[str]) -> None:
+        self._key = door.key("default")
+        self._url = door.url
+        self._texts: dict[str, str | BaseException] = {}
+        self._threads = [threading.Thread(target=self._follow, args=(rid,)) for rid in ids]
+        for t in self._threads:
+            t.start()
+
+    def _follow(self, rid: str) -> None:
+        from sheepdog_client import Client as DoorClient
+
+        try:
+            with DoorClient(self._url, api_key=self._key, max_reconnects=20) as door:
+                self._texts[rid] = door.stream(rid, timeout=90).final_text()
+        except BaseException as err:  # shown by texts()
+            self._texts[rid] = err
+
+    def texts(self, timeout: float) -> dict[str, str | BaseException]:
+        for t in self._threads:
+            t.join(timeout)
+        return dict(self._texts)
+
+
 def test_redis_killed_and_restarted_mid_run(
     fault_deployment: Deployment, simulator: Any, fault_figures: Figures
 ) -> None:
@@ -75,9 +104,13 @@ def test_redis_killed_and_restarted_mid_run(
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 60}])  # streams in flight at the kill
     procs = start_processes(dep)
     client = dep.client()
+    api = contextlib.ExitStack()
     try:
+        door = api.enter_context(start_api(dep.stack))
         ids = client.submit_many(mixed(tag, 30, 200))
         streams = ids[:30]
+        # Five of the streams followed through the front door's event streams as well.
+        followed = FollowedThroughTheDoor(door, streams[:5])
         # Wait until every request is in the database (intake done, streams claimed) and the
         # streams are showing text: then the kill takes queues, unacked messages, locks and
         # replay logs, and leaves the database.
@@ -96,9 +129,15 @@ def test_redis_killed_and_restarted_mid_run(
         everything = ids + [o.id for o in orphans] + after
         wait_final(settings, everything, 90)
         assert all(p.alive() for p in procs)
+        texts = followed.texts(60)
+        door_log = door.proc.log_text()
     finally:
+        api.close()
         for p in procs:
             p.stop()
+    rows = load_rows(settings, streams[:5])
+    assert texts == {rid: rows[rid].text for rid in streams[:5]}  # resumed through the loss
+    assert "unexpected error" not in door_log and "Traceback" not in door_log, door_log[-3000:]
     t = tally(settings, everything)
     checked = check_invariants(settings, everything)
     fault_figures.record(

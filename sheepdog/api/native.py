@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import orjson
+import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -30,13 +32,14 @@ from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, not_found
 from sheepdog.api.responses import FastJSONResponse
 from sheepdog.api.tenancy import public
-from streaming.follow import Tick, follow
+from streaming.follow import Tick, follow, open_feed
 
 if TYPE_CHECKING:
     from sheepdog.api.front import Front
 
 MAX_LIST = 500
 SMALL_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only (str.isdigit takes "²")
+log = logging.getLogger("sheepdog.api")
 SEQ = re.compile(r"-?[0-9]{1,18}")  # a seq, or -1 for none: within 64 bits, and the next too
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -191,6 +194,9 @@ async def events(request: Request) -> Response:
     if status is None:
         raise not_found(rid)
     settings = front.settings
+    # The log's first read before the answer's head: Redis away is a 503 here, not a 200 whose
+    # body breaks.
+    opened = await open_feed(rid, settings, front.logs.feed)
 
     async def body() -> AsyncIterator[bytes]:
         with front.metrics.stream_open("/v1/requests/{id}/events"):
@@ -204,14 +210,22 @@ async def events(request: Request) -> Response:
                     max_s=settings.api_events_max_s,
                     keepalive_s=settings.api_keepalive_s,
                     row_known_open=not is_final(status),
-                    feeds=front.logs.feed,
+                    opened=opened,
                 )
             ) as messages:
-                async for msg in messages:
-                    if isinstance(msg, Tick):
-                        yield b": keepalive\n\n"
-                        continue
-                    data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (msg.seq, msg.type.encode(), data)
+                try:
+                    async for msg in messages:
+                        if isinstance(msg, Tick):
+                            yield b": keepalive\n\n"
+                            continue
+                        data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
+                        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                            msg.seq,
+                            msg.type.encode(),
+                            data,
+                        )
+                except (redis.RedisError, OSError) as err:
+                    # Ended without a final event: the caller resumes from its last id.
+                    log.warning("api: event stream of %s ended, Redis lost: %s", rid, err)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -16,11 +16,13 @@ with only their base URL and API key changed. The response id is the Sheepdog re
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -30,6 +32,8 @@ from sheepdog.api.errors import ApiError, error_body
 from sheepdog.api.openai_body import ChatBody, parse_chat_body, to_request
 from sheepdog.api.responses import FastJSONResponse
 from streaming.follow import Tick, follow
+
+log = logging.getLogger("sheepdog.api")
 
 if TYPE_CHECKING:
     from sheepdog.api.front import Front
@@ -185,26 +189,34 @@ async def _chunks(front: Front, rid: str, body: ChatBody) -> AsyncIterator[bytes
                 feeds=front.logs.feed,
             )
         ) as messages:
-            async for msg in messages:
-                if isinstance(msg, Tick):
-                    yield b": keepalive\n\n"
-                elif msg.type == "token":
-                    if msg.text:
-                        sent_text = True
-                        yield chunk({"content": msg.text})
-                elif msg.type == "reset":
-                    if sent_text:
-                        yield _event(_restarted(rid).body())
+            try:
+                async for msg in messages:
+                    if isinstance(msg, Tick):
+                        yield b": keepalive\n\n"
+                    elif msg.type == "token":
+                        if msg.text:
+                            sent_text = True
+                            yield chunk({"content": msg.text})
+                    elif msg.type == "reset":
+                        if sent_text:
+                            yield _event(_restarted(rid).body())
+                            return
+                    elif msg.type == "error":
+                        yield _event(_ended_error(rid, msg).body())
                         return
-                elif msg.type == "error":
-                    yield _event(_ended_error(rid, msg).body())
-                    return
-                else:
-                    yield chunk({}, msg.finish_reason or "stop")
-                    if body.include_usage:
-                        yield _event({**base, "choices": [], "usage": _usage(msg)})
-                    yield b"data: [DONE]\n\n"
-                    return
+                    else:
+                        yield chunk({}, msg.finish_reason or "stop")
+                        if body.include_usage:
+                            yield _event({**base, "choices": [], "usage": _usage(msg)})
+                        yield b"data: [DONE]\n\n"
+                        return
+            except (redis.RedisError, OSError) as err:
+                # The request goes on; this response cannot show the rest of it.
+                log.warning("api: chat stream of %s ended, Redis lost: %s", rid, err)
+                lost = f"the stream of {rid} was cut (Redis: {err}); it goes on:"
+                lost += f" GET /v1/requests/{rid}"
+                yield _event(error_body(503, lost, "unavailable"))
+                return
         yield _event(
             error_body(504, _timed_out(rid, settings.api_completion_wait_s).message, "timeout")
         )
