@@ -38,6 +38,7 @@ SHEEPDOG_METADATA = frozenset(
 def column_usd(value: Decimal) -> Decimal | None:
     """`value` as a USD column stores it (its scale, rounded as PostgreSQL rounds), or None when
     the column cannot hold it: 9999999999.99999999999 is below the limit but rounds up to it."""
+    value = value if isinstance(value, Decimal) else Decimal(str(value))
     if value >= MAX_COST_USD_LIMIT:
         return None
     stored = value.quantize(USD_STEP, ROUND_HALF_UP, context=USD_CONTEXT)
