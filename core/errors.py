@@ -27,15 +27,23 @@ class BudgetExceeded(SheepdogError):
 
 class IdempotencyConflict(InvalidRequest):
     """An idempotency key already used for a different request (as the IETF Idempotency-Key
-    draft answers it: a conflict; the same key with the same request gets the first id)."""
+    draft answers it: a conflict; the same key with the same request gets the first id), or
+    held by a submit of the same request still under way (`in_progress`: the draft's answer to
+    a concurrent resend is a conflict too; resend in a moment). `first_id` None: the key came
+    twice in one call, for different requests."""
 
-    def __init__(self, key: str, first_id: str) -> None:
-        self.key, self.first_id = key, first_id
+    def __init__(self, key: str, first_id: str | None, *, in_progress: bool = False) -> None:
+        self.key, self.first_id, self.in_progress = key, first_id, in_progress
         shown = repr(key[:60]) + ("..." if len(key) > 60 else "")
-        super().__init__(
-            f"idempotency key {shown} was already used for a different request ({first_id}): "
-            "reuse a key only to resend the same request"
-        )
+        if in_progress:
+            why = f"is held by a submit of the same request still under way ({first_id}): resend"
+            why += " it in a moment"
+        elif first_id is None:
+            why = "came twice in this call, for different requests: one key, one request"
+        else:
+            why = f"was already used for a different request ({first_id}): reuse a key only to"
+            why += " resend the same request"
+        super().__init__(f"idempotency key {shown} {why}")
 
 
 REDIS_HINT = (

@@ -5,12 +5,10 @@ front door and the nightly document job all submit through `Submitter`."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import orjson
 import redis
 from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -22,8 +20,6 @@ from core.celery_app import INTAKE_TASK, celery_for
 from core.db import session_scope
 from core.errors import (
     DATABASE_HINT,
-    REDIS_HINT,
-    IdempotencyConflict,
     InvalidRequest,
     ServiceUnavailable,
     redact_url,
@@ -33,6 +29,7 @@ from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from costs.budgets import release_items, reserve
 from costs.provider_prices import ProviderPrices
+from intake.idempotency import claim_keys, redis_down, release_claims
 from lifecycle.dispatch import send_stream
 from lifecycle.record import TRANSIENT, record_safely, release_keys
 from models.intake_message import IntakeItem
@@ -44,7 +41,6 @@ from rules.routing import choose_lane
 from webhooks.endpoints import require_signing_secrets
 
 INTAKE_BULK = 500  # low-priority requests per intake message
-IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 
 RequestLike = ChatRequest | dict[str, Any]
 T = TypeVar("T")
@@ -155,11 +151,11 @@ class Submitter:
     def _submit_items(self, items: list[IntakeItem]) -> list[str]:
         require_signing_secrets(self.settings, items)
         ids = [item.id for item in items]
-        fresh = self._claim_idempotency_keys(items, ids)
+        fresh = claim_keys(self.settings, items, ids)
         try:  # budgets (costs/budgets.py): hold each worst case; may refuse or downgrade
             fresh = reserve(fresh, self.settings, self.prices)
         except BaseException:
-            self._release_idempotency_keys(fresh)
+            release_claims(fresh, self.settings)
             raise
         self._enqueue(fresh)
         return ids
@@ -172,9 +168,9 @@ class Submitter:
         try:
             self._send([i for i in items if i.route == "stream"] if writes_rows else items)
         except (KombuOperationalError, BatchPublishError, redis.ConnectionError, OSError) as err:
-            self._release_idempotency_keys(items)
+            release_claims(items, self.settings)
             release_items(items, self.settings)
-            raise self._redis_down() from err
+            raise redis_down(self.settings) from err
         if writes_rows:
             self._record(items)
 
@@ -188,7 +184,7 @@ class Submitter:
             # Not recorded: the stream messages already sent must not run (their cancel flags
             # stop them before they start), and nothing else was enqueued.
             self._cancel_unrecorded([i for i in items if i.route == "stream"])
-            self._release_idempotency_keys(items)
+            release_claims(items, self.settings)
             with contextlib.suppress(Exception):
                 release_items(items, self.settings)
             raise ServiceUnavailable(
@@ -214,60 +210,6 @@ class Submitter:
                 pipe.publish(names.cancel_channel, item.id)
             pipe.execute()
 
-    def _claim_idempotency_keys(self, items: list[IntakeItem], ids: list[str]) -> list[IntakeItem]:
-        """Claim each item's idempotency key (value: `<id> <fingerprint of the request>`). A key
-        held for the same request answers its first id and the item is not sent; one held for
-        a different request is an IdempotencyConflict, and nothing of this call is kept."""
-        keyed = [(i, item) for i, item in enumerate(items) if item.request.get("idempotency_key")]
-        if not keyed:
-            return items
-        prints = [_fingerprint(item) for _, item in keyed]
-        try:
-            with get_redis(self.settings.redis_url).pipeline(transaction=False) as pipe:
-                for (_, item), fp in zip(keyed, prints, strict=True):
-                    pipe.set(
-                        keys.of(self.settings).idempotency(item.request["idempotency_key"]),
-                        f"{item.id} {fp}",
-                        nx=True,
-                        ex=IDEMPOTENCY_TTL_S,
-                        get=True,
-                    )
-                previous = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise self._redis_down() from err
-        skip: set[int] = set()
-        seen: dict[str, tuple[str, str]] = {}
-        conflict: IdempotencyConflict | None = None
-        for (index, item), fp, prior in zip(keyed, prints, previous, strict=True):
-            key = item.request["idempotency_key"]
-            if prior is not None:
-                first_id, _, first_fp = prior.decode().partition(" ")
-            elif key in seen:  # the same key twice in one call
-                first_id, first_fp = seen[key]
-            else:
-                seen[key] = (item.id, fp)
-                continue
-            if first_fp and first_fp != fp:  # (a bare id: a key stored before fingerprints)
-                conflict = conflict or IdempotencyConflict(key, first_id)
-            ids[index] = first_id
-            skip.add(index)
-        if conflict is not None:
-            # Let go of the keys this call claimed: nothing of it is sent.
-            mine = {first_id for first_id, _ in seen.values()}
-            self._release_idempotency_keys([item for _, item in keyed if item.id in mine])
-            raise conflict
-        return [item for i, item in enumerate(items) if i not in skip]
-
-    def _release_idempotency_keys(self, items: Sequence[IntakeItem]) -> None:
-        names = [
-            keys.of(self.settings).idempotency(item.request["idempotency_key"])
-            for item in items
-            if item.request.get("idempotency_key")
-        ]
-        if names:
-            with contextlib.suppress(redis.RedisError):
-                get_redis(self.settings.redis_url).delete(*names)
-
     def _send(self, items: Sequence[IntakeItem]) -> None:
         if not items:
             return
@@ -287,14 +229,6 @@ class Submitter:
                 )
             for item in streams:
                 send_stream(app, item.id, item=item, producer=producer)
-
-    def _redis_down(self) -> ServiceUnavailable:
-        return ServiceUnavailable("Redis", redact_url(self.settings.redis_url), REDIS_HINT)
-
-
-def _fingerprint(item: IntakeItem) -> str:
-    """What makes two submits the same request: the validated request, keys sorted."""
-    return hashlib.sha256(orjson.dumps(item.request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def _each(requests: Iterable[T], make: Callable[[T], IntakeItem]) -> list[IntakeItem]:

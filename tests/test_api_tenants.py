@@ -66,6 +66,64 @@ def test_the_idempotency_key_header_keys_a_native_submit(api_server: ApiServer) 
             assert r.status_code == 400 and r.json()["error"]["param"] == "Idempotency-Key", r.text
 
 
+def _at_once(api: ApiServer, key: str, body: Any, headers: dict[str, str]) -> list[Any]:
+    """Four POSTs of `body` released together, each on its own connection."""
+    import threading
+
+    barrier = threading.Barrier(4)
+    answers: list[Any] = []
+
+    def post() -> None:
+        with api.http(key) as http:
+            barrier.wait()
+            answers.append(http.post("/v1/requests", json=body, headers=headers))
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return answers
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_concurrent_resends_never_get_an_id_that_does_not_exist(
+    api_server: ApiServer, budgeted: bool
+) -> None:
+    """Four identical POSTs at once with one Idempotency-Key (a client's retries racing): a 202
+    answered with the first submit's id before its row existed (404 right after), or with the
+    id of a submit a budget then refused (404 for good). Each answer now is a 202 whose id
+    reads back at once, a 409 in progress, or the first submit's own 402."""
+    from costs.budget_limits import set_budget
+    from tests.fixtures.api import new_tenant
+
+    tenant = new_tenant()
+    if budgeted:
+        with session_scope(api_server.settings.database_url) as session:
+            set_budget(session, tenant, daily_usd=0)  # type: ignore[arg-type]
+    key = api_server.key(tenant)
+    body = {**req("race"), "priority": "high", "max_tokens": 20}
+    seen: list[tuple[int, str]] = []
+    for trial in range(8):
+        answers = _at_once(api_server, key, body, {"Idempotency-Key": f"race-{uuid.uuid4().hex}"})
+        with api_server.http(key) as http:
+            for r in answers:
+                code = r.json().get("error", {}).get("code", "") if r.status_code >= 400 else ""
+                seen.append((r.status_code, code))
+                if r.status_code == 202:
+                    rid = r.json()["id"]
+                    assert http.get(f"/v1/requests/{rid}").status_code == 200, (trial, rid)
+                elif r.status_code == 409:
+                    assert code == "idempotency_key_in_progress", r.text
+                    assert r.headers["retry-after"] == "1"
+                else:
+                    assert (r.status_code, budgeted) == (402, True), r.text
+    if budgeted:
+        assert {s for s, _ in seen} <= {402, 409} and (402, "budget_exceeded") in seen, seen
+    else:
+        assert 202 in {s for s, _ in seen}, seen
+
+
 def test_no_tenant_can_hold_anothers_idempotency_keys(api_server: ApiServer) -> None:
     """Tenant names may hold a "/", and the default tenant's keys were kept bare: neither lets a
     tenant reach another's keys (its request ids, or a 409 on the other's own submit). A key

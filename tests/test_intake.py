@@ -68,6 +68,44 @@ def test_idempotent_resubmit_returns_the_first_id(stack_client, intake_worker, s
     assert n == 1
 
 
+def test_a_resend_while_the_first_submit_is_under_way(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
+    """A resend was answered with the first submit's id as soon as the key was seen held: an
+    id whose row did not exist yet, or never would (the first submit refused by a budget, or
+    dead). Now: the first id once its row exists; before, an in-progress conflict; a claim over
+    a minute old with no row is taken over. The first submit is held open by its claim alone."""
+    import redis
+
+    from core import keys
+    from intake.idempotency import STALE_CLAIM_S, fingerprint
+
+    settings = stack_client.settings
+    r = redis.Redis.from_url(settings.redis_url)
+    key = f"idem-{uuid.uuid4().hex}"
+    request = low("under way", idempotency_key=key)
+    first = stack_client.prepare(request)  # its claim, as a submit makes it before its row
+    stored = keys.of(settings).idempotency(key)
+    now_ms = int(time.time() * 1000)
+    r.set(stored, f"{first.id} {fingerprint(first)} {now_ms}", ex=600)
+    with pytest.raises(IdempotencyConflict, match="still under way") as err:
+        stack_client.submit(request)
+    assert err.value.in_progress and err.value.first_id == first.id
+    with pytest.raises(IdempotencyConflict, match="different request"):  # a conflict all the same
+        stack_client.submit(low("another body", idempotency_key=key))
+    assert r.get(stored).startswith(first.id.encode())  # left to the first submit
+
+    stale = now_ms - int(STALE_CLAIM_S * 1000) - 1000  # that submit died before its row
+    r.set(stored, f"{first.id} {fingerprint(first)} {stale}", ex=600)
+    taken = stack_client.submit(request)
+    assert taken != first.id and stack_client.get(taken) is not None
+    assert stack_client.submit(request) == taken  # its row exists: answered at once
+
+    # The same key twice in one call for different requests names no id (none will exist).
+    twice = f"idem-{uuid.uuid4().hex}"
+    with pytest.raises(IdempotencyConflict, match="came twice in this call"):
+        stack_client.submit_many([low("a", idempotency_key=twice), low("b", idempotency_key=twice)])
+    assert r.get(keys.of(settings).idempotency(twice)) is None
+
+
 def test_submit_many_in_bulk(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
     tag = uuid.uuid4().hex
     ids = stack_client.submit_many([low(f"{tag} {i}") for i in range(1200)])

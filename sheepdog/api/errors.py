@@ -75,6 +75,9 @@ def not_found(request_id: str) -> ApiError:
 def from_sheepdog(err: Exception) -> ApiError:
     """The API error for one of Sheepdog's own errors (the CLI's one-line reasons)."""
     if isinstance(err, IdempotencyConflict):  # as the IETF Idempotency-Key draft answers it
+        if err.in_progress:  # the SDKs resend a 409 after a back-off
+            code, after = "idempotency_key_in_progress", {"Retry-After": "1"}
+            return ApiError(409, str(err), code, "Idempotency-Key", after)
         return ApiError(409, str(err), "idempotency_key_conflict", "Idempotency-Key")
     if isinstance(err, InvalidRequest):
         return ApiError(400, str(err), "invalid_request")

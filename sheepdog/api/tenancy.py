@@ -44,7 +44,8 @@ def scoped_key(tenant: str, key: str) -> str:
 def conflict_as_given(err: Exception, tenant: str) -> Exception:
     """An idempotency conflict names the key as the tenant gave it, not as stored."""
     if isinstance(err, IdempotencyConflict):
-        return IdempotencyConflict(as_given(tenant, err.key) or err.key, err.first_id)
+        given = as_given(tenant, err.key) or err.key
+        return IdempotencyConflict(given, err.first_id, in_progress=err.in_progress)
     return err
 
 
