@@ -93,6 +93,10 @@ class StreamJob:
     parts: list[str] = field(default_factory=list)
     shown: int = 0  # tokens published since the last reset
     tokens: int = 0
+    # What the provider has billed for answers taken back (retries) or cut (cancel, failure):
+    # the calls that streamed text, and their pieces before this attempt's.
+    billed_calls: int = 0
+    billed_pieces: int = 0
     first_token_at: datetime | None = None
     calls: int = 0
     marks: dict[str, float] | None = None  # wall-clock stage times (SHEEPDOG_STREAM_TRACE)
@@ -165,6 +169,11 @@ class StreamJob:
         if self.shown:
             self._put("reset")
         self.shown = 0
+        self._drop_answer()
+
+    def _drop_answer(self) -> None:
+        """Let go of this attempt's text; its pieces stay counted as billed."""
+        self.billed_pieces += self.tokens
         self.parts.clear()
         self.tokens = 0
 
@@ -200,6 +209,8 @@ class StreamJob:
             self.arrivals.append(time.time())
         text = storable(text)  # what is published is what the row will hold
         self.parts.append(text)
+        if not self.tokens:
+            self.billed_calls += 1  # a call that answered is billed its prompt
         self.tokens += 1
         self.shown += 1
         self._put("token", text=text)
@@ -232,7 +243,7 @@ class StreamJob:
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise  # the loop is shutting down
-            return StreamResult(self.stop_reason, "".join(self.parts), provider_calls=self.calls)
+            return self._cut_short(self.stop_reason)
 
     async def _attempts(self) -> StreamResult:
         settings = self.services.settings
@@ -323,16 +334,29 @@ class StreamJob:
         self.restarts += 1
         self.seq = 0
         self.shown = 0
-        self.parts.clear()
-        self.tokens = 0
+        self._drop_answer()
 
     def _grant_then_reset(self) -> None:
         # Only granted jobs have published anything; an ungranted one has nothing to take back.
         if self.grant is not None:
             self._reset()
         else:
-            self.parts.clear()
-            self.tokens = 0
+            self._drop_answer()
+
+    def _cut_short(self, kind: Ending, reason: str | None = None) -> StreamResult:
+        """The result of a stream cancelled or failed; when any call streamed text, with what
+        the provider billed for it, estimated (a cut answer has no usage): each such call's
+        prompt, and every piece streamed."""
+        text = "".join(self.parts)
+        result = StreamResult(
+            kind, text, error=reason, first_token_at=self.first_token_at, provider_calls=self.calls
+        )
+        if self.billed_calls:
+            prompt = count_message_tokens(self.body.get("messages") or [])
+            result.prompt_tokens = prompt * self.billed_calls
+            result.completion_tokens = self.billed_pieces + max(self.tokens, count_tokens(text))
+            result.usage_estimated = True
+        return result
 
     def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> StreamResult:
         text = "".join(self.parts)
@@ -362,12 +386,7 @@ class StreamJob:
     def _failed(self, reason: str) -> StreamResult:
         lanes = self.lanes
         moved = lanes is not None and lanes.moved is not None
-        return StreamResult(
-            Status.FAILED,
-            "".join(self.parts),
-            error=reason,
-            first_token_at=self.first_token_at,
-            provider_calls=self.calls,
-            lane=lanes.lane if lanes is not None and moved else None,
-            lane_reason=lanes.moved if lanes is not None else None,
-        )
+        result = self._cut_short(Status.FAILED, reason)
+        result.lane = lanes.lane if lanes is not None and moved else None
+        result.lane_reason = lanes.moved if lanes is not None else None
+        return result

@@ -221,6 +221,9 @@ async def _finish(
             Status.CANCELLED if outcome.kind == CANCELLED else Status.FAILED,
             outcome.text,
             error=reason,
+            prompt_tokens=outcome.prompt_tokens,  # what the provider billed for text it sent
+            completion_tokens=outcome.completion_tokens,
+            usage_estimated=outcome.usage_estimated,
             first_token_at=outcome.first_token_at,
             lane=outcome.lane,
             lane_reason=outcome.lane_reason,

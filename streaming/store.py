@@ -262,7 +262,7 @@ def touch_heartbeats(db_url: str, owned: Mapping[str, int]) -> set[str]:
 
 
 def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
-    """The ledger entry of a stream that ended succeeded with usage."""
+    """The ledger entry of a stream that ended with usage."""
     assert end.prompt_tokens is not None and end.completion_tokens is not None
     return ledger.Usage(
         request_id=request_id,
@@ -311,7 +311,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
         attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
         if not moved or attempts != claim.attempts:
             raise Fenced(request_id)  # rolls the move back
-        if end.status is Status.SUCCEEDED and cost is not None:
+        if cost is not None:  # a cancelled or failed one's too, when it streamed text
             ledger.record(session, [_usage(request_id, claim, end)])
     return cost
 
@@ -393,4 +393,11 @@ def _fail_or_cancel(
         moved = move_each(session, rows, status, from_=[Status.STREAMING])
         if moved != len(rows):  # cannot happen under the row locks; never write half
             raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
+    # Those that streamed text before their end: what the provider billed for it.
+    billed = [
+        _usage(rid, *ends[rid])
+        for rid, cost in result.items()
+        if cost is not None and not isinstance(cost, Fenced)
+    ]
+    ledger.record(session, billed)
     return result

@@ -162,7 +162,29 @@ def test_server_errors_retried_then_given_up(
     rid = submit(client, tag)
     with pytest.raises(StreamFailed, match="gave up after 4 attempts"):
         follow(deployment, rid)
-    assert row(deployment, rid).status == "failed"
+    stored = row(deployment, rid)
+    assert stored.status == "failed" and stored.cost_usd is None  # no answer: nothing billed
+
+
+def test_a_stream_cut_on_every_attempt_is_charged_what_was_streamed(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    """Each of the four attempts streams 3 pieces and is cut: the provider billed four
+    prompts and every piece. It failed and was charged nothing."""
+    from rules.tokens import count_message_tokens
+
+    tag = prompt("cut-all")
+    simulator.set_faults([{"match": tag, "cut_after": 3}])
+    rid = submit(client, tag)
+    with pytest.raises(StreamFailed, match="gave up after 4 attempts"):
+        follow(deployment, rid)
+    stored = row(deployment, rid)
+    assert stored.status == "failed" and stored.usage_estimated, stored.error
+    assert stored.prompt_tokens == 4 * count_message_tokens(stored.body["messages"])
+    assert stored.completion_tokens is not None and stored.completion_tokens >= 4 * 2
+    with session_scope(deployment.settings.database_url) as session:
+        entry = session.get(CostEntry, rid)
+        assert entry is not None and entry.cost_usd == stored.cost_usd > 0
 
 
 @pytest.mark.parametrize("status", [400, 401, 404])
@@ -199,6 +221,7 @@ def test_cancel_before_start(deployment: StreamDeployment, client: Any):
         follow(deployment, item.id)
     stored = row(deployment, item.id)
     assert stored.status == "cancelled" and stored.text is None
+    assert stored.cost_usd is None  # nothing was asked of the provider: nothing charged
     assert client.cancel(item.id) is False  # already ended
 
 
@@ -229,6 +252,13 @@ def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: 
     stored = row(deployment, rid)
     assert stored.status == "cancelled" and stored.error == "cancelled"
     assert stored.text and len(stored.text) < len(direct_answer(simulator, stored.body))
+    # The provider billed the prompt and the text it sent: charged, estimated (it was free,
+    # so a caller could stream long answers and cancel them near the end on no budget).
+    assert stored.usage_estimated and stored.completion_tokens and stored.prompt_tokens
+    assert stored.completion_tokens >= len(stored.text.split())
+    with session_scope(deployment.settings.database_url) as session:
+        entry = session.get(CostEntry, rid)
+        assert entry is not None and entry.estimated and entry.cost_usd == stored.cost_usd > 0
 
 
 def test_a_submit_whose_row_failed_stops_the_stream_it_sent(
