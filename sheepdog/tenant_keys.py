@@ -136,6 +136,9 @@ def find_key(database_url: str, key: str) -> KeyInfo | None:
     return _info(row)
 
 
+CACHE_MAX = 10_000  # keys remembered, found and not found each
+
+
 class KeyCache:
     """find_key() remembered for `ttl_s` seconds per hash (found and not found alike): a call
     costs no database query while its key is cached, and a revoked key stops working within
@@ -144,12 +147,17 @@ class KeyCache:
     def __init__(self, database_url: str, ttl_s: float) -> None:
         self.database_url = database_url
         self.ttl_s = ttl_s
+        # Found and not found apart: a flood of made-up keys empties only its own (bounded)
+        # cache, never the tenants' keys.
         self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._unknown: dict[str, tuple[float, KeyInfo | None]] = {}
         self._lock = threading.Lock()
 
     def cached(self, key: str) -> tuple[bool, KeyInfo | None]:
         """(True, what find_key() said) while cached; (False, None) when it must be asked."""
-        hit = self._entries.get(hash_key(key))  # one dict read is atomic: no lock on a hit
+        digest = hash_key(key)
+        # One dict read is atomic: no lock on a hit.
+        hit = self._entries.get(digest) or self._unknown.get(digest)
         if hit is not None and hit[0] > time.monotonic():
             return True, hit[1]
         return False, None
@@ -164,7 +172,13 @@ class KeyCache:
         info = find_key(self.database_url, key)
         if self.ttl_s > 0:
             with self._lock:
-                if len(self._entries) > 10_000:  # bounded: random bad keys cannot grow it
-                    self._entries.clear()
-                self._entries[digest] = (now + self.ttl_s, info)
+                entries, other = (
+                    (self._entries, self._unknown)
+                    if info is not None
+                    else (self._unknown, self._entries)
+                )
+                other.pop(digest, None)  # a key revoked (or made) since
+                if len(entries) > CACHE_MAX:  # bounded: random bad keys cannot grow it
+                    entries.clear()
+                entries[digest] = (now + self.ttl_s, info)
         return info

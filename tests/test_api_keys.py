@@ -7,7 +7,9 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 from sqlalchemy import select
 
 from core.db import session_scope
@@ -52,3 +54,28 @@ def test_keys_create_list_revoke(db_url: str) -> None:
     assert "no key with id 'key_nope'" in unknown.stderr
     bad = sheepdog(db_url, "keys", "create", "--tenant", "x" * 101)
     assert bad.returncode == 2 and "1 to 100 characters" in bad.stderr
+
+
+def test_made_up_keys_never_push_a_tenants_key_out_of_the_cache(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found and not-found keys shared one bounded cache, emptied whole when full: a flood of
+    made-up keys sent the tenants' keys back to the database on every call. A key revoked
+    after it was cached is not found once its entry expires."""
+    import uuid
+
+    from sheepdog import tenant_keys
+    from sheepdog.tenant_keys import KeyCache, create_key, revoke_key
+
+    monkeypatch.setattr(tenant_keys, "CACHE_MAX", 5)
+    key, info = create_key(db_url, f"cached-{uuid.uuid4().hex[:8]}")
+    cache = KeyCache(db_url, ttl_s=600)
+    assert cache.lookup(key) == info
+    for _ in range(20):
+        assert cache.lookup(f"{KEY_PREFIX}{uuid.uuid4().hex}") is None
+    assert cache.cached(key) == (True, info)  # no query for it
+    short = KeyCache(db_url, ttl_s=0.2)
+    assert short.lookup(key) == info
+    revoke_key(db_url, info.id)
+    time.sleep(0.3)  # past its entry's time
+    assert short.lookup(key) is None and short.cached(key) == (True, None)

@@ -134,7 +134,7 @@ def _since(value: str | None) -> datetime | None:
     except (ValueError, OverflowError):
         raise ApiError(
             400,
-            f"invalid request: since {value!r} is not an ISO 8601 time",
+            f"invalid request: since {value[:40]!r} is not an ISO 8601 time",
             "invalid_request",
             "since",
         ) from None
