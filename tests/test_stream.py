@@ -154,15 +154,22 @@ def test_stall_past_idle_timeout_is_retried(
     assert stream.text == stored.text == direct_answer(simulator, stored.body)
 
 
-def test_server_errors_retried_then_given_up(
-    deployment: StreamDeployment, client: Any, simulator: Any
-):
-    tag = prompt("503")
-    simulator.set_faults([{"match": tag, "status": 503}])
+def given_up(
+    deployment: StreamDeployment, client: Any, simulator: Any, name: str, **fault: Any
+) -> Request:
+    """A stream the simulator spoils on every attempt (`fault`): its row, once it failed."""
+    tag = prompt(name)
+    simulator.set_faults([{"match": tag, **fault}])
     rid = submit(client, tag)
     with pytest.raises(StreamFailed, match="gave up after 4 attempts"):
         follow(deployment, rid)
-    stored = row(deployment, rid)
+    return row(deployment, rid)
+
+
+def test_server_errors_retried_then_given_up(
+    deployment: StreamDeployment, client: Any, simulator: Any
+):
+    stored = given_up(deployment, client, simulator, "503", status=503)
     assert stored.status == "failed" and stored.cost_usd is None  # no answer: nothing billed
 
 
@@ -170,20 +177,15 @@ def test_a_stream_cut_on_every_attempt_is_charged_what_was_streamed(
     deployment: StreamDeployment, client: Any, simulator: Any
 ):
     """Each of the four attempts streams 3 pieces and is cut: the provider billed four
-    prompts and every piece. It failed and was charged nothing."""
+    prompts and every piece (it failed, and was charged nothing)."""
     from rules.tokens import count_message_tokens
 
-    tag = prompt("cut-all")
-    simulator.set_faults([{"match": tag, "cut_after": 3}])
-    rid = submit(client, tag)
-    with pytest.raises(StreamFailed, match="gave up after 4 attempts"):
-        follow(deployment, rid)
-    stored = row(deployment, rid)
+    stored = given_up(deployment, client, simulator, "cut-all", cut_after=3)
     assert stored.status == "failed" and stored.usage_estimated, stored.error
     assert stored.prompt_tokens == 4 * count_message_tokens(stored.body["messages"])
     assert stored.completion_tokens is not None and stored.completion_tokens >= 4 * 2
     with session_scope(deployment.settings.database_url) as session:
-        entry = session.get(CostEntry, rid)
+        entry = session.get(CostEntry, stored.id)
         assert entry is not None and entry.cost_usd == stored.cost_usd > 0
 
 
