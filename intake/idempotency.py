@@ -1,19 +1,19 @@
 """Idempotency keys at submit: each keyed request claims its key in Redis before anything is
 sent, and a resend of the same request gets the first submit's id.
 
-A claim's value is `<id> <fingerprint of the request> <claim time, ms>`. A resend is answered
-with the first id only once that submit's row exists (the producer writes it before its ids go
-back): a claim with no row yet is a submit still under way, or one that failed and is about to
-let go of its key, and the resend gets an in-progress conflict (409; the SDKs resend after a
-back-off) rather than an id that may never exist. A claim older than STALE_CLAIM_S with no row
-is a submit that died between its claim and its row: the resend takes the key over.
+A claim's value is `<id> <fingerprint of the request>`. A resend is answered with the first id
+only once that submit's row exists (the producer writes it before its ids go back): a claim with
+no row yet is a submit still under way, or one that failed and is about to let go of its key,
+and the resend gets an in-progress conflict (409; the SDKs resend after a back-off) rather than
+an id that may never exist. A claim older than STALE_CLAIM_S (by its TTL in Redis: one clock for
+every producer) with no row is a submit that died between its claim and its row: the resend
+takes the key over. A submit lets go only of the claims that are still its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +22,7 @@ import redis
 from sqlalchemy import select
 
 from core import keys
-from core.db import session_scope
+from core.db import among, session_scope
 from core.errors import (
     DATABASE_HINT,
     REDIS_HINT,
@@ -37,7 +37,10 @@ from models.intake_message import IntakeItem
 from models.tables import Request
 
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
-STALE_CLAIM_S = 60.0  # a claim this old with no row: its submit died before writing it
+# A claim this old with no row: its submit died before writing it (as release-stale's floor:
+# no submit still under way is that slow).
+STALE_CLAIM_S = 15 * 60
+IN_CHUNK = 5000
 
 # Replace a claim only if it is still the one read (another resend may have taken it over).
 _TAKE_OVER = """
@@ -47,24 +50,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Delete each key only while it still names this submit's id (another may have taken it over).
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if value and string.sub(value, 1, string.len(ARGV[i])) == ARGV[i] then
+    redis.call('DEL', key)
+  end
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A key's value as stored; a value from before fingerprints or times lacks them."""
+    """A key's value as stored (one from before fingerprints is a bare id), and its age."""
 
     raw: bytes
     id: str
     fingerprint: str
-    at_ms: int | None
+    age_s: float
 
     @classmethod
-    def parse(cls, raw: bytes) -> Claim:
-        parts = raw.decode(errors="replace").split(" ")
-        at = parts[2] if len(parts) > 2 else ""
-        return cls(
-            raw, parts[0], parts[1] if len(parts) > 1 else "", int(at) if at.isdigit() else None
-        )
+    def parse(cls, raw: bytes, ttl_ms: int) -> Claim:
+        first_id, _, fp = raw.decode(errors="replace").partition(" ")
+        return cls(raw, first_id, fp, IDEMPOTENCY_TTL_S - max(ttl_ms, 0) / 1000)
 
 
 def fingerprint(item: IntakeItem) -> str:
@@ -82,19 +92,14 @@ def claim_keys(settings: Settings, items: list[IntakeItem], ids: list[str]) -> l
         return items
     names = keys.of(settings)
     prints = [fingerprint(item) for _, item in keyed]
-    now_ms = int(time.time() * 1000)
-    claims = [f"{item.id} {fp} {now_ms}" for (_, item), fp in zip(keyed, prints, strict=True)]
+    claims = [f"{item.id} {fp}" for (_, item), fp in zip(keyed, prints, strict=True)]
     try:
         with get_redis(settings.redis_url).pipeline(transaction=False) as pipe:
             for (_, item), claim in zip(keyed, claims, strict=True):
-                pipe.set(
-                    names.idempotency(item.request["idempotency_key"]),
-                    claim,
-                    nx=True,
-                    ex=IDEMPOTENCY_TTL_S,
-                    get=True,
-                )
-            previous = pipe.execute()
+                name = names.idempotency(item.request["idempotency_key"])
+                pipe.set(name, claim, nx=True, ex=IDEMPOTENCY_TTL_S, get=True)
+                pipe.pttl(name)
+            replies = pipe.execute()
     except (redis.ConnectionError, redis.TimeoutError) as err:
         raise redis_down(settings) from err
     skip: set[int] = set()
@@ -102,9 +107,11 @@ def claim_keys(settings: Settings, items: list[IntakeItem], ids: list[str]) -> l
     held: list[tuple[int, IntakeItem, str, Claim]] = []  # the same request's, by another call
     conflict: IdempotencyConflict | None = None
     ours = {item.id for _, item in keyed}
-    for (index, item), fp, prior, claim in zip(keyed, prints, previous, claims, strict=True):
+    for (index, item), fp, prior, ttl, claim in zip(
+        keyed, prints, replies[::2], replies[1::2], claims, strict=True
+    ):
         key = item.request["idempotency_key"]
-        first_claim = Claim.parse(prior) if prior is not None else None
+        first_claim = Claim.parse(prior, ttl) if prior is not None else None
         if first_claim is None:
             mine[key] = (item, fp)
         elif first_claim.id in ours:  # the same key twice in one call
@@ -116,8 +123,12 @@ def claim_keys(settings: Settings, items: list[IntakeItem], ids: list[str]) -> l
             conflict = conflict or IdempotencyConflict(key, first_claim.id)
         else:
             held.append((index, item, claim, first_claim))
-    if conflict is None and held:
-        conflict = _answer_held(settings, held, ids, skip, mine)
+    try:
+        if conflict is None and held:
+            conflict = _answer_held(settings, held, ids, skip, mine)
+    except BaseException:
+        release_claims([item for item, _ in mine.values()], settings)
+        raise
     if conflict is not None:
         release_claims([item for item, _ in mine.values()], settings)
         raise conflict
@@ -134,38 +145,39 @@ def _answer_held(
     """Keys held for the same request by other submits: their ids once their rows exist; a
     claim without a row is under way (the conflict returned), or taken over when stale."""
     # Without the producer's row (SHEEPDOG_PRODUCER_WRITES_ROWS=0) a worker writes it later:
-    # the first id is answered at once, as ids are there. So is a claim with no time (older).
-    timed = settings.producer_writes_rows
-    recorded = (
-        _recorded(settings, [c.id for _, _, _, c in held if c.at_ms is not None])
-        if timed
-        else set()
-    )
-    now_ms = int(time.time() * 1000)
+    # the first id is answered at once, as it was.
+    rows = settings.producer_writes_rows
+    recorded = _recorded(settings, [c.id for _, _, _, c in held]) if rows else set()
     for index, item, claim, first in held:
-        if not timed or first.at_ms is None or first.id in recorded:
-            ids[index] = first.id
-            skip.add(index)
-            continue
         key = item.request["idempotency_key"]
-        if now_ms - first.at_ms < STALE_CLAIM_S * 1000 or not _take_over(
-            settings, key, first, claim
-        ):
+        if not rows or first.id in recorded:
+            ids[index] = first.id
+        elif key in mine:  # the same key again in this call, taken over just now
+            ids[index] = mine[key][0].id
+        elif first.age_s >= STALE_CLAIM_S and _take_over(settings, key, first, claim):
+            mine[key] = (item, first.fingerprint)
+            continue  # sent by this call
+        else:
             return IdempotencyConflict(key, first.id, in_progress=True)
-        mine[key] = (item, claim.split(" ")[1])
+        skip.add(index)
     return None
 
 
 def _recorded(settings: Settings, request_ids: Sequence[str]) -> set[str]:
-    if not request_ids:
-        return set()
+    """Which of `request_ids` have their rows."""
+    found: set[str] = set()
     try:
         with session_scope(settings.database_url) as session:
-            return set(session.scalars(select(Request.id).where(Request.id.in_(request_ids))))
+            for start in range(0, len(request_ids), IN_CHUNK):
+                chunk = request_ids[start : start + IN_CHUNK]
+                found.update(
+                    session.scalars(select(Request.id).where(among(session, Request.id, chunk)))
+                )
     except TRANSIENT as err:
         raise ServiceUnavailable(
             "the database", redact_url(settings.database_url), DATABASE_HINT
         ) from err
+    return found
 
 
 def _take_over(settings: Settings, key: str, first: Claim, claim: str) -> bool:
@@ -180,15 +192,15 @@ def _take_over(settings: Settings, key: str, first: Claim, claim: str) -> bool:
 
 
 def release_claims(items: Sequence[IntakeItem], settings: Settings) -> None:
-    """Let go of the keys these items claimed (their submit sent nothing)."""
-    names = [
-        keys.of(settings).idempotency(item.request["idempotency_key"])
-        for item in items
-        if item.request.get("idempotency_key")
-    ]
-    if names:
-        with contextlib.suppress(redis.RedisError):
-            get_redis(settings.redis_url).delete(*names)
+    """Let go of the keys these items claimed (their submit sent nothing), each only while it
+    is still theirs."""
+    keyed = [item for item in items if item.request.get("idempotency_key")]
+    if not keyed:
+        return
+    names = [keys.of(settings).idempotency(item.request["idempotency_key"]) for item in keyed]
+    with contextlib.suppress(redis.RedisError):
+        client = get_redis(settings.redis_url)
+        client.eval(_RELEASE, len(names), *names, *[f"{item.id} " for item in keyed])
 
 
 def redis_down(settings: Settings) -> ServiceUnavailable:

@@ -76,7 +76,7 @@ def test_a_resend_while_the_first_submit_is_under_way(stack_client, intake_worke
     import redis
 
     from core import keys
-    from intake.idempotency import STALE_CLAIM_S, fingerprint
+    from intake.idempotency import IDEMPOTENCY_TTL_S, STALE_CLAIM_S, fingerprint
 
     settings = stack_client.settings
     r = redis.Redis.from_url(settings.redis_url)
@@ -84,20 +84,29 @@ def test_a_resend_while_the_first_submit_is_under_way(stack_client, intake_worke
     request = low("under way", idempotency_key=key)
     first = stack_client.prepare(request)  # its claim, as a submit makes it before its row
     stored = keys.of(settings).idempotency(key)
-    now_ms = int(time.time() * 1000)
-    r.set(stored, f"{first.id} {fingerprint(first)} {now_ms}", ex=600)
+    claim = f"{first.id} {fingerprint(first)}"
+    r.set(stored, claim, ex=IDEMPOTENCY_TTL_S)
     with pytest.raises(IdempotencyConflict, match="still under way") as err:
         stack_client.submit(request)
     assert err.value.in_progress and err.value.first_id == first.id
     with pytest.raises(IdempotencyConflict, match="different request"):  # a conflict all the same
         stack_client.submit(low("another body", idempotency_key=key))
-    assert r.get(stored).startswith(first.id.encode())  # left to the first submit
+    assert r.get(stored) == claim.encode()  # left to the first submit
 
-    stale = now_ms - int(STALE_CLAIM_S * 1000) - 1000  # that submit died before its row
-    r.set(stored, f"{first.id} {fingerprint(first)} {stale}", ex=600)
-    taken = stack_client.submit(request)
-    assert taken != first.id and stack_client.get(taken) is not None
+    # That submit died before its row: its claim's age, read from its TTL in Redis.
+    r.set(stored, claim, ex=IDEMPOTENCY_TTL_S - STALE_CLAIM_S - 10)
+    taken, again = stack_client.submit_many([request, request])  # twice in one call
+    assert taken == again != first.id and stack_client.get(taken) is not None
     assert stack_client.submit(request) == taken  # its row exists: answered at once
+
+    # A submit lets go only of a claim still its own (it deleted a takeover's).
+    from intake.idempotency import release_claims
+
+    release_claims([first], settings)
+    assert r.get(stored).startswith(taken.encode())
+    r.set(stored, claim, ex=60)
+    release_claims([first], settings)
+    assert r.get(stored) is None
 
     # The same key twice in one call for different requests names no id (none will exist).
     twice = f"idem-{uuid.uuid4().hex}"
