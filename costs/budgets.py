@@ -136,12 +136,7 @@ def _fit(
     prices: PriceTable,
     settings: Settings,
 ) -> tuple[IntakeItem, Decimal]:
-    """The item (maybe downgraded) and its reservation, or BudgetExceeded. An item with no
-    max_tokens is sent with the one its hold assumed (the model's output limit): a provider
-    that streamed past it would spend more than was held."""
-    if not item.body.get("max_tokens"):
-        limit = prices.get(item.body["model"]).max_output_tokens
-        item = item.model_copy(update={"body": {**item.body, "max_tokens": limit}})
+    """The item (maybe downgraded) and its reservation, or BudgetExceeded."""
     cost = worst_case(item, prices)
     tight = _tightest(limits, spent, adding)
     if tight is None or cost <= tight[2]:
