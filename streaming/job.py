@@ -24,7 +24,7 @@ from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
 from streaming.job_services import JobServices
-from streaming.lanes import LaneRun
+from streaming.lanes import TIER_ASKED, LaneRun
 from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
 from streaming.provider_stream import stream_once
 from streaming.publisher import fence_token
@@ -356,6 +356,8 @@ class StreamJob:
             result.prompt_tokens = prompt * self.billed_calls
             result.completion_tokens = self.billed_pieces + max(self.tokens, count_tokens(text))
             result.usage_estimated = True
+            # Billed at the tier its lane asked for (a cut answer does not say which served it).
+            result.service_tier = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
         return result
 
     def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> StreamResult:

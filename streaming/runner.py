@@ -225,6 +225,7 @@ async def _finish(
             completion_tokens=outcome.completion_tokens,
             usage_estimated=outcome.usage_estimated,
             first_token_at=outcome.first_token_at,
+            service_tier=outcome.service_tier,
             lane=outcome.lane,
             lane_reason=outcome.lane_reason,
         )

@@ -130,6 +130,25 @@ def test_high_asks_for_priority_and_pays_its_rate(client: Any, stack: Stack) -> 
     assert view.cost_usd == entry.cost_usd
 
 
+def test_a_priority_stream_cancelled_mid_answer_pays_the_priority_rate(
+    client: Any, stack: Stack, simulator: Any
+) -> None:
+    """A cut answer names no tier: it is billed at the one its lane asked for (it was billed
+    at the standard rate, under half of priority's)."""
+    import uuid
+
+    tag = f"cut priority {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
+    request = {"model": MODEL, "messages": [{"role": "user", "content": tag}], "priority": "high"}
+    rid = client.submit({**request, "lane": "priority"})
+    assert next(iter(client.stream(rid, timeout=30)))  # text is streaming
+    assert client.cancel(rid)
+    view = assert_ended(client.result(rid, wait=30), "cancelled")
+    entry = ledger_row(stack.env["SHEEPDOG_DATABASE_URL"], rid)
+    assert entry.estimated and entry.tier == "priority" and entry.cost_usd == at("priority", entry)
+    assert view.cost_usd == entry.cost_usd
+
+
 def test_the_bill_is_the_tier_the_response_names(client: Any, stack: Stack, simulator: Any) -> None:
     """Asked for flex, served standard (the provider did not offer it that time): billed at
     the standard rate, as the response says."""
