@@ -300,6 +300,10 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
     transaction. Raises Fenced when the row is no longer this worker's; returns the cost."""
     cost = _cost(claim, end)
     with _session(db_url) as session:
+        if cost is not None and end.status is not Status.SUCCEEDED:
+            # A cancelled or failed stream that streamed text: charged before its move, so its
+            # hold settles to the charge rather than being released (Fenced rolls both back).
+            ledger.record(session, [_usage(request_id, claim, end)])
         moved = move(
             session,
             request_id,
@@ -311,7 +315,7 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
         attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
         if not moved or attempts != claim.attempts:
             raise Fenced(request_id)  # rolls the move back
-        if cost is not None:  # a cancelled or failed one's too, when it streamed text
+        if end.status is Status.SUCCEEDED and cost is not None:
             ledger.record(session, [_usage(request_id, claim, end)])
     return cost
 
@@ -389,15 +393,16 @@ def _fail_or_cancel(
         cost = result[rid] = _cost(claim, end)
         row = {"id": rid, "updated_at": now, "finished_at": now, **end.row_values(cost)}
         by_status.setdefault((end.status, "lane" in row), []).append(row)
-    for (status, _), rows in by_status.items():
-        moved = move_each(session, rows, status, from_=[Status.STREAMING])
-        if moved != len(rows):  # cannot happen under the row locks; never write half
-            raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
-    # Those that streamed text before their end: what the provider billed for it.
+    # Those that streamed text before their end: what the provider billed for it, charged
+    # before the move so that their holds settle to it (under the rows' locks: not fenced).
     billed = [
         _usage(rid, *ends[rid])
         for rid, cost in result.items()
         if cost is not None and not isinstance(cost, Fenced)
     ]
     ledger.record(session, billed)
+    for (status, _), rows in by_status.items():
+        moved = move_each(session, rows, status, from_=[Status.STREAMING])
+        if moved != len(rows):  # cannot happen under the row locks; never write half
+            raise RuntimeError(f"finish_many: {moved} of {len(rows)} rows moved")
     return result

@@ -242,9 +242,15 @@ def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, clie
 
 
 def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: Any):
+    from costs.budget_limits import set_budget
+    from models.tables import Reservation
+
     tag = prompt("cf")
+    tenant = f"t-{uuid.uuid4().hex[:10]}"
+    with session_scope(deployment.settings.database_url) as session:
+        set_budget(session, tenant, daily_usd=10)  # type: ignore[arg-type]
     simulator.set_faults([{"match": tag, "chunk_delay_ms": 200}])
-    rid = submit(client, tag)
+    rid = submit(client, tag, metadata={"tenant": tenant})
     stream = stream_text(rid, timeout=30, settings=deployment.settings)
     first = next(stream)
     assert first
@@ -261,6 +267,8 @@ def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: 
     with session_scope(deployment.settings.database_url) as session:
         entry = session.get(CostEntry, rid)
         assert entry is not None and entry.estimated and entry.cost_usd == stored.cost_usd > 0
+        hold = session.get(Reservation, rid)  # settled to the charge, not released at $0
+        assert hold is not None and (hold.state, hold.settled_usd) == ("settled", entry.cost_usd)
 
 
 def test_a_submit_whose_row_failed_stops_the_stream_it_sent(
