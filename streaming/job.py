@@ -178,7 +178,9 @@ class StreamJob:
         self.tokens = 0
 
     async def _wait_grant(self) -> Grant:
-        grant = await self.grant_future
+        # Shielded: a stop while waiting must not cancel the future, which the claim resolves
+        # all the same (the end goes out under its grant: adopt_grant).
+        grant = await asyncio.shield(self.grant_future)
         if grant is None:
             self.stop_reason = LOST
             raise asyncio.CancelledError
@@ -188,6 +190,16 @@ class StreamJob:
             if grant.reset_first:
                 self._put("reset")
         return grant
+
+    def adopt_grant(self) -> None:
+        """Take the grant resolved after the job was stopped before it awaited it (a cancel
+        found at the claim, or heard while the claim was under way): its end goes out under
+        it."""
+        future = self.grant_future
+        if self.grant is None and future.done() and not future.cancelled():
+            grant = future.result()
+            if grant is not None:
+                self.grant, self.seq = grant, grant.next_seq
 
     async def _before_body(self) -> None:
         """The answer streams: wait for the grant (the claim of the row) before its text."""

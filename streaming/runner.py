@@ -247,6 +247,7 @@ async def _finish(
         log.error("%s: end not written (%r); left to the janitor", job.request_id, err)
         return UNWRITTEN
     # The row's end is written first, so a subscriber that sees `done` can read the finished row.
+    job.adopt_grant()
     if end.status is Status.SUCCEEDED:
         usage = {
             "prompt_tokens": end.prompt_tokens,

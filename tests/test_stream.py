@@ -227,6 +227,29 @@ def test_cancel_before_start(deployment: StreamDeployment, client: Any):
     assert client.cancel(item.id) is False  # already ended
 
 
+def test_a_cancel_at_the_claim_ends_the_stream_without_an_engine_error(
+    deployment: StreamDeployment, client: Any, stack: Any
+):
+    """Cancelled right after its submit, a stream is often stopped at its claim, before its
+    job took the claim's grant: its end message then failed (AssertionError in the engine,
+    EngineError in the task) and followers waited for the row. Twenty such streams."""
+    ids = []
+    for i in range(20):
+        rid = submit(client, prompt(f"cancel-at-claim {i}"))
+        client.cancel(rid)
+        ids.append(rid)
+    for rid in ids:
+        try:
+            follow(deployment, rid, timeout=30)
+        except StreamFailed as err:
+            assert "cancelled" in str(err), err
+        stored = row(deployment, rid)
+        assert stored.status in ("cancelled", "succeeded"), (rid, stored.status, stored.error)
+    [worker] = [p for p in stack.procs if p.name == "stream-main"]
+    log = worker.log_text()
+    assert "AssertionError" not in log and "EngineError" not in log, log[-3000:]
+
+
 def test_cancel_after_success_changes_nothing(deployment: StreamDeployment, client: Any):
     rid = submit(client, prompt("cs"))
     text = "".join(follow(deployment, rid))
