@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 import redis
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core import keys
 from core.db import among, session_scope
@@ -201,6 +202,50 @@ def release_claims(items: Sequence[IntakeItem], settings: Settings) -> None:
     with contextlib.suppress(redis.RedisError):
         client = get_redis(settings.redis_url)
         client.eval(_RELEASE, len(names), *names, *[f"{item.id} " for item in keyed])
+
+
+def held_by_rows(session: Session, items: Sequence[IntakeItem]) -> dict[str, str]:
+    """For keyed items whose own rows were not written because the table's unique key held
+    theirs, the id of the row that holds it: an earlier submit of the same key whose claim
+    Redis lost (restarted empty), or whose row committed unseen (its caller told the database
+    was away, the claim let go). Answered with that id, a resend never gets one that does not
+    exist."""
+    keyed = {i.id: i.request["idempotency_key"] for i in items if i.request.get("idempotency_key")}
+    if not keyed:
+        return {}
+    ids = list(keyed)
+    present: set[str] = set()
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = ids[start : start + IN_CHUNK]
+        present.update(session.scalars(select(Request.id).where(among(session, Request.id, chunk))))
+    missing = {rid: key for rid, key in keyed.items() if rid not in present}
+    wanted = sorted(set(missing.values()))
+    holders: dict[str, str] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        chunk = wanted[start : start + IN_CHUNK]
+        query = select(Request.idempotency_key, Request.id).where(
+            among(session, Request.idempotency_key, chunk)
+        )
+        holders.update({key: rid for key, rid in session.execute(query) if key is not None})
+    return {rid: holders[key] for rid, key in missing.items() if key in holders}
+
+
+def repoint_claims(settings: Settings, answered: Sequence[tuple[IntakeItem, str]]) -> None:
+    """Claim each item's key for the row that holds it (`held_by_rows`), so later resends
+    are answered from Redis again."""
+    if not answered:
+        return
+    names = keys.of(settings)
+    with (
+        contextlib.suppress(redis.RedisError),
+        get_redis(settings.redis_url).pipeline(transaction=False) as pipe,
+    ):
+        for item, holder in answered:
+            claim = f"{holder} {fingerprint(item)}"
+            pipe.set(
+                names.idempotency(item.request["idempotency_key"]), claim, ex=IDEMPOTENCY_TTL_S
+            )
+        pipe.execute()
 
 
 def redis_down(settings: Settings) -> ServiceUnavailable:

@@ -29,7 +29,13 @@ from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from costs.budgets import release_items, reserve
 from costs.provider_prices import ProviderPrices
-from intake.idempotency import claim_keys, redis_down, release_claims
+from intake.idempotency import (
+    claim_keys,
+    held_by_rows,
+    redis_down,
+    release_claims,
+    repoint_claims,
+)
 from lifecycle.dispatch import send_stream
 from lifecycle.record import TRANSIENT, record_safely, release_keys
 from models.intake_message import IntakeItem
@@ -157,29 +163,36 @@ class Submitter:
         except BaseException:
             release_claims(fresh, self.settings)
             raise
-        self._enqueue(fresh)
-        return ids
+        answered = self._enqueue(fresh)
+        return [answered.get(rid, rid) for rid in ids]
 
-    def _enqueue(self, items: Sequence[IntakeItem]) -> None:
+    def _enqueue(self, items: Sequence[IntakeItem]) -> dict[str, str]:
         """Send the stream messages, then write every row (the first durable copy) before the
         ids go back: a Redis that loses its data after this cannot lose a request (the janitor
-        re-sends stream rows left queued; beat batches the low ones from the table)."""
+        re-sends stream rows left queued; beat batches the low ones from the table). Returns
+        the items answered by an earlier row of their idempotency key (id -> that row's id)."""
         writes_rows = self.settings.producer_writes_rows
         try:
             self._send([i for i in items if i.route == "stream"] if writes_rows else items)
-        except (KombuOperationalError, BatchPublishError, redis.ConnectionError, OSError) as err:
+        except (
+            KombuOperationalError,
+            BatchPublishError,
+            redis.ConnectionError,
+            redis.TimeoutError,
+            OSError,
+        ) as err:
             release_claims(items, self.settings)
             release_items(items, self.settings)
             raise redis_down(self.settings) from err
-        if writes_rows:
-            self._record(items)
+        return self._record(items) if writes_rows else {}
 
-    def _record(self, items: Sequence[IntakeItem]) -> None:
+    def _record(self, items: Sequence[IntakeItem]) -> dict[str, str]:
         from batch.flush import count_up
 
         try:
             with session_scope(self.settings.database_url) as session:
                 recorded = record_safely(session, items)
+                held = held_by_rows(session, items) if recorded.created < len(items) else {}
         except TRANSIENT as err:
             # Not recorded: the stream messages already sent must not run (their cancel flags
             # stop them before they start), and nothing else was enqueued.
@@ -191,9 +204,16 @@ class Submitter:
                 "the database", redact_url(self.settings.database_url), DATABASE_HINT
             ) from err
         release_keys(self.settings, recorded.unkeyed)
-        failed = set(recorded.failed)
+        if held:  # answered by the rows that hold their keys: these never run
+            answered = [i for i in items if i.id in held]
+            repoint_claims(self.settings, [(i, held[i.id]) for i in answered])
+            self._cancel_unrecorded([i for i in answered if i.route == "stream"])
+            with contextlib.suppress(Exception):
+                release_items(answered, self.settings)
+        failed = set(recorded.failed) | set(held)
         with contextlib.suppress(redis.RedisError):  # else the next flush interval batches them
             count_up(self.settings, sum(i.route == "batch" and i.id not in failed for i in items))
+        return held
 
     def _cancel_unrecorded(self, items: Sequence[IntakeItem]) -> None:
         """Cancel stream messages whose rows failed: the flag stops a task not started yet, the

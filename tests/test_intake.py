@@ -115,6 +115,34 @@ def test_a_resend_while_the_first_submit_is_under_way(stack_client, intake_worke
     assert r.get(keys.of(settings).idempotency(twice)) is None
 
 
+@pytest.mark.parametrize("priority", ["low", "high"])
+def test_a_resend_after_redis_lost_the_key_gets_the_first_id(  # type: ignore[no-untyped-def]
+    stack_client, intake_worker, stack, priority: str
+) -> None:
+    """Redis restarted empty (or a claim let go after a commit the caller did not see): the
+    resend claimed the key anew, its row was dropped by the table's unique key, and it was
+    answered with its own id, which never existed (404 for good; the key then stuck in
+    409s). It is answered with the id of the row that holds the key, and the claim points
+    there again."""
+    import redis
+
+    from core import keys
+
+    settings = stack_client.settings
+    r = redis.Redis.from_url(settings.redis_url)
+    key = f"idem-lost-{uuid.uuid4().hex}"
+    request = {**low("lost key", idempotency_key=key), "priority": priority}
+    first = stack_client.submit(request)
+    stored = keys.of(settings).idempotency(key)
+    r.delete(stored)  # as a Redis restarted without its data
+    assert stack_client.submit(request) == first
+    assert r.get(stored).startswith(f"{first} ".encode())  # answered from Redis again
+    assert stack_client.submit_many([request, low("other")])[0] == first
+    with session_scope(stack.env["SHEEPDOG_DATABASE_URL"]) as session:
+        n = session.scalar(select(func.count()).where(Request.idempotency_key == key))
+    assert n == 1
+
+
 def test_submit_many_in_bulk(stack_client, intake_worker, stack) -> None:  # type: ignore[no-untyped-def]
     tag = uuid.uuid4().hex
     ids = stack_client.submit_many([low(f"{tag} {i}") for i in range(1200)])
