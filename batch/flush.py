@@ -36,12 +36,11 @@ from batch.jobs import (
     update_job,
 )
 from batch.jsonl import write_job_file
-from core import keys
-from core.celery_app import FLUSH_TASK, celery_for
+from batch.low_count import count_down
+from core.celery_app import celery_for
 from core.db import analyze, session_scope
 from core.errors import scrub_secrets
 from core.providers import client_for, load_providers, resolve_batch_mode
-from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each, move_many
@@ -134,7 +133,7 @@ def flush(settings: Settings | None = None, *, crash_after: str | None = None) -
         report.failed += len(result.too_large)
         report.escalated = len(result.escalated)
         _escalate(settings, result.escalated, result.flex)
-        _count_down(settings, result.claimed + len(result.escalated) + len(result.too_large))
+        count_down(settings, result.claimed + len(result.escalated) + len(result.too_large))
         crash_point(crash_after, "claim")
         for g in result.groups:
             try:
@@ -380,28 +379,3 @@ def _escalate(settings: Settings, request_ids: list[str], flex: Collection[str] 
         "escalated %d request(s) to the stream path: deadline before the batch window",
         len(request_ids),
     )
-
-
-def _count_down(settings: Settings, n: int) -> None:
-    """Lower the queued-low counter the intake threshold trigger reads (never below 0)."""
-    if n <= 0:
-        return
-    r = get_redis(settings.redis_url)
-    counter = keys.of(settings).queued_low_count
-    if int(r.decrby(counter, n)) < 0:
-        r.set(counter, 0)
-
-
-def count_up(settings: Settings, n: int) -> bool:
-    """Add `n` newly queued low-priority requests to the counter; True (and a flush sent to the
-    batch queue) each time the count passes another multiple of batch_flush_threshold. One
-    Redis INCRBY: cheap enough for every intake message."""
-    if n <= 0 or settings.batch_flush_threshold <= 0:
-        return False
-    total = int(get_redis(settings.redis_url).incrby(keys.of(settings).queued_low_count, n))
-    step = settings.batch_flush_threshold
-    if total // step <= (total - n) // step:
-        return False
-    celery_for(settings).send_task(FLUSH_TASK, kwargs={"reason": "threshold"})
-    log.info("queued low-priority requests passed %d: flush sent", total // step * step)
-    return True

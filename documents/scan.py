@@ -167,15 +167,14 @@ class ScanLease:
     """The scan's lock, renewed as the scan goes: a scan of many files outlives one TTL, and a
     second scan must not start beside it. A lock found taken by another raises `LockError`."""
 
-    def __init__(self, lock: Any, every_s: float | None = None) -> None:
+    def __init__(self, lock: Any) -> None:
         self._lock = lock
-        self._every_s = LOCK_RENEW_S if every_s is None else every_s
         self._renewed = time.monotonic()
 
     def renew(self, *, now: bool = False) -> None:
-        """Renew the lock if `every_s` has passed since the last time (or `now`)."""
+        """Renew the lock if LOCK_RENEW_S has passed since the last time (or `now`)."""
         at = time.monotonic()
-        if now or at - self._renewed >= self._every_s:
+        if now or at - self._renewed >= LOCK_RENEW_S:
             self._lock.reacquire()  # resets the TTL; raises LockNotOwnedError if lost
             self._renewed = at
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis
@@ -127,12 +128,11 @@ def claim_keys(settings: Settings, items: list[IntakeItem], ids: list[str]) -> l
     try:
         if conflict is None and held:
             conflict = _answer_held(settings, held, ids, skip, mine)
-    except BaseException:
+        if conflict is not None:
+            raise conflict
+    except BaseException:  # nothing of this call is kept: the keys it holds go too
         release_claims([item for item, _ in mine.values()], settings)
         raise
-    if conflict is not None:
-        release_claims([item for item, _ in mine.values()], settings)
-        raise conflict
     return [item for i, item in enumerate(items) if i not in skip]
 
 
@@ -166,18 +166,23 @@ def _answer_held(
 
 def _recorded(settings: Settings, request_ids: Sequence[str]) -> set[str]:
     """Which of `request_ids` have their rows."""
-    found: set[str] = set()
     try:
         with session_scope(settings.database_url) as session:
-            for start in range(0, len(request_ids), IN_CHUNK):
-                chunk = request_ids[start : start + IN_CHUNK]
-                found.update(
-                    session.scalars(select(Request.id).where(among(session, Request.id, chunk)))
-                )
+            return set(_rows_among(session, Request.id, request_ids))
     except TRANSIENT as err:
         raise ServiceUnavailable(
             "the database", redact_url(settings.database_url), DATABASE_HINT
         ) from err
+
+
+def _rows_among(session: Session, column: Any, values: Sequence[str]) -> dict[str, str]:
+    """`column` value -> the id of the row holding it, for those of `values` some row holds
+    (in chunks: an IN list stays within the drivers' limits)."""
+    found: dict[str, str] = {}
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = values[start : start + IN_CHUNK]
+        query = select(column, Request.id).where(among(session, column, chunk))
+        found.update({value: rid for value, rid in session.execute(query)})
     return found
 
 
@@ -213,20 +218,9 @@ def held_by_rows(session: Session, items: Sequence[IntakeItem]) -> dict[str, str
     keyed = {i.id: i.request["idempotency_key"] for i in items if i.request.get("idempotency_key")}
     if not keyed:
         return {}
-    ids = list(keyed)
-    present: set[str] = set()
-    for start in range(0, len(ids), IN_CHUNK):
-        chunk = ids[start : start + IN_CHUNK]
-        present.update(session.scalars(select(Request.id).where(among(session, Request.id, chunk))))
+    present = _rows_among(session, Request.id, list(keyed))
     missing = {rid: key for rid, key in keyed.items() if rid not in present}
-    wanted = sorted(set(missing.values()))
-    holders: dict[str, str] = {}
-    for start in range(0, len(wanted), IN_CHUNK):
-        chunk = wanted[start : start + IN_CHUNK]
-        query = select(Request.idempotency_key, Request.id).where(
-            among(session, Request.idempotency_key, chunk)
-        )
-        holders.update({key: rid for key, rid in session.execute(query) if key is not None})
+    holders = _rows_among(session, Request.idempotency_key, sorted(set(missing.values())))
     return {rid: holders[key] for rid, key in missing.items() if key in holders}
 
 

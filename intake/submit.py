@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
 from sqlalchemy.orm import configure_mappers
 
+from batch.low_count import count_up
 from core import keys
 from core.celery_app import INTAKE_TASK, celery_for
 from core.db import session_scope
@@ -68,8 +69,6 @@ class Submitter:
         connection, load the modules the record path imports (seconds on a cold start), set up
         the ORM's mappers (done on the first query otherwise), open a database connection.
         Errors are left to submit."""
-        import batch.flush  # noqa: F401  (count_up: its import brings in the provider SDK)
-
         with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
         with contextlib.suppress(Exception):
@@ -187,8 +186,6 @@ class Submitter:
         return self._record(items) if writes_rows else {}
 
     def _record(self, items: Sequence[IntakeItem]) -> dict[str, str]:
-        from batch.flush import count_up
-
         try:
             with session_scope(self.settings.database_url) as session:
                 recorded = record_safely(session, items)

@@ -29,10 +29,10 @@ TENANT_MAX_CHARS = max_chars("tenant")
 MAX_COST_USD_LIMIT = Decimal(10) ** (USD.precision - USD.scale)  # type: ignore[operator]
 USD_STEP = Decimal(10) ** -USD.scale  # type: ignore[operator]
 USD_CONTEXT = Context(prec=(USD.precision or 20) + 2)  # digits for any value under the limit
-MAX_METADATA_PAIRS = 16  # as OpenAI's metadata, besides the keys Sheepdog sets itself:
-SHEEPDOG_METADATA = frozenset(
-    {"tenant", "user"}
-)  # the front door's (from the key, OpenAI's `user`)
+# As OpenAI's metadata: 16 pairs, besides the keys the front door sets itself (`tenant` from
+# the key, `user` from OpenAI's field).
+MAX_METADATA_PAIRS = 16
+SHEEPDOG_METADATA = frozenset({"tenant", "user"})
 
 
 def column_usd(value: Decimal) -> Decimal | None:

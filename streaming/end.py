@@ -1,15 +1,39 @@
-"""What a stream worker writes when a stream ends: its text, usage, the tier that served it."""
+"""How a stream ended: its job's result, and what the worker writes of it to the row (its text,
+usage, the tier that served it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal
 
+from costs import ledger
 from models.status import Status
 from models.tables import max_chars, storable
+from rules.prices import Tier, cost_usd, price_table, served_tier
 
 LANE_REASON_CHARS = max_chars("lane_reason")
+# How a job ends: a final status of its row, or lost (the row is another worker's now).
+Ending = Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, "lost"]
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """How the job ended and what it streamed (its runner writes it to the row)."""
+
+    kind: Ending
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    usage_estimated: bool = False
+    error: str | None = None
+    first_token_at: datetime | None = None
+    provider_calls: int = 0
+    service_tier: str | None = None  # what the provider says served the call
+    lane: str | None = None  # the lane it ended on, and why, when it left its own
+    lane_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +77,36 @@ class End:
         if self.lane is None or self.lane_reason is None:
             return {}
         return {"lane": self.lane, "lane_reason": self.lane_reason[:LANE_REASON_CHARS]}
+
+    def cost(self, model: str) -> Decimal | None:
+        """Priced at the tier that served it; None without usage or for an unpriced model."""
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        tier = served_tier(self.service_tier)
+        return stream_cost(model, self.prompt_tokens, self.completion_tokens, tier)
+
+    def usage(self, request_id: str, tenant: str, model: str) -> ledger.Usage:
+        """The ledger entry of an end with usage."""
+        assert self.prompt_tokens is not None and self.completion_tokens is not None
+        return ledger.Usage(
+            request_id=request_id,
+            tenant=tenant,
+            model=model,
+            route="stream",
+            tier=served_tier(self.service_tier),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            estimated=self.usage_estimated,
+        )
+
+
+def stream_cost(
+    model: str, prompt_tokens: int, completion_tokens: int, tier: Tier = "standard"
+) -> Decimal | None:
+    """Cost at `tier`'s rate (the one that served the call); None for a model missing from
+    the price table."""
+    try:
+        price = price_table().get(model)
+    except KeyError:
+        return None
+    return cost_usd(price, prompt_tokens, completion_tokens, tier)

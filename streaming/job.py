@@ -23,6 +23,7 @@ from rules.backoff import backoff_s
 from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
+from streaming.end import Ending, StreamResult
 from streaming.job_services import JobServices
 from streaming.lanes import TIER_ASKED, LaneRun
 from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
@@ -35,8 +36,6 @@ CANCELLED: Final = Status.CANCELLED
 LOST: Final = "lost"  # the row was taken back by the janitor, or the claim failed
 
 StopReason = Literal[Status.CANCELLED, "lost"]
-# How a job ends: a final status of its row, or lost (the row is another worker's now).
-Ending = Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, "lost"]
 
 
 class LogLost(Exception):
@@ -50,24 +49,6 @@ class Grant:
     attempts: int
     next_seq: int
     reset_first: bool
-
-
-@dataclass(slots=True)
-class StreamResult:
-    """How the job ended and what it streamed (its runner writes it to the row)."""
-
-    kind: Ending
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    usage_estimated: bool = False
-    error: str | None = None
-    first_token_at: datetime | None = None
-    provider_calls: int = 0
-    service_tier: str | None = None  # what the provider says served the call
-    lane: str | None = None  # the lane it ended on, and why, when it left its own
-    lane_reason: str | None = None
 
 
 RUNAWAY_PIECES_PER_TOKEN = 4

@@ -24,8 +24,8 @@ from models.intake_message import IntakeItem, Lane
 from models.status import Status
 from models.stream_message import StreamMessage, encode
 from streaming import store
-from streaming.end import End
-from streaming.job import CANCELLED, LOST, Grant, StreamJob, StreamResult
+from streaming.end import End, StreamResult
+from streaming.job import CANCELLED, LOST, Grant, StreamJob
 from streaming.lanes import LaneRun, parse_deadline
 from streaming.out_of_band import publish_error
 from streaming.publisher import fence_token, next_seq

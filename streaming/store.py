@@ -35,9 +35,9 @@ from lifecycle.record import (
 from models.intake_message import IntakeItem
 from models.status import Status
 from models.tables import Request, utcnow
-from rules.prices import Tier, cost_usd, price_table, served_tier
+from rules.prices import served_tier
 from streaming import end_rows
-from streaming.end import End
+from streaming.end import End, stream_cost
 from streaming.fresh_rows import insert_fresh
 
 # A thousand stream threads must not open a thousand connections: past the engine's pool size
@@ -261,49 +261,15 @@ def touch_heartbeats(db_url: str, owned: Mapping[str, int]) -> set[str]:
     return {rid for rid, attempts in rows if owned.get(rid) == attempts}
 
 
-def _usage(request_id: str, claim: Claim, end: End) -> ledger.Usage:
-    """The ledger entry of a stream that ended with usage."""
-    assert end.prompt_tokens is not None and end.completion_tokens is not None
-    return ledger.Usage(
-        request_id=request_id,
-        tenant=claim.tenant,
-        model=claim.model,
-        route="stream",
-        tier=served_tier(end.service_tier),
-        prompt_tokens=end.prompt_tokens,
-        completion_tokens=end.completion_tokens,
-        estimated=end.usage_estimated,
-    )
-
-
-def stream_cost(
-    model: str, prompt_tokens: int, completion_tokens: int, tier: Tier = "standard"
-) -> Decimal | None:
-    """Cost at `tier`'s rate (the one that served the call); None for a model missing from
-    the price table."""
-    try:
-        price = price_table().get(model)
-    except KeyError:
-        return None
-    return cost_usd(price, prompt_tokens, completion_tokens, tier)
-
-
-def _cost(claim: Claim, end: End) -> Decimal | None:
-    if end.prompt_tokens is None or end.completion_tokens is None:
-        return None
-    tier = served_tier(end.service_tier)
-    return stream_cost(claim.model, end.prompt_tokens, end.completion_tokens, tier)
-
-
 def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | None:
-    """Write the end of a claimed stream; on success the ledger entry goes in the same
-    transaction. Raises Fenced when the row is no longer this worker's; returns the cost."""
-    cost = _cost(claim, end)
+    """Write the end of a claimed stream; an end with usage is charged (the ledger entry) in the
+    same transaction. Raises Fenced when the row is no longer this worker's; returns the cost."""
+    cost = end.cost(claim.model)
     with _session(db_url) as session:
-        if cost is not None and end.status is not Status.SUCCEEDED:
-            # A cancelled or failed stream that streamed text: charged before its move, so its
-            # hold settles to the charge rather than being released (Fenced rolls both back).
-            ledger.record(session, [_usage(request_id, claim, end)])
+        if cost is not None:
+            # Charged before the move: a cancelled or failed stream's hold settles to its charge
+            # rather than being released by the move (Fenced rolls both back).
+            ledger.record(session, [end.usage(request_id, claim.tenant, claim.model)])
         moved = move(
             session,
             request_id,
@@ -315,8 +281,6 @@ def finish(db_url: str, request_id: str, claim: Claim, end: End) -> Decimal | No
         attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
         if not moved or attempts != claim.attempts:
             raise Fenced(request_id)  # rolls the move back
-        if end.status is Status.SUCCEEDED and cost is not None:
-            ledger.record(session, [_usage(request_id, claim, end)])
     return cost
 
 
@@ -351,7 +315,7 @@ def finish_many(
 
 
 def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
-    cost = _cost(claim, end)
+    cost = end.cost(claim.model)
     standard = None
     if cost is not None:  # priced, so the tokens are there
         assert end.prompt_tokens is not None and end.completion_tokens is not None
@@ -384,22 +348,19 @@ def _fail_or_cancel(
     )
     # One executemany per final status and set of columns (a lane change adds two).
     by_status: dict[tuple[Status, bool], list[dict[str, Any]]] = {}
+    billed: list[ledger.Usage] = []  # those that streamed text before their end
     now = utcnow()
     for rid in ids:
         claim, end = ends[rid]
         if current.get(rid) != claim.attempts:
             result[rid] = Fenced(rid)
             continue
-        cost = result[rid] = _cost(claim, end)
+        cost = result[rid] = end.cost(claim.model)
+        if cost is not None:
+            billed.append(end.usage(rid, claim.tenant, claim.model))
         row = {"id": rid, "updated_at": now, "finished_at": now, **end.row_values(cost)}
         by_status.setdefault((end.status, "lane" in row), []).append(row)
-    # Those that streamed text before their end: what the provider billed for it, charged
-    # before the move so that their holds settle to it (under the rows' locks: not fenced).
-    billed = [
-        _usage(rid, *ends[rid])
-        for rid, cost in result.items()
-        if cost is not None and not isinstance(cost, Fenced)
-    ]
+    # Charged before the move, under the rows' locks, so that their holds settle to it.
     ledger.record(session, billed)
     for (status, _), rows in by_status.items():
         moved = move_each(session, rows, status, from_=[Status.STREAMING])

@@ -8,7 +8,7 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy.exc import OperationalError
 
-from batch.flush import count_up
+from batch.low_count import count_up
 from core.db import session_scope
 from core.settings import get_settings
 from lifecycle.record import parse_items, record_safely, release_keys

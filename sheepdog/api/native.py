@@ -42,6 +42,7 @@ SMALL_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only (str.isdigit takes
 log = logging.getLogger("sheepdog.api")
 SEQ = re.compile(r"-?[0-9]{1,18}")  # a seq, or -1 for none: within 64 bits, and the next too
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+EVENT = b"id: %d\nevent: %s\ndata: %s\n\n"  # one message as a server-sent event
 
 
 def _front(request: Request) -> Front:
@@ -219,11 +220,7 @@ async def events(request: Request) -> Response:
                             yield b": keepalive\n\n"
                             continue
                         data = orjson.dumps(msg.model_dump(mode="json", exclude_none=True))
-                        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                            msg.seq,
-                            msg.type.encode(),
-                            data,
-                        )
+                        yield EVENT % (msg.seq, msg.type.encode(), data)
                 except (redis.RedisError, OSError) as err:
                     # Ended without a final event: the caller resumes from its last id.
                     log.warning("api: event stream of %s ended, Redis lost: %s", rid, err)
