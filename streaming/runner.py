@@ -203,32 +203,25 @@ async def _finish(
         log.warning("%s: lost the row to another worker; left to it", job.request_id)
         return LOST
     if outcome.kind == Status.SUCCEEDED:
-        end = End(
-            Status.SUCCEEDED,
-            outcome.text,
-            finish_reason=outcome.finish_reason,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            usage_estimated=outcome.usage_estimated,
-            first_token_at=outcome.first_token_at,
-            service_tier=outcome.service_tier,
-            lane=outcome.lane,
-            lane_reason=outcome.lane_reason,
-        )
+        status, reason = Status.SUCCEEDED, None
+    elif outcome.kind == CANCELLED:
+        status, reason = Status.CANCELLED, "cancelled"
     else:
-        reason = "cancelled" if outcome.kind == CANCELLED else (outcome.error or "failed")
-        end = End(
-            Status.CANCELLED if outcome.kind == CANCELLED else Status.FAILED,
-            outcome.text,
-            error=reason,
-            prompt_tokens=outcome.prompt_tokens,  # what the provider billed for text it sent
-            completion_tokens=outcome.completion_tokens,
-            usage_estimated=outcome.usage_estimated,
-            first_token_at=outcome.first_token_at,
-            service_tier=outcome.service_tier,
-            lane=outcome.lane,
-            lane_reason=outcome.lane_reason,
-        )
+        status, reason = Status.FAILED, outcome.error or "failed"
+    # A cut answer's usage is what the provider billed for the text it sent (or none).
+    end = End(
+        status,
+        outcome.text,
+        finish_reason=outcome.finish_reason,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        usage_estimated=outcome.usage_estimated,
+        error=reason,
+        first_token_at=outcome.first_token_at,
+        service_tier=outcome.service_tier,
+        lane=outcome.lane,
+        lane_reason=outcome.lane_reason,
+    )
     # Waiting on the database is not progress: from here the heartbeat refreshes the row no
     # more, so an end stuck past heartbeat_timeout_s lets the janitor take the row back.
     job.live_until = 0.0
