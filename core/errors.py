@@ -10,7 +10,17 @@ class SheepdogError(Exception):
 
 
 class InvalidRequest(SheepdogError, ValueError):
-    """A request failed validation; nothing was enqueued or written."""
+    """A request failed validation; nothing was enqueued or written. `param` names the first
+    bad field as OpenAI's errors do (`messages[0].role`), when one field is to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def in_list(self, index: int) -> InvalidRequest:
+        """The same refusal for item `index` of a list of requests."""
+        param = f"[{index}]" + ("" if self.param is None else f".{self.param}")
+        return InvalidRequest(f"request {index}: {self}", param)
 
 
 class ServiceUnavailable(SheepdogError):

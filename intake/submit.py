@@ -255,5 +255,5 @@ def _each(requests: Iterable[T], make: Callable[[T], IntakeItem]) -> list[Intake
         try:
             items.append(make(request))
         except InvalidRequest as err:
-            raise InvalidRequest(f"request {index}: {err}") if index else err from None
+            raise err.in_list(index) if index else err from None
     return items

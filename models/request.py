@@ -57,6 +57,7 @@ MAX_METADATA_VALUE_CHARS = 1_000
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a message's `name`, as the OpenAI API takes it
 _SURROGATE = re.compile("[\\ud800-\\udfff]")  # lone surrogates: argv that was not UTF-8
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
+PLAIN_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -198,6 +199,27 @@ class ChatRequest(BaseModel):
             raise ValueError(f"max_tokens must be positive, got {value}")
         return value
 
+    @field_validator("max_cost_usd", mode="before")
+    @classmethod
+    def _plain_decimal(cls, value: object) -> object:
+        # Decimal() also reads "1_000" and " 5 ": a cap is written as JSON writes a number.
+        if isinstance(value, str) and not PLAIN_DECIMAL.fullmatch(value):
+            raise ValueError(f"max_cost_usd {value[:40]!r} is not a plain decimal number")
+        return value
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _iso_deadline(cls, value: object) -> object:
+        # pydantic reads a number as Unix seconds or milliseconds, guessing which by its size.
+        numeric = isinstance(value, int | float) or (
+            isinstance(value, str) and PLAIN_DECIMAL.fullmatch(value.strip()) is not None
+        )
+        if numeric:
+            raise ValueError(
+                "deadline must be an ISO 8601 time such as 2026-12-08T12:00:00Z, not a number"
+            )
+        return value
+
     @field_validator("max_cost_usd")
     @classmethod
     def _non_negative_cap(cls, value: Decimal | None) -> Decimal | None:
@@ -205,7 +227,7 @@ class ChatRequest(BaseModel):
             raise ValueError(f"max_cost_usd must not be negative, got {value}")
         if value is None:
             return None
-        stored = column_usd(value)
+        stored = column_usd(value.copy_abs() if value.is_zero() else value)  # -0 is 0
         if stored is None:
             raise ValueError(
                 f"max_cost_usd {value} is too large (must be below {MAX_COST_USD_LIMIT:,})"
@@ -332,6 +354,15 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def error_param(err: ValidationError) -> str | None:
+    """The first bad field's path as OpenAI's errors write `param`: `messages[0].role`."""
+    errors = err.errors(include_url=False)
+    path = ""
+    for part in errors[0]["loc"] if errors else ():
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
+
+
 def validate_request(data: object) -> ChatRequest:
     """Validate one request against the schema; raise InvalidRequest with a one-line reason.
     The edge's whole check, with the model's limits, is rules/admission.py's admit."""
@@ -340,4 +371,4 @@ def validate_request(data: object) -> ChatRequest:
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as err:
-        raise InvalidRequest(format_validation_error(err)) from None
+        raise InvalidRequest(format_validation_error(err), error_param(err)) from None

@@ -33,7 +33,8 @@ def admit(data: object, *, prices: PriceTable | None = None) -> Admitted:
         *_model_problems(request, prices or price_table(), prompt),
     ]
     if problems:
-        raise InvalidRequest("invalid request: " + "; ".join(problems))
+        text = "; ".join(problem for _, problem in problems)
+        raise InvalidRequest("invalid request: " + text, problems[0][0])
     return Admitted(request, prompt)
 
 
@@ -42,29 +43,39 @@ def parse_request(data: object, *, prices: PriceTable | None = None) -> ChatRequ
     return admit(data, prices=prices).request
 
 
-def _webhook_problems(request: ChatRequest) -> list[str]:
+def _webhook_problems(request: ChatRequest) -> list[tuple[str, str]]:
     # Form and literal addresses here; the resolved address at every delivery.
     if request.webhook_url is None:
         return []
     try:
         check_form(request.webhook_url, allow_private=get_settings().webhook_allow_private)
     except (SheepdogError, ValueError) as err:  # ValueError: urlsplit's own (a bad IPv6)
-        return [f"webhook_url: {err}"]
+        return [("webhook_url", f"webhook_url: {err}")]
     return []
 
 
-def _model_problems(request: ChatRequest, prices: PriceTable, prompt: int) -> list[str]:
+# Each problem is (param, text): the field OpenAI's `param` names, and the reason.
+def _model_problems(request: ChatRequest, prices: PriceTable, prompt: int) -> list[tuple[str, str]]:
     if request.model not in prices:
-        return [f"model: unknown model {request.model!r} (known: {', '.join(prices.names())})"]
+        known = ", ".join(prices.names())
+        return [("model", f"model: unknown model {request.model!r} (known: {known})")]
     price = prices.get(request.model)
     if request.max_tokens is not None and request.max_tokens > price.max_output_tokens:
+        limit = price.max_output_tokens
         return [
-            f"max_tokens {request.max_tokens} exceeds {request.model}'s output limit of "
-            f"{price.max_output_tokens}"
+            (
+                "max_tokens",
+                f"max_tokens {request.max_tokens} exceeds {request.model}'s output"
+                f" limit of {limit}",
+            )
         ]
     if prompt >= price.context_window:
+        window = price.context_window
         return [
-            f"the messages are about {prompt:,} tokens, too long for {request.model}'s "
-            f"context window of {price.context_window:,}"
+            (
+                "messages",
+                f"the messages are about {prompt:,} tokens, too long for"
+                f" {request.model}'s context window of {window:,}",
+            )
         ]
     return []

@@ -23,7 +23,8 @@ def max_tokens_for_cap(
     if tokens < 1:
         raise InvalidRequest(
             f"invalid request: max_cost_usd: ${cap_usd} does not cover the prompt (~{prompt_tokens}"
-            f" tokens, ${prompt_cost:.6f} on {model} via {route}) plus one output token"
+            f" tokens, ${prompt_cost:.6f} on {model} via {route}) plus one output token",
+            "max_cost_usd",
         )
     return min(tokens, price.max_output_tokens)
 

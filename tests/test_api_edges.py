@@ -34,6 +34,7 @@ def openai_error(r: httpx2.Response, status: int) -> dict[str, Any]:
 
 def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiServer) -> None:
     key = api_server.key()
+    role_robot = {**GOOD, "messages": [{"role": "robot", "content": "x"}]}
     limit = 1024 * 1024  # SHEEPDOG_API_MAX_BODY_BYTES of the test server
     huge = (
         b'{"model": "sheepdog-mini", "messages": [{"role": "user", "content": "'
@@ -70,6 +71,17 @@ def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiSer
         e = openai_error(http.post("/v1/requests", json=[]), 400)
         e = openai_error(http.post("/v1/requests", json=[GOOD, "x"]), 400)
         assert e["message"].startswith("request 1: ")
+        # `param` names the field to blame, as OpenAI's errors do (it was null on every refusal
+        # of the request's own rules), and on the chat endpoint the header that set it.
+        e = openai_error(http.post("/v1/requests", json=[GOOD, role_robot]), 400)
+        assert e["param"] == "[1].messages[0].role", e
+        e = openai_error(http.post("/v1/requests", json={**GOOD, "model": "gpt-9"}), 400)
+        assert e["param"] == "model", e
+        in_seconds = {"X-Sheepdog-Deadline": "1965000000"}
+        e = openai_error(http.post("/v1/chat/completions", json=CHAT, headers=in_seconds), 400)
+        assert e["param"] == "X-Sheepdog-Deadline" and "ISO 8601" in e["message"], e
+        e = openai_error(http.post("/v1/requests", json={**GOOD, "deadline": 1965000000}), 400)
+        assert e["param"] == "deadline", e
         image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
         body = {**CHAT, "messages": [{"role": "user", "content": [image]}]}
         e = openai_error(http.post("/v1/chat/completions", json=body), 400)
@@ -117,6 +129,8 @@ def test_odd_query_and_header_values_are_400_not_500(api_server: ApiServer) -> N
             r = http.get("/v1/requests", params={"cursor": raw})
             assert openai_error(r, 400)["code"] == "invalid_cursor", at
         assert openai_error(http.delete("/v1/webhooks/%00"), 404)["code"] == "not_found"
+        # An empty limit is none, as an empty status, since or cursor (it was a 400).
+        assert http.get("/v1/requests", params={"limit": "", "status": ""}).status_code == 200
         # An empty Idempotency-Key or Content-Encoding is none, as on the chat endpoint.
         empty = {"Idempotency-Key": "", "Content-Encoding": ""}
         assert http.post("/v1/requests", json=GOOD, headers=empty).status_code == 202

@@ -68,6 +68,13 @@ def bad(**changes: object) -> dict[str, object]:
             bad(deadline="9999-12-31T23:59:59-12:00"),
             "deadline: deadline 9999-12-31T23:59:59-12:00 is past the year 9999 in UTC",
         ),
+        # A cap is a number as JSON writes it; a deadline a time, never a number of seconds
+        # (read as Unix seconds or milliseconds by its size).
+        (bad(max_cost_usd="1_000"), "max_cost_usd: max_cost_usd '1_000' is not a plain decimal"),
+        (bad(max_cost_usd=" 5 "), "max_cost_usd: max_cost_usd ' 5 ' is not a plain decimal"),
+        (bad(deadline=1965000000), "deadline: deadline must be an ISO 8601 time"),
+        (bad(deadline="1965000000000"), "deadline: deadline must be an ISO 8601 time"),
+        (bad(deadline=1.9e9), "deadline: deadline must be an ISO 8601 time"),
         (bad(idempotency_key="k\x00"), "idempotency_key: idempotency_key contains a NUL"),
         (bad(idempotency_key="k" * 201), "idempotency_key: String should have at most 200"),
         ("not an object", "expected an object, got str"),
@@ -80,6 +87,37 @@ def test_bad_input_is_refused_with_its_reason(payload: object, message: str) -> 
     assert text.startswith("invalid request: ")
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        (
+            bad(messages=[{"role": "user", "content": "x"}, {"role": "robot", "content": "x"}]),
+            "messages[1].role",
+        ),
+        (bad(metadata={"k": 5}), "metadata.k"),
+        (bad(model="gpt-9"), "model"),
+        (bad(max_tokens=10**6), "max_tokens"),
+        (bad(max_cost_usd="abc"), "max_cost_usd"),
+        (bad(messages=[{"role": "user", "content": "word " * 9000}]), "messages"),
+        (bad(lane="priority"), None),  # a rule across fields names none
+    ],
+)
+def test_a_refusal_names_the_field_to_blame(payload: object, param: str | None) -> None:
+    """`param` (OpenAI's error field) was null on every refusal of the request's own rules."""
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(payload)
+    assert err.value.param == param, err.value
+    assert err.value.in_list(3).param == (f"[3].{param}" if param else "[3]")
+
+
+@pytest.mark.unit
+def test_a_cap_of_minus_zero_is_zero_and_a_plain_number_passes() -> None:
+    assert str(parse_request(bad(max_cost_usd="-0")).max_cost_usd) == "0E-10"
+    for given in ("5", "+5", "0.5", ".5", "5.", "1e-3", 0.25, 3):
+        assert parse_request(bad(max_cost_usd=given)).max_cost_usd is not None, given
 
 
 @pytest.mark.unit

@@ -80,7 +80,7 @@ def from_sheepdog(err: Exception) -> ApiError:
             return ApiError(409, str(err), code, "Idempotency-Key", after)
         return ApiError(409, str(err), "idempotency_key_conflict", "Idempotency-Key")
     if isinstance(err, InvalidRequest):
-        return ApiError(400, str(err), "invalid_request")
+        return ApiError(400, str(err), "invalid_request", err.param)
     if isinstance(err, BudgetExceeded):
         return ApiError(402, str(err), "budget_exceeded")
     if isinstance(err, ServiceUnavailable):

@@ -154,7 +154,7 @@ async def list_requests(request: Request) -> Response:
             "invalid_request",
             "status",
         )
-    raw_limit = q.get("limit", "50")
+    raw_limit = q.get("limit") or "50"  # an empty one is none, as every empty filter here
     if not SMALL_NUMBER.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIST:
         raise ApiError(
             400, f"invalid request: limit must be 1 to {MAX_LIST}", "invalid_request", "limit"

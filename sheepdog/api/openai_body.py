@@ -9,13 +9,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 
-from models.request import format_validation_error
+from models.request import error_param, format_validation_error
 from sheepdog.api.errors import ApiError
 
 PRIORITY = "x-sheepdog-priority"
 DEADLINE = "x-sheepdog-deadline"
 MAX_COST = "x-sheepdog-max-cost-usd"
 IDEMPOTENCY = "idempotency-key"
+# The request fields a call sets through headers: a refusal's `param` names the header.
+HEADER_OF = {
+    "priority": "X-Sheepdog-Priority",
+    "deadline": "X-Sheepdog-Deadline",
+    "max_cost_usd": "X-Sheepdog-Max-Cost-Usd",
+    "idempotency_key": "Idempotency-Key",
+}
 
 FLEX_REFUSED = (
     "service_tier flex is not taken on /v1/chat/completions: submit the request with priority "
@@ -108,9 +115,9 @@ def parse_chat_body(raw: object) -> ChatBody:
     try:
         return ChatBody.model_validate(raw)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, format_validation_error(err), "invalid_request", param) from None
+        raise ApiError(
+            400, format_validation_error(err), "invalid_request", error_param(err)
+        ) from None
 
 
 def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:

@@ -26,10 +26,11 @@ import redis
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from core.errors import InvalidRequest
 from models.stream_message import StreamMessage
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, error_body
-from sheepdog.api.openai_body import ChatBody, parse_chat_body, to_request
+from sheepdog.api.openai_body import HEADER_OF, ChatBody, parse_chat_body, to_request
 from sheepdog.api.responses import FastJSONResponse
 from streaming.follow import Tick, follow
 
@@ -97,7 +98,11 @@ async def chat_completions(request: Request) -> Response:
     raw, size = await read_json(request, front.settings.api_max_body_bytes)
     body = parse_chat_body(raw)
     sheepdog_request = to_request(body, request.headers)
-    rid = (await front.submit(who.tenant, [sheepdog_request], False, size))[0]
+    try:
+        rid = (await front.submit(who.tenant, [sheepdog_request], False, size))[0]
+    except (ApiError, InvalidRequest) as err:
+        err.param = HEADER_OF.get(err.param or "", err.param)
+        raise
     if body.stream:
         return StreamingResponse(
             _chunks(front, rid, body), media_type="text/event-stream", headers=SSE_HEADERS

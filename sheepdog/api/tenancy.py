@@ -36,7 +36,8 @@ OWNER_TTL_S = 7 * 24 * 3600  # as long as an idempotency key lives
 def scoped_key(tenant: str, key: str) -> str:
     if len(key) > KEY_MAX_CHARS:
         raise InvalidRequest(
-            f"idempotency_key: at most {KEY_MAX_CHARS} characters, got {len(key):,}"
+            f"idempotency_key: at most {KEY_MAX_CHARS} characters, got {len(key):,}",
+            "idempotency_key",
         )
     return scope(tenant) + key
 
@@ -88,7 +89,7 @@ class Tenancy:
             try:
                 out.append(admit(in_tenant(request, tenant), prices=self.client.table))
             except InvalidRequest as err:
-                raise InvalidRequest(f"request {index}: {err}" if as_list else str(err)) from None
+                raise err.in_list(index) if as_list else err from None
         return out
 
     def submit(self, tenant: str, requests: list[Admitted]) -> list[str]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from sheepdog_client._sse import ServerSentEvent, SSEDecoder
 from sheepdog_client.errors import (
     APIConnectionError,
+    Conflict,
     RateLimited,
     RequestFailed,
     SheepdogError,
@@ -119,6 +120,19 @@ def backoff(attempt: int, retry_ms: int | None = None, cap_s: float = 2.0) -> fl
     ):  # up to half as long again: clients cut together do not return together
         return retry_ms / 1000 * random.uniform(1.0, 1.5)
     return min(cap_s, 0.1 * float(2 ** (attempt - 1))) * random.uniform(0.5, 1.0)
+
+
+def resend_delay(err: SheepdogError, resends: int, max_retries: int) -> float | None:
+    """Seconds before sending a submit again, or None to raise `err`. Only a 409
+    `idempotency_key_in_progress` is resent: the first submit with the same key is still being
+    written, and the key makes sending again safe (it answers that submit's id once its row
+    exists). Any other refusal, and any lost answer, is the caller's to decide."""
+    if not isinstance(err, Conflict) or err.code != "idempotency_key_in_progress":
+        return None
+    if resends >= max_retries:
+        return None
+    after = err.retry_after
+    return backoff(resends + 1, None if after is None else int(after * 1000))
 
 
 class StreamState:

@@ -14,7 +14,13 @@ import httpx
 
 from sheepdog_client import _common as c
 from sheepdog_client._sse import LineSplitter
-from sheepdog_client.errors import APIConnectionError, RateLimited, Unavailable, WaitTimeout
+from sheepdog_client.errors import (
+    APIConnectionError,
+    RateLimited,
+    SheepdogError,
+    Unavailable,
+    WaitTimeout,
+)
 from sheepdog_client.models import CancelResult, Event, Page, RequestView
 
 MAX_POLL_S = 2.0
@@ -30,11 +36,13 @@ class AsyncClient:
         *,
         timeout: float = c.DEFAULT_TIMEOUT_S,
         max_reconnects: int = 5,
+        max_retries: int = 2,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.base_url = c.root_url(base_url)
         self.timeout = timeout
         self.max_reconnects = max_reconnects
+        self.max_retries = max_retries
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
         self._owns_http = http_client is None
         self._headers = c.headers(api_key)
@@ -59,15 +67,25 @@ class AsyncClient:
 
     async def _send(self, path: str, body: Any) -> Any:
         url = self.base_url + path
-        try:
-            response = await self._http.post(
-                url,
-                content=c.encode(body),
-                headers={**self._headers, "Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise c.connection_error(exc, "POST", url) from exc
-        return c.decode(response)
+        content = c.encode(body)
+        resends = 0
+        while True:
+            try:
+                response = await self._http.post(
+                    url,
+                    content=content,
+                    headers={**self._headers, "Content-Type": "application/json"},
+                )
+            except httpx.HTTPError as exc:
+                raise c.connection_error(exc, "POST", url) from exc
+            try:
+                return c.decode(response)
+            except SheepdogError as err:
+                delay = c.resend_delay(err, resends, self.max_retries)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            resends += 1
 
     async def submit(
         self,

@@ -55,7 +55,12 @@ class NotFound(SheepdogError):
 
 
 class Conflict(SheepdogError):
-    """409: the request conflicts with the current state (e.g. an idempotency key in use)."""
+    """409: the request conflicts with the current state (e.g. an idempotency key in use);
+    `retry_after` is the server's `Retry-After` in seconds, when given."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
 
 
 class RateLimited(SheepdogError):
@@ -130,6 +135,6 @@ def error_from_response(status: int, body: Any, headers: Any) -> SheepdogError:
     if fields["code"] == "budget_exceeded" or fields["type"] == "budget_exceeded":
         return BudgetExceeded(message, **kw)
     cls = _BY_STATUS.get(status) or (Unavailable if status >= 500 else SheepdogError)
-    if cls is RateLimited:
-        return RateLimited(message, retry_after=_retry_after(headers.get("retry-after")), **kw)
+    if cls is RateLimited or cls is Conflict:
+        return cls(message, retry_after=_retry_after(headers.get("retry-after")), **kw)
     return cls(message, **kw)
