@@ -198,11 +198,13 @@ def record_moved(
 
 
 def ledger_ctes(
-    moved: CTE, source: FromClause, *, model: Any, route: Route, tier: Any
+    moved: CTE, source: FromClause, *, model: Any, route: Route, tier: Any, billed: str = ""
 ) -> tuple[CTE, CTE]:
     """PostgreSQL: the CTEs that ledger the requests of `moved` (id, tenant) that have a cost
     in `source` (see record_moved), and settle their reservations; `model` and `tier` are
-    column expressions (a literal, or one of `source`'s columns). Add both to the statement
+    column expressions (a literal, or one of `source`'s columns). The tokens charged are
+    `source`'s `{billed}prompt_tokens`, `{billed}completion_tokens` and `{billed}usage_estimated`
+    (a stream also charges the answers a retry took back). Add both CTEs to the statement
     that runs them (`add_cte`)."""
     usage = source.c
     ledger = (
@@ -215,11 +217,11 @@ def ledger_ctes(
                 model,
                 literal(route),
                 tier,
-                usage.prompt_tokens,
-                usage.completion_tokens,
+                usage[f"{billed}prompt_tokens"],
+                usage[f"{billed}completion_tokens"],
                 usage.cost_usd,
                 usage.standard_cost_usd,
-                usage.usage_estimated,
+                usage[f"{billed}usage_estimated"],
                 func.now(),
             )
             .join_from(moved, source, source.c.id == moved.c.id)

@@ -34,6 +34,16 @@ class StreamResult:
     service_tier: str | None = None  # what the provider says served the call
     lane: str | None = None  # the lane it ended on, and why, when it left its own
     lane_reason: str | None = None
+    taken_back: TakenBack | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    """What the provider billed for the answers a retry took back before the one that
+    succeeded, estimated (a cut answer has no usage): each call's prompt, every piece."""
+
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +61,7 @@ class End:
     service_tier: str | None = None  # the response's: the tier billed
     lane: str | None = None  # set with lane_reason when the request left its lane
     lane_reason: str | None = None
+    taken_back: TakenBack | None = None  # charged, not in the answer's usage
 
     def __post_init__(self) -> None:
         # A provider's error message may carry a NUL too; it is published as stored.
@@ -78,25 +89,42 @@ class End:
             return {}
         return {"lane": self.lane, "lane_reason": self.lane_reason[:LANE_REASON_CHARS]}
 
-    def cost(self, model: str) -> Decimal | None:
-        """Priced at the tier that served it; None without usage or for an unpriced model."""
+    def billed(self) -> tuple[int, int] | None:
+        """The prompt and completion tokens charged: the answer's usage and what was taken
+        back before it; None without usage."""
         if self.prompt_tokens is None or self.completion_tokens is None:
             return None
-        tier = served_tier(self.service_tier)
-        return stream_cost(model, self.prompt_tokens, self.completion_tokens, tier)
+        back = self.taken_back or TakenBack(0, 0)
+        return (
+            self.prompt_tokens + back.prompt_tokens,
+            self.completion_tokens + back.completion_tokens,
+        )
+
+    @property
+    def billed_estimated(self) -> bool:
+        """Whether any of what is charged is a local count."""
+        return self.usage_estimated or self.taken_back is not None
+
+    def cost(self, model: str) -> Decimal | None:
+        """Priced at the tier that served it; None without usage or for an unpriced model."""
+        billed = self.billed()
+        if billed is None:
+            return None
+        return stream_cost(model, *billed, served_tier(self.service_tier))
 
     def usage(self, request_id: str, tenant: str, model: str) -> ledger.Usage:
-        """The ledger entry of an end with usage."""
-        assert self.prompt_tokens is not None and self.completion_tokens is not None
+        """The ledger entry of an end with usage (estimated when any of it is)."""
+        billed = self.billed()
+        assert billed is not None
         return ledger.Usage(
             request_id=request_id,
             tenant=tenant,
             model=model,
             route="stream",
             tier=served_tier(self.service_tier),
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            estimated=self.usage_estimated,
+            prompt_tokens=billed[0],
+            completion_tokens=billed[1],
+            estimated=self.billed_estimated,
         )
 
 

@@ -62,6 +62,10 @@ class SucceededEnd:
     lane_reason: str | None
     model: str
     tier: str  # the tier billed
+    # What the ledger charges: the answer's usage plus what a retry took back (End.billed).
+    billed_prompt_tokens: int | None
+    billed_completion_tokens: int | None
+    billed_usage_estimated: bool
 
 
 NAMES = tuple(f.name for f in fields(SucceededEnd))
@@ -84,6 +88,9 @@ _TYPES: dict[str, TypeEngine[Any]] = {
     "lane_reason": String(),
     "model": String(),
     "tier": String(),
+    "billed_prompt_tokens": Integer(),
+    "billed_completion_tokens": Integer(),
+    "billed_usage_estimated": Boolean(),
 }
 # The columns the move copies into `requests` as they are.
 COPIED = (
@@ -116,7 +123,9 @@ def _statement() -> Select[Any]:
         .returning(Request.id, Request.tenant)
         .cte("moved")
     )
-    ledger, settled = ledger_ctes(moved, ends, model=ends.c.model, route="stream", tier=ends.c.tier)
+    ledger, settled = ledger_ctes(
+        moved, ends, model=ends.c.model, route="stream", tier=ends.c.tier, billed="billed_"
+    )
     # Whether each moved row's tenant may receive webhooks, read by the same statement: most
     # ends have none to write, and then no second round trip asks.
     hooked = moved.c.tenant.in_(hooked_tenants_select())

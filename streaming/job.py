@@ -23,7 +23,7 @@ from rules.backoff import backoff_s
 from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
-from streaming.end import Ending, StreamResult
+from streaming.end import Ending, StreamResult, TakenBack
 from streaming.job_services import JobServices
 from streaming.lanes import TIER_ASKED, LaneRun
 from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
@@ -362,11 +362,18 @@ class StreamJob:
                 self.request_id,
                 usage,
             )
+        counted = count_message_tokens(self.body.get("messages") or [])
         if reported is not None:
             (prompt, completion), estimated = reported, False
         else:
-            prompt = count_message_tokens(self.body.get("messages") or [])
-            completion, estimated = max(self.tokens, count_tokens(text)), True
+            prompt, completion, estimated = counted, max(self.tokens, count_tokens(text)), True
+        # The calls before this one that streamed text (this one's prompt is in its usage).
+        earlier = self.billed_calls - (1 if self.tokens else 0)
+        taken_back = (
+            TakenBack(counted * earlier, self.billed_pieces)
+            if earlier or self.billed_pieces
+            else None
+        )
         return StreamResult(
             Status.SUCCEEDED,
             text,
@@ -376,6 +383,7 @@ class StreamJob:
             usage_estimated=estimated,
             first_token_at=self.first_token_at,
             provider_calls=self.calls,
+            taken_back=taken_back,
         )
 
     def _failed(self, reason: str) -> StreamResult:

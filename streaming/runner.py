@@ -221,6 +221,7 @@ async def _finish(
         service_tier=outcome.service_tier,
         lane=outcome.lane,
         lane_reason=outcome.lane_reason,
+        taken_back=outcome.taken_back,
     )
     # Waiting on the database is not progress: from here the heartbeat refreshes the row no
     # more, so an end stuck past heartbeat_timeout_s lets the janitor take the row back.

@@ -316,16 +316,20 @@ def finish_many(
 
 def _succeeded_end(rid: str, claim: Claim, end: End) -> end_rows.SucceededEnd:
     cost = end.cost(claim.model)
+    billed = end.billed()
     standard = None
     if cost is not None:  # priced, so the tokens are there
-        assert end.prompt_tokens is not None and end.completion_tokens is not None
-        standard = stream_cost(claim.model, end.prompt_tokens, end.completion_tokens, "standard")
+        assert billed is not None
+        standard = stream_cost(claim.model, *billed, "standard")
     return end_rows.SucceededEnd(
         id=rid,
         attempts=claim.attempts,
         standard_cost_usd=standard,
         model=claim.model,
         tier=served_tier(end.service_tier),
+        billed_prompt_tokens=billed[0] if billed else None,
+        billed_completion_tokens=billed[1] if billed else None,
+        billed_usage_estimated=end.billed_estimated,
         **({"lane": None, "lane_reason": None} | end.row_values(cost)),
     )
 

@@ -125,6 +125,19 @@ def test_cut_stream_resets_and_ends_with_the_full_answer(
     stored = row(deployment, rid)
     assert_ended(stored)
     assert stream.text == stored.text == direct_answer(simulator, stored.body)
+    # The row has the answer's usage; the ledger adds the attempt the retry took back (its
+    # prompt and pieces, estimated), which the provider billed too.
+    from rules.tokens import count_message_tokens
+
+    shown = pieces.index(RESET)
+    with session_scope(deployment.settings.database_url) as session:
+        entry = session.get(CostEntry, rid)
+    assert entry is not None and entry.estimated and not stored.usage_estimated
+    assert stored.prompt_tokens is not None and stored.completion_tokens is not None
+    prompt_est = count_message_tokens(stored.body["messages"])
+    assert entry.prompt_tokens == stored.prompt_tokens + prompt_est
+    assert shown <= entry.completion_tokens - stored.completion_tokens <= 5
+    assert entry.cost_usd == stored.cost_usd
     msgs = list(events(rid, timeout=5, settings=deployment.settings))
     assert [m.seq for m in msgs] == list(range(len(msgs)))
 

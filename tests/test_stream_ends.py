@@ -20,7 +20,7 @@ from models.tables import CostEntry, Request, Reservation
 from models.webhook_tables import WebhookDelivery
 from sheepdog.client import Client
 from streaming import store
-from streaming.end import End
+from streaming.end import End, TakenBack
 from webhooks import endpoints
 from webhooks.crypto import new_key
 
@@ -143,6 +143,37 @@ def test_one_flush_of_mixed_ends(db_url: str) -> None:
     assert isinstance(again[paid], store.Fenced)
     with session_scope(db_url) as session:
         assert len(session.scalars(select(CostEntry).where(CostEntry.tenant == tenant)).all()) == 1
+
+
+def test_a_succeeded_end_is_charged_the_answers_a_retry_took_back(db_url: str) -> None:
+    """The row keeps the answer's usage; the ledger, the row's cost and the settled hold add
+    what the provider billed for the attempts before it (estimated). They were free."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    (item,) = hooked_requests(db_url, "nobody", [tenant])
+    claim = store.claim_many(db_url, {item.id: item})[item.id]
+    with session_scope(db_url) as session:
+        session.add(Reservation(request_id=item.id, tenant=tenant, amount_usd=Decimal("1")))
+    end = End(
+        Status.SUCCEEDED,
+        "answer",
+        "stop",
+        prompt_tokens=10,
+        completion_tokens=20,
+        taken_back=TakenBack(prompt_tokens=8, completion_tokens=5),
+    )
+    cost = store.finish_many(db_url, {item.id: (claim, end)})[item.id]
+    assert cost == store.stream_cost("sheepdog-mini", 18, 25) and cost is not None
+    with session_scope(db_url) as session:
+        row = session.get(Request, item.id)
+        entry = session.get(CostEntry, item.id)
+        hold = session.get(Reservation, item.id)
+        assert row is not None and entry is not None and hold is not None
+        assert (row.prompt_tokens, row.completion_tokens, row.usage_estimated) == (10, 20, False)
+        assert row.cost_usd == cost
+        assert (entry.prompt_tokens, entry.completion_tokens, entry.estimated) == (18, 25, True)
+        assert entry.cost_usd == cost
+        assert entry.standard_cost_usd == store.stream_cost("sheepdog-mini", 18, 25, "standard")
+        assert (hold.state, hold.settled_usd) == ("settled", cost)
 
 
 def test_a_flush_of_tenants_with_and_without_webhooks(db_url: str) -> None:
