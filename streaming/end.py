@@ -1,12 +1,12 @@
-"""How a stream ended: its job's result, and what the worker writes of it to the row (its text,
-usage, the tier that served it)."""
+"""How a stream ended: its job's result, and the end the worker writes of it to the row (its
+text, usage, the tier that served it, what is charged)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from costs import ledger
 from models.status import Status
@@ -14,27 +14,6 @@ from models.tables import max_chars, storable
 from rules.prices import Tier, cost_usd, price_table, served_tier
 
 LANE_REASON_CHARS = max_chars("lane_reason")
-# How a job ends: a final status of its row, or lost (the row is another worker's now).
-Ending = Literal[Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, "lost"]
-
-
-@dataclass(slots=True)
-class StreamResult:
-    """How the job ended and what it streamed (its runner writes it to the row)."""
-
-    kind: Ending
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    usage_estimated: bool = False
-    error: str | None = None
-    first_token_at: datetime | None = None
-    provider_calls: int = 0
-    service_tier: str | None = None  # what the provider says served the call
-    lane: str | None = None  # the lane it ended on, and why, when it left its own
-    lane_reason: str | None = None
-    taken_back: TakenBack | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +105,15 @@ class End:
             completion_tokens=billed[1],
             estimated=self.billed_estimated,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """How a job ended: the end its runner writes to the row, or None when the row is lost
+    (another worker's now), and how many provider calls it made (for the log)."""
+
+    end: End | None
+    provider_calls: int = 0
 
 
 def stream_cost(

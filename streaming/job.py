@@ -23,11 +23,11 @@ from rules.backoff import backoff_s
 from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
-from streaming.end import Ending, StreamResult, TakenBack
+from streaming.end import End, StreamResult, TakenBack
 from streaming.job_services import JobServices
 from streaming.lanes import TIER_ASKED, LaneRun
 from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
-from streaming.provider_stream import stream_once
+from streaming.provider_stream import AttemptEnd, stream_once
 from streaming.publisher import fence_token
 
 log = logging.getLogger("sheepdog.streaming")
@@ -314,11 +314,7 @@ class StreamJob:
                 self.live_for(delay + in_flight_s)
                 await asyncio.sleep(delay)
                 continue
-            result = self._succeeded(end.finish_reason, end.usage)
-            result.service_tier = end.service_tier
-            if lanes.moved is not None:
-                result.lane, result.lane_reason = lanes.lane, lanes.moved
-            return result
+            return self._succeeded(end, lanes)
 
     def _restart_log(self) -> None:
         # A new log needs no reset: nothing of it was shown. The new token fences off the old
@@ -336,25 +332,33 @@ class StreamJob:
         else:
             self._drop_answer()
 
-    def _cut_short(self, kind: Ending, reason: str | None = None) -> StreamResult:
-        """The result of a stream cancelled or failed; when any call streamed text, with what
-        the provider billed for it, estimated (a cut answer has no usage): each such call's
-        prompt, and every piece streamed."""
-        text = "".join(self.parts)
-        result = StreamResult(
-            kind, text, error=reason, first_token_at=self.first_token_at, provider_calls=self.calls
-        )
+    def _cut_short(
+        self, kind: StopReason | Literal[Status.FAILED], reason: str | None = None
+    ) -> StreamResult:
+        """The result of a stream cancelled, failed or lost; when any call streamed text, with
+        what the provider billed for it, estimated (a cut answer has no usage): each such
+        call's prompt, and every piece streamed."""
+        if kind == LOST:
+            return StreamResult(None, self.calls)
+        usage: dict[str, Any] = {}
         if self.billed_calls:
+            text = "".join(self.parts)
             prompt = count_message_tokens(self.body.get("messages") or [])
-            result.prompt_tokens = prompt * self.billed_calls
-            result.completion_tokens = self.billed_pieces + max(self.tokens, count_tokens(text))
-            result.usage_estimated = True
-            # Billed at the tier its lane asked for (a cut answer does not say which served it).
-            result.service_tier = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
-        return result
+            usage = {
+                "prompt_tokens": prompt * self.billed_calls,
+                "completion_tokens": self.billed_pieces + max(self.tokens, count_tokens(text)),
+                "usage_estimated": True,
+                # Billed at the tier its lane asked for (a cut answer does not say which served).
+                "service_tier": TIER_ASKED.get(self.lanes.lane) if self.lanes else None,
+            }
+        if kind == CANCELLED:
+            return self._result(Status.CANCELLED, error="cancelled", **usage)
+        lane = self.lanes.left_lane() if self.lanes is not None else {}
+        return self._result(Status.FAILED, error=reason or "failed", **usage, **lane)
 
-    def _succeeded(self, finish_reason: str | None, usage: dict[str, Any] | None) -> StreamResult:
+    def _succeeded(self, answer: AttemptEnd, lanes: LaneRun) -> StreamResult:
         text = "".join(self.parts)
+        usage = answer.usage
         reported = reported_usage(usage) if usage is not None else None
         if usage is not None and reported is None:
             log.warning(
@@ -374,22 +378,20 @@ class StreamJob:
             if earlier or self.billed_pieces
             else None
         )
-        return StreamResult(
+        return self._result(
             Status.SUCCEEDED,
-            text,
-            finish_reason=finish_reason,
+            finish_reason=answer.finish_reason,
             prompt_tokens=prompt,
             completion_tokens=completion,
             usage_estimated=estimated,
-            first_token_at=self.first_token_at,
-            provider_calls=self.calls,
+            service_tier=answer.service_tier,
             taken_back=taken_back,
+            **lanes.left_lane(),
         )
 
     def _failed(self, reason: str) -> StreamResult:
-        lanes = self.lanes
-        moved = lanes is not None and lanes.moved is not None
-        result = self._cut_short(Status.FAILED, reason)
-        result.lane = lanes.lane if lanes is not None and moved else None
-        result.lane_reason = lanes.moved if lanes is not None else None
-        return result
+        return self._cut_short(Status.FAILED, reason)
+
+    def _result(self, status: Status, **fields: Any) -> StreamResult:
+        end = End(status, "".join(self.parts), first_token_at=self.first_token_at, **fields)
+        return StreamResult(end, self.calls)

@@ -81,6 +81,10 @@ class LaneRun:
             return None
         return delay
 
+    def left_lane(self) -> dict[str, Any]:
+        """The end's lane and lane_reason when the request left its lane (else nothing)."""
+        return {} if self.moved is None else {"lane": self.lane, "lane_reason": self.moved}
+
     def fall_back(self, why: str) -> None:
         """Move to the standard lane, saying why and how long was left."""
         left = self.seconds_left()

@@ -143,7 +143,8 @@ async def serve(
         outcome: StreamResult = await streaming
     except Exception as err:  # a bug must not leave the row streaming until the janitor
         log.exception("%s: stream crashed", job.request_id)
-        outcome = StreamResult(Status.FAILED, "".join(job.parts), error=f"internal error: {err}")
+        crashed = End(Status.FAILED, "".join(job.parts), error=f"internal error: {err}")
+        outcome = StreamResult(crashed, job.calls)
     return await _finish(runtime, job, claim, outcome)
 
 
@@ -199,30 +200,10 @@ async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
 async def _finish(
     runtime: Runtime, job: StreamJob, claim: store.Claim, outcome: StreamResult
 ) -> str:
-    if outcome.kind == LOST:
+    end = outcome.end
+    if end is None:
         log.warning("%s: lost the row to another worker; left to it", job.request_id)
         return LOST
-    if outcome.kind == Status.SUCCEEDED:
-        status, reason = Status.SUCCEEDED, None
-    elif outcome.kind == CANCELLED:
-        status, reason = Status.CANCELLED, "cancelled"
-    else:
-        status, reason = Status.FAILED, outcome.error or "failed"
-    # A cut answer's usage is what the provider billed for the text it sent (or none).
-    end = End(
-        status,
-        outcome.text,
-        finish_reason=outcome.finish_reason,
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=outcome.completion_tokens,
-        usage_estimated=outcome.usage_estimated,
-        error=reason,
-        first_token_at=outcome.first_token_at,
-        service_tier=outcome.service_tier,
-        lane=outcome.lane,
-        lane_reason=outcome.lane_reason,
-        taken_back=outcome.taken_back,
-    )
     # Waiting on the database is not progress: from here the heartbeat refreshes the row no
     # more, so an end stuck past heartbeat_timeout_s lets the janitor take the row back.
     job.live_until = 0.0
