@@ -119,6 +119,13 @@ def is_postgres(session_or_engine: Session | Engine) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+def dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT into `table` in the session's dialect, which has `on_conflict_do_nothing`."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if is_postgres(session) else sqlite).insert(table)
+
+
 def begin_write(session: Session) -> None:
     """Start the session's transaction as a writer. On SQLite this takes the single write lock
     now (BEGIN IMMEDIATE), so a read-then-write cannot interleave with another writer; on

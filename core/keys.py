@@ -52,6 +52,11 @@ class Keys:
         to one endpoint across every worker."""
         return f"{self.base}:webhooks:slot:{target}:{slot}"
 
+    def webhook_tenant_slot(self, tenant: str, slot: int) -> str:
+        """One of a tenant's delivery slots: bounds the deliveries in flight to all of one
+        tenant's receivers across every worker."""
+        return f"{self.base}:webhooks:tenant-slot:{tenant}:{slot}"
+
     @property
     def webhook_kick(self) -> str:
         """Set for a few milliseconds when a commit asks for a delivery sweep (one a window)."""

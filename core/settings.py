@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     webhook_backoff_base_s: float = 5.0  # doubled per attempt (full jitter)
     webhook_backoff_max_s: float = 3600.0
     webhook_endpoint_concurrency: int = 2  # deliveries in flight per endpoint (all workers)
+    webhook_tenant_concurrency: int = 4  # and per tenant, across its endpoints and URLs
     webhook_claim_batch: int = 16  # most rows one slot leases at once (doubling from 1)
     webhook_sweep_interval_s: float = 2.0  # beat looks for due deliveries this often
     webhook_rotation_grace_s: float = 24 * 3600  # the previous secret still signs this long

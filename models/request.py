@@ -50,6 +50,8 @@ def check_tenant(tenant: str) -> None:
     webhook endpoint is kept for one)."""
     if not 0 < len(tenant) <= TENANT_MAX_CHARS:
         raise InvalidRequest(f"a tenant is 1 to {TENANT_MAX_CHARS} characters")
+    if not tenant.isprintable():  # a control character would garble every line that shows it
+        raise InvalidRequest(f"a tenant must be printable text, got {tenant[:40]!r}")
 
 
 MAX_METADATA_KEY_CHARS = 64

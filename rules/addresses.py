@@ -43,10 +43,12 @@ def parse_url(url: str) -> SplitResult:
     if any(c.isspace() for c in url):
         raise UnsafeURL("webhook URL contains whitespace")
     try:
-        parts.port  # noqa: B018  (raises on a bad port)
-        parts.hostname  # noqa: B018
+        port = parts.port
+        parts.hostname  # noqa: B018  (raises on a bad host)
     except ValueError:
         raise UnsafeURL("webhook URL has an invalid port") from None
+    if port == 0:  # no receiver listens there: every attempt would fail for the retry window
+        raise UnsafeURL("webhook URL has port 0")
     return parts
 
 
@@ -54,12 +56,32 @@ def port_of(parts: SplitResult) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291's deprecated ::a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and reaches (IPv4-mapped, IPv4-compatible, 6to4,
+    NAT64), else None."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(ip: IPAddress) -> bool:
     """Globally routable and unicast: not private, loopback, link-local (169.254/16, the cloud
-    metadata address), shared, reserved, multicast or unspecified (an IPv4-mapped IPv6
-    address is judged as its IPv4 address)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    metadata address), shared, reserved, multicast or unspecified. An IPv6 address that
+    carries an IPv4 one (`::ffff:127.0.0.1`, `::127.0.0.1`, 6to4 `2002:7f00:1::`, NAT64
+    `64:ff9b::7f00:1`) is judged as that IPv4 address too: a gateway on the way delivers it
+    there."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_ipv4(ip)
+        if inner is not None and not is_public(inner):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

@@ -1,4 +1,5 @@
-"""Webhook delivery tasks (queue `webhooks`): beat's sweep, and one delivery run per endpoint.
+"""Webhook delivery tasks (queue `webhooks`): beat's sweep, and one delivery run per endpoint
+(or request-level URL) and tenant.
 
 The sweep is also kicked right after a commit that wrote deliveries (at most once per
 KICK_WINDOW_S per deployment), so an event usually leaves within a fraction of a second."""
@@ -25,15 +26,17 @@ def sweep() -> int:
     target's slots are all busy). Safe to run twice: deliveries are leased."""
     settings = get_settings()
     targets = due_targets(settings)
-    for target in targets:
-        deliver.apply_async((target,), expires=max(settings.webhook_sweep_interval_s * 5, 10.0))
+    expires = max(settings.webhook_sweep_interval_s * 5, 10.0)
+    for target, tenant in targets:
+        deliver.apply_async((target, tenant), expires=expires)
     return len(targets)
 
 
 @shared_task(base=SheepdogTask, name="sheepdog.webhooks.deliver", acks_late=True)
-def deliver(target: str) -> dict[str, Any]:
-    """Deliver a target's due rows (webhooks/delivery.py)."""
-    report = asdict(deliver_target(get_settings(), target))
+def deliver(target: str, tenant: str | None = None) -> dict[str, Any]:
+    """Deliver a target's due rows of one tenant (webhooks/delivery.py); a message sent
+    before tenants had slots names no tenant, and delivers every tenant's."""
+    report = asdict(deliver_target(get_settings(), target, tenant))
     report.pop("outcomes", None)
     return report
 

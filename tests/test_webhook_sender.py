@@ -16,17 +16,21 @@ from webhooks.sender import post
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def dribbler() -> Iterator[str]:
-    """A receiver that reads the request, then sends its status line a byte every 0.2 s."""
+@pytest.fixture(params=[b"", b"HTTP/1.1 200 OK\r\n"], ids=["whole", "after-the-status"])
+def dribbler(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A receiver that reads the request, then sends its answer a byte every 0.2 s (all of
+    it, or after a 200 status line sent at once: a cut there read as a whole 200 with no
+    headers, and the delivery was recorded delivered)."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
+    head: bytes = request.param
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
             conn.recv(65536)
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 100:
+            conn.sendall(head)
+            for byte in b"X-Slow: 1\r\n" * 100 if head else b"HTTP/1.1 200 OK\r\n" * 100:
                 if stop.wait(0.2):
                     return
                 try:

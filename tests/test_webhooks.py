@@ -5,6 +5,7 @@ redelivery, rotation, redirects, and the address rules."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -29,7 +30,7 @@ from tests.fixtures.batch import add_requests, drive, make_settings
 from tests.fixtures.webhooks import Receiver
 from webhooks import endpoints
 from webhooks.crypto import new_key
-from webhooks.delivery import deliver_target, due_targets
+from webhooks.delivery import claim, deliver_target, due_targets, signing_secrets
 
 MODEL = "sheepdog-mini"
 
@@ -73,8 +74,8 @@ def deliveries(settings: Settings) -> list[WebhookDelivery]:
 
 
 def deliver_all(settings: Settings) -> None:
-    for target in due_targets(settings):
-        deliver_target(settings, target)
+    for target, tenant in due_targets(settings):
+        deliver_target(settings, target, tenant)
 
 
 def make_due(settings: Settings) -> None:
@@ -181,7 +182,53 @@ def test_one_endpoints_backlog_does_not_hide_another_target(
         quiet_target = session.scalar(
             select(WebhookDelivery.target).where(WebhookDelivery.tenant == quiet)
         )
-    assert quiet_target in due_targets(settings, limit=2)
+    assert (quiet_target, quiet) in due_targets(settings, limit=2)
+
+
+def test_a_tenants_slow_receivers_hold_only_its_own_slots(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A tenant with many endpoints that never answer held every delivery thread (each endpoint
+    has slots of its own), and the other tenants' events waited: 20 s seen behind 20 such
+    endpoints. A run now holds one of its tenant's slots too."""
+    import threading
+
+    settings = settings.model_copy(update={"webhook_tenant_concurrency": 1})
+    slow, quick = f"t-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:6]}"
+    other = Receiver()
+    other.start()
+    try:
+        receiver.secret = register(settings, slow, receiver.url)
+        for path in ("/b", "/c"):
+            register(settings, slow, receiver.url + path)
+        other.secret = register(settings, quick, other.url)
+        for tenant in (slow, quick):
+            (rid,) = add_requests(settings, [(MODEL, "x")], metadata={"tenant": tenant})
+            with session_scope(settings.database_url) as session:
+                move(session, rid, Status.FAILED, error="boom")
+        due = due_targets(settings)
+        slow_runs = [t for t in due if t[1] == slow]
+        assert len(slow_runs) == 3
+        receiver.hang_s = 3.0
+        first = threading.Thread(target=deliver_target, args=(settings, *slow_runs[0]))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not receiver.attempts:  # the first run is in its send, holding the slot
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for run in slow_runs[1:]:
+            assert deliver_target(settings, *run).busy, run
+        ((target, tenant),) = [t for t in due if t[1] == quick]
+        report = deliver_target(settings, target, tenant)
+        assert (report.busy, report.delivered) == (False, 1)
+        assert other.handled and first.is_alive(), "delivered while the slow one hangs"
+        first.join(30)  # timed out (3 s against 2): retried later
+        receiver.hang_s = 0
+        make_due(settings)
+        deliver_all(settings)
+        assert {r.status for r in deliveries(settings)} == {"delivered"}
+    finally:
+        other.stop()
 
 
 def test_failures_retry_with_the_same_webhook_id(settings: Settings, receiver: Receiver) -> None:
@@ -203,6 +250,40 @@ def test_failures_retry_with_the_same_webhook_id(settings: Settings, receiver: R
     assert row.status == "delivered", row.last_error
     assert set(receiver.attempts) == {row.webhook_id} and receiver.attempts[row.webhook_id] == 3
     assert receiver.events()[0]["data"]["error"] == "boom"
+
+
+def test_a_nul_in_a_receivers_answer_is_recorded(settings: Settings, receiver: Receiver) -> None:
+    """A receiver's error body with a NUL went into last_error, which PostgreSQL refused: the
+    batch's record rolled back every time, the row never backed off nor died, and the rows
+    delivered with it were sent again at every lease's end."""
+    _one_delivery(settings, receiver)
+    receiver.status, receiver.error_body = 500, b"a\x00b"
+    deliver_all(settings)
+    (row,) = deliveries(settings)
+    assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 500)
+    assert row.last_error == "HTTP 500: a\ufffdb"
+
+
+def test_a_claim_leases_no_more_rows_than_its_limit(settings: Settings, receiver: Receiver) -> None:
+    """On PostgreSQL the lease's UPDATE ran its limited `IN (SELECT ... LIMIT n)` once per
+    row, so `claim(limit=1)` leased every due row of the target: a slow receiver's rows all
+    shared one lease, which lapsed mid-batch, and each was sent twice."""
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    receiver.secret = register(settings, tenant, receiver.url)
+    for rid in add_requests(
+        settings, [(MODEL, f"x{i}") for i in range(6)], metadata={"tenant": tenant}
+    ):
+        with session_scope(settings.database_url) as session:
+            move(session, rid, Status.FAILED, error="boom")
+    ((target, _),) = due_targets(settings)
+
+    def leased() -> int:
+        return sum(r.leased_until is not None for r in deliveries(settings))
+
+    assert len(claim(settings, target, 1)) == 1 and leased() == 1
+    assert len(claim(settings, target, 2)) == 2 and leased() == 3
+    deliver_all(settings)  # the three not leased
+    assert len(receiver.handled) == 3 and set(receiver.attempts.values()) == {1}
 
 
 def test_gone_disables_the_endpoint_and_expiry_kills(
@@ -238,6 +319,42 @@ def test_gone_disables_the_endpoint_and_expiry_kills(
     assert last.status == "dead" and "gave up" in (last.last_error or "")
 
 
+def test_concurrent_first_endpoints_and_rotations(settings: Settings, receiver: Receiver) -> None:
+    """Eight first endpoints of a tenant at once: the secret was read then inserted, and the
+    losers of the race failed (UniqueViolation, a 500 over HTTP). Eight rotations at once:
+    each read the row then wrote it, so most handed-out secrets never signed and the true
+    previous one lost its grace period."""
+    import threading
+
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    start = threading.Barrier(8)
+
+    def at_once(call: Any) -> list[Any]:
+        out: list[Any] = []
+
+        def one() -> None:
+            start.wait()
+            with session_scope(settings.database_url) as session:
+                out.append(call(session))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(out) == 8, "a call failed"
+        return out
+
+    added = at_once(lambda s: endpoints.add_endpoint(s, settings, tenant, receiver.url))
+    (first,) = [a.secret for a in added if a.secret]
+    rotated = at_once(lambda s: endpoints.rotate_secret(s, settings, tenant))
+    assert len(set(rotated)) == 8
+    with session_scope(settings.database_url) as session:
+        current, previous = signing_secrets(session, settings, tenant, utcnow())
+    # Rotations in turn: the current one is the last handed out, the previous the one before.
+    assert current in rotated and previous in rotated and previous != first
+
+
 def test_rotation_sends_both_signatures(settings: Settings, receiver: Receiver) -> None:
     tenant = _one_delivery(settings, receiver)
     old = receiver.secret
@@ -256,6 +373,30 @@ def test_rotation_sends_both_signatures(settings: Settings, receiver: Receiver) 
         verify_webhook(headers, body, "whsec_" + "A" * 44)
     with pytest.raises(WebhookVerificationError):
         verify_webhook({**headers, "webhook-timestamp": "1"}, body, new)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "host", ["[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::127.0.0.1]", "[64:ff9b::a9fe:a9fe]"]
+)
+def test_an_ipv6_address_carrying_a_private_ipv4_one_is_refused(host: str) -> None:
+    """NAT64, 6to4 and IPv4-compatible addresses reach the IPv4 address they carry (through a
+    gateway on the way): they were judged as IPv6 alone, and taken as public."""
+    from rules.addresses import UnsafeURL, check_form
+
+    with pytest.raises(UnsafeURL, match="non-public"):
+        check_form(f"http://{host}/hook", allow_private=False)
+    check_form("http://[64:ff9b::808:808]/hook", allow_private=False)  # 8.8.8.8: public
+
+
+@pytest.mark.unit
+def test_event_lists_are_named_or_left_out() -> None:
+    assert endpoints.events_column(None) == endpoints.events_column(["*"]) == "*"
+    with pytest.raises(endpoints.WebhookError, match="events is empty"):
+        endpoints.events_column([])
+    with pytest.raises(endpoints.WebhookError) as err:
+        endpoints.events_column([f"e{i}" for i in range(200_000)])
+    assert "and 199,995 more" in str(err.value) and len(str(err.value)) < 300
 
 
 @pytest.mark.unit
@@ -367,6 +508,16 @@ def test_cli_manages_endpoints_and_secrets(sqlite_url: str) -> None:
     assert "non-public" in refused.stderr
     bad = run("add", "--tenant", tenant, "http://127.0.0.1:9/d", "--events", "nope")
     assert bad.returncode == 2 and "unknown event" in bad.stderr
+    # An empty event list subscribed to everything; port 0 failed on every attempt for a day;
+    # a control character in a tenant was taken.
+    for args in (
+        ("--tenant", tenant, "http://127.0.0.1:9/e", "--events", ""),
+        ("--tenant", tenant, "http://127.0.0.1:9/f", "--events", ","),
+        ("--tenant", tenant, "http://127.0.0.1:0/g"),
+        ("--tenant", "bad\x1btenant", "http://127.0.0.1:9/h"),
+    ):
+        odd = run("add", *args)
+        assert odd.returncode == 2 and odd.stderr.count("\n") == 1, (args, odd.stderr)
     listed = json.loads(run("list", "--tenant", tenant, "--json").stdout)
     assert [e["events"] for e in listed] == [["*"], ["batch.completed"]]
     rotated = run("rotate-secret", "--tenant", tenant)

@@ -4,9 +4,10 @@ At least once: a row stays `pending` until a 2xx is recorded; a worker killed mi
 leaves a lease that expires, and the row is sent again with the same webhook-id. Failures
 (timeouts, connection errors, non-2xx, a 3xx since redirects are not followed) back off
 exponentially with jitter until the row's `expires_at` (webhook_max_age_s), then it is `dead`
-(`sheepdog webhooks failed`). `410 Gone` disables the endpoint. Each endpoint has a few
-delivery slots (Redis locks with a TTL) shared by every worker, and each attempt is bounded by
-short timeouts, so one slow receiver holds at most its own slots, never another tenant's.
+(`sheepdog webhooks failed`). `410 Gone` disables the endpoint. A run holds one of its
+endpoint's slots and one of its tenant's (webhooks/slots.py), and each attempt is bounded by
+short timeouts, so a slow receiver holds at most its own slots, and a tenant's many slow
+receivers at most the tenant's, never another tenant's.
 
 A slot leases its endpoint's rows a few at a time (1, doubling while they succeed, up to
 webhook_claim_batch) and records them in one transaction: a database round trip costs more
@@ -14,8 +15,6 @@ than a local POST, and a slow receiver still gets one row at a time."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,20 +23,18 @@ from http.client import HTTPException
 from typing import Any, Literal
 
 import orjson
-import redis
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import keys
 from core.db import is_postgres, session_scope
 from core.settings import Settings
 from models.idempotency import as_given
-from models.tables import Request, utcnow
+from models.tables import Request, storable, utcnow
 from models.views import RequestView
 from models.webhook_tables import WebhookDelivery, WebhookEndpoint, WebhookSecret
 from rules.addresses import UnsafeURL
 from rules.backoff import backoff_s
-from webhooks import crypto
+from webhooks import crypto, slots
 from webhooks.outbox import REQUEST_TARGET, envelope
 from webhooks.sender import post
 from webhooks.signing import signed_headers
@@ -69,6 +66,13 @@ class SendResult:
     error: str | None = None
     status_code: int | None = None
 
+    def __post_init__(self) -> None:
+        # A receiver's answer (or an exception naming its bytes) may carry a NUL, which
+        # PostgreSQL's text refuses: the batch's record then rolled back, every time, and its
+        # rows were sent again without end.
+        if self.error is not None:
+            self.error = storable(self.error)
+
 
 @dataclass
 class TargetReport:
@@ -98,46 +102,47 @@ def _due(now: datetime) -> list[Any]:
     ]
 
 
-def due_targets(settings: Settings, limit: int = 500) -> list[str]:
-    """Targets with a due, unleased delivery: endpoint ids, and `url:<url>` for requests' own
-    URLs (so one URL named by many requests still gets its few slots, not one each)."""
+def due_targets(settings: Settings, limit: int = 500) -> list[tuple[str, str]]:
+    """(target, tenant) pairs with a due, unleased delivery: targets are endpoint ids, and
+    `url:<url>` for requests' own URLs (so one URL named by many requests still gets its few
+    slots, not one each); the tenant's slots bound a run too."""
     d = WebhookDelivery
     # One row a target (the oldest due first): a backlog of one endpoint's deliveries must not
     # fill the list, or every other tenant's wait behind it with the workers idle.
     oldest = func.min(d.next_attempt_at)
     with session_scope(settings.database_url) as session:
         rows = session.execute(
-            select(d.target, d.url)
+            select(d.target, d.url, d.tenant)
             .where(*_due(utcnow()))
-            .group_by(d.target, d.url)
+            .group_by(d.target, d.url, d.tenant)
             .order_by(oldest)
             .limit(limit * 4)
         ).all()
-    targets: list[str] = []
-    for target, url in rows:
+    targets: dict[tuple[str, str], None] = {}  # in order, once each
+    for target, url, tenant in rows:
         name = f"{URL_TARGET}{url}" if target == REQUEST_TARGET else target
-        if name not in targets:
-            targets.append(name)
-    return targets[:limit]
+        targets[(name, tenant)] = None
+    return list(targets)[:limit]
 
 
-def deliver_target(settings: Settings, target: str) -> TargetReport:
-    """Send the target's due deliveries while it answers 2xx, holding one of its slots; stop
-    at the first failure (the rest wait for their own retry time)."""
+def deliver_target(settings: Settings, target: str, tenant: str | None = None) -> TargetReport:
+    """Send the target's due deliveries (of `tenant`, when given) while it answers 2xx, holding
+    one of the tenant's slots and one of the target's; stop at the first failure (the rest
+    wait for their own retry time)."""
     report = TargetReport(target)
-    slot = _take_slot(settings, target)
-    if slot is None:
+    held = slots.take(settings, target, tenant, lease_s(settings, 1))
+    if held is None:
         report.busy = True
         return report
     batch = 1
     try:
         while report.delivered + report.failed + report.dead < MAX_PER_RUN:
-            claimed = claim(settings, target, batch)
+            claimed = claim(settings, target, batch, tenant)
             if not claimed:
                 break
             results: list[tuple[Claimed, SendResult]] = []
             for item in claimed:
-                if not _renew(slot):  # expired (this process stalled): another may hold it
+                if not held.renew():  # expired (this process stalled): another may hold them
                     break
                 outcome = send(settings, item)
                 results.append((item, outcome))
@@ -155,42 +160,22 @@ def deliver_target(settings: Settings, target: str) -> TargetReport:
                 break  # a failure, or the slot lost: the rest wait for their own time
             batch = min(batch * 2, max(1, settings.webhook_claim_batch))
     finally:
-        with contextlib.suppress(redis.exceptions.LockError):  # expired: maybe retaken
-            slot.release()
+        held.release()
     return report
 
 
-def _renew(slot: Any) -> bool:
-    try:
-        slot.reacquire()
-        return True
-    except redis.exceptions.LockError:
-        return False
-
-
-def _take_slot(settings: Settings, target: str) -> Any:
-    from core.redis_conn import get_redis
-
-    client = get_redis(settings.redis_url)
-    # A slot lives for one send and is renewed before each, so a worker that dies holding it
-    # frees it within one send's time, not a whole batch's.
-    ttl = lease_s(settings, 1)
-    for n in range(max(1, settings.webhook_endpoint_concurrency)):
-        name = target if len(target) <= 64 else hashlib.sha256(target.encode()).hexdigest()
-        lock = client.lock(keys.of(settings).webhook_slot(name, n), timeout=ttl)
-        if lock.acquire(blocking=False):
-            return lock
-    return None
-
-
-def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
-    """Lease up to `limit` of the target's due rows, oldest first, and prepare their bodies
-    and secrets. Rows that cannot be sent (endpoint disabled or gone, no secret) are marked
-    dead here; the deployment's key missing leaves them pending (retried)."""
+def claim(
+    settings: Settings, target: str, limit: int = 1, tenant: str | None = None
+) -> list[Claimed]:
+    """Lease up to `limit` of the target's due rows (of `tenant`, when given), oldest first,
+    and prepare their bodies and secrets. Rows that cannot be sent (endpoint disabled or gone,
+    no secret) are marked dead here; the deployment's key missing leaves them pending."""
     d = WebhookDelivery
     now = utcnow()
     with session_scope(settings.database_url) as session:
         pick = select(d.id).where(*_due(now))
+        if tenant is not None:
+            pick = pick.where(d.tenant == tenant)
         if target.startswith(URL_TARGET):
             pick = pick.where(d.target == REQUEST_TARGET, d.url == target[len(URL_TARGET) :])
         else:
@@ -198,9 +183,15 @@ def claim(settings: Settings, target: str, limit: int = 1) -> list[Claimed]:
         pick = pick.order_by(d.next_attempt_at, d.id).limit(limit)
         if is_postgres(session):
             pick = pick.with_for_update(skip_locked=True)
+        # The ids first, then the lease (two statements): PostgreSQL may run a limited subquery
+        # of `IN (...)` once per row of the UPDATE, skipping the rows it has just leased, so
+        # one statement leased every due row whatever the limit.
+        picked = list(session.scalars(pick))
+        if not picked:
+            return []
         ids = session.scalars(
             update(d)
-            .where(d.id.in_(pick.scalar_subquery()), *_due(now))
+            .where(d.id.in_(picked), *_due(now))
             .values(leased_until=now + timedelta(seconds=lease_s(settings, limit)))
             .returning(d.id)
             .execution_options(synchronize_session=False)

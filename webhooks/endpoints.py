@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from core.db import dialect_insert
 from core.errors import InvalidRequest, SheepdogError
 from core.settings import Settings
 from models.intake_message import IntakeItem
@@ -79,11 +80,18 @@ class Added(BaseModel):
 
 
 def events_column(events: list[str] | None) -> str:
-    if not events or events == ["*"]:
+    """The endpoint's `events` column: `*` for all (None, or `["*"]`)."""
+    if events is None or events == ["*"]:
         return "*"
+    if not events:  # an empty list is a mistake, not a wish for every event
+        raise WebhookError(
+            f"events is empty: name one or more ({', '.join(EVENTS)}), or leave it out for all"
+        )
     unknown = sorted(set(events) - set(EVENTS))
     if unknown:
-        raise WebhookError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+        shown = ", ".join(repr(e[:40]) for e in unknown[:5])
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        raise WebhookError(f"unknown event(s) {shown}{more}; known: {', '.join(EVENTS)}")
     return "," + ",".join(sorted(set(events))) + ","
 
 
@@ -97,13 +105,17 @@ def check_url(settings: Settings, url: str) -> None:
 
 
 def ensure_secret(session: Session, settings: Settings, tenant: str) -> str | None:
-    """Create the tenant's signing secret if it has none; returns it then (else None)."""
+    """Create the tenant's signing secret if it has none; returns it then (else None). One
+    INSERT that a concurrent one cannot fail: two first endpoints at once were a 500."""
     if session.get(WebhookSecret, tenant) is not None:
         return None
     secret = new_secret()
-    session.add(WebhookSecret(tenant=tenant, secret=crypto.encrypt(settings, secret)))
-    session.flush()
-    return secret
+    insert = dialect_insert(session, WebhookSecret).values(
+        tenant=tenant, secret=crypto.encrypt(settings, secret)
+    )
+    insert = insert.on_conflict_do_nothing(index_elements=["tenant"])
+    created = session.scalar(insert.returning(WebhookSecret.tenant))
+    return secret if created is not None else None
 
 
 def add_endpoint(
@@ -150,17 +162,25 @@ def remove_endpoint(session: Session, tenant: str | None, endpoint_id: str) -> N
 def rotate_secret(session: Session, settings: Settings, tenant: str) -> str:
     """A new signing secret for the tenant (returned once); the previous one keeps signing,
     beside it, for webhook_rotation_grace_s."""
+    created = ensure_secret(session, settings, tenant)
+    if created is not None:
+        return created
     secret = new_secret()
-    token = crypto.encrypt(settings, secret)
-    row = session.get(WebhookSecret, tenant)
     now = utcnow()
-    if row is None:
-        session.add(WebhookSecret(tenant=tenant, secret=token))
-    else:
-        row.previous, row.secret = row.secret, token
-        row.previous_until = now + timedelta(seconds=settings.webhook_rotation_grace_s)
-        row.rotated_at = now
-    session.flush()
+    # One UPDATE (`previous` takes the row's `secret` as it is when the UPDATE runs): a read
+    # then a write let concurrent rotations each hand out a secret, most of which never signed,
+    # and lose the true previous one.
+    session.execute(
+        update(WebhookSecret)
+        .where(WebhookSecret.tenant == tenant)
+        .values(
+            previous=WebhookSecret.secret,
+            secret=crypto.encrypt(settings, secret),
+            previous_until=now + timedelta(seconds=settings.webhook_rotation_grace_s),
+            rotated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
     return secret
 
 

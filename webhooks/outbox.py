@@ -31,10 +31,9 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.db import among, is_postgres
+from core.db import among, dialect_insert, is_postgres
 from core.settings import get_settings
 from models.status import FINAL, Status
 from models.tables import Request, UTCDateTime, utcnow
@@ -102,9 +101,7 @@ def _new_id(session: Session) -> Any:
 
 
 def _insert(session: Session) -> Any:
-    if is_postgres(session):
-        return postgresql.insert(WebhookDelivery)
-    return sqlite.insert(WebhookDelivery)
+    return dialect_insert(session, WebhookDelivery)
 
 
 def _write(session: Session, rows: Any) -> int:

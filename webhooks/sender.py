@@ -85,6 +85,8 @@ def post(
             if not chunk:
                 break
             data += chunk
+        if watchdog.fired:  # cut under a read that then saw an end: the answer is not whole
+            raise TimeoutError(f"the answer took longer than {limit_s:g}s")
         return Response(resp.status, data)
     except (OSError, http.client.HTTPException) as err:
         if watchdog.fired:

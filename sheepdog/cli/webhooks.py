@@ -62,7 +62,7 @@ def add(
     """Register an endpoint; prints the tenant's signing secret the first time (only then)."""
     from webhooks.endpoints import add_endpoint
 
-    wanted = [e.strip() for e in events.split(",") if e.strip()] if events else None
+    wanted = None if events is None else [e.strip() for e in events.split(",") if e.strip()]
     with _session() as (session, settings):
         added = add_endpoint(session, settings, tenant, url, wanted)
     if as_json:
