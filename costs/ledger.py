@@ -204,7 +204,7 @@ def ledger_ctes(
     in `source` (see record_moved), and settle their reservations; `model` and `tier` are
     column expressions (a literal, or one of `source`'s columns). The tokens charged are
     `source`'s `{billed}prompt_tokens`, `{billed}completion_tokens` and `{billed}usage_estimated`
-    (a stream also charges the answers a retry took back). Add both CTEs to the statement
+    (a stream also charges the text sent before its answer). Add both CTEs to the statement
     that runs them (`add_cte`)."""
     usage = source.c
     ledger = (

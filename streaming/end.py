@@ -18,8 +18,8 @@ LANE_REASON_CHARS = max_chars("lane_reason")
 
 @dataclass(frozen=True, slots=True)
 class TakenBack:
-    """What the provider billed for the answers a retry took back before the one that
-    succeeded, estimated (a cut answer has no usage): each call's prompt, every piece."""
+    """What the provider billed a succeeded stream for text before its answer (answers a retry
+    took back, an earlier attempt's before its worker was killed), estimated: streaming/billing.py."""
 
     prompt_tokens: int
     completion_tokens: int

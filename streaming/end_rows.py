@@ -62,7 +62,7 @@ class SucceededEnd:
     lane_reason: str | None
     model: str
     tier: str  # the tier billed
-    # What the ledger charges: the answer's usage plus what a retry took back (End.billed).
+    # What the ledger charges: the answer's usage plus the text before it (End.billed).
     billed_prompt_tokens: int | None
     billed_completion_tokens: int | None
     billed_usage_estimated: bool

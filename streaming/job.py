@@ -23,7 +23,8 @@ from rules.backoff import backoff_s
 from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
-from streaming.end import End, StreamResult, TakenBack
+from streaming.billing import Billed
+from streaming.end import End, StreamResult
 from streaming.job_services import JobServices
 from streaming.lanes import TIER_ASKED, LaneRun
 from streaming.provider_errors import Fatal, RejectsStreamOptions, Retryable
@@ -49,6 +50,10 @@ class Grant:
     attempts: int
     next_seq: int
     reset_first: bool
+    # Text earlier attempts (a worker killed, or stalled and fenced: their ends are never
+    # written) sent to the log, which the provider billed: their calls and pieces.
+    sent_calls: int = 0
+    sent_pieces: int = 0
 
 
 RUNAWAY_PIECES_PER_TOKEN = 4
@@ -74,10 +79,7 @@ class StreamJob:
     parts: list[str] = field(default_factory=list)
     shown: int = 0  # tokens published since the last reset
     tokens: int = 0
-    # What the provider has billed for answers taken back (retries) or cut (cancel, failure):
-    # the calls that streamed text, and their pieces before this attempt's.
-    billed_calls: int = 0
-    billed_pieces: int = 0
+    billed: Billed = field(default_factory=Billed)  # text no answer's usage pays for
     first_token_at: datetime | None = None
     calls: int = 0
     marks: dict[str, float] | None = None  # wall-clock stage times (SHEEPDOG_STREAM_TRACE)
@@ -108,8 +110,12 @@ class StreamJob:
             self.task.cancel()
 
     def resolve(self, grant: Grant | None) -> None:
-        """Hand the job its grant (or None: it does not own the row and must stop quietly)."""
+        """Hand the job its grant (or None: it does not own the row and must stop quietly),
+        with the text earlier attempts sent, counted as billed before the job's end is made."""
         if not self.grant_future.done():
+            if grant is not None:
+                self.billed.calls += grant.sent_calls
+                self.billed.pieces += grant.sent_pieces
             self.grant_future.set_result(grant)
 
     # -- publishing --------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class StreamJob:
 
     def _drop_answer(self) -> None:
         """Let go of this attempt's text; its pieces stay counted as billed."""
-        self.billed_pieces += self.tokens
+        self.billed.pieces += self.tokens
         self.parts.clear()
         self.tokens = 0
 
@@ -203,7 +209,7 @@ class StreamJob:
         text = storable(text)  # what is published is what the row will hold
         self.parts.append(text)
         if not self.tokens:
-            self.billed_calls += 1  # a call that answered is billed its prompt
+            self.billed.calls += 1  # a call that answered is billed its prompt
         self.tokens += 1
         self.shown += 1
         self._put("token", text=text)
@@ -230,8 +236,10 @@ class StreamJob:
             if self.stop_reason is not None:
                 raise asyncio.CancelledError
             outcome = await self._attempts()
-            if self.grant is None:
-                await self._wait_grant()
+            if self.grant is None:  # failed before any text: its end waits for the grant,
+                await self._wait_grant()  # which may bring earlier attempts' text to charge
+                if outcome.end is not None and outcome.end.status is Status.FAILED:
+                    outcome = self._cut_short(Status.FAILED, outcome.end.error)
             return outcome
         except asyncio.CancelledError:
             if self.stop_reason is None:
@@ -340,17 +348,10 @@ class StreamJob:
         call's prompt, and every piece streamed."""
         if kind == LOST:
             return StreamResult(None, self.calls)
-        usage: dict[str, Any] = {}
-        if self.billed_calls:
-            text = "".join(self.parts)
-            prompt = count_message_tokens(self.body.get("messages") or [])
-            usage = {
-                "prompt_tokens": prompt * self.billed_calls,
-                "completion_tokens": self.billed_pieces + max(self.tokens, count_tokens(text)),
-                "usage_estimated": True,
-                # Billed at the tier its lane asked for (a cut answer does not say which served).
-                "service_tier": TIER_ASKED.get(self.lanes.lane) if self.lanes else None,
-            }
+        prompt = count_message_tokens(self.body.get("messages") or [])
+        usage = self.billed.cut(prompt, self.tokens, "".join(self.parts))
+        if usage:  # at the tier its lane asked for (a cut answer does not say which served)
+            usage["service_tier"] = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
         if kind == CANCELLED:
             return self._result(Status.CANCELLED, error="cancelled", **usage)
         lane = self.lanes.left_lane() if self.lanes is not None else {}
@@ -371,13 +372,7 @@ class StreamJob:
             (prompt, completion), estimated = reported, False
         else:
             prompt, completion, estimated = counted, max(self.tokens, count_tokens(text)), True
-        # The calls before this one that streamed text (this one's prompt is in its usage).
-        earlier = self.billed_calls - (1 if self.tokens else 0)
-        taken_back = (
-            TakenBack(counted * earlier, self.billed_pieces)
-            if earlier or self.billed_pieces
-            else None
-        )
+        taken_back = self.billed.before(counted, answered=self.tokens > 0)
         return self._result(
             Status.SUCCEEDED,
             finish_reason=answer.finish_reason,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,7 +23,10 @@ from streaming.drain import drain_forever
 log = logging.getLogger("sheepdog.streaming.lookups")
 
 # KEYS: cancel flags, then replay logs; ARGV[1]: how many flags. Returns 1/0 per flag, then per
-# log the newest entry's message (nil when the log is empty).
+# log its newest entry's message, how many `token` messages it holds and in how many runs (a
+# `reset` ends a run), or nil when the log is empty. A log is read whole only on this path: a
+# row taken over from an earlier attempt, whose text the provider billed. A message's type is
+# the first "type" of its JSON (encode writes it before any text).
 LOOKUP = """
 local n = tonumber(ARGV[1])
 local out = {}
@@ -30,13 +34,39 @@ for i = 1, n do
   out[i] = redis.call('EXISTS', KEYS[i])
 end
 for i = n + 1, #KEYS do
-  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
-  if last[1] then out[i] = last[1][2][2] else out[i] = false end
+  local entries = redis.call('XRANGE', KEYS[i], '-', '+')
+  if #entries == 0 then
+    out[i] = false
+  else
+    local tokens, runs, open = 0, 0, false
+    for _, entry in ipairs(entries) do
+      local kind = string.match(entry[2][2], '"type":"(%a+)"')
+      if kind == 'token' then
+        tokens = tokens + 1
+        if not open then runs = runs + 1; open = true end
+      elseif kind == 'reset' then
+        open = false
+      end
+    end
+    out[i] = {entries[#entries][2][2], tokens, runs}
+  end
 end
 return out
 """
 
-_Pending = tuple[str, bool, "asyncio.Future[tuple[bool, bytes | None]]"]
+
+@dataclass(frozen=True, slots=True)
+class LogSeen:
+    """What a replay log holds for a stream taken over from an earlier attempt: its newest
+    message, and the text sent before (token messages, and the runs of them: calls)."""
+
+    last: bytes
+    tokens: int
+    runs: int
+
+
+_Reply = tuple[bool, LogSeen | None]
+_Pending = tuple[str, bool, "asyncio.Future[_Reply]"]
 
 
 class Lookups:
@@ -53,12 +83,12 @@ class Lookups:
         flag, _ = await self._ask(request_id, False)
         return flag
 
-    async def cancelled_and_last(self, request_id: str) -> tuple[bool, bytes | None]:
-        """The cancel flag and the newest message of the replay log (None when empty)."""
+    async def cancelled_and_log(self, request_id: str) -> _Reply:
+        """The cancel flag and what the replay log holds (None when empty)."""
         return await self._ask(request_id, True)
 
-    def _ask(self, request_id: str, last: bool) -> asyncio.Future[tuple[bool, bytes | None]]:
-        done: asyncio.Future[tuple[bool, bytes | None]] = asyncio.get_running_loop().create_future()
+    def _ask(self, request_id: str, last: bool) -> asyncio.Future[_Reply]:
+        done: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending.append((request_id, last, done))
         self._wake.set()
         return done
@@ -85,9 +115,11 @@ class Lookups:
             return
         at = len(flags)
         for i, (_, last, done) in enumerate(batch):
-            message = None
+            seen = None
             if last:
-                message = reply[at]
+                if reply[at]:
+                    message, tokens, runs = reply[at]
+                    seen = LogSeen(message, int(tokens), int(runs))
                 at += 1
             if not done.done():
-                done.set_result((bool(reply[i]), message))
+                done.set_result((bool(reply[i]), seen))

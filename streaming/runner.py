@@ -188,11 +188,17 @@ async def _grant(runtime: Runtime, job: StreamJob, claim: store.Claim) -> None:
         if claim.fresh:
             cancelled, logged = await runtime.lookups.cancelled(job.request_id), None
         else:
-            cancelled, logged = await runtime.lookups.cancelled_and_last(job.request_id)
+            cancelled, logged = await runtime.lookups.cancelled_and_log(job.request_id)
         if cancelled:
             job.stop(CANCELLED)
-        last = StreamMessage.parse(logged) if logged else None
-        grant = Grant(claim.attempts, next_seq(last), last is not None and last.type == "token")
+        last = StreamMessage.parse(logged.last) if logged else None
+        grant = Grant(
+            claim.attempts,
+            next_seq(last),
+            last is not None and last.type == "token",
+            sent_calls=logged.runs if logged else 0,
+            sent_pieces=logged.tokens if logged else 0,
+        )
     finally:
         job.resolve(grant)
 

@@ -9,8 +9,12 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from core import keys
+from core.db import session_scope
+from models.tables import CostEntry
+from rules.tokens import count_message_tokens
 from streaming.subscriber import events
 from tests.fixtures.faults import Deployment, Figures, tally, wait_final, wait_for
 from tests.fixtures.invariants import check_invariants
@@ -103,6 +107,21 @@ def test_sigkill_stream_worker_with_100_streams_in_flight(
     for rid in ids[:3]:
         assert rows[rid].text == direct_answer(simulator, rows[rid].body)
     check_invariants(settings, ids)
+    # What the killed worker streamed was billed by the provider: charged beside the answer,
+    # estimated (a piece a seq, its prompt once). It was free.
+    with session_scope(settings.database_url) as session:
+        ledger = {e.request_id: e for e in session.scalars(select(CostEntry))}
+    for rid in ids:
+        row, entry = rows[rid], ledger[rid]
+        assert row.prompt_tokens is not None and row.completion_tokens is not None
+        assert entry.estimated and not row.usage_estimated, rid
+        # What the killed worker sent: the log up to the heir's reset (a piece or two may have
+        # left the worker after `before` was read, as the kill took effect).
+        types = [m.type for m in log_types(dep, rid)]
+        sent = types.index("reset", before[rid])
+        assert entry.completion_tokens == row.completion_tokens + sent, (rid, types)
+        prompt = count_message_tokens(row.body["messages"])
+        assert entry.prompt_tokens == row.prompt_tokens + prompt, rid
 
 
 # Each provider fault: (name, rule fields, requests, what the policy makes of it).
