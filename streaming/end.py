@@ -19,7 +19,7 @@ LANE_REASON_CHARS = max_chars("lane_reason")
 @dataclass(frozen=True, slots=True)
 class TakenBack:
     """What the provider billed a succeeded stream for text before its answer (answers a retry
-    took back, an earlier attempt's before its worker was killed), estimated: streaming/billing.py."""
+    took back, an earlier attempt's before its worker was killed), estimated (billing.py)."""
 
     prompt_tokens: int
     completion_tokens: int
