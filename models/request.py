@@ -49,9 +49,11 @@ def check_tenant(tenant: str) -> None:
     """InvalidRequest unless `tenant` fits the tables' tenant columns (a budget, a key, a
     webhook endpoint is kept for one)."""
     if not 0 < len(tenant) <= TENANT_MAX_CHARS:
-        raise InvalidRequest(f"a tenant is 1 to {TENANT_MAX_CHARS} characters")
-    if not tenant.isprintable():  # a control character would garble every line that shows it
-        raise InvalidRequest(f"a tenant must be printable text, got {tenant[:40]!r}")
+        raise InvalidRequest(
+            f"tenant is {len(tenant):,} characters; a tenant is 1 to {TENANT_MAX_CHARS}"
+        )
+    if not tenant.isprintable():  # a NUL (PostgreSQL refuses it) or a control character
+        raise InvalidRequest(f"tenant must be printable text, got {tenant[:40]!r}")
 
 
 MAX_METADATA_KEY_CHARS = 64
@@ -290,12 +292,8 @@ class ChatRequest(BaseModel):
                 f" over the limit of {MAX_METADATA_PAIRS}"
             )
         tenant = value.get("tenant")
-        if tenant is not None and len(tenant) > TENANT_MAX_CHARS:
-            raise ValueError(
-                f"tenant is {len(tenant):,} characters, over the limit of {TENANT_MAX_CHARS}"
-            )
-        if tenant is not None and "\x00" in tenant:
-            raise ValueError("tenant contains a NUL character")
+        if tenant is not None:
+            check_tenant(tenant)  # InvalidRequest is a ValueError: pydantic reports it
         return value
 
     @field_validator("metadata")
@@ -357,12 +355,21 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def error_param(err: ValidationError) -> str | None:
-    """The first bad field's path as OpenAI's errors write `param`: `messages[0].role`."""
+    """The first bad field's path as OpenAI's errors write `param`: `messages[0].role`. The
+    names pydantic gives a union's branches (`stop.str`, `stop.list[str]`) are no field's."""
     errors = err.errors(include_url=False)
     path = ""
     for part in errors[0]["loc"] if errors else ():
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not part.isidentifier() or part in _TYPE_NAMES:
+            break
+        else:
+            path += f".{part}" if path else part
     return path or None
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def validate_request(data: object) -> ChatRequest:

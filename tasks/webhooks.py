@@ -22,8 +22,9 @@ KICK_WINDOW_S = 0.05
 
 @shared_task(base=SheepdogTask, name="sheepdog.webhooks.sweep", acks_late=True)
 def sweep() -> int:
-    """Send one delivery task per target with due deliveries (each exits at once when the
-    target's slots are all busy). Safe to run twice: deliveries are leased."""
+    """Send one delivery task per target and tenant with due deliveries (each exits at once
+    when the tenant's or the target's slots are all busy). Safe to run twice: deliveries are
+    leased."""
     settings = get_settings()
     targets = due_targets(settings)
     expires = max(settings.webhook_sweep_interval_s * 5, 10.0)

@@ -82,6 +82,9 @@ def test_bad_bodies_get_openai_shaped_4xx_and_enqueue_nothing(api_server: ApiSer
         assert e["param"] == "X-Sheepdog-Deadline" and "ISO 8601" in e["message"], e
         e = openai_error(http.post("/v1/requests", json={**GOOD, "deadline": 1965000000}), 400)
         assert e["param"] == "deadline", e
+        over = {**CHAT, "max_completion_tokens": 10**6}  # the name the body used
+        e = openai_error(http.post("/v1/chat/completions", json=over), 400)
+        assert e["param"] == "max_completion_tokens", e
         image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
         body = {**CHAT, "messages": [{"role": "user", "content": [image]}]}
         e = openai_error(http.post("/v1/chat/completions", json=body), 400)

@@ -47,7 +47,7 @@ UNSTORABLE_AT_THE_EDGE = [
     ("max_cost_usd", {"max_cost_usd": "1e30"}),
     ("max_cost_usd", {"max_cost_usd": "9999999999.99999999999"}),  # rounds up to 1e10
     ("deadline", {"deadline": "9999-12-31T23:59:59-12:00"}),
-    ("metadata: tenant contains a NUL", {"metadata": {"tenant": "a\x00b"}}),
+    ("metadata: tenant must be printable text", {"metadata": {"tenant": "a\x00b"}}),
     ("idempotency_key: idempotency_key contains a NUL", {"idempotency_key": "k\x00"}),
 ]
 

@@ -59,9 +59,10 @@ def bad(**changes: object) -> dict[str, object]:
         # What the tables cannot hold (PostgreSQL refuses it; SQLite would store it).
         (
             bad(metadata={"tenant": "t" * 101}),
-            "metadata: tenant is 101 characters, over the limit of 100",
+            "metadata: tenant is 101 characters; a tenant is 1 to 100",
         ),
-        (bad(metadata={"tenant": "a\x00b"}), "metadata: tenant contains a NUL character"),
+        (bad(metadata={"tenant": "a\x00b"}), "metadata: tenant must be printable text"),
+        (bad(metadata={"tenant": "a\x1bb"}), "metadata: tenant must be printable text"),
         (bad(max_cost_usd="1e10"), "max_cost_usd: max_cost_usd 1E+10 is too large"),
         (bad(max_cost_usd="1e30"), "max_cost_usd: max_cost_usd 1E+30 is too large"),
         (
@@ -102,6 +103,7 @@ def test_bad_input_is_refused_with_its_reason(payload: object, message: str) -> 
         (bad(max_tokens=10**6), "max_tokens"),
         (bad(max_cost_usd="abc"), "max_cost_usd"),
         (bad(messages=[{"role": "user", "content": "word " * 9000}]), "messages"),
+        (bad(stop=[1]), "stop"),  # not stop.list[str]: a union's branch is no field
         (bad(lane="priority"), None),  # a rule across fields names none
     ],
 )

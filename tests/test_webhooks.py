@@ -377,7 +377,14 @@ def test_rotation_sends_both_signatures(settings: Settings, receiver: Receiver) 
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "host", ["[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::127.0.0.1]", "[64:ff9b::a9fe:a9fe]"]
+    "host",
+    [
+        "[64:ff9b::7f00:1]",
+        "[64:ff9b:1::a9fe:a9fe]",
+        "[2002:7f00:1::]",
+        "[::127.0.0.1]",
+        "[64:ff9b::a9fe:a9fe]",
+    ],
 )
 def test_an_ipv6_address_carrying_a_private_ipv4_one_is_refused(host: str) -> None:
     """NAT64, 6to4 and IPv4-compatible addresses reach the IPv4 address they carry (through a

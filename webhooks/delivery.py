@@ -77,7 +77,7 @@ class SendResult:
 @dataclass
 class TargetReport:
     target: str
-    busy: bool = False  # every slot of the endpoint is taken
+    busy: bool = False  # every slot of the tenant's, or of the endpoint's, is taken
     delivered: int = 0
     failed: int = 0
     dead: int = 0

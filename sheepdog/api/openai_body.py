@@ -120,6 +120,14 @@ def parse_chat_body(raw: object) -> ChatBody:
         ) from None
 
 
+def openai_param(param: str | None, body: ChatBody) -> str | None:
+    """A refusal's `param` as the caller wrote it: the header that set the field, or
+    `max_completion_tokens` when that is what the body said."""
+    if param == "max_tokens" and body.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return HEADER_OF.get(param or "", param)
+
+
 def to_request(body: ChatBody, headers: Headers) -> dict[str, Any]:
     """The Sheepdog request (models/request.py ChatRequest fields) for this call."""
     if body.service_tier == "flex":

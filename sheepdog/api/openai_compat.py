@@ -30,7 +30,7 @@ from core.errors import InvalidRequest
 from models.stream_message import StreamMessage
 from sheepdog.api.body import read_json
 from sheepdog.api.errors import ApiError, error_body
-from sheepdog.api.openai_body import HEADER_OF, ChatBody, parse_chat_body, to_request
+from sheepdog.api.openai_body import ChatBody, openai_param, parse_chat_body, to_request
 from sheepdog.api.responses import FastJSONResponse
 from streaming.follow import Tick, follow
 
@@ -101,7 +101,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         rid = (await front.submit(who.tenant, [sheepdog_request], False, size))[0]
     except (ApiError, InvalidRequest) as err:
-        err.param = HEADER_OF.get(err.param or "", err.param)
+        err.param = openai_param(err.param, body)
         raise
     if body.stream:
         return StreamingResponse(
