@@ -15,17 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import openai
 import redis
 from sqlalchemy import select
 
-from batch.batch_object import batch_values, status_of
 from batch.claim import Group, claim
 from batch.emulated_job import EMULATED, submit_emulated
-from batch.job_status import KNOWN, move_job, move_job_now
+from batch.job_status import move_job
 from batch.jobs import (
     crash_point,
     holding,
@@ -37,6 +35,12 @@ from batch.jobs import (
 )
 from batch.jsonl import write_job_file
 from batch.low_count import count_down
+from batch.provider_batch import (
+    cancel_duplicate,
+    create_batch,
+    find_provider_batch,
+    record_batch,
+)
 from core.celery_app import celery_for
 from core.db import analyze, session_scope
 from core.errors import scrub_secrets
@@ -44,14 +48,12 @@ from core.providers import client_for, load_providers, resolve_batch_mode
 from core.settings import Settings, get_settings
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move_each, move_many
-from models.status import BATCH_FINAL, BatchStatus, Status
+from models.status import BatchStatus, Status
 from models.tables import BatchJob, Request, utcnow
 from rules.prices import provider_batch_discount
 
 log = logging.getLogger("sheepdog.batch.flush")
 
-METADATA_KEY = "sheepdog_job_id"
-LIST_SLACK_S = 600
 ANALYZE_AFTER = 10_000  # claimed rows from which a flush refreshes the statistics
 # Refusals no retry can fix (a wrong key, a forbidden model, an endpoint the provider lacks):
 # the job's requests fail with the provider's reason instead of the job waiting forever.
@@ -248,7 +250,7 @@ def submit_job(
     if not fresh:
         found = find_provider_batch(client, job_id, created_at)
         if found is not None:
-            _record_batch(settings, job_id, found)
+            record_batch(settings, job_id, found)
             log.info("job %s: adopted provider batch %s", job_id, found.id)
             counts = found.request_counts.total if found.request_counts else 0
             return JobReport(job_id, model, counts, 0, found.id, adopted=True), 0
@@ -261,7 +263,7 @@ def submit_job(
         if input_file_id is None:
             return JobReport(job_id, model, 0, 0, None), failed
     try:
-        batch = _create(client, job_id, input_file_id)
+        batch = create_batch(client, job_id, input_file_id)
     except openai.NotFoundError:
         # The uploaded file is gone at the provider (deleted, expired): upload it again.
         update_job(settings, job_id, input_file_id=None)
@@ -271,9 +273,11 @@ def submit_job(
         failed += more
         if input_file_id is None:
             return JobReport(job_id, model, 0, 0, None), failed
-        batch = _create(client, job_id, input_file_id)
+        batch = create_batch(client, job_id, input_file_id)
     crash_point(crash_after, "create")
-    _record_batch(settings, job_id, batch)
+    if not record_batch(settings, job_id, batch):
+        cancel_duplicate(client, job_id, batch.id)
+        return None
     log.info("job %s: %d lines of %s submitted as %s", job_id, lines, model, batch.id)
     return JobReport(job_id, model, lines, size, batch.id), failed
 
@@ -311,58 +315,6 @@ def _write_and_upload(
         input_bytes=written.bytes,
     )
     return uploaded.id, written.lines, written.bytes, len(written.rejected)
-
-
-def _create(client: openai.OpenAI, job_id: str, input_file_id: str) -> Any:
-    return client.batches.create(
-        input_file_id=input_file_id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        metadata={METADATA_KEY: job_id},
-    )
-
-
-def _record_batch(settings: Settings, job_id: str, batch: Any) -> None:
-    read = batch_values(batch)  # each field as the row can hold it
-    # An adopted batch may have ended already (its submitter died long enough ago): poll never
-    # refreshes a final job, so its result files must be recorded here or the ingest finds none
-    # and sends every request to the provider a second time.
-    ended: dict[str, Any] = {}
-    status = status_of(batch)
-    if status in BATCH_FINAL:
-        ended = {
-            "output_file_id": read["output_file_id"],
-            "error_file_id": read["error_file_id"],
-            "errors": read.get("errors"),
-            "finished_at": utcnow(),
-        }
-    if status not in KNOWN:  # a relay's own word: the job is open; poll takes it from here
-        log.warning("job %s: status %r is not a Batch API status; kept open", job_id, status)
-        status = BatchStatus.VALIDATING
-    move_job_now(
-        settings,
-        job_id,
-        status,
-        from_=[BatchStatus.PREPARING],
-        provider_batch_id=batch.id,
-        input_file_id=batch.input_file_id,
-        submitted_at=datetime.fromtimestamp(batch.created_at, UTC),
-        completed_count=read["completed_count"],
-        failed_count=read["failed_count"],
-        **ended,
-    )
-
-
-def find_provider_batch(client: openai.OpenAI, job_id: str, created_at: datetime) -> Any | None:
-    """The provider batch whose metadata names `job_id`, paging batches.list (newest first)
-    back to shortly before the job row was written."""
-    oldest = created_at.timestamp() - LIST_SLACK_S
-    for batch in client.batches.list(limit=100):
-        if (batch.metadata or {}).get(METADATA_KEY) == job_id:
-            return batch
-        if batch.created_at < oldest:
-            return None
-    return None
 
 
 def _escalate(settings: Settings, request_ids: list[str], flex: Collection[str] = ()) -> None:

@@ -86,11 +86,14 @@ def poll(settings: Settings | None = None) -> PollReport:
             continue
         status = status_of(batch)
         over = submitted_at is not None and now - submitted_at > max_wait + grace
-        if status not in KNOWN and job_id in report.cancelled and over:
-            # Cancelled past the wait, and still a status of the relay's own a grace period
-            # after it (a cancel takes a while to finish): it would never end, nor would its
-            # requests. Ended here; the ingest takes whatever file the relay names and
-            # requeues the rest, as for any cancelled batch.
+        stuck = status == BatchStatus.CANCELLING or (
+            status not in KNOWN and job_id in report.cancelled
+        )
+        if stuck and over:
+            # Cancelled past the wait, and still cancelling (or a status of the relay's own) a
+            # grace period after it (a cancel takes a while to finish): it would never end,
+            # nor would its requests. Ended here; the ingest takes whatever file the provider
+            # names and requeues the rest, as for any cancelled batch.
             log.warning(
                 "job %s: provider status %r past the wait limit; ended as cancelled",
                 job_id,

@@ -322,14 +322,15 @@ def _examine(
         action = "retried"
     try:
         parts = plan_parts(source, settings, prices)
-        if action == "retried" and row is not None:
-            retry, done = _retry_plan(session, row, len(parts))
+        prompts = []
         for i, text in enumerate(parts, start=1):
-            client.prepare(
-                document_request(
-                    settings, prices, source.title, text, 0, source.content_hash, i, len(parts)
-                )
+            request = document_request(
+                settings, prices, source.title, text, 0, source.content_hash, i, len(parts)
             )
+            client.prepare(request)
+            prompts.append(request["messages"])
+        if action == "retried" and row is not None:
+            retry, done = _retry_plan(session, row, prompts)
     except InvalidRequest as err:
         _store(session, row, source, status="refused", parts=0, error=str(err))
         report.refused += 1
@@ -366,21 +367,28 @@ def _store(
     return row
 
 
-def _retry_plan(session: Any, row: Document, parts: int) -> tuple[int, frozenset[int]]:
+def _retry_plan(
+    session: Any, row: Document, prompts: list[list[dict[str, str]]]
+) -> tuple[int, frozenset[int]]:
     """For a failed version's retry: its number, which makes its idempotency keys fresh, and
     the parts not to send again (answered: paid for, and the summary takes them; or still
     open). The number is the time of the scan that wrote the row last, in ms: the same for two
     scans at once (their keys dedupe), another for each attempt, including one whose submit
     stopped with its keys held for requests that do not exist. The parts count only when the
-    split is the one they answered (the prompt, the model or its limits may have changed)."""
+    split is the one they answered: as many parts, each part's prompt (`prompts`, the new
+    split's) the one its request sent (the prompt or the part size may have changed)."""
     from documents.status import version_requests
 
     number = int(in_utc(row.scanned_at).timestamp() * 1000)
-    if row.parts != parts:
+    if row.parts != len(prompts):
         return number, frozenset()
-    requests = version_requests(session, [row])[row.id]
+    same = range(1, len(prompts) + 1)
     return number, frozenset(
-        r.document_part or 1 for r in requests if r.status == "succeeded" or r.status not in FINAL
+        part
+        for r in version_requests(session, [row])[row.id]
+        if (r.status == "succeeded" or r.status not in FINAL)
+        and (part := r.document_part or 1) in same
+        and (r.body or {}).get("messages") == prompts[part - 1]
     )
 
 

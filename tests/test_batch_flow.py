@@ -11,10 +11,11 @@ import pytest
 from openai import OpenAI
 from sqlalchemy import func, select, update
 
-from batch.flush import METADATA_KEY, find_provider_batch, flush
+from batch.flush import flush
 from batch.ingest import ingest
 from batch.jobs import SimulatedCrash
 from batch.poll import poll
+from batch.provider_batch import METADATA_KEY, find_provider_batch
 from core.db import session_scope
 from models.tables import BatchJob, CostEntry
 from rules.prices import price_table
@@ -173,6 +174,83 @@ def test_crash_is_repaired_without_double_submit(settings: Any, point: str) -> N
     assert find_provider_batch(client, job.id, job.created_at) is not None
     drive(settings, ids, flush=False)
     assert {r.status for r in rows(settings, ids).values()} == {"succeeded"}
+
+
+def test_a_create_that_lands_after_a_repair_is_cancelled(settings: Any, simulator: Any) -> None:
+    """A submitter whose create was on the way when its lock lapsed (it stalled, or Redis lost
+    the lock) while a repairer found no batch and made one: both batches ran, the provider
+    billed the job twice, and only the recorded one was ingested. The late one is cancelled."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from batch.flush import submit_job
+
+    ids = add_requests(settings, [(MINI, f"late create q{i}") for i in range(3)])
+    with pytest.raises(SimulatedCrash):
+        flush(settings, crash_after="upload")  # a job preparing, its file uploaded
+    (job,) = jobs(settings)
+    release = threading.Event()
+    upstream = settings.openai_base_url.rstrip("/")
+
+    class Holding(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.do_POST()
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.command == "POST" and self.path.endswith("/batches"):
+                release.wait(30)  # the create is on the way, and stays there
+            skip = {"host", "content-length", "connection", "accept-encoding"}
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+            answer = httpx.request(
+                self.command,
+                upstream + self.path.removeprefix("/v1"),
+                content=body,
+                headers=headers,
+                timeout=30,
+            )
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Holding)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    slow = settings.model_copy(
+        update={"openai_base_url": f"http://127.0.0.1:{proxy.server_port}/v1"}
+    )
+    late: list[Any] = []
+    submitter = threading.Thread(target=lambda: late.append(submit_job(slow, job.id, fresh=True)))
+    validate_s = simulator.configure()["batch_validate_s"]
+    simulator.configure(batch_validate_s=3600)  # both batches still open when the late one lands
+    try:
+        submitter.start()
+        assert flush(settings).repaired == 1  # its lock is free: the repairer finds no batch
+        release.set()
+        submitter.join(60)
+    finally:
+        simulator.configure(batch_validate_s=validate_s)
+        release.set()
+        proxy.shutdown()
+        proxy.server_close()
+    assert late == [None], "the late create is not reported as the job's submission"
+    client = OpenAI(base_url=settings.openai_base_url, api_key=settings.api_key(), max_retries=0)
+    ours = [
+        b for b in client.batches.list(limit=100) if (b.metadata or {}).get(METADATA_KEY) == job.id
+    ]
+    (recorded,) = jobs(settings)
+    assert len(ours) == 2
+    assert {b.status for b in ours if b.id != recorded.provider_batch_id} <= {
+        "cancelling",
+        "cancelled",
+    }
+    assert {r.status for r in rows(settings, ids).values()} == {"batched"}  # in the recorded one
 
 
 def test_deadline_escalates_at_flush(settings: Any) -> None:

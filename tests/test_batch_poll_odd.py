@@ -35,6 +35,7 @@ ODD: dict[str, dict[str, Any]] = {
     "batch_odd_errors": {"status": "in_progress", "errors": {"data": 5}},
     "batch_own_status": {"status": "running"},  # a status no Batch API has
     "batch_own_recent": {"status": "running"},  # the same, cancelled inside the grace period
+    "batch_cancelling": {"status": "cancelling"},  # a cancel that never finishes
     "batch_dict_status": {"status": {"phase": 2}},  # not even a string
     "batch_dot_file": {"status": "completed", "output_file_id": ".."},  # no download can name
     "batch_fine": {
@@ -103,7 +104,11 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
         move_job_now(settings, group.job_id, "in_progress", provider_batch_id=name)
         jobs[name] = group.job_id
     with session_scope(settings.database_url) as session:  # submitted two hours ago
-        for name, ago in (("batch_own_status", 7200), ("batch_own_recent", 90)):
+        for name, ago in (
+            ("batch_own_status", 7200),
+            ("batch_own_recent", 90),
+            ("batch_cancelling", 7200),
+        ):
             session.execute(
                 update(BatchJob)
                 .where(BatchJob.id == jobs[name])
@@ -135,6 +140,9 @@ def test_odd_batch_objects_neither_stop_the_poll_nor_wait_forever(
     _Relay.cancelled.clear()
     again = poll(settings)
     assert own in again.to_ingest and jobs["batch_own_recent"] not in again.to_ingest
+    # Still `cancelling` past the wait and its grace: ended too (it was polled for ever, its
+    # requests `batched` with their holds).
+    assert jobs["batch_cancelling"] in report.to_ingest
     assert _Relay.cancelled == ["batch_own_recent"]
     # A status that is not a string is the relay's own word; a file id no download can name
     # is left out, so the completed job's ingest requeues its request instead of failing.

@@ -9,7 +9,8 @@ from typing import Any
 from openai import OpenAI
 from sqlalchemy import func, select
 
-from batch.flush import METADATA_KEY, FlushReport, flush
+from batch.flush import FlushReport, flush
+from batch.provider_batch import METADATA_KEY
 from core.db import session_scope
 from models.tables import BatchJob, Request
 from tests.fixtures.batch import add_requests, drive, make_settings, rows, wipe

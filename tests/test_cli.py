@@ -108,6 +108,14 @@ def test_status_of_an_unknown_request(sqlite_url: str) -> None:
     assert "invalid request id 'req_nope'" in one_line_error(result)
 
 
+def test_an_export_that_cannot_be_written_is_one_line(sqlite_url: str, tmp_path: Path) -> None:
+    """`documents export --output` into a missing folder printed a traceback."""
+    env = {"SHEEPDOG_DATABASE_URL": sqlite_url}
+    missing = tmp_path / "nowhere" / "docs.jsonl"
+    result = sheepdog("documents", "export", "--format", "jsonl", "--output", str(missing), env=env)
+    assert f"cannot write {missing}" in one_line_error(result)
+
+
 def test_plot_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
     """matplotlib is the `plot` extra: without it `costs --plot` is one line naming the extra
     (checked before the database is opened: this one does not exist)."""

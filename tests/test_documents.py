@@ -366,3 +366,23 @@ def test_a_retry_sends_only_the_parts_not_answered(
         views = {Path(v.path).name: v for v in refresh(session)}
     assert views["long.md"].status == "succeeded" and views["long.md"].summary == "S1\n\nS2"
     assert views["short.md"].status == "cancelled"
+
+
+def test_a_retry_of_another_split_sends_every_part_again(
+    any_db_settings: Settings, tmp_path: Path
+) -> None:
+    """A retry reused the answered parts when the part count was the same, though the parts
+    were not (a smaller answer limit makes each part larger): text between the old and the new
+    boundary was in no answered part, and the summary skipped it with the document
+    `succeeded`. A part is reused only when its prompt is the one it was answered for."""
+    settings = any_db_settings.model_copy(update={"documents_max_tokens": 2000})
+    words = "\n\n".join(" ".join(f"w{p}x{i}" for i in range(50)) for p in range(180))
+    (tmp_path / "long.md").write_text("# Long\n\n" + words)
+    client = Client(settings)
+    assert scan_documents(settings, root=tmp_path, client=client).requests == 2
+    long_id = _rows(settings, tmp_path)["long.md"].id
+    _end_parts(settings, long_id, {1: ("succeeded", "S1"), 2: ("failed", "provider said no")})
+    again = settings.model_copy(update={"documents_max_tokens": 300})
+    retried = scan_documents(again, root=tmp_path, client=Client(again))
+    assert (retried.retried, retried.requests) == (1, 2), retried.items
+    assert _rows(again, tmp_path)["long.md"].parts == 2, "the same count, another split"

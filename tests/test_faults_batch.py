@@ -21,10 +21,11 @@ from openai import OpenAI
 from sqlalchemy import delete, func, select, update
 
 from batch.claim import claim
-from batch.flush import METADATA_KEY, find_provider_batch, flush
+from batch.flush import flush
 from batch.ingest import ingest
 from batch.jobs import SimulatedCrash
 from batch.poll import poll
+from batch.provider_batch import METADATA_KEY, find_provider_batch
 from core.db import session_scope
 from core.settings import Settings
 from lifecycle.record import record_requests

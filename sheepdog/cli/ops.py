@@ -155,7 +155,10 @@ def documents_export(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as err:  # a missing folder, a full disk: one line, not a traceback
+            fail(f"cannot write {output}: {err.strerror or err}")
         typer.echo(f"wrote {output}", err=True)
 
 
