@@ -25,10 +25,16 @@ from core.celery_app import celery_for
 from core.db import session_scope
 from core.redis_conn import get_redis
 from core.settings import Settings, get_settings
+from costs import ledger
 from lifecycle.dispatch import send_stream
 from lifecycle.moves import move
 from models.status import Status
 from models.tables import Request, utcnow
+from rules.tokens import count_message_tokens
+from streaming.billing import Billed
+from streaming.end import End
+from streaming.lanes import TIER_ASKED
+from streaming.lookups import log_seen
 from streaming.out_of_band import publish_error
 
 log = logging.getLogger("sheepdog.janitor")
@@ -60,6 +66,31 @@ def sweep(settings: Settings | None = None, app: Any = None) -> SweepReport:
         redis.eval(_RELEASE, 1, lock, token)
 
 
+def _fail_lost(settings: Settings, rid: str, attempts: int, lane: str | None, reason: str) -> bool:
+    """Fail a stream its workers kept losing, charged what they sent (its replay log's text:
+    the provider billed it) in the move's transaction, so its hold settles to the charge."""
+    seen = log_seen(get_redis(settings.redis_url), keys.of(settings), rid)
+    with session_scope(settings.database_url) as session:
+        row = session.get(Request, rid)
+        if row is None:
+            return False
+        usage: dict[str, Any] = {}
+        if seen is not None:
+            prompt = count_message_tokens((row.body or {}).get("messages") or [])
+            usage = Billed(seen.runs, seen.tokens).cut(prompt, 0, "")
+        end = End(Status.FAILED, "", error=reason, service_tier=TIER_ASKED.get(lane or ""), **usage)
+        cost = end.cost(row.model)
+        if cost is not None:
+            ledger.record(session, [end.usage(rid, row.tenant, row.model)])
+        values = {k: v for k, v in end.row_values(cost).items() if k != "text"}
+        moved = move(
+            session, rid, Status.FAILED, from_=[Status.STREAMING], attempts=attempts + 1, **values
+        )
+        if not moved:
+            session.rollback()  # its ledger entry too: another pass or a late end moved it
+        return moved
+
+
 def _send(settings: Settings, app: Any, request_id: str, lane: str | None, why: str) -> None:
     send_stream(app or celery_for(settings), request_id, why=why, lane=lane, resent=True)
 
@@ -82,16 +113,7 @@ def _sweep(settings: Settings, app: Any) -> SweepReport:
         if attempts + 1 >= settings.stream_max_attempts:
             silence = f"{settings.heartbeat_timeout_s:g}s"
             reason = f"worker lost {attempts + 1} times (no heartbeat for {silence})"
-            with session_scope(settings.database_url) as session:
-                moved = move(
-                    session,
-                    rid,
-                    Status.FAILED,
-                    from_=[Status.STREAMING],
-                    attempts=attempts + 1,
-                    error=reason,
-                )
-            if moved:
+            if _fail_lost(settings, rid, attempts, lane, reason):
                 publish_error(settings, rid, reason, attempts=attempts + 1)
                 report.failed += 1
             continue

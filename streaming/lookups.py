@@ -22,37 +22,45 @@ from streaming.drain import drain_forever
 
 log = logging.getLogger("sheepdog.streaming.lookups")
 
+# Lua: what a replay log holds, read whole (only for a stream taken over from an earlier
+# attempt, whose text the provider billed): its newest message, its `token` messages and the
+# runs of them (a `reset` ends a run: a call). A message's type is the first "type" of its JSON
+# (encode writes it before any text).
+LOG_TEXT = """
+local function log_text(key)
+  local entries = redis.call('XRANGE', key, '-', '+')
+  if #entries == 0 then return nil end
+  local tokens, runs, open = 0, 0, false
+  for _, entry in ipairs(entries) do
+    local kind = string.match(entry[2][2], '"type":"(%a+)"')
+    if kind == 'token' then
+      tokens = tokens + 1
+      if not open then runs = runs + 1; open = true end
+    elseif kind == 'reset' then
+      open = false
+    end
+  end
+  return {entries[#entries][2][2], tokens, runs}
+end
+"""
 # KEYS: cancel flags, then replay logs; ARGV[1]: how many flags. Returns 1/0 per flag, then per
-# log its newest entry's message, how many `token` messages it holds and in how many runs (a
-# `reset` ends a run), or nil when the log is empty. A log is read whole only on this path: a
-# row taken over from an earlier attempt, whose text the provider billed. A message's type is
-# the first "type" of its JSON (encode writes it before any text).
-LOOKUP = """
+# log what it holds (LOG_TEXT), or nil when the log is empty.
+LOOKUP = (
+    LOG_TEXT
+    + """
 local n = tonumber(ARGV[1])
 local out = {}
 for i = 1, n do
   out[i] = redis.call('EXISTS', KEYS[i])
 end
 for i = n + 1, #KEYS do
-  local entries = redis.call('XRANGE', KEYS[i], '-', '+')
-  if #entries == 0 then
-    out[i] = false
-  else
-    local tokens, runs, open = 0, 0, false
-    for _, entry in ipairs(entries) do
-      local kind = string.match(entry[2][2], '"type":"(%a+)"')
-      if kind == 'token' then
-        tokens = tokens + 1
-        if not open then runs = runs + 1; open = true end
-      elseif kind == 'reset' then
-        open = false
-      end
-    end
-    out[i] = {entries[#entries][2][2], tokens, runs}
-  end
+  out[i] = log_text(KEYS[i]) or false
 end
 return out
 """
+)
+# KEYS[1]: one replay log; returns what it holds (LOG_TEXT), or nil.
+ONE_LOG = LOG_TEXT + "return log_text(KEYS[1])"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,16 @@ class LogSeen:
     last: bytes
     tokens: int
     runs: int
+
+
+def log_seen(client: Any, names: keys.Keys, request_id: str) -> LogSeen | None:
+    """What the request's replay log holds, read now (a sync Redis client): for the janitor,
+    which fails a stream its workers kept losing."""
+    reply = client.eval(ONE_LOG, 1, names.replay_log(request_id))
+    if not reply:
+        return None
+    message, tokens, runs = reply
+    return LogSeen(message, int(tokens), int(runs))
 
 
 _Reply = tuple[bool, LogSeen | None]

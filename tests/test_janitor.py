@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from core import keys
 from core.db import session_scope
 from lifecycle.moves import move
 from lifecycle.record import record_requests
@@ -131,6 +132,33 @@ def test_past_max_attempts_fails_with_reason(deployment: StreamDeployment, clien
     assert sweep(deployment.settings, client.celery).failed >= 1
     row = read(deployment, rid)
     assert row.status == "failed" and "worker lost" in (row.error or "")
+    with pytest.raises(StreamFailed, match="worker lost"):
+        list(stream_text(rid, timeout=5, settings=deployment.settings))
+
+
+def test_past_max_attempts_is_charged_what_its_workers_sent(
+    deployment: StreamDeployment, client: Any
+):
+    """The workers it lost sent text the provider billed (its replay log: two calls, three
+    pieces); the failed row was charged nothing, and its hold was released."""
+    from models.stream_message import encode
+    from models.tables import CostEntry
+    from rules.tokens import count_message_tokens
+    from streaming.publisher import FIELD
+
+    rid = stale_row(deployment, client, attempts=deployment.settings.stream_max_attempts - 1)
+    log_key = keys.of(deployment.settings).replay_log(rid)
+    for seq, kind in enumerate(["token", "token", "reset", "token"]):
+        text = "x" if kind == "token" else None
+        deployment.redis.xadd(log_key, {FIELD: encode(rid, seq, kind, text=text)})
+    assert sweep(deployment.settings, client.celery).failed >= 1
+    row = read(deployment, rid)
+    assert row.status == "failed" and "worker lost" in (row.error or "")
+    prompt = count_message_tokens(row.body["messages"])
+    assert (row.prompt_tokens, row.completion_tokens) == (2 * prompt, 3) and row.usage_estimated
+    with session_scope(deployment.settings.database_url) as session:
+        entry = session.get(CostEntry, rid)
+        assert entry is not None and entry.cost_usd == row.cost_usd and entry.estimated
     with pytest.raises(StreamFailed, match="worker lost"):
         list(stream_text(rid, timeout=5, settings=deployment.settings))
 
