@@ -50,8 +50,12 @@ def check_tenant(tenant: str) -> None:
     webhook endpoint is kept for one)."""
     if not 0 < len(tenant) <= TENANT_MAX_CHARS:
         raise InvalidRequest(
-            f"tenant is {len(tenant):,} characters; a tenant is 1 to {TENANT_MAX_CHARS}"
+            f"tenant is {len(tenant):,} characters; a tenant is 1 to {TENANT_MAX_CHARS} characters"
         )
+    try:
+        _no_surrogates(tenant)
+    except ValueError as err:
+        raise InvalidRequest(f"tenant is {err}") from None
     if not tenant.isprintable():  # a NUL (PostgreSQL refuses it) or a control character
         raise InvalidRequest(f"tenant must be printable text, got {tenant[:40]!r}")
 

@@ -59,7 +59,7 @@ def bad(**changes: object) -> dict[str, object]:
         # What the tables cannot hold (PostgreSQL refuses it; SQLite would store it).
         (
             bad(metadata={"tenant": "t" * 101}),
-            "metadata: tenant is 101 characters; a tenant is 1 to 100",
+            "metadata: tenant is 101 characters; a tenant is 1 to 100 characters",
         ),
         (bad(metadata={"tenant": "a\x00b"}), "metadata: tenant must be printable text"),
         (bad(metadata={"tenant": "a\x1bb"}), "metadata: tenant must be printable text"),
