@@ -90,6 +90,7 @@ class StreamJob:
     live_until: float = 0.0
     beat_seq: int = -1
     stalled: bool = False  # logged once when the heartbeat stops refreshing the row
+    served_tier: str | None = None  # the last attempt's, as its chunks name it
     previous: StreamJob | None = None  # a job for the same id this one replaced in the runtime
     finished: bool = False
     restarts: int = 0  # answers started again in a new replay log (Redis lost the old one)
@@ -193,6 +194,9 @@ class StreamJob:
         if self.grant is None:
             await self._wait_grant()
 
+    def _on_tier(self, tier: str) -> None:
+        self.served_tier = tier
+
     def _on_text(self, text: str) -> bool:
         """One piece of the answer, on the loop (in the provider connection's callback)."""
         if self.stop_reason is not None:
@@ -274,6 +278,7 @@ class StreamJob:
                     idle_timeout_s=settings.stream_idle_timeout_s,
                     answer_max_s=settings.stream_answer_max_s,
                     on_text=self._on_text,
+                    on_tier=self._on_tier,
                     before_body=self._before_body,
                 )
             except LogLost:
@@ -350,8 +355,9 @@ class StreamJob:
             return StreamResult(None, self.calls)
         prompt = count_message_tokens(self.body.get("messages") or [])
         usage = self.billed.cut(prompt, self.tokens, "".join(self.parts))
-        if usage:  # at the tier its lane asked for (a cut answer does not say which served)
-            usage["service_tier"] = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
+        if usage:  # at the tier its chunks named, else the one its lane asked for
+            asked = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
+            usage["service_tier"] = self.served_tier or asked
         if kind == CANCELLED:
             return self._result(Status.CANCELLED, error="cancelled", **usage)
         lane = self.lanes.left_lane() if self.lanes is not None else {}
@@ -373,6 +379,8 @@ class StreamJob:
         else:
             prompt, completion, estimated = counted, max(self.tokens, count_tokens(text)), True
         taken_back = self.billed.before(counted, answered=self.tokens > 0)
+        if (left := lanes.seconds_left()) is not None and left < 0:  # started in time: not cut
+            log.warning("%s: finished %.0fs after its deadline", self.request_id, -left)
         return self._result(
             Status.SUCCEEDED,
             finish_reason=answer.finish_reason,

@@ -134,6 +134,7 @@ async def stream_once(
     answer_max_s: float,
     on_text: OnText,
     before_body: BeforeBody | None = None,
+    on_tier: Callable[[str], None] | None = None,
 ) -> AttemptEnd:
     """Stream one answer; raise Retryable or Fatal on failure.
 
@@ -166,7 +167,7 @@ async def stream_once(
             watch.busy = True
             await before_body()
             watch.done_waiting()
-        reader = _SseReader(on_text, watch)
+        reader = _SseReader(on_text, watch, on_tier)
         watch.cap = reader.cap
         response.done.add_done_callback(reader.closed)
         response.read_into(reader.feed)
@@ -205,8 +206,11 @@ class _SseReader:
     """The body's SSE lines, parsed as they arrive (on the loop, in the connection's callback):
     each text to `on_text`, the end into `ended`."""
 
-    def __init__(self, on_text: OnText, watch: _TextWatch) -> None:
+    def __init__(
+        self, on_text: OnText, watch: _TextWatch, on_tier: Callable[[str], None] | None = None
+    ) -> None:
         self.on_text = on_text
+        self.on_tier = on_tier  # told the tier once a chunk names it (a cut answer is billed so)
         self.watch = watch
         self.ended: asyncio.Future[AttemptEnd] = asyncio.get_running_loop().create_future()
         self.saw_done = False
@@ -243,8 +247,10 @@ class _SseReader:
             error, tier, usage, choices = _chunk(obj)
             if error is not None:
                 raise stream_error(obj)
-            if self.tier is None:  # every chunk names it; the bill is at its rate
+            if self.tier is None and tier is not None:  # every chunk names it; billed at it
                 self.tier = tier
+                if self.on_tier is not None:
+                    self.on_tier(tier)
             if usage:
                 self.usage = usage
             for index, text, finish in choices:

@@ -133,8 +133,8 @@ def test_high_asks_for_priority_and_pays_its_rate(client: Any, stack: Stack) -> 
 def test_a_priority_stream_cancelled_mid_answer_pays_the_priority_rate(
     client: Any, stack: Stack, simulator: Any
 ) -> None:
-    """A cut answer names no tier: it is billed at the one its lane asked for (it was billed
-    at the standard rate, under half of priority's)."""
+    """A cut answer is billed at the tier its chunks named, priority here (it was billed at the
+    standard rate, under half of priority's)."""
     import uuid
 
     tag = f"cut priority {uuid.uuid4().hex}"
@@ -159,6 +159,24 @@ def test_the_bill_is_the_tier_the_response_names(client: Any, stack: Stack, simu
     entry = ledger_row(stack.env["SHEEPDOG_DATABASE_URL"], rid)
     assert entry.tier == "standard" and entry.cost_usd == entry.standard_cost_usd
     assert row(stack.env["SHEEPDOG_DATABASE_URL"], rid).cost_usd == entry.cost_usd
+
+
+def test_a_cut_answer_is_billed_at_the_tier_its_chunks_named(
+    client: Any, stack: Stack, simulator: Any
+) -> None:
+    """Asked for flex, served standard, cut on every attempt: billed at the standard rate the
+    chunks named. A cut answer was billed at the tier its lane asked for, half the price."""
+    import uuid
+
+    tag = f"cut served standard {uuid.uuid4().hex}"
+    simulator.configure(service_tiers=[])
+    simulator.set_faults([{"match": tag, "cut_after": 3}])
+    rid = client.submit(low(25, tag))
+    view = assert_ended(client.result(rid, wait=60), "failed")
+    assert view.lane == "flex"
+    entry = ledger_row(stack.env["SHEEPDOG_DATABASE_URL"], rid)
+    assert entry.estimated and entry.tier == "standard", (entry.tier, view.error)
+    assert entry.cost_usd == entry.standard_cost_usd == view.cost_usd
 
 
 def test_an_expired_batch_finishes_its_unfinished_lines_through_flex(
