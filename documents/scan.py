@@ -382,12 +382,11 @@ def _retry_plan(
     number = int(in_utc(row.scanned_at).timestamp() * 1000)
     if row.parts != len(prompts):
         return number, frozenset()
-    same = range(1, len(prompts) + 1)
     return number, frozenset(
         part
         for r in version_requests(session, [row])[row.id]
         if (r.status == "succeeded" or r.status not in FINAL)
-        and (part := r.document_part or 1) in same
+        and 0 < (part := r.document_part or 1) <= len(prompts)
         and (r.body or {}).get("messages") == prompts[part - 1]
     )
 

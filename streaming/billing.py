@@ -5,6 +5,7 @@ usage: each call that streamed text is billed its prompt, every piece as a token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,11 @@ class Billed:
             "usage_estimated": True,
         }
 
-    def before(self, prompt: int, answered: bool) -> TakenBack | None:
+    def before(self, prompt: Callable[[], int], answered: bool) -> TakenBack | None:
         """What a succeeded stream is charged beside its answer's usage: the calls before the
         answer's that streamed text (the answer's, when it `answered` with text, is in its
-        usage) and the pieces let go of."""
+        usage) and the pieces let go of. `prompt` counts the prompt, only when some is."""
         earlier = max(0, self.calls - (1 if answered else 0))
         if not (earlier or self.pieces):
             return None
-        return TakenBack(prompt * earlier, self.pieces)
+        return TakenBack(prompt() * earlier if earlier else 0, self.pieces)

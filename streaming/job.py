@@ -50,8 +50,7 @@ class Grant:
     attempts: int
     next_seq: int
     reset_first: bool
-    # Text earlier attempts (a worker killed, or stalled and fenced: their ends are never
-    # written) sent to the log, which the provider billed: their calls and pieces.
+    # Billed text of earlier attempts (killed, or fenced: no end written) in the log.
     sent_calls: int = 0
     sent_pieces: int = 0
 
@@ -221,6 +220,11 @@ class StreamJob:
         return limit is None or self.tokens < limit
 
     @functools.cached_property
+    def prompt_estimate(self) -> int:
+        """The prompt's local token count (for what no usage reports), counted once."""
+        return count_message_tokens(self.body.get("messages") or [])
+
+    @functools.cached_property
     def max_tokens(self) -> int | None:
         """The answer's limit in pieces: the request's, else RUNAWAY_PIECES_PER_TOKEN times its
         model's most output tokens. A provider that never stops must not stream, and bill,
@@ -239,12 +243,7 @@ class StreamJob:
         try:
             if self.stop_reason is not None:
                 raise asyncio.CancelledError
-            outcome = await self._attempts()
-            if self.grant is None:  # failed before any text: its end waits for the grant,
-                await self._wait_grant()  # which may bring earlier attempts' text to charge
-                if outcome.end is not None and outcome.end.status is Status.FAILED:
-                    outcome = self._cut_short(Status.FAILED, outcome.end.error)
-            return outcome
+            return await self._attempts()  # every end waits for the grant
         except asyncio.CancelledError:
             if self.stop_reason is None:
                 raise  # the loop is shutting down
@@ -287,7 +286,7 @@ class StreamJob:
                 continue
             except RejectsStreamOptions as err:
                 if not include_usage:
-                    return self._failed(err.reason)
+                    return await self._failed(err.reason)
                 log.info(
                     "%s: provider rejects stream_options; usage counted locally", self.request_id
                 )
@@ -296,7 +295,7 @@ class StreamJob:
                 self._grant_then_reset()
                 continue
             except Fatal as err:
-                return self._failed(err.reason)
+                return await self._failed(err.reason)
             except Retryable as err:
                 if lanes.flex and err.status == 429:
                     # Flex capacity, not a fault: not one of the attempts, nor the shared
@@ -310,7 +309,7 @@ class StreamJob:
                     continue
                 await self.services.providers.after_retryable(self.body, err)
                 if attempt >= settings.stream_max_attempts:
-                    return self._failed(f"{err.reason} (gave up after {attempt} attempts)")
+                    return await self._failed(f"{err.reason} (gave up after {attempt} attempts)")
                 delay = (
                     err.retry_after
                     if err.retry_after is not None
@@ -353,8 +352,7 @@ class StreamJob:
         call's prompt, and every piece streamed."""
         if kind == LOST:
             return StreamResult(None, self.calls)
-        prompt = count_message_tokens(self.body.get("messages") or [])
-        usage = self.billed.cut(prompt, self.tokens, "".join(self.parts))
+        usage = self.billed.cut(self.prompt_estimate, self.tokens, "".join(self.parts))
         if usage:  # at the tier its chunks named, else the one its lane asked for
             asked = TIER_ASKED.get(self.lanes.lane) if self.lanes else None
             usage["service_tier"] = self.served_tier or asked
@@ -373,12 +371,12 @@ class StreamJob:
                 self.request_id,
                 usage,
             )
-        counted = count_message_tokens(self.body.get("messages") or [])
         if reported is not None:
             (prompt, completion), estimated = reported, False
         else:
-            prompt, completion, estimated = counted, max(self.tokens, count_tokens(text)), True
-        taken_back = self.billed.before(counted, answered=self.tokens > 0)
+            prompt, estimated = self.prompt_estimate, True
+            completion = max(self.tokens, count_tokens(text))
+        taken_back = self.billed.before(lambda: self.prompt_estimate, answered=self.tokens > 0)
         if (left := lanes.seconds_left()) is not None and left < 0:  # started in time: not cut
             log.warning("%s: finished %.0fs after its deadline", self.request_id, -left)
         return self._result(
@@ -392,7 +390,9 @@ class StreamJob:
             **lanes.left_lane(),
         )
 
-    def _failed(self, reason: str) -> StreamResult:
+    async def _failed(self, reason: str) -> StreamResult:
+        # After the grant, as every end: it may bring earlier attempts' text to charge.
+        await self._before_body()
         return self._cut_short(Status.FAILED, reason)
 
     def _result(self, status: Status, **fields: Any) -> StreamResult:

@@ -21,10 +21,10 @@ from streaming.publisher import FIELD
 
 @pytest.mark.unit
 def test_what_is_billed_beside_an_answer_or_for_a_cut() -> None:
-    assert Billed().cut(10, 0, "") == {} and Billed().before(10, answered=True) is None
-    assert Billed(calls=1).before(10, answered=True) is None  # the answer's own call
-    assert Billed(calls=2, pieces=5).before(10, answered=True) == TakenBack(10, 5)
-    assert Billed(calls=1, pieces=5).before(10, answered=False) == TakenBack(10, 5)
+    assert Billed().cut(10, 0, "") == {} and Billed().before(lambda: 10, answered=True) is None
+    assert Billed(calls=1).before(lambda: 10, answered=True) is None  # the answer's own call
+    assert Billed(calls=2, pieces=5).before(lambda: 10, answered=True) == TakenBack(10, 5)
+    assert Billed(calls=1, pieces=5).before(lambda: 10, answered=False) == TakenBack(10, 5)
     cut = Billed(calls=2, pieces=5).cut(10, 3, "a b c")
     assert cut == {"prompt_tokens": 20, "completion_tokens": 8, "usage_estimated": True}
 

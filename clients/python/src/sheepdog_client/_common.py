@@ -29,6 +29,7 @@ from sheepdog_client.models import Event
 DEFAULT_TIMEOUT_S = 30.0
 DRAIN_S = 0.5  # how long an ended event stream's rest is read for, to keep its connection
 USER_AGENT = "sheepdog-client/0.1"
+JSON_BODY = {"Content-Type": "application/json"}  # the header of a call with a body
 
 
 def root_url(base_url: str) -> str:

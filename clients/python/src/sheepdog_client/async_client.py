@@ -57,29 +57,23 @@ class AsyncClient:
         if self._owns_http:
             await self._http.aclose()
 
-    async def _call(self, method: str, path: str, **kw: Any) -> Any:
+    async def _call(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
         url = self.base_url + path
+        sent = self._headers if headers is None else {**self._headers, **headers}
         try:
-            response = await self._http.request(method, url, headers=self._headers, **kw)
+            response = await self._http.request(method, url, headers=sent, **kw)
         except httpx.HTTPError as exc:
             raise c.connection_error(exc, method, url) from exc
         return c.decode(response)
 
     async def _send(self, path: str, body: Any) -> Any:
-        url = self.base_url + path
         content = c.encode(body)
         resends = 0
         while True:
             try:
-                response = await self._http.post(
-                    url,
-                    content=content,
-                    headers={**self._headers, "Content-Type": "application/json"},
-                )
-            except httpx.HTTPError as exc:
-                raise c.connection_error(exc, "POST", url) from exc
-            try:
-                return c.decode(response)
+                return await self._call("POST", path, c.JSON_BODY, content=content)
             except SheepdogError as err:
                 delay = c.resend_delay(err, resends, self.max_retries)
                 if delay is None:

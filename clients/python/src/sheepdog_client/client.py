@@ -60,10 +60,13 @@ class Client:
         if self._owns_http:
             self._http.close()
 
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
+    def _call(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
         url = self.base_url + path
+        sent = self._headers if headers is None else {**self._headers, **headers}
         try:
-            response = self._http.request(method, url, headers=self._headers, **kw)
+            response = self._http.request(method, url, headers=sent, **kw)
         except httpx.HTTPError as exc:
             raise c.connection_error(exc, method, url) from exc
         return c.decode(response)
@@ -109,20 +112,11 @@ class Client:
         return [str(i) for i in c.field(self._send("/v1/requests", body), "ids")]
 
     def _send(self, path: str, body: Any) -> Any:
-        url = self.base_url + path
         content = c.encode(body)
         resends = 0
         while True:
             try:
-                response = self._http.post(
-                    url,
-                    content=content,
-                    headers={**self._headers, "Content-Type": "application/json"},
-                )
-            except httpx.HTTPError as exc:
-                raise c.connection_error(exc, "POST", url) from exc
-            try:
-                return c.decode(response)
+                return self._call("POST", path, c.JSON_BODY, content=content)
             except SheepdogError as err:
                 delay = c.resend_delay(err, resends, self.max_retries)
                 if delay is None:
