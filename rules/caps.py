@@ -14,18 +14,25 @@ def max_tokens_for_cap(
     """The most output tokens that keep prompt + output within `cap_usd` on `route`.
 
     Raises InvalidRequest when the cap does not even cover the prompt and one output token."""
-    _, rate_out = price.rates(route)
-    prompt_cost = cost_usd(price, prompt_tokens, 0, route)
-    left = cap_usd - prompt_cost
-    if rate_out == 0:
-        return price.max_output_tokens
-    tokens = int((left * MILLION / rate_out).to_integral_value(rounding=ROUND_FLOOR))
+    tokens = tokens_within(price, prompt_tokens, cap_usd, route)
     if tokens < 1:
+        prompt_cost = cost_usd(price, prompt_tokens, 0, route)
         raise InvalidRequest(
             f"invalid request: max_cost_usd: ${cap_usd} does not cover the prompt (~{prompt_tokens}"
             f" tokens, ${prompt_cost:.6f} on {model} via {route}) plus one output token",
             "max_cost_usd",
         )
+    return tokens
+
+
+def tokens_within(price: ModelPrice, prompt_tokens: int, usd: Decimal, route: Priced) -> int:
+    """The most output tokens one call with `prompt_tokens` can take within `usd` on `route`,
+    at most the model's output limit; under 1 when `usd` does not cover the prompt and one."""
+    _, rate_out = price.rates(route)
+    left = usd - cost_usd(price, prompt_tokens, 0, route)
+    if rate_out == 0:
+        return price.max_output_tokens if left >= 0 else 0
+    tokens = int((left * MILLION / rate_out).to_integral_value(rounding=ROUND_FLOOR))
     return min(tokens, price.max_output_tokens)
 
 

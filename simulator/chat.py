@@ -58,7 +58,11 @@ async def chat_completions(request: Request) -> Response:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
         raise bad_request("We could not parse the JSON body of your request.") from None
-    stats.log_chat(str(body.get("model")) if isinstance(body, dict) else "", _is_stream(body))
+    if isinstance(body, dict):
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        stats.log_chat(str(body.get("model")), _is_stream(body), limit)
+    else:
+        stats.log_chat("", _is_stream(body))
     extra = parse_fault_header(request.headers.get(FAULT_HEADER))
     chat = parse_chat_request(body, state.models)
     config = state.config

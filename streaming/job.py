@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from core.settings import Settings
 from models.status import Status
 from models.stream_message import encode
 from models.tables import storable, utcnow
 from rules.backoff import backoff_s
-from rules.prices import price_table
 from rules.tokens import count_message_tokens, count_tokens
 from rules.usage import reported_usage
 from streaming.billing import Billed
+from streaming.call_limits import CallBound, pieces_limit
 from streaming.end import End, StreamResult
 from streaming.job_services import JobServices
 from streaming.lanes import TIER_ASKED, LaneRun
@@ -53,14 +52,6 @@ class Grant:
     # Billed text of earlier attempts (killed, or fenced: no end written) in the log.
     sent_calls: int = 0
     sent_pieces: int = 0
-
-
-RUNAWAY_PIECES_PER_TOKEN = 4
-
-
-def retry_delay_s(attempt: int, settings: Settings) -> float:
-    """The wait before retry `attempt` (counted from 1) when the provider named none."""
-    return backoff_s(attempt, settings.stream_backoff_base_s, settings.stream_backoff_max_s)
 
 
 @dataclass(eq=False)
@@ -95,6 +86,8 @@ class StreamJob:
     restarts: int = 0  # answers started again in a new replay log (Redis lost the old one)
     relog: bool = False  # set when Redis lost the log: the next chunk restarts the answer
     lanes: LaneRun | None = None  # the lane (service tier, flex fallback); None: standard
+    takeover: bool = False  # an id-only or redelivered message: earlier calls may have billed
+    bound: CallBound = field(default_factory=CallBound)  # the cost cap's or hold's on a call
 
     def live_for(self, seconds: float) -> None:
         """Count the job as making progress for `seconds` from now (a state change)."""
@@ -216,7 +209,7 @@ class StreamJob:
         self.tokens += 1
         self.shown += 1
         self._put("token", text=text)
-        limit = self.max_tokens
+        limit = self.bound.limit or self.max_tokens
         return limit is None or self.tokens < limit
 
     @functools.cached_property
@@ -226,14 +219,8 @@ class StreamJob:
 
     @functools.cached_property
     def max_tokens(self) -> int | None:
-        """The answer's limit in pieces: the request's, else RUNAWAY_PIECES_PER_TOKEN times its
-        model's most output tokens. A provider that never stops must not stream, and bill,
-        without end; the headroom spares a relay that streams smaller pieces than tokens."""
-        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
-        if value:
-            return int(value)
-        price = price_table().models.get(str(self.body.get("model") or ""))
-        return price.max_output_tokens * RUNAWAY_PIECES_PER_TOKEN if price is not None else None
+        """The answer's limit in pieces (streaming/call_limits.py)."""
+        return pieces_limit(self.body)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -266,12 +253,14 @@ class StreamJob:
             # first byte, then the idle limit to its first text; the heartbeat sees the texts).
             in_flight_s = timeout_s + settings.stream_idle_timeout_s
             self.live_for(in_flight_s)
+            if (spent := await self._bound_call(lanes)) is not None:
+                return await self._failed(spent)
             try:
                 endpoint = await self.services.providers.before_call(self.body)  # rate limit
                 self.live_for(in_flight_s)
                 end = await stream_once(
                     endpoint,
-                    lanes.body(self.body),
+                    lanes.body(self.bound.body(self.body)),
                     include_usage=include_usage,
                     timeout_s=timeout_s,
                     idle_timeout_s=settings.stream_idle_timeout_s,
@@ -310,11 +299,11 @@ class StreamJob:
                 await self.services.providers.after_retryable(self.body, err)
                 if attempt >= settings.stream_max_attempts:
                     return await self._failed(f"{err.reason} (gave up after {attempt} attempts)")
-                delay = (
-                    err.retry_after
-                    if err.retry_after is not None
-                    else retry_delay_s(attempt, settings)
-                )
+                delay = err.retry_after
+                if delay is None:  # the provider named no wait
+                    delay = backoff_s(
+                        attempt, settings.stream_backoff_base_s, settings.stream_backoff_max_s
+                    )
                 log.warning(
                     "%s: attempt %d failed (%s); retrying in %.2fs",
                     self.request_id,
@@ -327,6 +316,17 @@ class StreamJob:
                 await asyncio.sleep(delay)
                 continue
             return self._succeeded(end, lanes)
+
+    async def _bound_call(self, lanes: LaneRun) -> str | None:
+        """Fit the next call to what the request's cost cap or budget hold has left after the
+        text earlier calls billed; the failure's reason when nothing is."""
+        if self.grant is None and (self.takeover or self.billed.calls):
+            await self._before_body()  # the grant brings what earlier workers sent
+        if not self.billed.calls:
+            self.bound.limit = None
+            return None
+        read = functools.partial(self.services.spend_limit, self.request_id)
+        return await self.bound.fit(read, self.billed, self.prompt_estimate, self.body, lanes.lane)
 
     def _restart_log(self) -> None:
         # A new log needs no reset: nothing of it was shown. The new token fences off the old

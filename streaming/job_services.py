@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from core.settings import Settings
+from streaming.call_limits import SpendLimit
 from streaming.provider_calls import ProviderClients
 from streaming.publisher import Publisher
 
@@ -16,3 +17,7 @@ class JobServices(Protocol):
     settings: Settings
     publisher: Publisher  # the batching publisher of the replay logs
     providers: ProviderClients  # each provider's client and shared rate limit
+
+    async def spend_limit(self, request_id: str) -> SpendLimit | None:
+        """The request's cost cap or budget hold, the tighter (None: neither, or unread)."""
+        ...

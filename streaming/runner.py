@@ -84,6 +84,9 @@ async def run_stream(
             return f"skipped ({state.status})"
     job = runtime.register(request_id, body)
     job.lanes = lanes
+    # Sent again (by the janitor, or redelivered): an earlier worker may have streamed billed
+    # text, so the first call waits for the claim to fit it to the request's cost cap.
+    job.takeover = intake is None or not overlap
     if runtime.trace:
         job.marks = {"task": started}
         job.arrivals = []

@@ -19,6 +19,7 @@ import redis
 from core import keys
 from core.redis_conn import new_async_redis
 from core.settings import Settings
+from streaming.call_limits import SpendLimit, read_limit
 from streaming.job import CANCELLED, LOST, StreamJob
 from streaming.lookups import Lookups
 from streaming.provider_calls import ProviderClients
@@ -88,6 +89,17 @@ class Runtime:
             else:
                 del self.jobs[job.request_id]
         job.previous = None
+
+    async def spend_limit(self, request_id: str) -> SpendLimit | None:
+        """The request's cost cap or budget hold (streaming/call_limits.py); None when the
+        database does not answer: the call keeps its own max_tokens, as before any bound."""
+        try:
+            return await self.writer.on_end_thread(
+                read_limit, self.settings.database_url, request_id
+            )
+        except Exception as err:
+            log.warning("%s: cost cap and hold not read (%r); call not bounded", request_id, err)
+            return None
 
     # -- loop services -------------------------------------------------------------------------
 
