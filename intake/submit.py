@@ -5,6 +5,7 @@ front door and the nightly document job all submit through `Submitter`."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -32,13 +33,14 @@ from costs.budgets import release_items, reserve
 from costs.provider_prices import ProviderPrices
 from intake.idempotency import (
     claim_keys,
+    committed_unseen,
     held_by_rows,
     redis_down,
     release_claims,
     repoint_claims,
 )
 from lifecycle.dispatch import send_stream
-from lifecycle.record import TRANSIENT, record_safely, release_keys
+from lifecycle.record import TRANSIENT, Recorded, record_safely, release_keys
 from models.intake_message import IntakeItem
 from models.request import ChatRequest, new_request_id
 from rules.admission import Admitted, admit
@@ -46,6 +48,8 @@ from rules.caps import effective_max_tokens
 from rules.prices import PriceTable, billed_lane, price_table
 from rules.routing import choose_lane
 from webhooks.endpoints import require_signing_secrets
+
+log = logging.getLogger("sheepdog.intake")
 
 INTAKE_BULK = 500  # low-priority requests per intake message
 
@@ -186,11 +190,18 @@ class Submitter:
         return self._record(items) if writes_rows else {}
 
     def _record(self, items: Sequence[IntakeItem]) -> dict[str, str]:
+        recorded = Recorded()
         try:
             with session_scope(self.settings.database_url) as session:
                 recorded = record_safely(session, items)
                 held = held_by_rows(session, items) if recorded.created < len(items) else {}
         except TRANSIENT as err:
+            # The commit may have gone through unseen (the connection lost as it went out):
+            # then the rows are there, and the request is answered as recorded.
+            unseen = committed_unseen(self.settings.database_url, items)
+            if unseen is not None:
+                log.warning("submit: commit raised (%r) but its rows are written", err)
+                return self._recorded(items, recorded, unseen)
             # Not recorded: the stream messages already sent must not run (their cancel flags
             # stop them before they start), and nothing else was enqueued.
             self._cancel_unrecorded([i for i in items if i.route == "stream"])
@@ -200,6 +211,13 @@ class Submitter:
             raise ServiceUnavailable(
                 "the database", redact_url(self.settings.database_url), DATABASE_HINT
             ) from err
+        return self._recorded(items, recorded, held)
+
+    def _recorded(
+        self, items: Sequence[IntakeItem], recorded: Recorded, held: dict[str, str]
+    ) -> dict[str, str]:
+        """After the rows are written: let go of what will not run (`held`: answered by other
+        rows) and count the low ones for the flush."""
         release_keys(self.settings, recorded.unkeyed)
         if held:  # answered by the rows that hold their keys: these never run
             answered = [i for i in items if i.id in held]

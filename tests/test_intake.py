@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 
 from core.db import session_scope
 from core.errors import IdempotencyConflict
@@ -316,3 +316,39 @@ def test_a_connection_lost_in_the_bulk_write_is_retried_by_the_intake_task(pg_ur
     first = caught.value.__context__
     assert isinstance(first, psycopg.OperationalError), repr(first)  # the driver's, in the cursor
     assert isinstance(caught.value, tuple(intake.autoretry_for)), repr(caught.value)
+
+
+def test_a_commit_the_caller_did_not_see_is_answered_with_its_ids(stack) -> None:  # type: ignore[no-untyped-def]
+    """The connection to PostgreSQL is lost as the submit's COMMIT is answered: the rows are
+    written, so the caller gets their ids, and the stream sent is not cancelled (it was: the
+    caller got a 503, and its resend then the id of a request that ended `cancelled`)."""
+    import redis
+
+    from core import keys
+    from core.settings import Settings
+    from sheepdog.client import Client
+    from tests.fixtures.tcp_proxy import tcp_proxy
+
+    database = stack.env["SHEEPDOG_DATABASE_URL"]
+    base = make_url(database)
+    assert base.port is not None
+    with tcp_proxy(base.port) as proxy:
+        proxied = base.set(host="127.0.0.1", port=proxy.port, query={"sslmode": "disable"})
+        settings = Settings(
+            redis_url=stack.env["SHEEPDOG_REDIS_URL"],
+            # Queues of its own: no worker takes the stream message; its flags are what count.
+            broker_prefix=stack.env["SHEEPDOG_BROKER_PREFIX"] + "unseen:",
+            database_url=proxied.render_as_string(hide_password=False),
+        )
+        client = Client(settings)
+        tag = uuid.uuid4().hex
+        client.submit(low(f"{tag} first"))  # which tenants have budgets: read, and cached
+        stream = {**low(f"{tag} stream", idempotency_key=f"unseen-{tag}"), "priority": "high"}
+        proxy.drop_when = b"COMMIT\x00"  # PostgreSQL's CommandComplete after the commit
+        ids = client.submit_many([stream, low(f"{tag} low")])
+        assert proxy.dropped == 1
+        assert client.submit(stream) == ids[0]  # the resend: the same request
+    rows = wait_rows(database, ids, timeout=5)
+    assert {r.id: r.status for r in rows} == dict.fromkeys(ids, "queued")
+    flags = redis.Redis.from_url(settings.redis_url)
+    assert not flags.exists(keys.of(settings).cancel_flag(ids[0]))
