@@ -185,7 +185,8 @@ def _scan(
     from documents.status import refresh
     from intake.submit import Submitter
 
-    client = client or Submitter(settings)
+    # Rows written whatever producers do: a row says a part was sent (documents/status.py).
+    client = client or Submitter(settings.model_copy(update={"producer_writes_rows": True}))
     prices: PriceTable = client.prices
     prices.get(settings.documents_model)  # unknown model: fail the scan with the reason
     report = ScanReport()
@@ -216,8 +217,7 @@ def _scan(
                 log.warning("documents scan: %s: %s", shown(path), reason)
         lease.renew(now=True)  # still ours before the rows commit, and a full TTL for the send
 
-    # The rows are committed before their requests exist, so the intake (another process)
-    # can link each request to its document row.
+    # Committed before their requests exist: each request's row links to its document's.
     sends = [(p, _requests_of(p, settings, prices)) for p in planned]
     requests = [r for _, rs in sends for r in rs]
     if requests:
@@ -370,13 +370,13 @@ def _store(
 def _retry_plan(
     session: Any, row: Document, prompts: list[list[dict[str, str]]]
 ) -> tuple[int, frozenset[int]]:
-    """For a failed version's retry: its number, which makes its idempotency keys fresh, and
-    the parts not to send again (answered: paid for, and the summary takes them; or still
-    open). The number is the time of the scan that wrote the row last, in ms: the same for two
-    scans at once (their keys dedupe), another for each attempt, including one whose submit
-    stopped with its keys held for requests that do not exist. The parts count only when the
-    split is the one they answered: as many parts, each part's prompt (`prompts`, the new
-    split's) the one its request sent (the prompt or the part size may have changed)."""
+    """For a failed version's retry: its number (fresh idempotency keys), and the parts not to
+    send again (answered: paid for, the summary takes them; or still open). The number is the
+    time of the scan that wrote the row last, in ms: the same for two scans at once (their keys
+    dedupe), another for each attempt, including one whose submit stopped with its keys held
+    for requests that do not exist. The parts count only when the split is the one they
+    answered: as many parts, each part's prompt (`prompts`, the new split's) the one its
+    request sent (the prompt or the part size may have changed)."""
     from documents.status import version_requests
 
     number = int(in_utc(row.scanned_at).timestamp() * 1000)

@@ -279,6 +279,24 @@ def test_a_document_whose_scan_stopped_before_its_submit_is_sent_again(
     assert len(_queued_intake(settings)) == 1  # a new request, queued
 
 
+def test_the_job_writes_its_rows_when_producers_do_not(scan_settings: Settings, tmp_path: Path):
+    """With SHEEPDOG_PRODUCER_WRITES_ROWS=0 the rows were the intake worker's: behind an intake
+    backlog of over an hour, a document had no request yet, was taken as never sent, and was
+    sent again. The job writes its rows itself (no intake worker runs here)."""
+    settings = scan_settings.model_copy(update={"producer_writes_rows": False})
+    (tmp_path / "a.md").write_text("# Alpha\n\nThe backlog is long tonight.\n")
+    first = scan_documents(settings, root=tmp_path)
+    assert first.requests == 1 and len(_queued_intake(settings)) == 1
+    row = _rows(settings, tmp_path)["a.md"]
+    with session_scope(settings.database_url) as session:
+        doc = session.get(Document, row.id)
+        assert doc is not None
+        doc.scanned_at = doc.scanned_at - timedelta(hours=2)
+    later = scan_documents(settings, root=tmp_path)
+    assert (later.unchanged, later.requests) == (1, 0), later.items
+    assert _rows(settings, tmp_path)["a.md"].status == "pending"
+
+
 def test_a_budget_refusal_fails_only_the_documents_it_refuses(
     any_db_settings: Settings, tmp_path: Path
 ) -> None:
