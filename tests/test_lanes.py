@@ -179,6 +179,25 @@ def test_a_cut_answer_is_billed_at_the_tier_its_chunks_named(
     assert entry.cost_usd == entry.standard_cost_usd == view.cost_usd
 
 
+def test_a_flex_answer_that_ends_past_its_deadline_is_logged(
+    client: Any, lane_worker: Proc, simulator: Any
+) -> None:
+    """Started in time, it is not cut (the answer streams); it ends after its deadline, which
+    the worker logs for the operator."""
+    import uuid
+
+    tag = f"slow flex {uuid.uuid4().hex}"
+    simulator.set_faults([{"match": tag, "ttft_ms": 2000, "chunk_delay_ms": 250}])
+    request = low(16, tag)
+    rid = client.submit(request)
+    view = assert_ended(client.result(rid, wait=60))
+    assert view.lane == "flex" and view.finished_at > datetime.fromisoformat(request["deadline"])
+    assert (
+        f"{rid}: finished" in lane_worker.log_text()
+        and "after its deadline" in lane_worker.log_text()
+    )
+
+
 def test_an_expired_batch_finishes_its_unfinished_lines_through_flex(
     client: Any, stack: Stack, simulator: Any
 ) -> None:
