@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -112,6 +112,38 @@ def _reserve_in(
     if rows:
         session.execute(insert(Reservation), rows)
     return out
+
+
+def grow_hold(
+    session: Session, settings: Settings, request_id: str, needed: Decimal
+) -> Decimal | None:
+    """Grow a request's held reservation toward `needed` (a stream's retry after billed text:
+    what was billed plus the next call's worst case) as far as its tenant's budget has room,
+    under the budget's lock as at submit; the hold after, or None when nothing is held. Call
+    first thing in a fresh session."""
+    begin_write(session)
+    held = session.execute(
+        select(Reservation.tenant, Reservation.amount_usd).where(
+            Reservation.request_id == request_id, Reservation.state == HELD
+        )
+    ).one_or_none()
+    if held is None:
+        return None
+    tenant, amount = held
+    needed = needed.quantize(Decimal("1e-10"), ROUND_CEILING)  # the column's scale
+    if needed <= amount:
+        return amount
+    limits = effective_limits(_lock_budget(session, tenant), tenant, settings)
+    tight = _tightest(limits, spend(session, [tenant], utcnow())[tenant], Decimal(0))
+    room = needed - amount if tight is None else min(needed - amount, max(tight[2], Decimal(0)))
+    if room > 0:
+        amount += room
+        session.execute(
+            update(Reservation)
+            .where(Reservation.request_id == request_id, Reservation.state == HELD)
+            .values(amount_usd=amount)
+        )
+    return amount
 
 
 def _lock_budget(session: Session, tenant: str) -> Budget | None:

@@ -227,15 +227,15 @@ def held_by_rows(session: Session, items: Sequence[IntakeItem]) -> dict[str, str
 def committed_unseen(db_url: str, items: Sequence[IntakeItem]) -> dict[str, str] | None:
     """After a write whose commit raised (the connection lost as the commit went out): the
     items answered by other rows (`held_by_rows`) when the transaction did commit, None when
-    it did not or the database cannot tell yet. A transaction is all or nothing, so one of the
-    items' own rows present means every row it wrote is."""
+    it did not or the database cannot tell yet. Committed: every item has its row or is held
+    (some rows alone may be a stream worker's, which records the row it did not find)."""
     try:
         with session_scope(db_url) as session:
             present = _rows_among(session, Request.id, [item.id for item in items])
             held = held_by_rows(session, items)
     except Exception:
         return None
-    return held if present or len(held) == len(items) else None
+    return held if all(i.id in present or i.id in held for i in items) else None
 
 
 def repoint_claims(settings: Settings, answered: Sequence[tuple[IntakeItem, str]]) -> None:

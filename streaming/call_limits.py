@@ -5,12 +5,13 @@ A provider that never stops must not stream, and bill, without end: a call is cu
 request's max_tokens, else RUNAWAY_PIECES_PER_TOKEN times its model's most output tokens (the
 headroom spares a relay that streams smaller pieces than tokens).
 
-A cost cap (`max_cost_usd`) and a budget hold bound the whole request, not one call: the
-`max_tokens` derived at submit fits the first call alone. A call that streamed text and was
-cut (then retried), or sent text before its worker was killed, was billed by the provider, so
-the next call gets only what the bound has left after it (streaming/billing.py's estimate),
-and none at all when that no longer covers the prompt and one token. A request with neither a
-cap nor a hold keeps its own `max_tokens` on every call.
+A cost cap (`max_cost_usd`) and a budget bound the whole request, not one call: the
+`max_tokens` derived at submit, and the hold reserved for it, fit the first call alone. A call
+that streamed text and was cut (then retried), or sent text before its worker was killed, was
+billed by the provider (streaming/billing.py's estimate), so the next call gets only what the
+cap has left after it, and what the hold has once grown as far as the tenant's budget has room;
+none at all when that no longer covers the prompt and one token. A request with neither a cap
+nor a hold keeps its own `max_tokens` on every call.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 from sqlalchemy import select
 
 from core.db import session_scope
-from costs.reservations import HELD
+from core.settings import Settings
+from costs.budgets import grow_hold
 from models.intake_message import Lane
-from models.tables import Request, Reservation
+from models.tables import Request
 from rules.caps import tokens_within
 from rules.prices import billed_lane, price_table
 from streaming.billing import Billed
@@ -49,43 +51,23 @@ class SpendLimit:
     usd: Decimal
     what: str  # "max_cost_usd" or "budget hold"
 
-    def next_call(
-        self, model: str, prompt: int, calls: int, pieces: int, lane: Lane
-    ) -> tuple[int, Decimal]:
-        """(output tokens the next call may take, USD billed so far) after `calls` calls that
-        streamed text of `prompt` tokens and `pieces` pieces, priced as the hold and the cap
-        are (rules.prices.billed_lane); tokens under 1 when nothing is left for one."""
-        try:
-            price = price_table().get(model)
-        except KeyError:  # an unpriced model has no cap or hold to keep to
-            return 1 << 30, Decimal(0)
-        route = billed_lane(lane)
-        spent = price.cost(prompt * calls, pieces, route)
-        return tokens_within(price, prompt, self.usd - spent, route), spent
-
     def spent_reason(self, spent: Decimal, calls: int) -> str:
         """Why a retry was not sent (the request's failure)."""
         return (
-            f"not retried: {calls} earlier call(s) billed ~${spent:.6f} of the request's"
-            f" {self.what} of ${self.usd}, which leaves too little for the prompt and one token"
+            f"not retried: {calls} earlier call(s) billed ~${spent:.6f}, and the request's"
+            f" {self.what} of ${self.usd.normalize():f} leaves too little for the prompt and"
+            " one token"
         )
 
 
-def read_limit(db_url: str, request_id: str) -> SpendLimit | None:
-    """The tighter of the row's cost cap and its budget hold still held, or None (one read,
-    on the rare path of a retry after billed text)."""
-    with session_scope(db_url) as session:
-        found = session.execute(
-            select(Request.max_cost_usd, Reservation.amount_usd)
-            .outerjoin(
-                Reservation,
-                (Reservation.request_id == Request.id) & (Reservation.state == HELD),
-            )
-            .where(Request.id == request_id)
-        ).one_or_none()
-    if found is None:
-        return None
-    cap, hold = found
+def read_limit(settings: Settings, request_id: str, needed: Decimal) -> SpendLimit | None:
+    """The tighter of the row's cost cap and its budget hold, the hold first grown toward
+    `needed` as far as the tenant's budget has room (costs.budgets.grow_hold): a hold is a
+    reservation, not a limit the caller asked for. None: neither. On the rare path of a call
+    after billed text only."""
+    with session_scope(settings.database_url) as session:
+        hold = grow_hold(session, settings, request_id, needed)
+        cap = session.scalar(select(Request.max_cost_usd).where(Request.id == request_id))
     limits = [
         SpendLimit(usd, what)
         for usd, what in ((cap, "max_cost_usd"), (hold, "budget hold"))
@@ -96,36 +78,44 @@ def read_limit(db_url: str, request_id: str) -> SpendLimit | None:
 
 @dataclass(slots=True)
 class CallBound:
-    """One stream's bound on its calls: the limit is read once, at the first call after text
-    was billed; `limit` is the current call's max_tokens when the bound sets it."""
+    """One stream's bound on its calls; `limit` is the current call's max_tokens when the
+    bound sets it."""
 
-    spend: SpendLimit | None = None
-    spend_read: bool = False
     limit: int | None = None
 
     async def fit(
         self,
-        read: Callable[[], Awaitable[SpendLimit | None]],
+        read: Callable[[Decimal], Awaitable[SpendLimit | None]],
         billed: Billed,
         prompt: int,
         body: dict[str, Any],
         lane: Lane,
     ) -> str | None:
-        """Fit the next call of `body` to what is left after `billed` (`read` reads the limit);
-        the reason to fail instead when nothing is."""
+        """Fit the next call of `body` to what is left after `billed`, priced as the hold and
+        the cap are (rules.prices.billed_lane); `read` reads the limit for what the request
+        would cost with the call's worst case. The reason to fail instead when nothing is left
+        for the prompt and one token."""
         self.limit = None
         if not billed.calls:
             return None
-        if not self.spend_read:
-            self.spend, self.spend_read = await read(), True
-        if self.spend is None:
+        try:
+            price = price_table().get(str(body.get("model") or ""))
+        except KeyError:  # an unpriced model has no cap or hold to keep to
             return None
-        model = str(body.get("model") or "")
-        tokens, spent = self.spend.next_call(model, prompt, billed.calls, billed.pieces, lane)
-        if tokens < 1:
-            return self.spend.spent_reason(spent, billed.calls)
+        route = billed_lane(lane)
+        spent = price.cost(prompt * billed.calls, billed.pieces, route)
         own = body.get("max_completion_tokens") or body.get("max_tokens")
-        self.limit = min(tokens, int(own)) if own else tokens
+        worst = price.cost(prompt, int(own) if own else price.max_output_tokens, route)
+        limit = await read(spent + worst)
+        if limit is None:
+            return None
+        tokens = tokens_within(price, prompt, limit.usd - spent, route)
+        if tokens < 1:
+            return limit.spent_reason(spent, billed.calls)
+        if own:
+            self.limit = min(tokens, int(own))
+        elif tokens < price.max_output_tokens:  # else unbound, as the call was sent at first
+            self.limit = tokens
         return None
 
     def body(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class StreamJob:
     restarts: int = 0  # answers started again in a new replay log (Redis lost the old one)
     relog: bool = False  # set when Redis lost the log: the next chunk restarts the answer
     lanes: LaneRun | None = None  # the lane (service tier, flex fallback); None: standard
-    takeover: bool = False  # an id-only or redelivered message: earlier calls may have billed
+    takeover: bool = False  # a row the janitor took back: an earlier worker may have billed
     bound: CallBound = field(default_factory=CallBound)  # the cost cap's or hold's on a call
 
     def live_for(self, seconds: float) -> None:

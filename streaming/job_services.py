@@ -3,6 +3,7 @@ few services, not on the runtime that provides them (streaming/runtime.py)."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Protocol
 
 from core.settings import Settings
@@ -18,6 +19,7 @@ class JobServices(Protocol):
     publisher: Publisher  # the batching publisher of the replay logs
     providers: ProviderClients  # each provider's client and shared rate limit
 
-    async def spend_limit(self, request_id: str) -> SpendLimit | None:
-        """The request's cost cap or budget hold, the tighter (None: neither, or unread)."""
+    async def spend_limit(self, request_id: str, needed: Decimal) -> SpendLimit | None:
+        """The request's cost cap or budget hold (grown toward `needed`), the tighter (None:
+        neither, or unread)."""
         ...

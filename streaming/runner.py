@@ -55,6 +55,7 @@ async def run_stream(
     started = started or time.time()
     settings = runtime.settings
     intake: IntakeItem | None = None
+    taken_back = False  # the janitor took the row back: an earlier worker may have billed text
     if item is not None:
         try:
             intake = IntakeItem.model_validate(item)
@@ -74,7 +75,7 @@ async def run_stream(
             return "missing"
         if row.status != Status.QUEUED.value:
             return f"skipped ({row.status})"
-        body = row.body
+        body, taken_back = row.body, row.attempts > 0
         lanes = LaneRun(settings, _stream_lane(row.lane), parse_deadline(row.deadline))
     if not overlap and intake is not None:
         # A redelivered message most likely names a request that already ran: claim first
@@ -82,11 +83,12 @@ async def run_stream(
         state = await runtime.writer.on_end_thread(store.load, settings.database_url, request_id)
         if state is not None and state.status != Status.QUEUED.value:
             return f"skipped ({state.status})"
+        taken_back = state is not None and state.attempts > 0
     job = runtime.register(request_id, body)
     job.lanes = lanes
-    # Sent again (by the janitor, or redelivered): an earlier worker may have streamed billed
-    # text, so the first call waits for the claim to fit it to the request's cost cap.
-    job.takeover = intake is None or not overlap
+    # The first call of a row taken back waits for the claim, which says what the earlier
+    # worker sent, to fit it to the request's cost cap (streaming/call_limits.py).
+    job.takeover = taken_back
     if runtime.trace:
         job.marks = {"task": started}
         job.arrivals = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -90,13 +91,12 @@ class Runtime:
                 del self.jobs[job.request_id]
         job.previous = None
 
-    async def spend_limit(self, request_id: str) -> SpendLimit | None:
-        """The request's cost cap or budget hold (streaming/call_limits.py); None when the
-        database does not answer: the call keeps its own max_tokens, as before any bound."""
+    async def spend_limit(self, request_id: str, needed: Decimal) -> SpendLimit | None:
+        """The request's cost cap or budget hold, the hold grown toward `needed`
+        (streaming/call_limits.py); None when the database does not answer: that call keeps
+        its own max_tokens, and the next one reads again."""
         try:
-            return await self.writer.on_end_thread(
-                read_limit, self.settings.database_url, request_id
-            )
+            return await self.writer.on_end_thread(read_limit, self.settings, request_id, needed)
         except Exception as err:
             log.warning("%s: cost cap and hold not read (%r); call not bounded", request_id, err)
             return None

@@ -70,6 +70,7 @@ class RowState:
     heartbeat_at: datetime | None
     lane: str | None = None
     deadline: datetime | None = None
+    attempts: int = 0  # taken back by the janitor this many times
 
 
 class Fenced(Exception):
@@ -111,7 +112,12 @@ def load(db_url: str, request_id: str) -> RowState | None:
     with _session(db_url) as session:
         row = session.execute(
             select(
-                Request.status, Request.body, Request.heartbeat_at, Request.lane, Request.deadline
+                Request.status,
+                Request.body,
+                Request.heartbeat_at,
+                Request.lane,
+                Request.deadline,
+                Request.attempts,
             ).where(Request.id == request_id)
         ).one_or_none()
     return RowState(*row) if row else None

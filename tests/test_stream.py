@@ -310,10 +310,12 @@ def test_cancel_in_flight(deployment: StreamDeployment, client: Any, simulator: 
 def test_a_submit_whose_row_failed_stops_the_stream_it_sent(
     deployment: StreamDeployment, client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
 ):
-    """A stream message goes out before its row. When the row then fails (the producer's
+    """A stream message goes out before its row. When the rows then fail (the producer's
     connection lost before the commit), submit says ServiceUnavailable and the stream must not
     run on: it was only flagged, which a task that had already started never reads, so it ran
-    to its end, succeeded and was charged, for a caller told it was not stored."""
+    to its end, succeeded and was charged, for a caller told it was not stored. The worker
+    records the row it did not find; the low request's is not there, so the submit did not
+    commit unseen (intake/idempotency.py's committed_unseen)."""
     import time
 
     from sqlalchemy.exc import OperationalError
@@ -334,9 +336,10 @@ def test_a_submit_whose_row_failed_stops_the_stream_it_sent(
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(submit_module, "record_safely", started_then_lost)
+    low = {"model": "sheepdog-mini", "messages": [{"role": "user", "content": tag}]}
     with pytest.raises(ServiceUnavailable, match="database"):
-        submit(client, tag)
-    [rid] = sent
+        client.submit_many([{**low, "priority": "high"}, {**low, "priority": "low"}])
+    rid = sent[0]
     assert deployment.redis.exists(keys.of(deployment.settings).replay_log(rid))
     with pytest.raises(StreamFailed, match="cancelled"):
         follow(deployment, rid)

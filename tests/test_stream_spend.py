@@ -79,36 +79,39 @@ def charged(deployment: StreamDeployment, rid: str) -> CostEntry:
 
 
 @pytest.mark.unit
-def test_the_next_call_gets_what_the_bound_has_left() -> None:
+def test_tokens_within_a_sum() -> None:
     price = price_table().get("sheepdog-mini")  # $0.10 in, $0.40 out per 1M tokens
     assert tokens_within(price, 10, Decimal("0.000009"), "stream") == 20
     assert tokens_within(price, 10, Decimal("0.000001"), "stream") == 0
-    limit = SpendLimit(Decimal("0.000009"), "max_cost_usd")
-    # One call of a 10-token prompt streamed 8 pieces: $0.0000042 spent, 9 tokens left.
-    assert limit.next_call("sheepdog-mini", 10, 1, 8, "stream") == (9, Decimal("0.0000042"))
-    assert limit.next_call("sheepdog-mini", 10, 2, 16, "stream")[0] < 1
+    assert tokens_within(price, 10, Decimal(1), "stream") == price.max_output_tokens
 
 
 @pytest.mark.unit
-def test_a_bound_keeps_the_callers_tighter_max_tokens_and_reads_once() -> None:
-    reads: list[int] = []
+def test_a_bound_fits_each_call_to_what_its_limit_leaves() -> None:
+    asked: list[Decimal] = []
+    limit = SpendLimit(Decimal("0.000009"), "max_cost_usd")
 
-    async def read() -> SpendLimit:
-        reads.append(1)
-        return SpendLimit(Decimal("1"), "budget hold")
+    async def read(needed: Decimal) -> SpendLimit | None:
+        asked.append(needed)
+        return limit
 
     bound = CallBound()
-    body = {"model": "sheepdog-mini", "max_completion_tokens": 30}
 
-    def fit(billed: Billed) -> str | None:
+    def fit(billed: Billed, body: dict[str, Any]) -> str | None:
         return asyncio.run(bound.fit(read, billed, 10, body, "stream"))
 
-    assert fit(Billed()) is None and bound.limit is None
-    assert not reads  # nothing billed yet: nothing read
-    assert fit(Billed(1, 5)) is None
-    assert bound.limit == 30 and bound.body(body)["max_completion_tokens"] == 30
-    fit(Billed(2, 9))
-    assert reads == [1]
+    body = {"model": "sheepdog-mini", "max_tokens": 20}
+    assert fit(Billed(), body) is None and bound.limit is None and not asked  # nothing billed
+    # One call of a 10-token prompt streamed 8 pieces ($0.0000042): 9 tokens are left.
+    assert fit(Billed(1, 8), body) is None and bound.limit == 9
+    assert bound.body(body)["max_tokens"] == 9
+    assert asked == [Decimal("0.0000042") + Decimal("0.000009")]  # billed + the call's worst
+    assert "not retried: 2 earlier call(s)" in (fit(Billed(2, 16), body) or "")
+    limit = SpendLimit(Decimal(1), "budget hold")  # roomy: the caller's own limit, or none
+    assert fit(Billed(1, 8), body) is None and bound.limit == 20
+    assert fit(Billed(1, 8), {"model": "sheepdog-mini"}) is None and bound.limit is None
+    assert fit(Billed(1, 8), {"model": "not-priced", "max_tokens": 5}) is None
+    assert bound.limit is None
 
 
 def test_a_capped_stream_cut_again_and_again_stays_within_its_cap(
@@ -133,28 +136,55 @@ def test_a_capped_stream_cut_again_and_again_stays_within_its_cap(
     assert entry.cost_usd <= Decimal("0.000009"), entry.cost_usd
 
 
-def test_a_budgeted_stream_retried_asks_for_what_its_hold_has_left(
-    deployment: StreamDeployment, simulator: Any
-) -> None:
-    """No cap and no max_tokens: the hold is the model's output limit; the retry after 5
-    pieces asks for the limit less what was billed, and the answer is whole."""
-    client = deployment.client()
+def budgeted(deployment: StreamDeployment, daily: str) -> str:
     tenant = f"t-{uuid.uuid4().hex[:10]}"
     with session_scope(deployment.settings.database_url) as session:
-        set_budget(session, tenant, daily_usd=Decimal(10))
+        set_budget(session, tenant, daily_usd=Decimal(daily))
+    return tenant
+
+
+def hold_of(deployment: StreamDeployment, rid: str) -> Reservation:
+    with session_scope(deployment.settings.database_url) as session:
+        hold = session.get(Reservation, rid)
+        assert hold is not None
+        session.expunge(hold)
+        return hold
+
+
+def test_a_retry_grows_its_budget_hold_when_the_budget_has_room(
+    deployment: StreamDeployment, simulator: Any
+) -> None:
+    """A hold is a reservation, not a limit the caller asked for: the retry after 5 billed
+    pieces asks for the caller's max_tokens again, and the hold grows to cover it."""
+    client = deployment.client()
     simulator.reset()
-    body = request("spend-hold", metadata={"tenant": tenant})
+    body = request("spend-hold", max_tokens=40, metadata={"tenant": budgeted(deployment, "10")})
+    simulator.set_faults([{"match": body["messages"][0]["content"], "cut_after": 5, "first": 1}])
+    rid = client.submit(body)
+    row = assert_ended(ended(deployment, rid))
+    assert limits_asked(simulator) == [40, 40]
+    hold = hold_of(deployment, rid)
+    first = price_table().cost("sheepdog-mini", 14, 40, "stream")
+    assert hold.state == "settled" and hold.amount_usd > first, (hold.amount_usd, first)
+    assert hold.settled_usd == row.cost_usd <= hold.amount_usd
+
+
+def test_a_retry_is_bounded_by_what_the_budget_has_left(
+    deployment: StreamDeployment, simulator: Any
+) -> None:
+    """The budget ($0.00002) has room for the first call's hold ($0.0000174) and a little:
+    the hold grows to the budget, and the retry asks for what it leaves (38 or 39 tokens)."""
+    client = deployment.client()
+    simulator.reset()
+    tenant = budgeted(deployment, "0.00002")
+    body = request("spend-tight", max_tokens=40, metadata={"tenant": tenant})
     simulator.set_faults([{"match": body["messages"][0]["content"], "cut_after": 5, "first": 1}])
     rid = client.submit(body)
     row = assert_ended(ended(deployment, rid))
     asked = limits_asked(simulator)
-    most = price_table().get("sheepdog-mini").max_output_tokens
-    assert asked[0] is None and len(asked) == 2, asked
-    assert most - 12 <= asked[1] <= most - 5, asked  # 5 pieces or fewer and a prompt
-    with session_scope(deployment.settings.database_url) as session:
-        hold = session.get(Reservation, rid)
-        assert hold is not None and hold.state == "settled"
-        assert hold.settled_usd == row.cost_usd <= hold.amount_usd
+    assert asked[0] == 40 and asked[1:] in ([38], [39]), asked
+    hold = hold_of(deployment, rid)
+    assert hold.amount_usd == Decimal("0.00002") and row.cost_usd <= hold.amount_usd
 
 
 def test_without_a_cap_or_hold_a_retry_keeps_the_callers_max_tokens(
