@@ -40,8 +40,8 @@ from costs.budget_limits import (
 from costs.reservations import HELD, release
 from models.intake_message import IntakeItem, Route
 from models.tables import Budget, Reservation, utcnow
-from rules.caps import effective_max_tokens
-from rules.prices import PriceTable, billed_lane, price_table
+from rules.caps import effective_max_tokens, output_limit, worst_call_cost
+from rules.prices import PriceTable, price_table
 from rules.routing import batch_horizon
 from rules.tokens import count_message_tokens
 
@@ -56,9 +56,7 @@ def worst_case(item: IntakeItem, prices: PriceTable, route: Route | None = None)
     when unset) at the rate of its lane (or `route`), as rules.prices.billed_lane bills it."""
     price = prices.get(item.body["model"])
     prompt = count_message_tokens(item.body["messages"])
-    out = item.body.get("max_tokens") or price.max_output_tokens
-    lane = route or item.lane_or_route
-    return price.cost(prompt, int(out), billed_lane(lane))
+    return worst_call_cost(price, prompt, item.body.get("max_tokens"), route or item.lane_or_route)
 
 
 def reserve(
@@ -259,7 +257,7 @@ def _refusal(
 ) -> str:
     period, limit, left = tight
     model = item.body["model"]
-    out = item.body.get("max_tokens") or prices.get(model).max_output_tokens
+    out = output_limit(prices.get(model), item.body.get("max_tokens"))
     # What is left rounds down and what a request may cost rounds up, so the numbers shown
     # always agree with the refusal.
     text = (

@@ -5,7 +5,8 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 from core.errors import InvalidRequest
-from rules.prices import MILLION, ModelPrice, Priced, cost_usd
+from models.intake_message import Lane
+from rules.prices import MILLION, ModelPrice, Priced, billed_lane, cost_usd
 
 
 def max_tokens_for_cap(
@@ -49,3 +50,16 @@ def effective_max_tokens(
         return max_tokens
     capped = max_tokens_for_cap(price, model, prompt_tokens, cap_usd, route)
     return capped if max_tokens is None else min(max_tokens, capped)
+
+
+def output_limit(price: ModelPrice, max_tokens: int | None) -> int:
+    """The output tokens a call may take: its `max_tokens`, else the model's output limit."""
+    return int(max_tokens) if max_tokens else price.max_output_tokens
+
+
+def worst_call_cost(
+    price: ModelPrice, prompt_tokens: int, max_tokens: int | None, lane: Lane
+) -> Decimal:
+    """The most one call can cost: the prompt plus `output_limit`, at the rate that caps and
+    holds a request on `lane` (rules.prices.billed_lane)."""
+    return price.cost(prompt_tokens, output_limit(price, max_tokens), billed_lane(lane))

@@ -28,18 +28,23 @@ from core.settings import Settings
 from costs.budgets import grow_hold
 from models.intake_message import Lane
 from models.tables import Request
-from rules.caps import tokens_within
+from rules.caps import tokens_within, worst_call_cost
 from rules.prices import billed_lane, price_table
 from streaming.billing import Billed
 
 RUNAWAY_PIECES_PER_TOKEN = 4
 
 
+def own_limit(body: dict[str, Any]) -> int | None:
+    """The output limit `body` asks for itself (None: none)."""
+    value = body.get("max_completion_tokens") or body.get("max_tokens")
+    return int(value) if value else None
+
+
 def pieces_limit(body: dict[str, Any]) -> int | None:
     """The most pieces a call of `body` may stream (None: an unpriced model without a limit)."""
-    value = body.get("max_completion_tokens") or body.get("max_tokens")
-    if value:
-        return int(value)
+    if (own := own_limit(body)) is not None:
+        return own
     price = price_table().models.get(str(body.get("model") or ""))
     return price.max_output_tokens * RUNAWAY_PIECES_PER_TOKEN if price is not None else None
 
@@ -87,14 +92,15 @@ class CallBound:
         self,
         read: Callable[[Decimal], Awaitable[SpendLimit | None]],
         billed: Billed,
-        prompt: int,
+        count_prompt: Callable[[], int],
         body: dict[str, Any],
         lane: Lane,
     ) -> str | None:
         """Fit the next call of `body` to what is left after `billed`, priced as the hold and
         the cap are (rules.prices.billed_lane); `read` reads the limit for what the request
-        would cost with the call's worst case. The reason to fail instead when nothing is left
-        for the prompt and one token."""
+        would cost with the call's worst case, `count_prompt` counts the prompt (only when
+        something was billed). The reason to fail instead when nothing is left for the prompt
+        and one token."""
         self.limit = None
         if not billed.calls:
             return None
@@ -102,18 +108,16 @@ class CallBound:
             price = price_table().get(str(body.get("model") or ""))
         except KeyError:  # an unpriced model has no cap or hold to keep to
             return None
-        route = billed_lane(lane)
+        prompt, route, own = count_prompt(), billed_lane(lane), own_limit(body)
         spent = price.cost(prompt * billed.calls, billed.pieces, route)
-        own = body.get("max_completion_tokens") or body.get("max_tokens")
-        worst = price.cost(prompt, int(own) if own else price.max_output_tokens, route)
-        limit = await read(spent + worst)
+        limit = await read(spent + worst_call_cost(price, prompt, own, lane))
         if limit is None:
             return None
         tokens = tokens_within(price, prompt, limit.usd - spent, route)
         if tokens < 1:
             return limit.spent_reason(spent, billed.calls)
-        if own:
-            self.limit = min(tokens, int(own))
+        if own is not None:
+            self.limit = min(tokens, own)
         elif tokens < price.max_output_tokens:  # else unbound, as the call was sent at first
             self.limit = tokens
         return None

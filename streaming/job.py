@@ -322,11 +322,10 @@ class StreamJob:
         text earlier calls billed; the failure's reason when nothing is."""
         if self.grant is None and (self.takeover or self.billed.calls):
             await self._before_body()  # the grant brings what earlier workers sent
-        if not self.billed.calls:
-            self.bound.limit = None
-            return None
         read = functools.partial(self.services.spend_limit, self.request_id)
-        return await self.bound.fit(read, self.billed, self.prompt_estimate, self.body, lanes.lane)
+        return await self.bound.fit(
+            read, self.billed, lambda: self.prompt_estimate, self.body, lanes.lane
+        )
 
     def _restart_log(self) -> None:
         # A new log needs no reset: nothing of it was shown. The new token fences off the old

@@ -72,15 +72,19 @@ class LogSeen:
     tokens: int
     runs: int
 
+    @classmethod
+    def of(cls, reply: Any) -> LogSeen | None:
+        """From LOG_TEXT's reply (None: an empty log)."""
+        if not reply:
+            return None
+        message, tokens, runs = reply
+        return cls(message, int(tokens), int(runs))
+
 
 def log_seen(client: Any, names: keys.Keys, request_id: str) -> LogSeen | None:
     """What the request's replay log holds, read now (a sync Redis client): for the janitor,
     which fails a stream its workers kept losing."""
-    reply = client.eval(ONE_LOG, 1, names.replay_log(request_id))
-    if not reply:
-        return None
-    message, tokens, runs = reply
-    return LogSeen(message, int(tokens), int(runs))
+    return LogSeen.of(client.eval(ONE_LOG, 1, names.replay_log(request_id)))
 
 
 _Reply = tuple[bool, LogSeen | None]
@@ -135,9 +139,7 @@ class Lookups:
         for i, (_, last, done) in enumerate(batch):
             seen = None
             if last:
-                if reply[at]:
-                    message, tokens, runs = reply[at]
-                    seen = LogSeen(message, int(tokens), int(runs))
+                seen = LogSeen.of(reply[at])
                 at += 1
             if not done.done():
                 done.set_result((bool(reply[i]), seen))

@@ -5,7 +5,6 @@ records the output limit each call asked for."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -20,7 +19,6 @@ from core.db import session_scope
 from costs.budget_limits import set_budget
 from lifecycle.dispatch import send_stream
 from lifecycle.record import record_requests
-from models.status import FINAL
 from models.stream_message import encode
 from models.tables import CostEntry, Request, Reservation
 from rules.caps import tokens_within
@@ -31,6 +29,7 @@ from streaming.call_limits import CallBound, SpendLimit
 from streaming.out_of_band import publish_error
 from streaming.publisher import Mode, publish_now
 from tests.fixtures.ends import assert_ended
+from tests.fixtures.faults import wait_final
 from tests.fixtures.streaming import StreamDeployment
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,15 +54,8 @@ def request(tag: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def ended(deployment: StreamDeployment, rid: str, timeout: float = 60) -> Request:
-    deadline = time.monotonic() + timeout
-    while True:
-        with session_scope(deployment.settings.database_url) as session:
-            row = session.get(Request, rid)
-            if row is not None and row.status in FINAL:
-                return row
-        assert time.monotonic() < deadline, f"{rid} not ended: {row and row.status}"
-        time.sleep(0.05)
+def ended(deployment: StreamDeployment, rid: str) -> Request:
+    return wait_final(deployment.settings, [rid], 60)[rid]
 
 
 def limits_asked(simulator: Any) -> list[Any]:
@@ -98,7 +90,7 @@ def test_a_bound_fits_each_call_to_what_its_limit_leaves() -> None:
     bound = CallBound()
 
     def fit(billed: Billed, body: dict[str, Any]) -> str | None:
-        return asyncio.run(bound.fit(read, billed, 10, body, "stream"))
+        return asyncio.run(bound.fit(read, billed, lambda: 10, body, "stream"))
 
     body = {"model": "sheepdog-mini", "max_tokens": 20}
     assert fit(Billed(), body) is None and bound.limit is None and not asked  # nothing billed
